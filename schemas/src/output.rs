@@ -1,0 +1,359 @@
+//! Output shapes: alerts (SPEC §2), market events (SPEC §3), dead letters (SPEC §1).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::time::{Millis, ser_seconds};
+
+/// Where a record came from: `file:line`, `topic/partition@offset` or `table@lsn`.
+///
+/// `source` carries everything up to and including the separator (`prices.jsonl:`,
+/// `prices/3@`), so a position is one shared string plus a number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SourcePos {
+    /// Source name with its separator.
+    pub source: Arc<str>,
+    /// Line number, offset or LSN.
+    pub offset: u64,
+}
+
+impl SourcePos {
+    /// A position in a named source.
+    pub fn new(source: Arc<str>, offset: u64) -> Self {
+        SourcePos { source, offset }
+    }
+}
+
+impl fmt::Display for SourcePos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.source, self.offset)
+    }
+}
+
+/// A rejected input: written to the dead-letter output, never dropped silently.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    /// `file:line`, `topic/partition@offset` or `table@lsn`.
+    pub source: String,
+    /// What was wrong.
+    pub reason: String,
+    /// The input, truncated to 4 KiB.
+    pub raw: String,
+}
+
+impl DeadLetter {
+    /// Builds a dead letter, truncating `raw` to 4 KiB.
+    pub fn new(source: impl fmt::Display, reason: impl Into<String>, raw: &str) -> Self {
+        DeadLetter { source: source.to_string(), reason: reason.into(), raw: truncate_raw(raw).to_string() }
+    }
+
+    /// The metric label for this reason (`late`, `invalid`, …): the reason up to its first colon.
+    pub fn reason_label(&self) -> &str {
+        if self.reason == "late" {
+            "late"
+        } else if self.reason.starts_with("invalid rule") {
+            "invalid_rule"
+        } else if self.reason.starts_with("bad JSON") || self.reason.starts_with("not a JSON") {
+            "bad_json"
+        } else {
+            "invalid"
+        }
+    }
+}
+
+/// Truncates to at most 4 KiB on a char boundary.
+pub fn truncate_raw(raw: &str) -> &str {
+    const MAX: usize = 4096;
+    if raw.len() <= MAX {
+        return raw;
+    }
+    let mut end = MAX;
+    while !raw.is_char_boundary(end) {
+        end -= 1;
+    }
+    &raw[..end]
+}
+
+/// A fired alert: the record every sink carries.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct Alert {
+    /// Deterministic id (32 hex chars), the sinks' idempotency key.
+    pub alert_id: String,
+    /// Rule that fired.
+    pub rule_id: String,
+    /// Owner of the rule.
+    pub user_id: String,
+    /// Alert type name.
+    pub alert_type: String,
+    /// Coin, protocol or chain the alert is about.
+    pub subject: String,
+    /// Event time of the triggering record (unix seconds).
+    #[serde(serialize_with = "ser_seconds", deserialize_with = "de_seconds")]
+    pub triggered_at: Millis,
+    /// pct for *_change, price/gwei for threshold/depeg/gas, USD for whale/liquidation.
+    pub value: f64,
+    /// The rule's threshold.
+    pub threshold: f64,
+    /// Human-readable summary.
+    pub message: String,
+    /// Delivery channels of the rule.
+    pub channels: Vec<String>,
+    /// Webhook target, when any.
+    pub webhook_url: Option<String>,
+}
+
+fn de_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Millis, D::Error> {
+    let s = <f64 as serde::Deserialize>::deserialize(d)?;
+    crate::time::seconds_to_millis(s).ok_or_else(|| serde::de::Error::custom("bad timestamp"))
+}
+
+/// Computes the deterministic `alert_id`: the first 128 bits of
+/// SHA-256(rule_id, subject, triggered_at in ms, the triggering record's identity), as hex.
+pub fn alert_id(rule_id: &str, subject: &str, triggered_at: Millis, record_identity: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [rule_id.as_bytes(), subject.as_bytes(), &triggered_at.to_be_bytes(), record_identity.as_bytes()] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Payload of a market event.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum EventData {
+    /// Every accepted price tick.
+    PriceUpdate {
+        /// Coin id.
+        coin: String,
+        /// USD price.
+        price: f64,
+        /// Symbol, when known.
+        symbol: Option<String>,
+        /// Confidence, when known.
+        confidence: Option<f64>,
+        /// Decimals, when known.
+        decimals: Option<u32>,
+        /// Event time.
+        #[serde(serialize_with = "ser_seconds")]
+        timestamp: Millis,
+        /// Percent change over 1h, when a reference tick exists.
+        change_1h: Option<f64>,
+        /// Percent change over 24h, when a reference tick exists.
+        change_24h: Option<f64>,
+    },
+    /// A protocol's TVL after an update (like DeFiLlama's /protocols entry).
+    TvlUpdate {
+        /// Protocol id.
+        protocol_id: String,
+        /// Protocol name, when known.
+        name: Option<String>,
+        /// Total TVL over chains.
+        tvl: f64,
+        /// Latest TVL per chain.
+        #[serde(rename = "chainTvls")]
+        chain_tvls: BTreeMap<String, f64>,
+        /// Sub-buckets (staking, pool2, borrowed, …) not counted in TVL.
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        extra: BTreeMap<String, f64>,
+        /// Percent change of the total over 1h.
+        change_1h: Option<f64>,
+        /// Over 1 day.
+        change_1d: Option<f64>,
+        /// Over 7 days.
+        change_7d: Option<f64>,
+        /// Event time.
+        #[serde(serialize_with = "ser_seconds")]
+        timestamp: Millis,
+    },
+    /// A stablecoin entered or left its depeg band.
+    Depeg {
+        /// Coin id.
+        coin: String,
+        /// Symbol, when known.
+        symbol: Option<String>,
+        /// Price at the crossing.
+        price: f64,
+        /// Peg.
+        peg: f64,
+        /// |p/peg − 1|·100.
+        deviation_pct: f64,
+        /// `enter` or `exit`.
+        state: &'static str,
+        /// Event time.
+        #[serde(serialize_with = "ser_seconds")]
+        timestamp: Millis,
+    },
+    /// A transfer worth at least the whale threshold.
+    WhaleTransfer {
+        /// Chain.
+        chain: String,
+        /// Transaction hash.
+        tx_hash: String,
+        /// Coin id.
+        coin: String,
+        /// Symbol, when known.
+        symbol: Option<String>,
+        /// Sender.
+        from: Option<String>,
+        /// Recipient.
+        to: Option<String>,
+        /// Token units.
+        amount: f64,
+        /// USD value at the latest earlier price.
+        value_usd: f64,
+        /// Event time.
+        #[serde(serialize_with = "ser_seconds")]
+        timestamp: Millis,
+    },
+    /// A liquidation.
+    Liquidation {
+        /// Protocol id.
+        protocol_id: String,
+        /// Chain.
+        chain: String,
+        /// Account.
+        account: Option<String>,
+        /// USD amount.
+        amount_usd: f64,
+        /// Event time.
+        #[serde(serialize_with = "ser_seconds")]
+        timestamp: Millis,
+    },
+    /// A gas tick.
+    GasUpdate {
+        /// Chain.
+        chain: String,
+        /// Gwei.
+        gwei: f64,
+        /// Event time.
+        #[serde(serialize_with = "ser_seconds")]
+        timestamp: Millis,
+    },
+}
+
+impl EventData {
+    /// The event `type`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            EventData::PriceUpdate { .. } => "price_update",
+            EventData::TvlUpdate { .. } => "tvl_update",
+            EventData::Depeg { .. } => "depeg",
+            EventData::WhaleTransfer { .. } => "whale_transfer",
+            EventData::Liquidation { .. } => "liquidation",
+            EventData::GasUpdate { .. } => "gas_update",
+        }
+    }
+}
+
+/// A market event for subscribers, Redis and Kafka.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// Coin, protocol or chain.
+    pub subject: String,
+    /// Event time.
+    pub timestamp: Millis,
+    /// Payload.
+    pub data: EventData,
+}
+
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("type", self.data.type_name())?;
+        m.serialize_entry("subject", &self.subject)?;
+        m.serialize_entry("timestamp", &crate::time::format_seconds(self.timestamp))?;
+        m.serialize_entry("data", &self.data)?;
+        m.end()
+    }
+}
+
+/// The chain part of a `<chain>:<address>` coin id (`None` for `coingecko:` ids).
+pub fn coin_chain(coin: &str) -> Option<&str> {
+    match coin.split_once(':') {
+        Some(("coingecko", _)) | None => None,
+        Some((chain, _)) => Some(chain),
+    }
+}
+
+impl Event {
+    /// The WebSocket channels (SPEC §5) this event is published on.
+    pub fn channels(&self) -> Vec<String> {
+        let mut out = Vec::with_capacity(3);
+        match &self.data {
+            EventData::PriceUpdate { coin, .. } => {
+                out.push("prices".to_string());
+                out.push(format!("prices:{coin}"));
+                if let Some(c) = coin_chain(coin) {
+                    out.push(format!("chain:{c}"));
+                }
+            }
+            EventData::TvlUpdate { protocol_id, chain_tvls, .. } => {
+                out.push("tvl".to_string());
+                out.push(format!("tvl:{protocol_id}"));
+                out.extend(chain_tvls.keys().map(|c| format!("chain:{c}")));
+            }
+            EventData::Depeg { .. } => out.push("depeg".to_string()),
+            EventData::WhaleTransfer { chain, .. } => {
+                out.push("whales".to_string());
+                out.push(format!("chain:{chain}"));
+            }
+            EventData::Liquidation { chain, .. } => {
+                out.push("liquidations".to_string());
+                out.push(format!("chain:{chain}"));
+            }
+            EventData::GasUpdate { chain, .. } => {
+                out.push("gas".to_string());
+                out.push(format!("gas:{chain}"));
+                out.push(format!("chain:{chain}"));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alert_id_is_stable_and_sensitive() {
+        let a = alert_id("r1", "coingecko:ethereum", 1_717_430_400_000, "price|coingecko:ethereum|1717430400000");
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(a, alert_id("r1", "coingecko:ethereum", 1_717_430_400_000, "price|coingecko:ethereum|1717430400000"));
+        assert_ne!(a, alert_id("r2", "coingecko:ethereum", 1_717_430_400_000, "price|coingecko:ethereum|1717430400000"));
+        // Length-prefixing keeps field boundaries apart.
+        assert_ne!(alert_id("ab", "c", 0, ""), alert_id("a", "bc", 0, ""));
+    }
+
+    #[test]
+    fn event_shape() {
+        let e = Event {
+            subject: "ethereum".into(),
+            timestamp: 1_500,
+            data: EventData::GasUpdate { chain: "ethereum".into(), gwei: 21.5, timestamp: 1_500 },
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"gas_update","subject":"ethereum","timestamp":1.5,
+                "data":{"chain":"ethereum","gwei":21.5,"timestamp":1.5}})
+        );
+        assert_eq!(e.channels(), vec!["gas", "gas:ethereum", "chain:ethereum"]);
+    }
+
+    #[test]
+    fn raw_truncation_respects_chars() {
+        let s = "é".repeat(3000);
+        let t = truncate_raw(&s);
+        assert!(t.len() <= 4096 && t.len() >= 4094);
+        let d = DeadLetter::new(SourcePos::new("f.jsonl:".into(), 3), "late", "x");
+        assert_eq!(d.source, "f.jsonl:3");
+    }
+}

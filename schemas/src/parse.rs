@@ -1,0 +1,391 @@
+//! Parsing and validation of SPEC §1 JSON records. Errors name the bad field.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use crate::records::{GasTick, Kind, Liquidation, PriceTick, Protocol, Record, Transfer, TvlUpdate};
+use crate::rule::AlertRule;
+use crate::time::{Millis, seconds_to_millis};
+
+/// Why an input record was rejected: the dead-letter `reason`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidRecord(pub String);
+
+fn bad(msg: impl Into<String>) -> InvalidRecord {
+    InvalidRecord(msg.into())
+}
+
+/// Normalizes a DeFiLlama coin id: `coingecko:<id>` or `<chain>:<address>` with the address
+/// lowercased (except on solana). `None` for any other form.
+pub fn normalize_coin(raw: &str) -> Option<String> {
+    let (prefix, rest) = raw.split_once(':')?;
+    let ok = |s: &str| {
+        !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic() && c != ':' && c != '"')
+    };
+    if !ok(prefix) || !ok(rest) {
+        return None;
+    }
+    let prefix_lc = prefix.to_ascii_lowercase();
+    if prefix_lc == "coingecko" || prefix_lc == "solana" {
+        if prefix == prefix_lc {
+            return Some(raw.to_string());
+        }
+        return Some(format!("{prefix_lc}:{rest}"));
+    }
+    if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(raw.to_ascii_lowercase())
+    } else {
+        Some(raw.to_string())
+    }
+}
+
+/// A JSON field read leniently so validation can say which field is wrong.
+#[derive(Debug, Default)]
+enum F<'a> {
+    #[default]
+    Missing,
+    Null,
+    Num(f64),
+    Str(Cow<'a, str>),
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for F<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = F<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<F<'a>, E> {
+                Ok(F::Num(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<F<'a>, E> {
+                Ok(F::Num(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<F<'a>, E> {
+                Ok(F::Num(v as f64))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<F<'a>, E> {
+                Ok(F::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<F<'a>, E> {
+                Ok(F::Str(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<F<'a>, E> {
+                Ok(F::Str(Cow::Owned(v)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<F<'a>, E> {
+                Ok(F::Other)
+            }
+            fn visit_unit<E>(self) -> Result<F<'a>, E> {
+                Ok(F::Null)
+            }
+            fn visit_none<E>(self) -> Result<F<'a>, E> {
+                Ok(F::Null)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<F<'a>, D::Error> {
+                d.deserialize_any(V(std::marker::PhantomData))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<F<'a>, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(F::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<F<'a>, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(F::Other)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+impl<'a> F<'a> {
+    fn string(self, field: &str) -> Result<String, InvalidRecord> {
+        match self {
+            F::Str(s) if !s.is_empty() => Ok(s.into_owned()),
+            F::Missing | F::Null => Err(bad(format!("missing field `{field}`"))),
+            F::Str(_) => Err(bad(format!("field `{field}` is empty"))),
+            _ => Err(bad(format!("field `{field}` must be a string"))),
+        }
+    }
+    /// Ids may be numbers in DeFiLlama data (`"2269"` or `2269`).
+    fn id(self, field: &str) -> Result<String, InvalidRecord> {
+        match self {
+            F::Num(n) if n.fract() == 0.0 && n >= 0.0 => Ok(format!("{}", n as u64)),
+            other => other.string(field),
+        }
+    }
+    fn opt_string(self, field: &str) -> Result<Option<String>, InvalidRecord> {
+        match self {
+            F::Missing | F::Null => Ok(None),
+            other => other.string(field).map(Some),
+        }
+    }
+    fn num(self, field: &str) -> Result<f64, InvalidRecord> {
+        match self {
+            F::Num(x) if x.is_finite() => Ok(x),
+            F::Num(_) => Err(bad(format!("field `{field}` is not a finite number"))),
+            F::Missing | F::Null => Err(bad(format!("missing field `{field}`"))),
+            _ => Err(bad(format!("field `{field}` must be a number"))),
+        }
+    }
+    fn opt_num(self, field: &str) -> Result<Option<f64>, InvalidRecord> {
+        match self {
+            F::Missing | F::Null => Ok(None),
+            other => other.num(field).map(Some),
+        }
+    }
+    fn time(self) -> Result<Millis, InvalidRecord> {
+        let s = self.num("timestamp")?;
+        seconds_to_millis(s).ok_or_else(|| bad(format!("field `timestamp` out of range: {s}")))
+    }
+    fn coin(self, field: &str) -> Result<String, InvalidRecord> {
+        let raw = self.string(field)?;
+        normalize_coin(&raw).ok_or_else(|| {
+            bad(format!(
+                "field `{field}`: unknown coin form `{raw}` (expected coingecko:<id> or <chain>:<address>)"
+            ))
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawRecord<'a> {
+    #[serde(borrow)]
+    coin: F<'a>,
+    #[serde(borrow)]
+    price: F<'a>,
+    #[serde(borrow)]
+    timestamp: F<'a>,
+    #[serde(borrow)]
+    symbol: F<'a>,
+    #[serde(borrow)]
+    confidence: F<'a>,
+    #[serde(borrow)]
+    decimals: F<'a>,
+    #[serde(borrow)]
+    protocol_id: F<'a>,
+    #[serde(borrow)]
+    chain: F<'a>,
+    #[serde(borrow)]
+    tvl: F<'a>,
+    #[serde(borrow)]
+    tx_hash: F<'a>,
+    #[serde(borrow)]
+    from: F<'a>,
+    #[serde(borrow)]
+    to: F<'a>,
+    #[serde(borrow)]
+    amount: F<'a>,
+    #[serde(borrow)]
+    gwei: F<'a>,
+    #[serde(borrow)]
+    account: F<'a>,
+    #[serde(borrow)]
+    amount_usd: F<'a>,
+}
+
+/// Parses and validates one JSON record of the given kind.
+///
+/// A price with `confidence` ≤ 0.3 parses fine; the dataflow ignores it (SPEC §1).
+pub fn parse_record(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
+    match kind {
+        Kind::Rule => return parse_rule(line).map(Record::Rule),
+        Kind::Protocol => return parse_protocol(line).map(Record::Protocol),
+        _ => {}
+    }
+    let r: RawRecord = serde_json::from_str(line).map_err(|e| {
+        if e.is_data() {
+            bad("not a JSON object")
+        } else {
+            bad(format!("bad JSON: {e}"))
+        }
+    })?;
+    Ok(match kind {
+        Kind::Price => {
+            let coin = r.coin.coin("coin")?;
+            let price = r.price.num("price")?;
+            if price <= 0.0 {
+                return Err(bad(format!("field `price` must be > 0, got {price}")));
+            }
+            let decimals = match r.decimals.opt_num("decimals")? {
+                None => None,
+                Some(d) if d >= 0.0 && d.fract() == 0.0 && d <= 255.0 => Some(d as u32),
+                Some(d) => return Err(bad(format!("field `decimals` must be an integer 0..=255, got {d}"))),
+            };
+            Record::Price(PriceTick {
+                coin,
+                price,
+                timestamp: r.timestamp.time()?,
+                symbol: r.symbol.opt_string("symbol")?,
+                confidence: r.confidence.opt_num("confidence")?,
+                decimals,
+            })
+        }
+        Kind::Tvl => {
+            let protocol_id = r.protocol_id.id("protocol_id")?;
+            let chain = r.chain.string("chain")?;
+            let tvl = r.tvl.num("tvl")?;
+            if tvl < 0.0 {
+                return Err(bad(format!("field `tvl` must be ≥ 0, got {tvl}")));
+            }
+            Record::Tvl(TvlUpdate {
+                protocol_id,
+                timestamp: r.timestamp.time()?,
+                chains: vec![(chain, tvl)],
+                extra: Vec::new(),
+            })
+        }
+        Kind::Transfer => {
+            let amount = r.amount.num("amount")?;
+            if amount <= 0.0 {
+                return Err(bad(format!("field `amount` must be > 0, got {amount}")));
+            }
+            Record::Transfer(Transfer {
+                chain: r.chain.string("chain")?,
+                tx_hash: r.tx_hash.string("tx_hash")?,
+                coin: r.coin.coin("coin")?,
+                from: r.from.opt_string("from")?,
+                to: r.to.opt_string("to")?,
+                amount,
+                timestamp: r.timestamp.time()?,
+            })
+        }
+        Kind::Gas => {
+            let gwei = r.gwei.num("gwei")?;
+            if gwei < 0.0 {
+                return Err(bad(format!("field `gwei` must be ≥ 0, got {gwei}")));
+            }
+            Record::Gas(GasTick { chain: r.chain.string("chain")?, gwei, timestamp: r.timestamp.time()? })
+        }
+        Kind::Liquidation => {
+            let amount_usd = r.amount_usd.num("amount_usd")?;
+            if amount_usd < 0.0 {
+                return Err(bad(format!("field `amount_usd` must be ≥ 0, got {amount_usd}")));
+            }
+            Record::Liquidation(Liquidation {
+                protocol_id: r.protocol_id.id("protocol_id")?,
+                chain: r.chain.string("chain")?,
+                account: r.account.opt_string("account")?,
+                amount_usd,
+                timestamp: r.timestamp.time()?,
+            })
+        }
+        Kind::Protocol | Kind::Rule => unreachable!("handled above"),
+    })
+}
+
+/// Parses and validates an alert rule from one JSON line.
+pub fn parse_rule(line: &str) -> Result<AlertRule, InvalidRecord> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| bad(format!("bad JSON: {e}")))?;
+    parse_rule_value(&v)
+}
+
+/// Validates an alert rule from a JSON value.
+pub fn parse_rule_value(v: &serde_json::Value) -> Result<AlertRule, InvalidRecord> {
+    AlertRule::from_json(v).map_err(|e| bad(format!("invalid rule: {e}")))
+}
+
+fn parse_protocol(line: &str) -> Result<Protocol, InvalidRecord> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| bad(format!("bad JSON: {e}")))?;
+    parse_protocol_value(&v)
+}
+
+/// Validates a protocol row from a JSON value.
+pub fn parse_protocol_value(v: &serde_json::Value) -> Result<Protocol, InvalidRecord> {
+    let o = v.as_object().ok_or_else(|| bad("not a JSON object"))?;
+    let id = match o.get("id") {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        _ => return Err(bad("missing field `id`")),
+    };
+    let s = |k: &str| -> Result<Option<String>, InvalidRecord> {
+        match o.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(bad(format!("field `{k}` must be a string"))),
+        }
+    };
+    let name = s("name")?.filter(|n| !n.is_empty()).ok_or_else(|| bad("missing field `name`"))?;
+    let chains = match o.get("chains") {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .map(|c| c.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("field `chains` must be an array of strings"))?,
+        Some(_) => return Err(bad("field `chains` must be an array of strings")),
+    };
+    Ok(Protocol { id, name, slug: s("slug")?, category: s("category")?, chains })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn price_ok_and_extra_fields_ignored() {
+        let r = parse_record(
+            Kind::Price,
+            r#"{"coin":"coingecko:ethereum","price":3791.12,"timestamp":1717430350,"symbol":"ETH","confidence":0.99,"decimals":18,"extra":{"a":[1]}}"#,
+        )
+        .unwrap();
+        let Record::Price(p) = r else { panic!() };
+        assert_eq!(p.coin, "coingecko:ethereum");
+        assert_eq!(p.timestamp, 1_717_430_350_000);
+        assert_eq!(p.decimals, Some(18));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (Kind::Price, r#"{"coin":"coingecko:eth","price":"x","timestamp":1}"#, "`price` must be a number"),
+            (Kind::Price, r#"{"coin":"coingecko:eth","price":-1,"timestamp":1}"#, "`price` must be > 0"),
+            (Kind::Price, r#"{"coin":"eth","price":1,"timestamp":1}"#, "unknown coin form"),
+            (Kind::Price, r#"{"coin":"coingecko:eth","price":1}"#, "missing field `timestamp`"),
+            (Kind::Price, r#"{"coin":"coingecko:eth","price":1e999,"timestamp":1}"#, "bad JSON"),
+            (Kind::Tvl, r#"{"protocol_id":"1","chain":"ethereum","timestamp":1}"#, "missing field `tvl`"),
+            (Kind::Transfer, r#"{"chain":"ethereum","coin":"ethereum:0xa","amount":1,"timestamp":1}"#, "missing field `tx_hash`"),
+            (Kind::Gas, r#"[1,2]"#, "not a JSON object"),
+            (Kind::Gas, r#"{"chain":"ethereum","gwei":1,"timestamp":1"#, "bad JSON"),
+            (Kind::Liquidation, r#"{"protocol_id":"1","chain":"x","amount_usd":null,"timestamp":1}"#, "missing field `amount_usd`"),
+            (Kind::Protocol, r#"{"id":"1"}"#, "missing field `name`"),
+            (Kind::Rule, r#"{"id":"r","user_id":"u","alert_type":"price_change","conditions":{"coin":"coingecko:x","window":"1h"}}"#, "conditions.threshold_pct"),
+        ];
+        for (kind, line, want) in cases {
+            let e = parse_record(kind, line).unwrap_err();
+            assert!(e.0.contains(want), "{line}: got `{e}`, want `{want}`");
+        }
+    }
+
+    #[test]
+    fn coin_forms() {
+        assert_eq!(normalize_coin("ethereum:0xAbC").as_deref(), Some("ethereum:0xabc"));
+        assert_eq!(normalize_coin("solana:AbC").as_deref(), Some("solana:AbC"));
+        assert_eq!(normalize_coin("coingecko:usd-coin").as_deref(), Some("coingecko:usd-coin"));
+        assert_eq!(normalize_coin("usd-coin"), None);
+        assert_eq!(normalize_coin(":x"), None);
+        assert_eq!(normalize_coin("a b:c"), None);
+    }
+
+    #[test]
+    fn numeric_protocol_id() {
+        let Record::Tvl(t) =
+            parse_record(Kind::Tvl, r#"{"protocol_id":2269,"chain":"ethereum","tvl":5,"timestamp":1.5}"#)
+                .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(t.protocol_id, "2269");
+        assert_eq!(t.timestamp, 1500);
+    }
+}

@@ -1,0 +1,224 @@
+//! Validated input records (SPEC §1). Times are unix milliseconds.
+
+use serde::Serialize;
+
+use crate::rule::AlertRule;
+use crate::time::{Millis, ser_seconds};
+
+/// The kinds of input record, one per input file flag / Kafka topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// Token price ticks.
+    Price,
+    /// Protocol TVL per chain.
+    Tvl,
+    /// Token transfers.
+    Transfer,
+    /// Gas price ticks.
+    Gas,
+    /// Liquidations.
+    Liquidation,
+    /// Protocol metadata.
+    Protocol,
+    /// Alert rules.
+    Rule,
+}
+
+impl Kind {
+    /// Every kind, in the order replay takes equal-timestamp records.
+    pub const ALL: [Kind; 7] = [
+        Kind::Rule,
+        Kind::Protocol,
+        Kind::Price,
+        Kind::Tvl,
+        Kind::Gas,
+        Kind::Liquidation,
+        Kind::Transfer,
+    ];
+
+    /// Lower-case name used in metrics, CLI flags and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Price => "price",
+            Kind::Tvl => "tvl",
+            Kind::Transfer => "transfer",
+            Kind::Gas => "gas",
+            Kind::Liquidation => "liquidation",
+            Kind::Protocol => "protocol",
+            Kind::Rule => "rule",
+        }
+    }
+}
+
+/// A token price tick.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PriceTick {
+    /// DeFiLlama coin id: `coingecko:<id>` or `<chain>:<address>`.
+    pub coin: String,
+    /// USD price, finite and > 0.
+    pub price: f64,
+    /// Event time.
+    #[serde(serialize_with = "ser_seconds")]
+    pub timestamp: Millis,
+    /// Ticker symbol, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symbol: Option<String>,
+    /// Price confidence in [0, 1], when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confidence: Option<f64>,
+    /// Token decimals, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decimals: Option<u32>,
+}
+
+/// One TVL update of a protocol at one time: one or more chains (a JSONL record carries one,
+/// a DynamoDB `hourlyTvl#` item all of them).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TvlUpdate {
+    /// DeFiLlama protocol id.
+    pub protocol_id: String,
+    /// Event time.
+    #[serde(serialize_with = "ser_seconds")]
+    pub timestamp: Millis,
+    /// `(chain, tvl)` pairs; tvl finite and ≥ 0.
+    pub chains: Vec<(String, f64)>,
+    /// Sub-buckets not counted in TVL (`ethereum-staking`, `pool2`, …), kept as extra data.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra: Vec<(String, f64)>,
+}
+
+/// A token transfer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Transfer {
+    /// Chain name.
+    pub chain: String,
+    /// Transaction hash.
+    pub tx_hash: String,
+    /// Coin id of the token moved.
+    pub coin: String,
+    /// Sender, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Recipient, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Amount in token units, > 0.
+    pub amount: f64,
+    /// Event time.
+    #[serde(serialize_with = "ser_seconds")]
+    pub timestamp: Millis,
+}
+
+/// A gas price tick.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GasTick {
+    /// Chain name.
+    pub chain: String,
+    /// Gas price in gwei.
+    pub gwei: f64,
+    /// Event time.
+    #[serde(serialize_with = "ser_seconds")]
+    pub timestamp: Millis,
+}
+
+/// A liquidation.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Liquidation {
+    /// Protocol id.
+    pub protocol_id: String,
+    /// Chain name.
+    pub chain: String,
+    /// Liquidated account, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// USD amount liquidated.
+    pub amount_usd: f64,
+    /// Event time.
+    #[serde(serialize_with = "ser_seconds")]
+    pub timestamp: Millis,
+}
+
+/// Protocol metadata (a row of `protocols`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Protocol {
+    /// Protocol id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// URL slug.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slug: Option<String>,
+    /// Category (Lending, Dexes, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// Chains the protocol is deployed on.
+    pub chains: Vec<String>,
+}
+
+/// Any validated input record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    /// A price tick.
+    Price(PriceTick),
+    /// A TVL update.
+    Tvl(TvlUpdate),
+    /// A transfer.
+    Transfer(Transfer),
+    /// A gas tick.
+    Gas(GasTick),
+    /// A liquidation.
+    Liquidation(Liquidation),
+    /// Protocol metadata.
+    Protocol(Protocol),
+    /// An alert rule (insert or replace).
+    Rule(AlertRule),
+}
+
+impl Record {
+    /// The record's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Record::Price(_) => Kind::Price,
+            Record::Tvl(_) => Kind::Tvl,
+            Record::Transfer(_) => Kind::Transfer,
+            Record::Gas(_) => Kind::Gas,
+            Record::Liquidation(_) => Kind::Liquidation,
+            Record::Protocol(_) => Kind::Protocol,
+            Record::Rule(_) => Kind::Rule,
+        }
+    }
+
+    /// Event time; metadata (protocols, rules) has none and sorts first.
+    pub fn timestamp(&self) -> Millis {
+        match self {
+            Record::Price(p) => p.timestamp,
+            Record::Tvl(t) => t.timestamp,
+            Record::Transfer(t) => t.timestamp,
+            Record::Gas(g) => g.timestamp,
+            Record::Liquidation(l) => l.timestamp,
+            Record::Protocol(_) | Record::Rule(_) => Millis::MIN,
+        }
+    }
+
+    /// The record re-encoded as SPEC §1 JSON (used as `raw` when a parsed record is
+    /// dead-lettered later, e.g. as `late`).
+    pub fn to_json(&self) -> String {
+        let v = match self {
+            Record::Price(p) => serde_json::to_value(p),
+            Record::Tvl(t) => {
+                if let [(chain, tvl)] = t.chains.as_slice() {
+                    Ok(serde_json::json!({"protocol_id": t.protocol_id, "chain": chain, "tvl": tvl,
+                        "timestamp": crate::time::format_seconds(t.timestamp)}))
+                } else {
+                    serde_json::to_value(t)
+                }
+            }
+            Record::Transfer(t) => serde_json::to_value(t),
+            Record::Gas(g) => serde_json::to_value(g),
+            Record::Liquidation(l) => serde_json::to_value(l),
+            Record::Protocol(p) => serde_json::to_value(p),
+            Record::Rule(r) => Ok(r.to_json()),
+        };
+        v.map(|v| v.to_string()).unwrap_or_default()
+    }
+}
