@@ -14,7 +14,7 @@ use crate::time::{Millis, ser_seconds};
 ///
 /// `source` carries everything up to and including the separator (`prices.jsonl:`,
 /// `prices/3@`), so a position is one shared string plus a number.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 pub struct SourcePos {
     /// Source name with its separator.
     pub source: Arc<str>,

@@ -201,6 +201,13 @@ pub fn parse_record(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
         Kind::Protocol => return parse_protocol(line).map(Record::Protocol),
         _ => {}
     }
+    if !line.trim_start().starts_with('{') {
+        return Err(if serde_json::from_str::<serde::de::IgnoredAny>(line).is_ok() {
+            bad("not a JSON object")
+        } else {
+            bad(format!("bad JSON: {}", line.chars().take(40).collect::<String>()))
+        });
+    }
     let r: RawRecord = serde_json::from_str(line).map_err(|e| {
         if e.is_data() {
             bad("not a JSON object")

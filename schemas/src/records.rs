@@ -1,9 +1,10 @@
 //! Validated input records (SPEC §1). Times are unix milliseconds.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use crate::rule::AlertRule;
-use crate::time::{Millis, ser_seconds};
+use crate::time::{Millis, format_seconds};
 
 /// The kinds of input record, one per input file flag / Kafka topic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,44 +52,38 @@ impl Kind {
 }
 
 /// A token price tick.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PriceTick {
     /// DeFiLlama coin id: `coingecko:<id>` or `<chain>:<address>`.
     pub coin: String,
     /// USD price, finite and > 0.
     pub price: f64,
     /// Event time.
-    #[serde(serialize_with = "ser_seconds")]
     pub timestamp: Millis,
     /// Ticker symbol, when known.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub symbol: Option<String>,
     /// Price confidence in [0, 1], when known.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub confidence: Option<f64>,
     /// Token decimals, when known.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub decimals: Option<u32>,
 }
 
 /// One TVL update of a protocol at one time: one or more chains (a JSONL record carries one,
 /// a DynamoDB `hourlyTvl#` item all of them).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TvlUpdate {
     /// DeFiLlama protocol id.
     pub protocol_id: String,
     /// Event time.
-    #[serde(serialize_with = "ser_seconds")]
     pub timestamp: Millis,
     /// `(chain, tvl)` pairs; tvl finite and ≥ 0.
     pub chains: Vec<(String, f64)>,
     /// Sub-buckets not counted in TVL (`ethereum-staking`, `pool2`, …), kept as extra data.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub extra: Vec<(String, f64)>,
 }
 
 /// A token transfer.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Transfer {
     /// Chain name.
     pub chain: String,
@@ -97,66 +92,58 @@ pub struct Transfer {
     /// Coin id of the token moved.
     pub coin: String,
     /// Sender, when known.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     /// Recipient, when known.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
     /// Amount in token units, > 0.
     pub amount: f64,
     /// Event time.
-    #[serde(serialize_with = "ser_seconds")]
     pub timestamp: Millis,
 }
 
 /// A gas price tick.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GasTick {
     /// Chain name.
     pub chain: String,
     /// Gas price in gwei.
     pub gwei: f64,
     /// Event time.
-    #[serde(serialize_with = "ser_seconds")]
     pub timestamp: Millis,
 }
 
 /// A liquidation.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Liquidation {
     /// Protocol id.
     pub protocol_id: String,
     /// Chain name.
     pub chain: String,
     /// Liquidated account, when known.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub account: Option<String>,
     /// USD amount liquidated.
     pub amount_usd: f64,
     /// Event time.
-    #[serde(serialize_with = "ser_seconds")]
     pub timestamp: Millis,
 }
 
 /// Protocol metadata (a row of `protocols`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Protocol {
     /// Protocol id.
     pub id: String,
     /// Display name.
     pub name: String,
     /// URL slug.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub slug: Option<String>,
     /// Category (Lending, Dexes, …).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
     /// Chains the protocol is deployed on.
     pub chains: Vec<String>,
 }
 
 /// Any validated input record.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Record {
     /// A price tick.
     Price(PriceTick),
@@ -201,24 +188,32 @@ impl Record {
     }
 
     /// The record re-encoded as SPEC §1 JSON (used as `raw` when a parsed record is
-    /// dead-lettered later, e.g. as `late`).
+    /// dead-lettered later, e.g. as `late`). The serde derive is the internal form.
     pub fn to_json(&self) -> String {
         let v = match self {
-            Record::Price(p) => serde_json::to_value(p),
-            Record::Tvl(t) => {
-                if let [(chain, tvl)] = t.chains.as_slice() {
-                    Ok(serde_json::json!({"protocol_id": t.protocol_id, "chain": chain, "tvl": tvl,
-                        "timestamp": crate::time::format_seconds(t.timestamp)}))
-                } else {
-                    serde_json::to_value(t)
-                }
-            }
-            Record::Transfer(t) => serde_json::to_value(t),
-            Record::Gas(g) => serde_json::to_value(g),
-            Record::Liquidation(l) => serde_json::to_value(l),
-            Record::Protocol(p) => serde_json::to_value(p),
-            Record::Rule(r) => Ok(r.to_json()),
+            Record::Price(p) => json!({"coin": p.coin, "price": p.price,
+                "timestamp": format_seconds(p.timestamp), "symbol": p.symbol,
+                "confidence": p.confidence, "decimals": p.decimals}),
+            Record::Tvl(t) => match t.chains.as_slice() {
+                [(chain, tvl)] => json!({"protocol_id": t.protocol_id, "chain": chain, "tvl": tvl,
+                    "timestamp": format_seconds(t.timestamp)}),
+                chains => json!({"protocol_id": t.protocol_id,
+                    "timestamp": format_seconds(t.timestamp),
+                    "chainTvls": pairs(chains), "extra": pairs(&t.extra)}),
+            },
+            Record::Transfer(t) => json!({"chain": t.chain, "tx_hash": t.tx_hash, "coin": t.coin,
+                "from": t.from, "to": t.to, "amount": t.amount, "timestamp": format_seconds(t.timestamp)}),
+            Record::Gas(g) => json!({"chain": g.chain, "gwei": g.gwei, "timestamp": format_seconds(g.timestamp)}),
+            Record::Liquidation(l) => json!({"protocol_id": l.protocol_id, "chain": l.chain,
+                "account": l.account, "amount_usd": l.amount_usd, "timestamp": format_seconds(l.timestamp)}),
+            Record::Protocol(p) => json!({"id": p.id, "name": p.name, "slug": p.slug,
+                "category": p.category, "chains": p.chains}),
+            Record::Rule(r) => r.to_json(),
         };
-        v.map(|v| v.to_string()).unwrap_or_default()
+        v.to_string()
     }
+}
+
+fn pairs(p: &[(String, f64)]) -> serde_json::Map<String, serde_json::Value> {
+    p.iter().map(|(k, v)| (k.clone(), json!(v))).collect()
 }

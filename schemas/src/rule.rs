@@ -1,5 +1,6 @@
 //! Alert rules (SPEC §2): typed conditions parsed and validated from the JSON row.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::time::{Millis, parse_window, window_label};
@@ -10,7 +11,7 @@ use crate::time::{Millis, parse_window, window_label};
 pub struct RuleError(pub String);
 
 /// Move direction for *_change rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Direction {
     /// pct ≥ X.
     Up,
@@ -39,7 +40,7 @@ impl Direction {
 }
 
 /// Comparison operator for threshold rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Operator {
     /// `>`
     Gt,
@@ -73,7 +74,7 @@ impl Operator {
 }
 
 /// The seven alert types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum AlertType {
     /// Price moved by a percentage within a window.
     PriceChange,
@@ -120,7 +121,7 @@ impl AlertType {
 }
 
 /// Typed rule conditions, one variant per alert type.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Conditions {
     /// `price_change`.
     PriceChange {
@@ -249,7 +250,7 @@ impl Conditions {
 }
 
 /// A validated alert rule.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AlertRule {
     /// Rule id.
     pub id: String,
