@@ -1,1 +1,19 @@
-//! operators
+//! llamaflow's dataflow operators (SPEC §2–§3), pure computation with no I/O.
+//!
+//! Inputs are [`Envelope`]s stamped by the single-threaded [`Sequencer`]; [`build`] wires the
+//! timely dataflow that turns them into alerts, market events and dead letters. The per-key
+//! logic lives in [`KeyedState`] and the per-rule throttle in [`Throttle`], both plain
+//! sequential code the dataflow runs epoch by epoch.
+
+mod candidate;
+mod config;
+mod dataflow;
+mod envelope;
+mod format;
+mod state;
+
+pub use candidate::{Candidate, Throttle};
+pub use config::OpConfig;
+pub use dataflow::{Outputs, build};
+pub use envelope::{Envelope, Item, Key, Sequencer, record_key, rule_key};
+pub use state::{KeyedOut, KeyedState};

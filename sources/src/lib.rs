@@ -1,1 +1,123 @@
-//! sources
+//! llamaflow sources: where input records come from.
+//!
+//! - [`files`]: JSONL (or `.jsonl.gz`) files of one record kind (SPEC §1).
+//! - [`dynamodb_export`]: DynamoDB export-to-S3 trees of DeFiLlama's `prod-table` /
+//!   `prod-coins-table`, taken as history in timestamp order.
+//! - [`demo`]: the bundled, deterministic DeFiLlama-shaped sample feed of `llamaflow run`.
+//!
+//! Every source yields [`Input`]: a validated record with its position, or a dead letter.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use flate2::read::MultiGzDecoder;
+use schemas::{DeadLetter, Record, SourcePos};
+
+pub mod demo;
+pub mod dynamodb_export;
+pub mod files;
+
+/// One item of any source: a validated record, or an input that goes to the dead-letter output.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    /// A validated record and where it came from.
+    Record(SourcePos, Record),
+    /// A rejected input.
+    Dead(DeadLetter),
+}
+
+/// Why a source could not be opened: names the file and what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A file or directory could not be opened or read.
+    #[error("cannot {action} {}: {}", path.display(), io_reason(source))]
+    Io {
+        /// What was being done (`open`, `read`, `list`).
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The content or layout is not what the source expects.
+    #[error("{}: {reason}", path.display())]
+    Invalid {
+        /// The offending file or directory.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl SourceError {
+    pub(crate) fn io(action: &'static str, path: &Path, source: io::Error) -> Self {
+        SourceError::Io { action, path: path.to_path_buf(), source }
+    }
+
+    pub(crate) fn invalid(path: &Path, reason: impl Into<String>) -> Self {
+        SourceError::Invalid { path: path.to_path_buf(), reason: reason.into() }
+    }
+}
+
+/// An I/O error's message without the `(os error N)` suffix.
+pub(crate) fn io_reason(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
+    }
+}
+
+/// Opens a file for line reading, gunzipping it when its name ends in `.gz`.
+pub(crate) fn open_lines(path: &Path) -> Result<Box<dyn BufRead + Send>, SourceError> {
+    let file = File::open(path).map_err(|e| SourceError::io("open", path, e))?;
+    let gz = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+    Ok(if gz {
+        Box::new(BufReader::with_capacity(64 * 1024, MultiGzDecoder::new(BufReader::new(file))))
+    } else {
+        Box::new(BufReader::with_capacity(64 * 1024, file))
+    })
+}
+
+/// One line read from a [`BufRead`] into a reused buffer.
+pub(crate) enum Line<'a> {
+    /// A line (without its `\n` / `\r\n`), or the bytes that are not UTF-8.
+    Text(Result<&'a str, std::str::Utf8Error>),
+    /// End of input.
+    Eof,
+    /// An I/O error (e.g. a corrupt gzip stream); the partial line is in the buffer.
+    Err(io::Error),
+}
+
+/// Reads the next line into `buf` (cleared first).
+pub(crate) fn read_line<'a>(reader: &mut dyn BufRead, buf: &'a mut Vec<u8>) -> Line<'a> {
+    buf.clear();
+    match reader.read_until(b'\n', buf) {
+        Ok(0) => Line::Eof,
+        Ok(_) => {
+            let mut end = buf.len();
+            if buf[..end].ends_with(b"\n") {
+                end -= 1;
+            }
+            if buf[..end].ends_with(b"\r") {
+                end -= 1;
+            }
+            Line::Text(std::str::from_utf8(&buf[..end]))
+        }
+        Err(e) => Line::Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_name_the_file() {
+        let e = open_lines(Path::new("no-such-dir/prices.jsonl")).err().map(|e| e.to_string());
+        assert_eq!(e.as_deref(), Some("cannot open no-such-dir/prices.jsonl: No such file or directory"));
+        let e = SourceError::invalid(Path::new("x/manifest-files.json"), "line 3: bad JSON");
+        assert_eq!(e.to_string(), "x/manifest-files.json: line 3: bad JSON");
+    }
+}

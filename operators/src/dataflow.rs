@@ -1,0 +1,126 @@
+//! The timely dataflow: keyed state → throttle → ordered alerts.
+//!
+//! ```text
+//! envelopes ─exchange(route)─► Keyed ─┬─ candidates ─exchange(rule)─► Throttle ─exchange(0)─► Order ─► alerts
+//!                                     ├─ events (per worker)
+//!                                     └─ dead letters (per worker)
+//! ```
+//! Timestamps are ingest epochs (`u64`); each operator works an epoch at a time, once its
+//! input frontier has passed it, in `seq` order, so results do not depend on the number of
+//! workers or on how the exchange interleaves their messages.
+
+use std::collections::BTreeMap;
+
+use schemas::{Alert, DeadLetter, Event};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::{Exchange, ParallelizationContract};
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::{Map, Partition};
+use timely::dataflow::operators::Capability;
+
+use crate::candidate::{Candidate, Throttle};
+use crate::config::OpConfig;
+use crate::envelope::{Envelope, Item, Key, mix};
+use crate::state::{KeyedOut, KeyedState};
+
+/// The streams the dataflow produces.
+pub struct Outputs<'scope> {
+    /// Fired alerts, all on worker 0, ordered within each epoch by (record seq, rule id).
+    pub alerts: StreamVec<'scope, u64, Alert>,
+    /// Market events, on the worker that owns their key.
+    pub events: StreamVec<'scope, u64, Event>,
+    /// Records rejected inside the dataflow (e.g. `late`).
+    pub dead: StreamVec<'scope, u64, DeadLetter>,
+}
+
+/// Runs `logic` once per epoch with all of that epoch's data, after the input frontier has
+/// passed the epoch; epochs are handled in increasing order.
+fn per_epoch<'scope, D, O, P, F>(
+    stream: StreamVec<'scope, u64, D>,
+    pact: P,
+    name: &str,
+    mut logic: F,
+) -> StreamVec<'scope, u64, O>
+where
+    D: 'static,
+    O: 'static,
+    P: ParallelizationContract<u64, Vec<D>>,
+    F: FnMut(Vec<D>, &mut Vec<O>) + 'static,
+{
+    stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(pact, name, move |_cap, _info| {
+        let mut stash: BTreeMap<u64, (Capability<u64>, Vec<D>)> = BTreeMap::new();
+        let mut out = Vec::new();
+        move |(input, frontier), output| {
+            let port = output.output_index();
+            input.for_each_stamp(|cap, data| {
+                let Some(&time) = cap.least() else { return };
+                let entry = match stash.get_mut(&time) {
+                    Some(e) => e,
+                    None => match cap.retain_least(port) {
+                        Some(c) => stash.entry(time).or_insert((c, Vec::new())),
+                        None => return,
+                    },
+                };
+                for batch in data {
+                    entry.1.append(batch);
+                }
+            });
+            while let Some(first) = stash.first_entry() {
+                if frontier.less_equal(first.key()) {
+                    break;
+                }
+                let (cap, data) = first.remove();
+                logic(data, &mut out);
+                if !out.is_empty() {
+                    output.session(&cap).give_iterator(out.drain(..));
+                }
+            }
+        }
+    })
+}
+
+/// Builds the dataflow on a stream of envelopes (from [`crate::Sequencer`]).
+pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig) -> Outputs<'scope> {
+    let mut state = KeyedState::new(cfg);
+    let keyed = per_epoch(input, Exchange::new(|e: &Envelope| e.route), "Keyed", move |mut batch, out| {
+        // A rule moving between keys is deleted (same seq) before it is re-inserted.
+        batch.sort_by_key(|e: &Envelope| (e.seq, !matches!(e.item, Item::DeleteRule(_))));
+        for env in batch {
+            state.process(env, out);
+        }
+        state.end_of_batch(out);
+    });
+    let mut parts = keyed.partition(3, |o| match o {
+        KeyedOut::Candidate(_) => (0, o),
+        KeyedOut::Event(_) => (1, o),
+        KeyedOut::Dead(_) => (2, o),
+    });
+    let (dead, events, candidates) = match (parts.pop(), parts.pop(), parts.pop()) {
+        (Some(d), Some(e), Some(c)) => (d, e, c),
+        _ => unreachable!("partition(3) returns three streams"),
+    };
+    let candidates = candidates.flat_map(|o| match o {
+        KeyedOut::Candidate(c) => Some(c),
+        _ => None,
+    });
+    let events = events.flat_map(|o| match o {
+        KeyedOut::Event(e) => Some(e),
+        _ => None,
+    });
+    let dead = dead.flat_map(|o| match o {
+        KeyedOut::Dead(d) => Some(d),
+        _ => None,
+    });
+    let mut throttle = Throttle::default();
+    let rule_route = |c: &Candidate| mix(Key::Chain(&c.rule_id).hash());
+    let fired = per_epoch(candidates, Exchange::new(rule_route), "Throttle", move |mut batch, out| {
+        batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
+        out.extend(batch.into_iter().filter(|c| throttle.admit(c)));
+    });
+    let alerts = per_epoch(fired, Exchange::new(|_: &Candidate| 0), "OrderAlerts", |mut batch, out| {
+        batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
+        out.extend(batch.into_iter().map(Candidate::into_alert));
+    });
+    Outputs { alerts, events, dead }
+}

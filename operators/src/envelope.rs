@@ -1,0 +1,196 @@
+//! What enters the dataflow: records stamped with a global ingest sequence number and a
+//! route, produced by the single-threaded [`Sequencer`] in front of the workers.
+
+use std::collections::HashMap;
+
+use schemas::{AlertRule, Conditions, Record, SourcePos};
+use serde::{Deserialize, Serialize};
+
+/// One item on its way into the dataflow.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Global ingest order: each key's items are processed in `seq` order.
+    pub seq: u64,
+    /// Exchange route (`route % workers` picks the worker).
+    pub route: u64,
+    /// Source position, for dead letters.
+    pub pos: SourcePos,
+    /// The payload.
+    pub item: Item,
+}
+
+/// Payload of an [`Envelope`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Item {
+    /// A record; rules and protocols are upserts.
+    Record(Record),
+    /// Removes a rule.
+    DeleteRule(String),
+}
+
+/// The key a record or rule is partitioned by: all state of one key lives on one worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Key<'a> {
+    /// A coin: prices, transfers, coin rules.
+    Coin(&'a str),
+    /// A protocol: TVL, liquidations, protocol metadata, protocol rules.
+    Protocol(&'a str),
+    /// A chain: gas.
+    Chain(&'a str),
+}
+
+impl Key<'_> {
+    /// Stable 64-bit hash (FNV-1a with a final mix), identical in every process and run.
+    pub fn hash(self) -> u64 {
+        let (tag, s) = match self {
+            Key::Coin(s) => (1u8, s),
+            Key::Protocol(s) => (2, s),
+            Key::Chain(s) => (3, s),
+        };
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in std::iter::once(tag).chain(s.bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        mix(h)
+    }
+}
+
+/// splitmix64's finalizer: spreads FNV's bits so low bits pick workers evenly.
+pub fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The partition key of a data record (`None` for rules, which route by their conditions).
+pub fn record_key(r: &Record) -> Option<Key<'_>> {
+    Some(match r {
+        Record::Price(p) => Key::Coin(&p.coin),
+        Record::Transfer(t) => Key::Coin(&t.coin),
+        Record::Tvl(t) => Key::Protocol(&t.protocol_id),
+        Record::Liquidation(l) => Key::Protocol(&l.protocol_id),
+        Record::Protocol(p) => Key::Protocol(&p.id),
+        Record::Gas(g) => Key::Chain(&g.chain),
+        Record::Rule(_) => return None,
+    })
+}
+
+/// The key a rule lives under; `None` for filter-less whale / liquidation rules, which every
+/// worker holds.
+pub fn rule_key(rule: &AlertRule) -> Option<Key<'_>> {
+    match &rule.conditions {
+        Conditions::PriceChange { coin, .. }
+        | Conditions::PriceThreshold { coin, .. }
+        | Conditions::Depeg { coin, .. } => Some(Key::Coin(coin)),
+        Conditions::WhaleMovement { coin, .. } => coin.as_deref().map(Key::Coin),
+        Conditions::TvlChange { protocol_id, .. } => Some(Key::Protocol(protocol_id)),
+        Conditions::Liquidation { protocol_id, .. } => protocol_id.as_deref().map(Key::Protocol),
+        Conditions::GasPrice { chain, .. } => Some(Key::Chain(chain)),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    One(u64),
+    All,
+}
+
+/// Stamps records with sequence numbers and routes, and keeps rules routed consistently:
+/// a rule whose key changes is deleted where it lived before being inserted where it goes.
+#[derive(Debug)]
+pub struct Sequencer {
+    workers: u64,
+    next_seq: u64,
+    rule_routes: HashMap<String, Route>,
+}
+
+impl Sequencer {
+    /// A sequencer for `workers` workers, starting at sequence number `first_seq`.
+    pub fn new(workers: usize, first_seq: u64) -> Self {
+        Sequencer { workers: workers.max(1) as u64, next_seq: first_seq, rule_routes: HashMap::new() }
+    }
+
+    /// The sequence number the next record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    fn emit(&self, route: Route, seq: u64, pos: &SourcePos, item: Item, out: &mut Vec<Envelope>) {
+        match route {
+            Route::One(r) => out.push(Envelope { seq, route: r, pos: pos.clone(), item }),
+            Route::All => {
+                for w in 0..self.workers {
+                    out.push(Envelope { seq, route: w, pos: pos.clone(), item: item.clone() });
+                }
+            }
+        }
+    }
+
+    /// Stamps one record and appends its envelope(s) to `out`.
+    pub fn push(&mut self, pos: SourcePos, record: Record, out: &mut Vec<Envelope>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Record::Rule(rule) = &record {
+            let route = rule_key(rule).map_or(Route::All, |k| Route::One(k.hash()));
+            if let Some(old) = self.rule_routes.insert(rule.id.clone(), route) {
+                if old != route {
+                    self.emit(old, seq, &pos, Item::DeleteRule(rule.id.clone()), out);
+                }
+            }
+            self.emit(route, seq, &pos, Item::Record(record), out);
+            return;
+        }
+        let route = record_key(&record).map_or(0, Key::hash);
+        out.push(Envelope { seq, route, pos, item: Item::Record(record) });
+    }
+
+    /// Stamps a rule deletion; unknown rule ids are ignored.
+    pub fn delete_rule(&mut self, pos: SourcePos, rule_id: &str, out: &mut Vec<Envelope>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Some(route) = self.rule_routes.remove(rule_id) {
+            self.emit(route, seq, &pos, Item::DeleteRule(rule_id.to_string()), out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rule(v: serde_json::Value) -> Record {
+        Record::Rule(AlertRule::from_json(&v).unwrap())
+    }
+
+    #[test]
+    fn rules_move_between_keys_and_broadcast() {
+        let mut s = Sequencer::new(4, 0);
+        let pos = SourcePos::new("t:".into(), 1);
+        let mut out = Vec::new();
+        s.push(pos.clone(), rule(json!({"id":"r","user_id":"u","alert_type":"whale_movement",
+            "conditions":{"min_usd":1}})), &mut out);
+        assert_eq!(out.len(), 4, "filter-less whale rule goes to every worker");
+        assert_eq!(out.iter().map(|e| e.route).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        out.clear();
+        s.push(pos.clone(), rule(json!({"id":"r","user_id":"u","alert_type":"whale_movement",
+            "conditions":{"coin":"coingecko:bitcoin","min_usd":1}})), &mut out);
+        assert_eq!(out.len(), 5, "deleted everywhere, then inserted under its coin");
+        assert!(out[..4].iter().all(|e| matches!(e.item, Item::DeleteRule(_))));
+        assert_eq!(out[4].route, Key::Coin("coingecko:bitcoin").hash());
+        assert!(out.iter().all(|e| e.seq == 1));
+        out.clear();
+        s.delete_rule(pos.clone(), "r", &mut out);
+        assert_eq!(out.len(), 1);
+        out.clear();
+        s.delete_rule(pos, "r", &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn hash_is_stable() {
+        assert_eq!(Key::Coin("coingecko:ethereum").hash(), Key::Coin("coingecko:ethereum").hash());
+        assert_ne!(Key::Coin("x").hash(), Key::Chain("x").hash());
+    }
+}

@@ -1,0 +1,614 @@
+//! The per-key state machine behind the keyed dataflow operator: lateness and duplicates,
+//! windowed change detection, crossings, TVL totals, whale valuation and market events.
+//!
+//! Pure and sequential: a worker feeds it the envelopes of one epoch in `seq` order, then
+//! calls [`KeyedState::end_of_batch`]. All state of a key lives on the worker its key routes
+//! to, so every worker count computes the same results.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use schemas::{
+    AlertRule, Conditions, DeadLetter, Event, EventData, GasTick, Liquidation, Millis, PriceTick,
+    Protocol, Record, SourcePos, Transfer, TvlUpdate,
+};
+
+use crate::candidate::Candidate;
+use crate::config::OpConfig;
+use crate::envelope::{Envelope, Item};
+use crate::format::{fmt_amount, fmt_pct, fmt_price, fmt_usd};
+
+/// What the keyed operator emits.
+#[derive(Clone, Debug)]
+pub enum KeyedOut {
+    /// A market event.
+    Event(Event),
+    /// A rule match, before throttling.
+    Candidate(Candidate),
+    /// A record rejected by the dataflow (e.g. `late`).
+    Dead(DeadLetter),
+}
+
+/// Time-ordered `(time, value)` history.
+type History = VecDeque<(Millis, f64)>;
+
+/// Latest value with time ≤ `t`.
+fn as_of(h: &History, t: Millis) -> Option<f64> {
+    let i = h.partition_point(|(ts, _)| *ts <= t);
+    if i == 0 { None } else { Some(h[i - 1].1) }
+}
+
+/// Percent change from the value as of `t - window` to `now`.
+fn change(h: &History, t: Millis, window: Millis, now: f64) -> Option<f64> {
+    let r = as_of(h, t - window)?;
+    if r == 0.0 {
+        return None;
+    }
+    Some((now - r) / r * 100.0)
+}
+
+/// Drops history older than `retention` before `newest`, keeping the one entry at or before
+/// the cut (it is the reference for the longest window).
+fn prune(h: &mut History, newest: Millis, retention: Millis) {
+    let cut = newest - retention;
+    while h.len() >= 2 && h[1].0 <= cut {
+        h.pop_front();
+    }
+}
+
+/// Pushes a point, replacing the last one when it has the same time.
+fn push_point(h: &mut History, t: Millis, v: f64) {
+    match h.back_mut() {
+        Some(last) if last.0 == t => last.1 = v,
+        _ => h.push_back((t, v)),
+    }
+}
+
+#[derive(Default, Debug)]
+struct CoinState {
+    last_price_ts: Option<Millis>,
+    history: History,
+    symbol: Option<String>,
+    last_transfer_ts: Option<Millis>,
+    transfers_at_last_ts: Vec<String>,
+}
+
+#[derive(Debug)]
+struct PendingTotal {
+    ts: Millis,
+    seq: u64,
+}
+
+#[derive(Default, Debug)]
+struct ProtocolState {
+    name: Option<String>,
+    last_tvl_ts: Option<Millis>,
+    chain_latest: BTreeMap<String, f64>,
+    chain_hist: HashMap<String, History>,
+    total_hist: History,
+    extra: BTreeMap<String, f64>,
+    pending: Option<PendingTotal>,
+    last_liq_ts: Option<Millis>,
+    liqs_at_last_ts: Vec<String>,
+}
+
+#[derive(Default, Debug)]
+struct ChainState {
+    last: Option<(Millis, f64)>,
+}
+
+/// Rules held by this worker, indexed by the key they watch.
+#[derive(Default, Debug)]
+struct RuleIndex {
+    by_id: HashMap<String, Arc<AlertRule>>,
+    coin: HashMap<String, Vec<Arc<AlertRule>>>,
+    protocol: HashMap<String, Vec<Arc<AlertRule>>>,
+    chain: HashMap<String, Vec<Arc<AlertRule>>>,
+    any_key: Vec<Arc<AlertRule>>,
+}
+
+impl RuleIndex {
+    fn slot(&mut self, rule: &AlertRule) -> &mut Vec<Arc<AlertRule>> {
+        match &rule.conditions {
+            Conditions::PriceChange { coin, .. }
+            | Conditions::PriceThreshold { coin, .. }
+            | Conditions::Depeg { coin, .. }
+            | Conditions::WhaleMovement { coin: Some(coin), .. } => self.coin.entry(coin.clone()).or_default(),
+            Conditions::TvlChange { protocol_id, .. }
+            | Conditions::Liquidation { protocol_id: Some(protocol_id), .. } => {
+                self.protocol.entry(protocol_id.clone()).or_default()
+            }
+            Conditions::GasPrice { chain, .. } => self.chain.entry(chain.clone()).or_default(),
+            Conditions::WhaleMovement { coin: None, .. } | Conditions::Liquidation { protocol_id: None, .. } => {
+                &mut self.any_key
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(old) = self.by_id.remove(id) {
+            self.slot(&old).retain(|r| r.id != id);
+        }
+    }
+
+    fn upsert(&mut self, rule: AlertRule) {
+        self.remove(&rule.id);
+        let rule = Arc::new(rule);
+        self.slot(&rule).push(rule.clone());
+        self.by_id.insert(rule.id.clone(), rule);
+    }
+
+    fn for_key<'a>(map: &'a HashMap<String, Vec<Arc<AlertRule>>>, key: &str) -> &'a [Arc<AlertRule>] {
+        map.get(key).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// All keyed state of one worker.
+#[derive(Debug)]
+pub struct KeyedState {
+    cfg: OpConfig,
+    coins: HashMap<String, CoinState>,
+    protocols: HashMap<String, ProtocolState>,
+    chains: HashMap<String, ChainState>,
+    rules: RuleIndex,
+    pending_protocols: Vec<String>,
+}
+
+fn count_ignored(reason: &'static str) {
+    metrics::counter!("llamaflow_ignored_total", "reason" => reason).increment(1);
+}
+
+impl KeyedState {
+    /// Empty state.
+    pub fn new(cfg: OpConfig) -> Self {
+        KeyedState {
+            cfg,
+            coins: HashMap::new(),
+            protocols: HashMap::new(),
+            chains: HashMap::new(),
+            rules: RuleIndex::default(),
+            pending_protocols: Vec::new(),
+        }
+    }
+
+    /// Number of rules this worker holds (a broadcast rule counts on every worker).
+    pub fn rule_count(&self) -> usize {
+        self.rules.by_id.len()
+    }
+
+    /// Total number of history points held (for memory accounting and tests).
+    pub fn history_len(&self) -> usize {
+        self.coins.values().map(|c| c.history.len()).sum::<usize>()
+            + self
+                .protocols
+                .values()
+                .map(|p| p.total_hist.len() + p.chain_hist.values().map(VecDeque::len).sum::<usize>())
+                .sum::<usize>()
+    }
+
+    /// Processes one envelope; call in `seq` order.
+    pub fn process(&mut self, env: Envelope, out: &mut Vec<KeyedOut>) {
+        let Envelope { seq, pos, item, .. } = env;
+        match item {
+            Item::DeleteRule(id) => self.rules.remove(&id),
+            Item::Record(Record::Rule(rule)) => self.rules.upsert(rule),
+            Item::Record(Record::Protocol(p)) => self.protocol(p),
+            Item::Record(Record::Price(p)) => self.price(seq, &pos, p, out),
+            Item::Record(Record::Transfer(t)) => self.transfer(seq, &pos, t, out),
+            Item::Record(Record::Tvl(t)) => self.tvl(seq, &pos, t, out),
+            Item::Record(Record::Liquidation(l)) => self.liquidation(seq, &pos, l, out),
+            Item::Record(Record::Gas(g)) => self.gas(seq, &pos, g, out),
+        }
+    }
+
+    /// Closes the batch: emits the TVL totals of protocols updated in it.
+    pub fn end_of_batch(&mut self, out: &mut Vec<KeyedOut>) {
+        let mut ids = std::mem::take(&mut self.pending_protocols);
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            self.flush_total(&id, out);
+        }
+    }
+
+    fn late(pos: &SourcePos, record: Record, out: &mut Vec<KeyedOut>) {
+        out.push(KeyedOut::Dead(DeadLetter::new(pos, "late", &record.to_json())));
+    }
+
+    fn protocol(&mut self, p: Protocol) {
+        self.protocols.entry(p.id).or_default().name = Some(p.name);
+    }
+
+    fn price(&mut self, seq: u64, pos: &SourcePos, p: PriceTick, out: &mut Vec<KeyedOut>) {
+        if p.confidence.is_some_and(|c| c <= 0.3) {
+            count_ignored("low_confidence");
+            return;
+        }
+        let st = self.coins.entry(p.coin.clone()).or_default();
+        match st.last_price_ts {
+            Some(last) if p.timestamp < last => return Self::late(pos, Record::Price(p), out),
+            Some(last) if p.timestamp == last => return count_ignored("duplicate"),
+            _ => {}
+        }
+        if p.symbol.is_some() {
+            st.symbol.clone_from(&p.symbol);
+        }
+        let (t, px) = (p.timestamp, p.price);
+        let prev = st.history.back().map(|x| x.1);
+        let label = st.symbol.clone().unwrap_or_else(|| p.coin.clone());
+        let mut retention = self.cfg.price_retention;
+        for rule in RuleIndex::for_key(&self.rules.coin, &p.coin) {
+            if let Conditions::PriceChange { window, .. } = rule.conditions {
+                retention = retention.max(window);
+            }
+            if !rule.enabled {
+                continue;
+            }
+            let (value, message) = match &rule.conditions {
+                Conditions::PriceChange { window, threshold_pct, direction, .. } => {
+                    let Some(r) = as_of(&st.history, t - window) else { continue };
+                    let pct = (px - r) / r * 100.0;
+                    if !direction.matches(pct, *threshold_pct) {
+                        continue;
+                    }
+                    let win = rule.window_label().unwrap_or_default();
+                    (pct, format!("{label} {} in {win} ({} → {})", fmt_pct(pct), fmt_price(r), fmt_price(px)))
+                }
+                Conditions::PriceThreshold { operator, value, .. } => {
+                    match prev {
+                        Some(prev) if operator.holds(px, *value) && !operator.holds(prev, *value) => {}
+                        _ => continue,
+                    }
+                    (px, format!("{label} {} {} ({})", operator.symbol(), fmt_price(*value), fmt_price(px)))
+                }
+                Conditions::Depeg { peg, deviation_pct, .. } => {
+                    let dev = |x: f64| (x / peg - 1.0).abs() * 100.0;
+                    match prev {
+                        Some(prev) if dev(px) >= *deviation_pct && dev(prev) < *deviation_pct => {}
+                        _ => continue,
+                    }
+                    (px, format!("{label} depegged: {} ({:.2}% from {} peg)", fmt_price(px), dev(px), fmt_price(*peg)))
+                }
+                _ => continue,
+            };
+            out.push(KeyedOut::Candidate(Candidate::new(
+                seq,
+                rule,
+                p.coin.clone(),
+                t,
+                value,
+                message,
+                format!("price|{}|{t}", p.coin),
+            )));
+        }
+        if self.cfg.emit_events {
+            let stable = self.cfg.is_stablecoin(&p.coin, st.symbol.as_deref());
+            if let (true, Some(prev)) = (stable, prev) {
+                let band = self.cfg.depeg_band_pct;
+                let dev = |x: f64| (x - 1.0).abs() * 100.0;
+                let state = match (dev(prev) >= band, dev(px) >= band) {
+                    (false, true) => Some("enter"),
+                    (true, false) => Some("exit"),
+                    _ => None,
+                };
+                if let Some(state) = state {
+                    out.push(KeyedOut::Event(Event {
+                        subject: p.coin.clone(),
+                        timestamp: t,
+                        data: EventData::Depeg {
+                            coin: p.coin.clone(),
+                            symbol: st.symbol.clone(),
+                            price: px,
+                            peg: 1.0,
+                            deviation_pct: dev(px),
+                            state,
+                            timestamp: t,
+                        },
+                    }));
+                }
+            }
+            out.push(KeyedOut::Event(Event {
+                subject: p.coin.clone(),
+                timestamp: t,
+                data: EventData::PriceUpdate {
+                    change_1h: change(&st.history, t, 3_600_000, px),
+                    change_24h: change(&st.history, t, 86_400_000, px),
+                    coin: p.coin,
+                    price: px,
+                    symbol: st.symbol.clone(),
+                    confidence: p.confidence,
+                    decimals: p.decimals,
+                    timestamp: t,
+                },
+            }));
+        }
+        st.history.push_back((t, px));
+        prune(&mut st.history, t, retention);
+        st.last_price_ts = Some(t);
+    }
+
+    fn transfer(&mut self, seq: u64, pos: &SourcePos, tr: Transfer, out: &mut Vec<KeyedOut>) {
+        let st = self.coins.entry(tr.coin.clone()).or_default();
+        let identity = format!(
+            "transfer|{}|{}|{}|{}|{}|{}",
+            tr.chain,
+            tr.tx_hash,
+            tr.coin,
+            tr.from.as_deref().unwrap_or(""),
+            tr.to.as_deref().unwrap_or(""),
+            tr.amount
+        );
+        match st.last_transfer_ts {
+            Some(last) if tr.timestamp < last => return Self::late(pos, Record::Transfer(tr), out),
+            Some(last) if tr.timestamp == last => {
+                if st.transfers_at_last_ts.contains(&identity) {
+                    return count_ignored("duplicate");
+                }
+            }
+            _ => st.transfers_at_last_ts.clear(),
+        }
+        st.transfers_at_last_ts.push(identity.clone());
+        st.last_transfer_ts = Some(tr.timestamp);
+        let Some(px) = as_of(&st.history, tr.timestamp) else { return };
+        let value = tr.amount * px;
+        let label = st.symbol.clone().unwrap_or_else(|| tr.coin.clone());
+        let rules = RuleIndex::for_key(&self.rules.coin, &tr.coin).iter().chain(self.rules.any_key.iter());
+        for rule in rules {
+            let Conditions::WhaleMovement { chain, min_usd, .. } = &rule.conditions else { continue };
+            if !rule.enabled || chain.as_ref().is_some_and(|c| *c != tr.chain) || value < *min_usd {
+                continue;
+            }
+            let message = format!(
+                "Whale transfer: {} {label} ({}) on {}",
+                fmt_amount(tr.amount),
+                fmt_usd(value),
+                tr.chain
+            );
+            out.push(KeyedOut::Candidate(Candidate::new(
+                seq,
+                rule,
+                tr.coin.clone(),
+                tr.timestamp,
+                value,
+                message,
+                identity.clone(),
+            )));
+        }
+        if self.cfg.emit_events && value >= self.cfg.whale_event_usd {
+            out.push(KeyedOut::Event(Event {
+                subject: tr.coin.clone(),
+                timestamp: tr.timestamp,
+                data: EventData::WhaleTransfer {
+                    chain: tr.chain,
+                    tx_hash: tr.tx_hash,
+                    coin: tr.coin,
+                    symbol: st.symbol.clone(),
+                    from: tr.from,
+                    to: tr.to,
+                    amount: tr.amount,
+                    value_usd: value,
+                    timestamp: tr.timestamp,
+                },
+            }));
+        }
+    }
+
+    fn tvl(&mut self, seq: u64, pos: &SourcePos, u: TvlUpdate, out: &mut Vec<KeyedOut>) {
+        let pending_older = {
+            let st = self.protocols.entry(u.protocol_id.clone()).or_default();
+            if st.last_tvl_ts.is_some_and(|last| u.timestamp < last) {
+                return Self::late(pos, Record::Tvl(u), out);
+            }
+            st.pending.as_ref().is_some_and(|p| p.ts < u.timestamp)
+        };
+        if pending_older {
+            self.flush_total(&u.protocol_id, out);
+        }
+        let Some(st) = self.protocols.get_mut(&u.protocol_id) else { return };
+        let rules = RuleIndex::for_key(&self.rules.protocol, &u.protocol_id);
+        let label = st.name.clone().unwrap_or_else(|| u.protocol_id.clone());
+        let t = u.timestamp;
+        let mut accepted = false;
+        for (chain, tvl) in &u.chains {
+            let hist = st.chain_hist.entry(chain.clone()).or_default();
+            if hist.back().is_some_and(|(ts, _)| *ts == t) {
+                count_ignored("duplicate");
+                continue;
+            }
+            let mut retention = self.cfg.tvl_retention;
+            for rule in rules {
+                let Conditions::TvlChange { chain: Some(c), window, threshold_pct, direction, .. } = &rule.conditions
+                else {
+                    continue;
+                };
+                if c != chain {
+                    continue;
+                }
+                retention = retention.max(*window);
+                if !rule.enabled {
+                    continue;
+                }
+                let Some(pct) = change(hist, t, *window, *tvl) else { continue };
+                if !direction.matches(pct, *threshold_pct) {
+                    continue;
+                }
+                let r = as_of(hist, t - window).unwrap_or_default();
+                let message = format!(
+                    "{label} TVL on {chain} {} in {} ({} → {})",
+                    fmt_pct(pct),
+                    rule.window_label().unwrap_or_default(),
+                    fmt_usd(r),
+                    fmt_usd(*tvl)
+                );
+                out.push(KeyedOut::Candidate(Candidate::new(
+                    seq,
+                    rule,
+                    u.protocol_id.clone(),
+                    t,
+                    pct,
+                    message,
+                    format!("tvl|{}|{chain}|{t}", u.protocol_id),
+                )));
+            }
+            hist.push_back((t, *tvl));
+            prune(hist, t, retention);
+            st.chain_latest.insert(chain.clone(), *tvl);
+            accepted = true;
+        }
+        for (k, v) in u.extra {
+            st.extra.insert(k, v);
+        }
+        if accepted {
+            st.last_tvl_ts = Some(t);
+            st.pending = Some(PendingTotal { ts: t, seq });
+            self.pending_protocols.push(u.protocol_id);
+        }
+    }
+
+    fn flush_total(&mut self, id: &str, out: &mut Vec<KeyedOut>) {
+        let Some(st) = self.protocols.get_mut(id) else { return };
+        let Some(PendingTotal { ts: t, seq }) = st.pending.take() else { return };
+        let total: f64 = st.chain_latest.values().sum();
+        let label = st.name.clone().unwrap_or_else(|| id.to_string());
+        let mut retention = self.cfg.tvl_retention;
+        for rule in RuleIndex::for_key(&self.rules.protocol, id) {
+            let Conditions::TvlChange { chain: None, window, threshold_pct, direction, .. } = &rule.conditions else {
+                continue;
+            };
+            retention = retention.max(*window);
+            if !rule.enabled {
+                continue;
+            }
+            let Some(pct) = change(&st.total_hist, t, *window, total) else { continue };
+            if !direction.matches(pct, *threshold_pct) {
+                continue;
+            }
+            let r = as_of(&st.total_hist, t - window).unwrap_or_default();
+            let message = format!(
+                "{label} TVL {} in {} ({} → {})",
+                fmt_pct(pct),
+                rule.window_label().unwrap_or_default(),
+                fmt_usd(r),
+                fmt_usd(total)
+            );
+            out.push(KeyedOut::Candidate(Candidate::new(
+                seq,
+                rule,
+                id.to_string(),
+                t,
+                pct,
+                message,
+                format!("tvl|{id}|{t}"),
+            )));
+        }
+        if self.cfg.emit_events {
+            out.push(KeyedOut::Event(Event {
+                subject: id.to_string(),
+                timestamp: t,
+                data: EventData::TvlUpdate {
+                    protocol_id: id.to_string(),
+                    name: st.name.clone(),
+                    tvl: total,
+                    chain_tvls: st.chain_latest.clone(),
+                    extra: st.extra.clone(),
+                    change_1h: change(&st.total_hist, t, 3_600_000, total),
+                    change_1d: change(&st.total_hist, t, 86_400_000, total),
+                    change_7d: change(&st.total_hist, t, 604_800_000, total),
+                    timestamp: t,
+                },
+            }));
+        }
+        push_point(&mut st.total_hist, t, total);
+        prune(&mut st.total_hist, t, retention);
+    }
+
+    fn liquidation(&mut self, seq: u64, pos: &SourcePos, l: Liquidation, out: &mut Vec<KeyedOut>) {
+        let st = self.protocols.entry(l.protocol_id.clone()).or_default();
+        let identity = format!(
+            "liquidation|{}|{}|{}|{}|{}",
+            l.protocol_id,
+            l.chain,
+            l.account.as_deref().unwrap_or(""),
+            l.amount_usd,
+            l.timestamp
+        );
+        match st.last_liq_ts {
+            Some(last) if l.timestamp < last => return Self::late(pos, Record::Liquidation(l), out),
+            Some(last) if l.timestamp == last => {
+                if st.liqs_at_last_ts.contains(&identity) {
+                    return count_ignored("duplicate");
+                }
+            }
+            _ => st.liqs_at_last_ts.clear(),
+        }
+        st.liqs_at_last_ts.push(identity.clone());
+        st.last_liq_ts = Some(l.timestamp);
+        let label = st.name.clone().unwrap_or_else(|| l.protocol_id.clone());
+        let rules =
+            RuleIndex::for_key(&self.rules.protocol, &l.protocol_id).iter().chain(self.rules.any_key.iter());
+        for rule in rules {
+            let Conditions::Liquidation { chain, min_usd, .. } = &rule.conditions else { continue };
+            if !rule.enabled || chain.as_ref().is_some_and(|c| *c != l.chain) || l.amount_usd < *min_usd {
+                continue;
+            }
+            let message = format!("Liquidation of {} on {label} ({})", fmt_usd(l.amount_usd), l.chain);
+            out.push(KeyedOut::Candidate(Candidate::new(
+                seq,
+                rule,
+                l.protocol_id.clone(),
+                l.timestamp,
+                l.amount_usd,
+                message,
+                identity.clone(),
+            )));
+        }
+        if self.cfg.emit_events {
+            out.push(KeyedOut::Event(Event {
+                subject: l.protocol_id.clone(),
+                timestamp: l.timestamp,
+                data: EventData::Liquidation {
+                    protocol_id: l.protocol_id,
+                    chain: l.chain,
+                    account: l.account,
+                    amount_usd: l.amount_usd,
+                    timestamp: l.timestamp,
+                },
+            }));
+        }
+    }
+
+    fn gas(&mut self, seq: u64, pos: &SourcePos, g: GasTick, out: &mut Vec<KeyedOut>) {
+        let st = self.chains.entry(g.chain.clone()).or_default();
+        let prev = match st.last {
+            Some((last, _)) if g.timestamp < last => return Self::late(pos, Record::Gas(g), out),
+            Some((last, _)) if g.timestamp == last => return count_ignored("duplicate"),
+            Some((_, prev)) => Some(prev),
+            None => None,
+        };
+        for rule in RuleIndex::for_key(&self.rules.chain, &g.chain) {
+            let Conditions::GasPrice { operator, gwei, .. } = &rule.conditions else { continue };
+            match prev {
+                Some(prev) if rule.enabled && operator.holds(g.gwei, *gwei) && !operator.holds(prev, *gwei) => {}
+                _ => continue,
+            }
+            let message = format!("{} gas {} gwei {} {}", g.chain, fmt_price(g.gwei), operator.symbol(), fmt_price(*gwei));
+            out.push(KeyedOut::Candidate(Candidate::new(
+                seq,
+                rule,
+                g.chain.clone(),
+                g.timestamp,
+                g.gwei,
+                message,
+                format!("gas|{}|{}", g.chain, g.timestamp),
+            )));
+        }
+        st.last = Some((g.timestamp, g.gwei));
+        if self.cfg.emit_events {
+            out.push(KeyedOut::Event(Event {
+                subject: g.chain.clone(),
+                timestamp: g.timestamp,
+                data: EventData::GasUpdate { chain: g.chain, gwei: g.gwei, timestamp: g.timestamp },
+            }));
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! A plain sequential reference model of SPEC §2, written independently of the dataflow:
+//! full histories, linear scans, every rule checked against every record.
+
+use std::collections::{BTreeMap, HashMap};
+
+use schemas::{AlertRule, Conditions, Millis, Record, alert_id};
+
+/// One step of a test stream.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// A record (rules and protocols are upserts).
+    Rec(Record),
+    /// Delete a rule by id.
+    Del(String),
+}
+
+/// What the model says the alerts are: (alert_id, rule_id, subject, triggered_at, value).
+pub type ModelAlert = (String, String, String, Millis, f64);
+
+#[derive(Default)]
+struct Proto {
+    last_ts: Option<Millis>,
+    chain_hist: HashMap<String, Vec<(Millis, f64)>>,
+    latest: BTreeMap<String, f64>,
+    total_hist: Vec<(Millis, f64)>,
+    pending: Option<(Millis, u64)>,
+    liq_last: Option<(Millis, Vec<String>)>,
+}
+
+#[derive(Default)]
+pub struct Model {
+    rules: BTreeMap<String, AlertRule>,
+    prices: HashMap<String, Vec<(Millis, f64)>>,
+    transfers_last: HashMap<String, (Millis, Vec<String>)>,
+    protos: HashMap<String, Proto>,
+    gas: HashMap<String, Vec<(Millis, f64)>>,
+    throttle: HashMap<String, Millis>,
+    /// (seq, rule_id, subject, t, value, identity, throttle_ms) of the current batch.
+    matches: Vec<(u64, String, String, Millis, f64, String, Millis)>,
+    /// Alerts so far.
+    pub alerts: Vec<ModelAlert>,
+    /// Sequence numbers of records rejected as late.
+    pub late: Vec<u64>,
+}
+
+/// Value as of `t`: the last point with time ≤ t (linear scan).
+fn as_of(h: &[(Millis, f64)], t: Millis) -> Option<f64> {
+    h.iter().rev().find(|(ts, _)| *ts <= t).map(|x| x.1)
+}
+
+impl Model {
+    fn active(&self) -> impl Iterator<Item = &AlertRule> {
+        self.rules.values().filter(|r| r.enabled)
+    }
+
+    fn matched(&mut self, seq: u64, rule: &AlertRule, subject: &str, t: Millis, value: f64, identity: String) {
+        self.matches.push((seq, rule.id.clone(), subject.to_string(), t, value, identity, rule.throttle_ms()));
+    }
+
+    /// Runs one batch (an ingest epoch) of ops; `first_seq` is the seq of its first op.
+    pub fn batch(&mut self, ops: &[(u64, Op)]) {
+        for (seq, op) in ops {
+            self.step(*seq, op);
+        }
+        let mut pending: Vec<String> =
+            self.protos.iter().filter(|(_, p)| p.pending.is_some()).map(|(k, _)| k.clone()).collect();
+        pending.sort();
+        for pid in pending {
+            self.flush(&pid);
+        }
+        let mut ms = std::mem::take(&mut self.matches);
+        ms.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        for (_, rule_id, subject, t, value, identity, throttle) in ms {
+            if let Some(&last) = self.throttle.get(&rule_id) {
+                if t < last + throttle {
+                    continue;
+                }
+            }
+            self.throttle.insert(rule_id.clone(), t);
+            self.alerts.push((alert_id(&rule_id, &subject, t, &identity), rule_id, subject, t, value));
+        }
+    }
+
+    fn step(&mut self, seq: u64, op: &Op) {
+        let rec = match op {
+            Op::Del(id) => {
+                self.rules.remove(id);
+                return;
+            }
+            Op::Rec(r) => r,
+        };
+        match rec {
+            Record::Rule(r) => {
+                self.rules.insert(r.id.clone(), r.clone());
+            }
+            Record::Protocol(_) => {}
+            Record::Price(p) => {
+                if p.confidence.is_some_and(|c| c <= 0.3) {
+                    return;
+                }
+                let hist = self.prices.entry(p.coin.clone()).or_default().clone();
+                if let Some(&(last, _)) = hist.last() {
+                    if p.timestamp < last {
+                        self.late.push(seq);
+                        return;
+                    }
+                    if p.timestamp == last {
+                        return;
+                    }
+                }
+                let (t, px) = (p.timestamp, p.price);
+                let prev = hist.last().map(|x| x.1);
+                let rules: Vec<AlertRule> = self.active().cloned().collect();
+                for rule in &rules {
+                    let value = match &rule.conditions {
+                        Conditions::PriceChange { coin, window, threshold_pct, direction } if *coin == p.coin => {
+                            let Some(r) = as_of(&hist, t - window) else { continue };
+                            let pct = (px - r) / r * 100.0;
+                            if !direction.matches(pct, *threshold_pct) {
+                                continue;
+                            }
+                            pct
+                        }
+                        Conditions::PriceThreshold { coin, operator, value } if *coin == p.coin => {
+                            match prev {
+                                Some(prev) if operator.holds(px, *value) && !operator.holds(prev, *value) => px,
+                                _ => continue,
+                            }
+                        }
+                        Conditions::Depeg { coin, peg, deviation_pct } if *coin == p.coin => {
+                            let dev = |x: f64| (x / peg - 1.0).abs() * 100.0;
+                            match prev {
+                                Some(prev) if dev(px) >= *deviation_pct && dev(prev) < *deviation_pct => px,
+                                _ => continue,
+                            }
+                        }
+                        _ => continue,
+                    };
+                    self.matched(seq, rule, &p.coin, t, value, format!("price|{}|{t}", p.coin));
+                }
+                self.prices.entry(p.coin.clone()).or_default().push((t, px));
+            }
+            Record::Transfer(tr) => {
+                let identity = format!(
+                    "transfer|{}|{}|{}|{}|{}|{}",
+                    tr.chain,
+                    tr.tx_hash,
+                    tr.coin,
+                    tr.from.as_deref().unwrap_or(""),
+                    tr.to.as_deref().unwrap_or(""),
+                    tr.amount
+                );
+                let last = self.transfers_last.entry(tr.coin.clone()).or_insert((Millis::MIN, Vec::new()));
+                if tr.timestamp < last.0 {
+                    self.late.push(seq);
+                    return;
+                }
+                if tr.timestamp == last.0 {
+                    if last.1.contains(&identity) {
+                        return;
+                    }
+                } else {
+                    *last = (tr.timestamp, Vec::new());
+                }
+                last.1.push(identity.clone());
+                let Some(px) = self.prices.get(&tr.coin).and_then(|h| as_of(h, tr.timestamp)) else { return };
+                let value = tr.amount * px;
+                let rules: Vec<AlertRule> = self.active().cloned().collect();
+                for rule in &rules {
+                    let Conditions::WhaleMovement { coin, chain, min_usd } = &rule.conditions else { continue };
+                    if coin.as_ref().is_some_and(|c| *c != tr.coin)
+                        || chain.as_ref().is_some_and(|c| *c != tr.chain)
+                        || value < *min_usd
+                    {
+                        continue;
+                    }
+                    self.matched(seq, rule, &tr.coin, tr.timestamp, value, identity.clone());
+                }
+            }
+            Record::Tvl(u) => {
+                let p = self.protos.entry(u.protocol_id.clone()).or_default();
+                if p.last_ts.is_some_and(|l| u.timestamp < l) {
+                    self.late.push(seq);
+                    return;
+                }
+                if p.pending.is_some_and(|(ts, _)| ts < u.timestamp) {
+                    self.flush(&u.protocol_id);
+                }
+                let t = u.timestamp;
+                let rules: Vec<AlertRule> = self.active().cloned().collect();
+                let mut accepted = false;
+                for (chain, tvl) in &u.chains {
+                    let p = self.protos.entry(u.protocol_id.clone()).or_default();
+                    let hist = p.chain_hist.entry(chain.clone()).or_default().clone();
+                    if hist.last().is_some_and(|(ts, _)| *ts == t) {
+                        continue;
+                    }
+                    for rule in &rules {
+                        let Conditions::TvlChange { protocol_id, chain: Some(c), window, threshold_pct, direction } =
+                            &rule.conditions
+                        else {
+                            continue;
+                        };
+                        if *protocol_id != u.protocol_id || c != chain {
+                            continue;
+                        }
+                        let Some(r) = as_of(&hist, t - window) else { continue };
+                        if r == 0.0 {
+                            continue;
+                        }
+                        let pct = (tvl - r) / r * 100.0;
+                        if direction.matches(pct, *threshold_pct) {
+                            self.matched(seq, rule, &u.protocol_id, t, pct, format!("tvl|{}|{chain}|{t}", u.protocol_id));
+                        }
+                    }
+                    let p = self.protos.entry(u.protocol_id.clone()).or_default();
+                    p.chain_hist.entry(chain.clone()).or_default().push((t, *tvl));
+                    p.latest.insert(chain.clone(), *tvl);
+                    accepted = true;
+                }
+                if accepted {
+                    let p = self.protos.entry(u.protocol_id.clone()).or_default();
+                    p.last_ts = Some(t);
+                    p.pending = Some((t, seq));
+                }
+            }
+            Record::Gas(g) => {
+                let hist = self.gas.entry(g.chain.clone()).or_default().clone();
+                if let Some(&(last, _)) = hist.last() {
+                    if g.timestamp < last {
+                        self.late.push(seq);
+                        return;
+                    }
+                    if g.timestamp == last {
+                        return;
+                    }
+                }
+                let prev = hist.last().map(|x| x.1);
+                let rules: Vec<AlertRule> = self.active().cloned().collect();
+                for rule in &rules {
+                    let Conditions::GasPrice { chain, operator, gwei } = &rule.conditions else { continue };
+                    if *chain != g.chain {
+                        continue;
+                    }
+                    if let Some(prev) = prev {
+                        if operator.holds(g.gwei, *gwei) && !operator.holds(prev, *gwei) {
+                            self.matched(seq, rule, &g.chain, g.timestamp, g.gwei, format!("gas|{}|{}", g.chain, g.timestamp));
+                        }
+                    }
+                }
+                self.gas.entry(g.chain.clone()).or_default().push((g.timestamp, g.gwei));
+            }
+            Record::Liquidation(l) => {
+                let identity = format!(
+                    "liquidation|{}|{}|{}|{}|{}",
+                    l.protocol_id,
+                    l.chain,
+                    l.account.as_deref().unwrap_or(""),
+                    l.amount_usd,
+                    l.timestamp
+                );
+                let p = self.protos.entry(l.protocol_id.clone()).or_default();
+                let last = p.liq_last.get_or_insert((Millis::MIN, Vec::new()));
+                if l.timestamp < last.0 {
+                    self.late.push(seq);
+                    return;
+                }
+                if l.timestamp == last.0 {
+                    if last.1.contains(&identity) {
+                        return;
+                    }
+                } else {
+                    *last = (l.timestamp, Vec::new());
+                }
+                last.1.push(identity.clone());
+                let rules: Vec<AlertRule> = self.active().cloned().collect();
+                for rule in &rules {
+                    let Conditions::Liquidation { protocol_id, chain, min_usd } = &rule.conditions else { continue };
+                    if protocol_id.as_ref().is_some_and(|p| *p != l.protocol_id)
+                        || chain.as_ref().is_some_and(|c| *c != l.chain)
+                        || l.amount_usd < *min_usd
+                    {
+                        continue;
+                    }
+                    self.matched(seq, rule, &l.protocol_id, l.timestamp, l.amount_usd, identity.clone());
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self, pid: &str) {
+        let Some(p) = self.protos.get_mut(pid) else { return };
+        let Some((t, seq)) = p.pending.take() else { return };
+        let total: f64 = p.latest.values().sum();
+        let hist = p.total_hist.clone();
+        let rules: Vec<AlertRule> = self.active().cloned().collect();
+        for rule in &rules {
+            let Conditions::TvlChange { protocol_id, chain: None, window, threshold_pct, direction } = &rule.conditions
+            else {
+                continue;
+            };
+            if protocol_id != pid {
+                continue;
+            }
+            let Some(r) = as_of(&hist, t - window) else { continue };
+            if r == 0.0 {
+                continue;
+            }
+            let pct = (total - r) / r * 100.0;
+            if direction.matches(pct, *threshold_pct) {
+                self.matched(seq, rule, pid, t, pct, format!("tvl|{pid}|{t}"));
+            }
+        }
+        let p = self.protos.get_mut(pid).expect("exists");
+        match p.total_hist.last_mut() {
+            Some(last) if last.0 == t => last.1 = total,
+            _ => p.total_hist.push((t, total)),
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The WebSocket fanout (SPEC §5).
+//!
+//! The dataflow workers publish into a [`Hub`] — synchronously, from any thread, without ever
+//! blocking — and [`router`] serves `GET /ws` to subscribers:
+//!
+//! ```no_run
+//! use sinks::websocket::{Hub, WsConfig, router, serve};
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let hub = Hub::new(WsConfig { allow_anonymous: true, ..WsConfig::default() });
+//! hub.set_api_key("demo", "u1");
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! // The dataflow keeps a clone and calls `hub.publish_event(&event)` / `hub.publish_alert(&a)`.
+//! serve(listener, router(hub.clone()), hub, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await
+//! # }
+//! ```
+//!
+//! # Protocol
+//!
+//! - Authentication: API key from `?api_key=` (preferred) or the `x-api-key` header. An unknown
+//!   key gets HTTP 401; no key at all is an anonymous connection when
+//!   [`WsConfig::allow_anonymous`] is set, otherwise 401. Anonymous connections may subscribe to
+//!   market channels only.
+//! - Client frames: `{"type":"subscribe","channels":[..]}`, `{"type":"unsubscribe","channels":[..]}`,
+//!   `{"type":"ping"}`.
+//! - Server frames: `{"type":"subscribed","channels":[..]}` (the channels of the request that are
+//!   now subscribed, normalised), `{"type":"unsubscribed","channels":[..]}`,
+//!   `{"type":"pong","timestamp":<ms>}`, market events
+//!   `{"type":"price_update","channel":"prices:coingecko:ethereum","data":{..},"timestamp":<ms>}`
+//!   (`type` is the event's type, `timestamp` its event time in ms), alerts
+//!   `{"type":"alert","channel":"alerts","data":{alert}}` (only to connections whose key belongs
+//!   to the alert's user and that subscribed to `alerts`), and errors
+//!   `{"type":"error","code":"bad_request"|"unknown_channel"|"forbidden"|"rate_limited","message":".."}`.
+//! - Channels: `prices`, `prices:<coin>` (coin ids are normalised as in the input, so
+//!   `prices:ethereum:0xA0B8…` is `prices:ethereum:0xa0b8…`), `tvl`, `tvl:<protocol_id>`,
+//!   `chain:<chain>`, `depeg`, `whales`, `liquidations`, `gas`, `gas:<chain>`, `alerts`.
+//!   An event is delivered once per subscribed channel it is published on: a connection on both
+//!   `prices` and `prices:coingecko:ethereum` gets an ETH tick twice, with two `channel` values.
+//! - A subscribe request is applied channel by channel: the valid ones are subscribed and
+//!   acknowledged, each rejected one is reported in an error frame (`unknown_channel`,
+//!   `forbidden` for `alerts` on an anonymous connection, `forbidden` past
+//!   [`WsConfig::max_subscriptions`]).
+//!
+//! # Limits
+//!
+//! - A client message larger than [`WsConfig::max_frame_bytes`] closes the connection with 1009.
+//! - Client messages (text or binary data frames; not WebSocket pings/pongs) are rate limited per
+//!   API key — shared by all connections using it — by a token bucket of
+//!   [`WsConfig::max_msgs_per_sec`] tokens refilled at that rate; anonymous connections each have
+//!   their own bucket. A message over the limit is dropped and answered with `rate_limited`.
+//! - Each connection has a bounded send queue of [`WsConfig::send_queue`] frames. Publishing never
+//!   waits: a connection whose queue is full is dropped from every channel at once and closed with
+//!   1013 ("try again later") — a slow client never slows anyone else.
+//! - The server sends a WebSocket ping every [`WsConfig::ping_interval`]; a connection from which
+//!   nothing (not even a pong) arrives for three intervals is dropped.
+//! - [`Hub::shutdown`] (called by [`serve`] when its shutdown future completes) closes every
+//!   connection with 1001 ("going away") and refuses new ones with HTTP 503.
+//!
+//! # Metrics
+//!
+//! Gauge `llamaflow_ws_connections`; counters `llamaflow_ws_frames_sent_total` and
+//! `llamaflow_ws_disconnects_total{reason}` with reason `client_closed`, `slow_consumer`,
+//! `shutdown`, `frame_too_large`, `ping_timeout` or `io_error`.
+
+mod channel;
+mod connection;
+mod hub;
+mod protocol;
+mod server;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+pub use hub::Hub;
+pub use server::{router, serve};
+
+/// Configuration of the WebSocket fanout.
+#[derive(Clone, Debug)]
+pub struct WsConfig {
+    /// API key → user id. More keys can be added at run time with [`Hub::set_api_key`].
+    pub api_keys: HashMap<String, String>,
+    /// Accept connections without a key; they may subscribe to market channels only.
+    pub allow_anonymous: bool,
+    /// Most channels one connection may be subscribed to (default 100).
+    pub max_subscriptions: usize,
+    /// Largest client message accepted, in bytes (default 64 KiB); larger closes with 1009.
+    pub max_frame_bytes: usize,
+    /// Client messages per second per API key (default 50); 0 disables the limit.
+    pub max_msgs_per_sec: u32,
+    /// Frames queued per connection before it counts as too slow (default 1024, at least 1).
+    pub send_queue: usize,
+    /// Interval of server pings (default 20 s).
+    pub ping_interval: Duration,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            api_keys: HashMap::new(),
+            allow_anonymous: false,
+            max_subscriptions: 100,
+            max_frame_bytes: 64 * 1024,
+            max_msgs_per_sec: 50,
+            send_queue: 1024,
+            ping_interval: Duration::from_secs(20),
+        }
+    }
+}

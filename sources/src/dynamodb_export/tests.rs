@@ -1,0 +1,238 @@
+use std::io::Write;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use serde_json::json;
+
+use super::*;
+
+const FULL: &str = "01717430000000-aaaaaaaa";
+const INCR: &str = "01717440000000-bbbbbbbb";
+
+fn write_gz(path: &Path, lines: &[String]) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut enc = GzEncoder::new(Vec::new(), Compression::default());
+    for l in lines {
+        writeln!(enc, "{l}").unwrap();
+    }
+    fs::write(path, enc.finish().unwrap()).unwrap();
+}
+
+fn item(v: Value) -> String {
+    json!({ "Item": v }).to_string()
+}
+
+fn price(pk: &str, sk: i64, price: f64) -> Value {
+    json!({"PK":{"S":pk},"SK":{"N":sk.to_string()},"price":{"N":price.to_string()}})
+}
+
+fn summary(dir: &Path, export_type: &str, time: &str, manifest_key: &str) {
+    fs::create_dir_all(dir).unwrap();
+    let v = json!({"version":"2020-06-30","exportArn":"arn:aws:dynamodb:eu-central-1:1:table/prod-coins-table/export/x",
+        "startTime":time,"endTime":time,"exportTime":time,"exportType":export_type,"itemCount":10,
+        "outputFormat":"DYNAMODB_JSON","manifestFilesS3Key":manifest_key});
+    fs::write(dir.join(SUMMARY), v.to_string()).unwrap();
+}
+
+/// A prefix directory with a full export (two data files out of timestamp order, the first
+/// one found only by the `data/<name>` fallback, the second with an `itemCount` mismatch)
+/// and an incremental export (whose keys carry an S3 prefix), listed in reverse time order
+/// by ExportId to check the summary-time ordering.
+fn export_tree() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join(AWS_DIR);
+    // The incremental export sorts first by id but is later by exportTime.
+    let (full, incr) = (root.join(format!("9{FULL}")), root.join(INCR));
+    summary(&full, "FULL_EXPORT", "2024-06-03T17:00:00.000Z", &format!("{AWS_DIR}/9{FULL}/manifest-files.json"));
+    summary(&incr, "INCREMENTAL_EXPORT", "2024-06-03T18:00:00Z", &format!("s3prefix/{AWS_DIR}/{INCR}/manifest-files.json"));
+    fs::write(
+        full.join(MANIFEST),
+        format!(
+            "{}\n{}\n",
+            json!({"itemCount":4,"md5Checksum":"x","etag":"y","dataFileS3Key":format!("{AWS_DIR}/WRONGID/data/b.json.gz")}),
+            json!({"itemCount":5,"md5Checksum":"x","etag":"y","dataFileS3Key":format!("{AWS_DIR}/9{FULL}/data/a.json.gz")}),
+        ),
+    )
+    .unwrap();
+    write_gz(
+        &full.join("data/b.json.gz"),
+        &[
+            item(json!({"PK":{"S":"coingecko#ethereum"},"SK":{"N":"0"},"price":{"N":"3510"},
+                "timestamp":{"N":"1717430700"},"symbol":{"S":"ETH"},"confidence":{"N":"0.99"},"decimals":{"N":"18"}})),
+            item(json!({"PK":{"S":"coingecko#ethereum"},"SK":{"N":"1717430700"},"price":{"N":"3510"},"symbol":{"S":"ETH"}})),
+            item(json!({"PK":{"S":"hourlyTvl#1599"},"SK":{"N":"1717430400"},"ethereum":{"N":"100"},
+                "arbitrum":{"N":"20"},"ethereum-borrowed":{"N":"50"},"tvl":{"N":"120"}})),
+            item(json!({"PK":{"S":"asset#ethereum:0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"},"SK":{"N":"1717430650"},
+                "redirect":{"S":"coingecko#usd-coin"},"symbol":{"S":"USDC"},"decimals":{"N":"6"}})),
+        ],
+    );
+    write_gz(
+        &full.join("data/a.json.gz"),
+        &[
+            item(price("coingecko#ethereum", 1_717_430_000, 3500.0)),
+            item(price("coingecko#usd-coin", 1_717_430_600, 0.9995)),
+            item(json!({"PK":{"S":"config#tokens"},"SK":{"N":"0"}})),
+            "{\"Item\":{\"PK\":".to_string(),
+            item(price("coingecko#usd-coin", 1_717_430_660, 1.0001)),
+            item(json!({"PK":{"S":"asset#ethereum:0xdac17f958d2ee523a2206206994597c13d831ec7"},"SK":{"N":"1717430100"},
+                "redirect":{"S":"coingecko#tether"}})),
+        ],
+    );
+    let keys = json!({"PK":{"S":"hourlyTvl#1599"},"SK":{"N":"1717434000"}});
+    fs::write(
+        incr.join(MANIFEST),
+        json!({"itemCount":3,"dataFileS3Key":format!("s3prefix/{AWS_DIR}/{INCR}/data/c.json.gz")}).to_string() + "\n",
+    )
+    .unwrap();
+    write_gz(
+        &incr.join("data/c.json.gz"),
+        &[
+            json!({"Metadata":{"WriteTimestampMicros":{"N":"1717434000000000"}},"Keys":keys,
+                "NewImage":{"PK":{"S":"hourlyTvl#1599"},"SK":{"N":"1717434000"},"ethereum":{"N":"90"},"arbitrum":{"N":"21"}}})
+            .to_string(),
+            json!({"Metadata":{"WriteTimestampMicros":{"N":"1717434000000001"}},
+                "Keys":{"PK":{"S":"coingecko#ethereum"},"SK":{"N":"1717000000"}},
+                "OldImage":{"PK":{"S":"coingecko#ethereum"},"SK":{"N":"1717000000"},"price":{"N":"3000"}}})
+            .to_string(),
+            json!({"Metadata":{},"Keys":{"PK":{"S":"coingecko#ethereum"},"SK":{"N":"0"}},
+                "NewImage":{"PK":{"S":"coingecko#ethereum"},"SK":{"N":"0"},"price":{"N":"3400"},"timestamp":{"N":"1717430300"}}})
+            .to_string(),
+        ],
+    );
+    tmp
+}
+
+/// `(source, kind-specific summary)` of each input, for exact comparison.
+fn describe(items: &[Input]) -> Vec<String> {
+    items
+        .iter()
+        .map(|i| match i {
+            Input::Record(pos, Record::Price(p)) => {
+                format!("{} price {} {} @{} {:?}", file_pos(&pos.to_string()), p.coin, p.price, p.timestamp / 1000, p.symbol)
+            }
+            Input::Record(pos, Record::Tvl(t)) => format!(
+                "{} tvl {} @{} {:?} {:?}",
+                file_pos(&pos.to_string()),
+                t.protocol_id,
+                t.timestamp / 1000,
+                t.chains,
+                t.extra
+            ),
+            Input::Record(pos, r) => format!("{pos} unexpected {r:?}"),
+            Input::Dead(d) => format!("dead {} {}", file_pos(&d.source), d.reason),
+        })
+        .collect()
+}
+
+/// `…/data/a.json.gz:3` → `a.json.gz:3`.
+fn file_pos(s: &str) -> String {
+    s.rsplit('/').next().unwrap_or(s).to_string()
+}
+
+#[test]
+fn prefix_dir_reads_all_exports_in_timestamp_order() {
+    let tmp = export_tree();
+    assert!(is_export_dir(tmp.path()));
+    let mut src = open(tmp.path()).unwrap();
+    let items: Vec<Input> = src.by_ref().collect();
+    let want = [
+        "dead a.json.gz:4 bad JSON: EOF while parsing a value at line 1 column 14",
+        "dead a.json.gz itemCount mismatch: manifest says 5, file has 6",
+        "a.json.gz:1 price coingecko:ethereum 3500 @1717430000 None",
+        "dead a.json.gz:6 redirect target coingecko:tether has no earlier price",
+        "c.json.gz:3 price coingecko:ethereum 3400 @1717430300 None",
+        "b.json.gz:3 tvl 1599 @1717430400 [(\"arbitrum\", 20.0), (\"ethereum\", 100.0)] [(\"ethereum-borrowed\", 50.0)]",
+        "a.json.gz:2 price coingecko:usd-coin 0.9995 @1717430600 None",
+        "b.json.gz:4 price ethereum:0xa0b86991c6218b36c1d19d4a2e9eb0ce3606eb48 0.9995 @1717430650 Some(\"USDC\")",
+        "a.json.gz:5 price coingecko:usd-coin 1.0001 @1717430660 None",
+        "b.json.gz:1 price coingecko:ethereum 3510 @1717430700 Some(\"ETH\")",
+        "b.json.gz:2 price coingecko:ethereum 3510 @1717430700 Some(\"ETH\")",
+        "c.json.gz:1 tvl 1599 @1717434000 [(\"arbitrum\", 21.0), (\"ethereum\", 90.0)] []",
+    ];
+    assert_eq!(describe(&items), want);
+    // Full sources: `<datafile path>:<line>`, the fallback path for b.
+    let full = tmp.path().join(AWS_DIR).join(format!("9{FULL}")).join("data");
+    let Input::Record(pos, Record::Price(p)) = &items[9] else { panic!() };
+    assert_eq!(pos.to_string(), format!("{}:1", full.join("b.json.gz").display()));
+    assert_eq!((p.confidence, p.decimals), (Some(0.99), Some(18)));
+    let Input::Dead(d) = &items[1] else { panic!() };
+    assert_eq!(d.source, full.join("a.json.gz").display().to_string());
+    assert!(d.raw.contains("a.json.gz"), "{}", d.raw);
+    let Input::Dead(d) = &items[3] else { panic!() };
+    assert!(d.raw.contains("coingecko:tether"), "{}", d.raw);
+    assert_eq!(
+        src.stats(),
+        &ExportStats {
+            exports: 2,
+            data_files: 3,
+            lines: 13,
+            items: 10,
+            skipped_items: 1,
+            deletions: 1,
+            invalid_lines: 1,
+            item_count_mismatches: 1,
+            redirects_resolved: 1,
+            redirects_unresolved: 1,
+        }
+    );
+}
+
+#[test]
+fn one_export_dir_and_the_aws_dir() {
+    let tmp = export_tree();
+    let incr = tmp.path().join(AWS_DIR).join(INCR);
+    assert!(is_export_dir(&incr));
+    let items: Vec<Input> = open(&incr).unwrap().collect();
+    assert_eq!(
+        describe(&items),
+        [
+            "c.json.gz:3 price coingecko:ethereum 3400 @1717430300 None",
+            "c.json.gz:1 tvl 1599 @1717434000 [(\"arbitrum\", 21.0), (\"ethereum\", 90.0)] []",
+        ]
+    );
+    assert_eq!(open(&tmp.path().join(AWS_DIR)).unwrap().count(), 12);
+}
+
+#[test]
+fn layout_errors_name_the_file() {
+    let tmp = export_tree();
+    assert!(!is_export_dir(&tmp.path().join("nope")));
+    let e = open(&tmp.path().join("nope")).err().unwrap().to_string();
+    assert!(e.starts_with("cannot open ") && e.ends_with("nope: No such file or directory"), "{e}");
+    let empty = tempfile::tempdir().unwrap();
+    assert!(!is_export_dir(empty.path()));
+    let e = open(empty.path()).err().unwrap().to_string();
+    assert!(e.contains("no DynamoDB export found"), "{e}");
+
+    let incr = tmp.path().join(AWS_DIR).join(INCR);
+    fs::remove_file(incr.join("data/c.json.gz")).unwrap();
+    let e = open(tmp.path()).err().unwrap().to_string();
+    assert!(e.contains("manifest-files.json: line 1: data file s3prefix/AWSDynamoDB/") && e.contains("not found"), "{e}");
+    fs::write(incr.join(MANIFEST), "{\"itemCount\":1}\n").unwrap();
+    let e = open(&incr).err().unwrap().to_string();
+    assert!(e.ends_with("manifest-files.json: line 1: missing string field `dataFileS3Key`"), "{e}");
+    fs::write(incr.join(SUMMARY), "[]").unwrap();
+    let e = open(&incr).err().unwrap().to_string();
+    assert!(e.ends_with("manifest-summary.json: not a JSON object"), "{e}");
+}
+
+#[test]
+fn corrupt_data_file_is_a_read_error_and_the_rest_is_read() {
+    let tmp = export_tree();
+    let c = tmp.path().join(AWS_DIR).join(INCR).join("data/c.json.gz");
+    fs::write(&c, b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03garbage").unwrap();
+    let items: Vec<Input> = open(tmp.path()).unwrap().collect();
+    let d = describe(&items);
+    assert!(d[2].starts_with("dead c.json.gz:1 read error: "), "{d:?}");
+    assert_eq!(d.len(), 11, "{d:?}");
+}
+
+#[test]
+fn iso_times() {
+    assert_eq!(parse_iso8601("1970-01-01T00:00:00Z"), Some(0));
+    assert_eq!(parse_iso8601("2024-06-03T16:00:00.123Z"), Some(1_717_430_400_123));
+    assert_eq!(parse_iso8601("2024-06-03T18:00:00.5+02:00"), Some(1_717_430_400_500));
+    assert_eq!(parse_iso8601("2024-06-03"), None);
+    assert_eq!(parse_iso8601("2024-13-03T16:00:00Z"), None);
+    assert_eq!(parse_time(&json!(1717430400)), Some(1_717_430_400_000));
+}
