@@ -150,7 +150,7 @@ fn steps_to_batches(steps: Vec<RawStep>, rules: Vec<(usize, Record)>, deletes: V
         if deletes.contains(&i) {
             batches.last_mut().expect("non-empty").push(Op::Del(format!("r{}", key % 8)));
         }
-        clock += i64::from(step % 400) * 1000;
+        clock += i64::from(step % 8) * 30_000;
         // One record in ten is older than the clock: late for its key unless nothing newer came.
         let t = if lag % 10 == 0 { clock - i64::from(lag % 1200) * 1000 } else { clock };
         let level = f64::from(level);

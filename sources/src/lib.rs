@@ -52,11 +52,18 @@ pub enum SourceError {
 
 impl SourceError {
     pub(crate) fn io(action: &'static str, path: &Path, source: io::Error) -> Self {
-        SourceError::Io { action, path: path.to_path_buf(), source }
+        SourceError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     pub(crate) fn invalid(path: &Path, reason: impl Into<String>) -> Self {
-        SourceError::Invalid { path: path.to_path_buf(), reason: reason.into() }
+        SourceError::Invalid {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -72,9 +79,14 @@ pub(crate) fn io_reason(e: &io::Error) -> String {
 /// Opens a file for line reading, gunzipping it when its name ends in `.gz`.
 pub(crate) fn open_lines(path: &Path) -> Result<Box<dyn BufRead + Send>, SourceError> {
     let file = File::open(path).map_err(|e| SourceError::io("open", path, e))?;
-    let gz = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+    let gz = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
     Ok(if gz {
-        Box::new(BufReader::with_capacity(64 * 1024, MultiGzDecoder::new(BufReader::new(file))))
+        Box::new(BufReader::with_capacity(
+            64 * 1024,
+            MultiGzDecoder::new(BufReader::new(file)),
+        ))
     } else {
         Box::new(BufReader::with_capacity(64 * 1024, file))
     })
@@ -115,8 +127,13 @@ mod tests {
 
     #[test]
     fn error_messages_name_the_file() {
-        let e = open_lines(Path::new("no-such-dir/prices.jsonl")).err().map(|e| e.to_string());
-        assert_eq!(e.as_deref(), Some("cannot open no-such-dir/prices.jsonl: No such file or directory"));
+        let e = open_lines(Path::new("no-such-dir/prices.jsonl"))
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("cannot open no-such-dir/prices.jsonl: No such file or directory")
+        );
         let e = SourceError::invalid(Path::new("x/manifest-files.json"), "line 3: bad JSON");
         assert_eq!(e.to_string(), "x/manifest-files.json: line 3: bad JSON");
     }

@@ -21,7 +21,9 @@ pub(crate) enum ChannelError {
 
 /// A suffix such as a protocol id or a chain: non-empty printable ASCII without quotes.
 fn valid_part(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
 }
 
 /// Validates `raw` and returns its normalised form (coin ids as the input normalises them).
@@ -38,7 +40,9 @@ pub(crate) fn normalize(raw: &str) -> Result<String, ChannelError> {
     }
     let (prefix, rest) = raw.split_once(':').ok_or_else(unknown)?;
     match prefix {
-        "prices" => normalize_coin(rest).map(|coin| format!("prices:{coin}")).ok_or_else(unknown),
+        "prices" => normalize_coin(rest)
+            .map(|coin| format!("prices:{coin}"))
+            .ok_or_else(unknown),
         "tvl" | "chain" | "gas" if valid_part(rest) => Ok(raw.to_string()),
         _ => Err(unknown()),
     }
@@ -93,8 +97,14 @@ mod tests {
 
     #[test]
     fn normalises_coin_ids() {
-        assert_eq!(normalize("prices:Ethereum:0xABC").as_deref(), Ok("prices:ethereum:0xabc"));
-        assert_eq!(normalize("prices:CoinGecko:ethereum").as_deref(), Ok("prices:coingecko:ethereum"));
+        assert_eq!(
+            normalize("prices:Ethereum:0xABC").as_deref(),
+            Ok("prices:ethereum:0xabc")
+        );
+        assert_eq!(
+            normalize("prices:CoinGecko:ethereum").as_deref(),
+            Ok("prices:coingecko:ethereum")
+        );
     }
 
     #[test]
@@ -112,7 +122,10 @@ mod tests {
             "alerts:u1",
             "PRICES",
         ] {
-            assert!(matches!(normalize(ch), Err(ChannelError::Unknown(_))), "{ch:?}");
+            assert!(
+                matches!(normalize(ch), Err(ChannelError::Unknown(_))),
+                "{ch:?}"
+            );
         }
         let long = format!("chain:{}", "x".repeat(300));
         match normalize(&long) {
@@ -124,7 +137,10 @@ mod tests {
     #[test]
     fn alerts_need_a_key() {
         assert_eq!(for_subscription("alerts", true).as_deref(), Ok("alerts"));
-        assert_eq!(for_subscription("alerts", false), Err(ChannelError::Forbidden("alerts".into())));
+        assert_eq!(
+            for_subscription("alerts", false),
+            Err(ChannelError::Forbidden("alerts".into()))
+        );
         assert_eq!(for_subscription("prices", false).as_deref(), Ok("prices"));
     }
 }

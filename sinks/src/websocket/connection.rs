@@ -1,8 +1,8 @@
 //! One WebSocket connection: a reader (client requests) and a writer (queued frames, pings)
 //! driven together in the connection's task.
 
-use std::sync::{Arc, PoisonError};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
@@ -13,7 +13,9 @@ use tokio::time::{MissedTickBehavior, interval_at, sleep, timeout};
 
 use super::channel::{self, ChannelError};
 use super::hub::{Conn, Hub, Limiter};
-use super::protocol::{ClientFrame, ErrorCode, ack_frame, error_frame, parse_client_frame, pong_frame};
+use super::protocol::{
+    ClientFrame, ErrorCode, ack_frame, error_frame, parse_client_frame, pong_frame,
+};
 
 /// How long a closing handshake may take before the socket is dropped.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,11 +75,19 @@ fn close_message(code: u16) -> Message {
         close_code::SIZE => "message too large",
         _ => "closing",
     };
-    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
 }
 
 /// Runs an upgraded connection until it ends.
-pub(crate) async fn run(hub: Hub, mut socket: WebSocket, user_id: Option<String>, api_key: Option<String>) {
+pub(crate) async fn run(
+    hub: Hub,
+    mut socket: WebSocket,
+    user_id: Option<String>,
+    api_key: Option<String>,
+) {
     let _guard = hub.task_guard();
     let Some((conn, data_rx)) = hub.register(user_id) else {
         let _ = timeout(CLOSE_TIMEOUT, socket.send(close_message(close_code::AWAY))).await;
@@ -106,7 +116,10 @@ pub(crate) async fn run(hub: Hub, mut socket: WebSocket, user_id: Option<String>
         End::TooLarge => {
             // The rest of the oversized message is unread: do not read on, just let the
             // client see the close frame before the socket goes.
-            if timeout(CLOSE_TIMEOUT, sink.send(close_message(close_code::SIZE))).await.is_ok() {
+            if timeout(CLOSE_TIMEOUT, sink.send(close_message(close_code::SIZE)))
+                .await
+                .is_ok()
+            {
                 sleep(LINGER_AFTER_1009).await;
             }
         }
@@ -155,12 +168,21 @@ async fn read_loop(
                 if rate_limited(limiter) {
                     vec![rate_limit_error(hub)]
                 } else {
-                    vec![error_frame(ErrorCode::BadRequest, "binary frames are not supported: send JSON text")]
+                    vec![error_frame(
+                        ErrorCode::BadRequest,
+                        "binary frames are not supported: send JSON text",
+                    )]
                 }
             }
             Ok(Message::Ping(_) | Message::Pong(_)) => continue,
             Ok(Message::Close(_)) => return End::ClientClosed,
-            Err(err) => return if is_too_large(&err) { End::TooLarge } else { End::Lost },
+            Err(err) => {
+                return if is_too_large(&err) {
+                    End::TooLarge
+                } else {
+                    End::Lost
+                };
+            }
         };
         for reply in replies {
             if ctrl_tx.send(Utf8Bytes::from(reply)).await.is_err() {
@@ -183,7 +205,11 @@ fn is_too_large(err: &axum::Error) -> bool {
 }
 
 fn rate_limited(limiter: Option<&Limiter>) -> bool {
-    limiter.is_some_and(|l| !l.lock().unwrap_or_else(PoisonError::into_inner).try_take(Instant::now()))
+    limiter.is_some_and(|l| {
+        !l.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .try_take(Instant::now())
+    })
 }
 
 fn rate_limit_error(hub: &Hub) -> String {
@@ -213,7 +239,11 @@ pub(crate) fn handle_text(hub: &Hub, conn: &Arc<Conn>, text: &str) -> Vec<String
                     Err(ChannelError::Forbidden(ch)) => forbidden.push(ch),
                 }
             }
-            let (subscribed, over) = if valid.is_empty() { (valid, Vec::new()) } else { hub.subscribe(conn, valid) };
+            let (subscribed, over) = if valid.is_empty() {
+                (valid, Vec::new())
+            } else {
+                hub.subscribe(conn, valid)
+            };
             let mut replies = Vec::new();
             if !subscribed.is_empty() {
                 replies.push(ack_frame("subscribed", &subscribed));
@@ -224,7 +254,10 @@ pub(crate) fn handle_text(hub: &Hub, conn: &Arc<Conn>, text: &str) -> Vec<String
             if !forbidden.is_empty() {
                 replies.push(error_frame(
                     ErrorCode::Forbidden,
-                    &format!("{}: anonymous connections get market channels only", quoted(&forbidden)),
+                    &format!(
+                        "{}: anonymous connections get market channels only",
+                        quoted(&forbidden)
+                    ),
                 ));
             }
             if !over.is_empty() {
@@ -246,7 +279,9 @@ pub(crate) fn handle_text(hub: &Hub, conn: &Arc<Conn>, text: &str) -> Vec<String
                 match channel::normalize(raw) {
                     Ok(ch) if !valid.contains(&ch) => valid.push(ch),
                     Ok(_) => {}
-                    Err(ChannelError::Unknown(ch) | ChannelError::Forbidden(ch)) => unknown.push(ch),
+                    Err(ChannelError::Unknown(ch) | ChannelError::Forbidden(ch)) => {
+                        unknown.push(ch)
+                    }
                 }
             }
             let mut replies = Vec::new();
@@ -263,14 +298,25 @@ pub(crate) fn handle_text(hub: &Hub, conn: &Arc<Conn>, text: &str) -> Vec<String
 }
 
 fn quoted(channels: &[String]) -> String {
-    channels.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
+    channels
+        .iter()
+        .map(|c| format!("`{c}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn unknown_error(unknown: &[String]) -> String {
-    let noun = if unknown.len() == 1 { "channel" } else { "channels" };
+    let noun = if unknown.len() == 1 {
+        "channel"
+    } else {
+        "channels"
+    };
     error_frame(
         ErrorCode::UnknownChannel,
-        &format!("unknown {noun} {}; valid channels: {VALID_CHANNELS}", quoted(unknown)),
+        &format!(
+            "unknown {noun} {}; valid channels: {VALID_CHANNELS}",
+            quoted(unknown)
+        ),
     )
 }
 
@@ -294,7 +340,8 @@ async fn write_loop(
     let period = hub.limits().ping_interval;
     let mut ping = interval_at(tokio::time::Instant::now() + period, period);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let silence_limit = u64::try_from((period * PING_TIMEOUT_INTERVALS).as_millis()).unwrap_or(u64::MAX);
+    let silence_limit =
+        u64::try_from((period * PING_TIMEOUT_INTERVALS).as_millis()).unwrap_or(u64::MAX);
     loop {
         let next = tokio::select! {
             biased;
@@ -342,7 +389,9 @@ async fn send_batch(
     sink.feed(Message::Text(first)).await?;
     let mut n: u64 = 1;
     while n < MAX_BATCH as u64 {
-        let Ok(f) = ctrl_rx.try_recv().or_else(|_| data_rx.try_recv()) else { break };
+        let Ok(f) = ctrl_rx.try_recv().or_else(|_| data_rx.try_recv()) else {
+            break;
+        };
         sink.feed(Message::Text(f)).await?;
         n += 1;
     }

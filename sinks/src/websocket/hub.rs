@@ -72,7 +72,11 @@ impl Conn {
 
     /// Asks the connection to close with `code`; the first request wins.
     pub(crate) fn kick(&self, code: u16) {
-        if self.close.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        if self
+            .close
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
             self.kick.notify_one();
         }
     }
@@ -101,7 +105,11 @@ impl TokenBucket {
     /// A full bucket.
     pub(crate) fn new(rate: u32) -> Self {
         let rate = f64::from(rate.max(1));
-        TokenBucket { rate, tokens: rate, last: Instant::now() }
+        TokenBucket {
+            rate,
+            tokens: rate,
+            last: Instant::now(),
+        }
     }
 
     /// Takes one token if there is one.
@@ -237,7 +245,9 @@ impl Hub {
         let reg = read(&self.inner.registry);
         let mut frames: Option<EventFrames<'_>> = None;
         for ch in &channels {
-            let Some(subs) = reg.channels.get(ch) else { continue };
+            let Some(subs) = reg.channels.get(ch) else {
+                continue;
+            };
             if frames.is_none() {
                 match EventFrames::new(e) {
                     Ok(f) => frames = Some(f),
@@ -260,7 +270,9 @@ impl Hub {
     /// Never waits: a subscriber whose queue is full is disconnected (1013).
     pub fn publish_alert(&self, a: &Alert) {
         let reg = read(&self.inner.registry);
-        let Some(subs) = reg.alerts.get(&a.user_id) else { return };
+        let Some(subs) = reg.alerts.get(&a.user_id) else {
+            return;
+        };
         let frame = match alert_frame(a) {
             Ok(f) => Utf8Bytes::from(f),
             Err(err) => {
@@ -302,7 +314,9 @@ impl Hub {
     /// Returns whether all did.
     pub(crate) async fn wait_idle(&self, limit: Duration) -> bool {
         let mut rx = self.inner.live.subscribe();
-        tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(limit, rx.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// The limits in force.
@@ -316,7 +330,11 @@ impl Hub {
             return Err(AuthError::ShuttingDown);
         }
         match key {
-            Some(k) => read(&self.inner.keys).get(k).cloned().map(Some).ok_or(AuthError::UnknownKey),
+            Some(k) => read(&self.inner.keys)
+                .get(k)
+                .cloned()
+                .map(Some)
+                .ok_or(AuthError::UnknownKey),
             None if self.inner.limits.allow_anonymous => Ok(None),
             None => Err(AuthError::KeyRequired),
         }
@@ -331,7 +349,11 @@ impl Hub {
         }
         let fresh = || Arc::new(Mutex::new(TokenBucket::new(rate)));
         Some(match key {
-            Some(k) => Arc::clone(lock(&self.inner.buckets).entry(k.to_string()).or_insert_with(fresh)),
+            Some(k) => Arc::clone(
+                lock(&self.inner.buckets)
+                    .entry(k.to_string())
+                    .or_insert_with(fresh),
+            ),
             None => fresh(),
         })
     }
@@ -343,15 +365,30 @@ impl Hub {
     }
 
     /// Registers a connection; `None` once the hub is shut down.
-    pub(crate) fn register(&self, user_id: Option<String>) -> Option<(Arc<Conn>, mpsc::Receiver<Utf8Bytes>)> {
+    pub(crate) fn register(
+        &self,
+        user_id: Option<String>,
+    ) -> Option<(Arc<Conn>, mpsc::Receiver<Utf8Bytes>)> {
         let (tx, rx) = mpsc::channel(self.inner.limits.send_queue);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(Conn { id, user_id, tx, close: AtomicU16::new(0), kick: Notify::new() });
+        let conn = Arc::new(Conn {
+            id,
+            user_id,
+            tx,
+            close: AtomicU16::new(0),
+            kick: Notify::new(),
+        });
         let mut reg = write(&self.inner.registry);
         if self.inner.closed.load(Ordering::SeqCst) {
             return None;
         }
-        reg.conns.insert(id, Entry { conn: Arc::clone(&conn), subs: HashSet::new() });
+        reg.conns.insert(
+            id,
+            Entry {
+                conn: Arc::clone(&conn),
+                subs: HashSet::new(),
+            },
+        );
         metrics::gauge!("llamaflow_ws_connections").set(reg.conns.len() as f64);
         Some((conn, rx))
     }
@@ -369,10 +406,16 @@ impl Hub {
 
     /// Subscribes `conn` to already validated channels, up to the subscription limit.
     /// Returns (subscribed — including ones it already had, refused over the limit).
-    pub(crate) fn subscribe(&self, conn: &Arc<Conn>, channels: Vec<String>) -> (Vec<String>, Vec<String>) {
+    pub(crate) fn subscribe(
+        &self,
+        conn: &Arc<Conn>,
+        channels: Vec<String>,
+    ) -> (Vec<String>, Vec<String>) {
         let max = self.inner.limits.max_subscriptions;
         let mut reg = write(&self.inner.registry);
-        let Some(entry) = reg.conns.get_mut(&conn.id) else { return (Vec::new(), channels) };
+        let Some(entry) = reg.conns.get_mut(&conn.id) else {
+            return (Vec::new(), channels);
+        };
         let mut added = Vec::new();
         let mut ok = Vec::new();
         let mut over = Vec::new();
@@ -396,8 +439,13 @@ impl Hub {
     /// Unsubscribes `conn` from already validated channels.
     pub(crate) fn unsubscribe(&self, conn: &Conn, channels: &[String]) {
         let mut reg = write(&self.inner.registry);
-        let Some(entry) = reg.conns.get_mut(&conn.id) else { return };
-        let removed: Vec<&String> = channels.iter().filter(|ch| entry.subs.remove(ch.as_str())).collect();
+        let Some(entry) = reg.conns.get_mut(&conn.id) else {
+            return;
+        };
+        let removed: Vec<&String> = channels
+            .iter()
+            .filter(|ch| entry.subs.remove(ch.as_str()))
+            .collect();
         for ch in removed {
             reg.remove_sub(conn, ch);
         }
@@ -411,7 +459,10 @@ pub(crate) struct TaskGuard {
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        self.hub.inner.live.send_modify(|n| *n = n.saturating_sub(1));
+        self.hub
+            .inner
+            .live
+            .send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -433,7 +484,10 @@ mod tests {
 
     #[test]
     fn registry_tracks_subscriptions_and_limits() {
-        let hub = Hub::new(WsConfig { max_subscriptions: 2, ..WsConfig::default() });
+        let hub = Hub::new(WsConfig {
+            max_subscriptions: 2,
+            ..WsConfig::default()
+        });
         let (conn, _rx) = hub.register(Some("u1".into())).unwrap();
         let (ok, over) = hub.subscribe(&conn, vec!["prices".into(), "alerts".into(), "tvl".into()]);
         assert_eq!(ok, ["prices", "alerts"]);
@@ -441,7 +495,11 @@ mod tests {
         {
             let reg = read(&hub.inner.registry);
             assert!(reg.channels.contains_key("prices"));
-            assert!(reg.alerts.get("u1").is_some_and(|m| m.contains_key(&conn.id)));
+            assert!(
+                reg.alerts
+                    .get("u1")
+                    .is_some_and(|m| m.contains_key(&conn.id))
+            );
         }
         hub.unsubscribe(&conn, &["prices".into()]);
         let (ok, over) = hub.subscribe(&conn, vec!["alerts".into(), "tvl".into()]);
@@ -453,13 +511,20 @@ mod tests {
 
     #[test]
     fn full_queue_kicks_with_1013_and_publishing_never_blocks() {
-        let hub = Hub::new(WsConfig { send_queue: 2, ..WsConfig::default() });
+        let hub = Hub::new(WsConfig {
+            send_queue: 2,
+            ..WsConfig::default()
+        });
         let (conn, mut rx) = hub.register(None).unwrap();
         hub.subscribe(&conn, vec!["gas".into()]);
         let e = Event {
             subject: "ethereum".into(),
             timestamp: 1000,
-            data: schemas::EventData::GasUpdate { chain: "ethereum".into(), gwei: 1.0, timestamp: 1000 },
+            data: schemas::EventData::GasUpdate {
+                chain: "ethereum".into(),
+                gwei: 1.0,
+                timestamp: 1000,
+            },
         };
         // Called outside any runtime: must not block or panic.
         for _ in 0..5 {
@@ -473,7 +538,10 @@ mod tests {
     fn authentication() {
         let mut keys = HashMap::new();
         keys.insert("k1".to_string(), "u1".to_string());
-        let hub = Hub::new(WsConfig { api_keys: keys, ..WsConfig::default() });
+        let hub = Hub::new(WsConfig {
+            api_keys: keys,
+            ..WsConfig::default()
+        });
         assert_eq!(hub.authenticate(Some("k1")), Ok(Some("u1".into())));
         assert_eq!(hub.authenticate(Some("k2")), Err(AuthError::UnknownKey));
         assert_eq!(hub.authenticate(None), Err(AuthError::KeyRequired));

@@ -91,7 +91,10 @@ pub(crate) struct EventFrames<'a> {
 impl<'a> EventFrames<'a> {
     /// Serializes the event's data.
     pub(crate) fn new(event: &'a Event) -> Result<Self, serde_json::Error> {
-        Ok(EventFrames { event, data: serde_json::to_string(&event.data)? })
+        Ok(EventFrames {
+            event,
+            data: serde_json::to_string(&event.data)?,
+        })
     }
 
     /// `{"type":<event type>,"channel":<channel>,"data":{..},"timestamp":<event time ms>}`.
@@ -124,13 +127,20 @@ mod tests {
     fn parses_client_frames() {
         assert_eq!(
             parse_client_frame(r#"{"type":"subscribe","channels":["prices","tvl"]}"#),
-            Ok(ClientFrame::Subscribe { channels: vec!["prices".into(), "tvl".into()] })
+            Ok(ClientFrame::Subscribe {
+                channels: vec!["prices".into(), "tvl".into()]
+            })
         );
         assert_eq!(
             parse_client_frame(r#"{"type":"unsubscribe","channels":["gas"],"extra":1}"#),
-            Ok(ClientFrame::Unsubscribe { channels: vec!["gas".into()] })
+            Ok(ClientFrame::Unsubscribe {
+                channels: vec!["gas".into()]
+            })
         );
-        assert_eq!(parse_client_frame(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping));
+        assert_eq!(
+            parse_client_frame(r#"{"type":"ping"}"#),
+            Ok(ClientFrame::Ping)
+        );
         for bad in [
             "",
             "nope",
@@ -171,7 +181,10 @@ mod tests {
     fn server_frames() {
         let v: Value =
             serde_json::from_str(&error_frame(ErrorCode::RateLimited, "slow \"down\"")).unwrap();
-        assert_eq!(v, json!({"type":"error","code":"rate_limited","message":"slow \"down\""}));
+        assert_eq!(
+            v,
+            json!({"type":"error","code":"rate_limited","message":"slow \"down\""})
+        );
         let v: Value = serde_json::from_str(&ack_frame("subscribed", &["prices".into()])).unwrap();
         assert_eq!(v, json!({"type":"subscribed","channels":["prices"]}));
         let v: Value = serde_json::from_str(&pong_frame(42)).unwrap();

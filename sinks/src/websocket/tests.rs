@@ -23,7 +23,10 @@ type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn keys(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(k, u)| (k.to_string(), u.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, u)| (k.to_string(), u.to_string()))
+        .collect()
 }
 
 /// Starts a server for a hub with `cfg` on an ephemeral port.
@@ -44,7 +47,10 @@ fn url(addr: SocketAddr, key: Option<&str>) -> String {
 }
 
 async fn connect(addr: SocketAddr, key: Option<&str>) -> Client {
-    let (c, resp) = timeout(WAIT, connect_async(url(addr, key))).await.unwrap().unwrap();
+    let (c, resp) = timeout(WAIT, connect_async(url(addr, key)))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 101);
     c
 }
@@ -65,7 +71,11 @@ async fn send(c: &mut Client, v: Value) {
 /// The next text frame as JSON (skipping pings and pongs).
 async fn recv(c: &mut Client) -> Value {
     loop {
-        let msg = timeout(WAIT, c.next()).await.expect("timed out").expect("stream ended").expect("ws error");
+        let msg = timeout(WAIT, c.next())
+            .await
+            .expect("timed out")
+            .expect("stream ended")
+            .expect("ws error");
         match msg {
             Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
             Message::Ping(_) | Message::Pong(_) => {}
@@ -78,7 +88,11 @@ async fn recv(c: &mut Client) -> Value {
 async fn recv_close(c: &mut Client) -> (u16, usize) {
     let mut texts = 0;
     loop {
-        let msg = timeout(WAIT, c.next()).await.expect("timed out").expect("stream ended").expect("ws error");
+        let msg = timeout(WAIT, c.next())
+            .await
+            .expect("timed out")
+            .expect("stream ended")
+            .expect("ws error");
         match msg {
             Message::Text(_) => texts += 1,
             Message::Close(Some(f)) => return (u16::from(f.code), texts),
@@ -90,7 +104,10 @@ async fn recv_close(c: &mut Client) -> (u16, usize) {
 
 async fn subscribe(c: &mut Client, channels: &[&str]) {
     send(c, json!({"type": "subscribe", "channels": channels})).await;
-    assert_eq!(recv(c).await, json!({"type": "subscribed", "channels": channels}));
+    assert_eq!(
+        recv(c).await,
+        json!({"type": "subscribed", "channels": channels})
+    );
 }
 
 fn price(coin: &str, p: f64, ts: i64) -> Event {
@@ -136,11 +153,19 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn price_updates_reach_subscribers_of_their_channels_only() {
-    let (hub, addr) = start(WsConfig { allow_anonymous: true, ..WsConfig::default() }).await;
+    let (hub, addr) = start(WsConfig {
+        allow_anonymous: true,
+        ..WsConfig::default()
+    })
+    .await;
     let mut eth = connect(addr, None).await;
     let mut all = connect(addr, None).await;
     let mut btc = connect(addr, None).await;
-    subscribe(&mut eth, &["prices:coingecko:ethereum", "prices:coingecko:bitcoin"]).await;
+    subscribe(
+        &mut eth,
+        &["prices:coingecko:ethereum", "prices:coingecko:bitcoin"],
+    )
+    .await;
     subscribe(&mut all, &["prices"]).await;
     subscribe(&mut btc, &["prices:coingecko:bitcoin"]).await;
 
@@ -166,19 +191,37 @@ async fn price_updates_reach_subscribers_of_their_channels_only() {
     assert_eq!(recv(&mut all).await["data"]["coin"], "coingecko:bitcoin");
 
     // After unsubscribing, ETH ticks stop; the other subscription goes on.
-    send(&mut eth, json!({"type":"unsubscribe","channels":["prices:coingecko:ethereum"]})).await;
-    assert_eq!(recv(&mut eth).await, json!({"type":"unsubscribed","channels":["prices:coingecko:ethereum"]}));
+    send(
+        &mut eth,
+        json!({"type":"unsubscribe","channels":["prices:coingecko:ethereum"]}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut eth).await,
+        json!({"type":"unsubscribed","channels":["prices:coingecko:ethereum"]})
+    );
     hub.publish_event(&price("coingecko:ethereum", 3800.0, 1_717_430_352_000));
     hub.publish_event(&price("coingecko:bitcoin", 67001.0, 1_717_430_353_000));
     let next = recv(&mut eth).await;
-    assert_eq!((next["channel"].as_str(), next["data"]["price"].as_f64()), (Some("prices:coingecko:bitcoin"), Some(67001.0)));
+    assert_eq!(
+        (next["channel"].as_str(), next["data"]["price"].as_f64()),
+        (Some("prices:coingecko:bitcoin"), Some(67001.0))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coin_channels_are_normalised_and_chain_channels_work() {
-    let (hub, addr) = start(WsConfig { allow_anonymous: true, ..WsConfig::default() }).await;
+    let (hub, addr) = start(WsConfig {
+        allow_anonymous: true,
+        ..WsConfig::default()
+    })
+    .await;
     let mut c = connect(addr, None).await;
-    send(&mut c, json!({"type":"subscribe","channels":["prices:Ethereum:0xABC", "chain:ethereum", "gas"]})).await;
+    send(
+        &mut c,
+        json!({"type":"subscribe","channels":["prices:Ethereum:0xABC", "chain:ethereum", "gas"]}),
+    )
+    .await;
     assert_eq!(
         recv(&mut c).await,
         json!({"type":"subscribed","channels":["prices:ethereum:0xabc","chain:ethereum","gas"]})
@@ -191,7 +234,11 @@ async fn coin_channels_are_normalised_and_chain_channels_work() {
     let gas = Event {
         subject: "arbitrum".into(),
         timestamp: 6_500,
-        data: EventData::GasUpdate { chain: "arbitrum".into(), gwei: 0.1, timestamp: 6_500 },
+        data: EventData::GasUpdate {
+            chain: "arbitrum".into(),
+            gwei: 0.1,
+            timestamp: 6_500,
+        },
     };
     hub.publish_event(&gas);
     assert_eq!(
@@ -202,19 +249,28 @@ async fn coin_channels_are_normalised_and_chain_channels_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_or_missing_keys_get_401() {
-    let (_hub, addr) = start(WsConfig { api_keys: keys(&[("k1", "u1")]), ..WsConfig::default() }).await;
+    let (_hub, addr) = start(WsConfig {
+        api_keys: keys(&[("k1", "u1")]),
+        ..WsConfig::default()
+    })
+    .await;
     let req = url(addr, Some("nope")).into_client_request().unwrap();
     assert_eq!(refused_status(req).await, 401);
     let mut req = url(addr, None).into_client_request().unwrap();
-    req.headers_mut().insert("x-api-key", HeaderValue::from_static("nope"));
+    req.headers_mut()
+        .insert("x-api-key", HeaderValue::from_static("nope"));
     assert_eq!(refused_status(req).await, 401);
     // No key and anonymous not allowed.
-    assert_eq!(refused_status(url(addr, None).into_client_request().unwrap()).await, 401);
+    assert_eq!(
+        refused_status(url(addr, None).into_client_request().unwrap()).await,
+        401
+    );
     // A known key works in the query and in the header.
     let mut c = connect(addr, Some("k1")).await;
     subscribe(&mut c, &["alerts"]).await;
     let mut req = url(addr, None).into_client_request().unwrap();
-    req.headers_mut().insert("x-api-key", HeaderValue::from_static("k1"));
+    req.headers_mut()
+        .insert("x-api-key", HeaderValue::from_static("k1"));
     let (mut c, _) = connect_async(req).await.unwrap();
     subscribe(&mut c, &["alerts"]).await;
 }
@@ -222,7 +278,10 @@ async fn unknown_or_missing_keys_get_401() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_added_at_run_time_are_accepted() {
     let (hub, addr) = start(WsConfig::default()).await;
-    assert_eq!(refused_status(url(addr, Some("late")).into_client_request().unwrap()).await, 401);
+    assert_eq!(
+        refused_status(url(addr, Some("late")).into_client_request().unwrap()).await,
+        401
+    );
     hub.set_api_key("late", "u9");
     let mut c = connect(addr, Some("late")).await;
     subscribe(&mut c, &["alerts"]).await;
@@ -232,9 +291,11 @@ async fn api_keys_added_at_run_time_are_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_reach_only_their_users_connections() {
-    let (hub, addr) =
-        start(WsConfig { api_keys: keys(&[("ka", "ua"), ("kb", "ub"), ("ka2", "ua")]), ..WsConfig::default() })
-            .await;
+    let (hub, addr) = start(WsConfig {
+        api_keys: keys(&[("ka", "ua"), ("kb", "ub"), ("ka2", "ua")]),
+        ..WsConfig::default()
+    })
+    .await;
     let mut a = connect(addr, Some("ka")).await;
     let mut a2 = connect(addr, Some("ka2")).await;
     let mut b = connect(addr, Some("kb")).await;
@@ -242,7 +303,12 @@ async fn alerts_reach_only_their_users_connections() {
     subscribe(&mut a2, &["alerts"]).await;
     subscribe(&mut b, &["alerts", "prices"]).await;
 
-    for al in [alert("ub", "b1"), alert("ua", "a1"), alert("ub", "b2"), alert("ua", "a2")] {
+    for al in [
+        alert("ub", "b1"),
+        alert("ua", "a1"),
+        alert("ub", "b2"),
+        alert("ua", "a2"),
+    ] {
         hub.publish_alert(&al);
     }
     let expected = |al: Alert| json!({"type":"alert","channel":"alerts","data":serde_json::to_value(&al).unwrap()});
@@ -264,7 +330,11 @@ async fn alerts_reach_only_their_users_connections() {
     hub.publish_event(&Event {
         subject: "ethereum".into(),
         timestamp: 2_000,
-        data: EventData::GasUpdate { chain: "ethereum".into(), gwei: 9.0, timestamp: 2_000 },
+        data: EventData::GasUpdate {
+            chain: "ethereum".into(),
+            gwei: 9.0,
+            timestamp: 2_000,
+        },
     });
     assert_eq!(recv(&mut a3).await["type"], "gas_update");
     assert_eq!(recv(&mut a).await["data"]["alert_id"], "a3");
@@ -272,19 +342,42 @@ async fn alerts_reach_only_their_users_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_channels_and_bad_requests_get_error_frames() {
-    let (_hub, addr) = start(WsConfig { allow_anonymous: true, ..WsConfig::default() }).await;
+    let (_hub, addr) = start(WsConfig {
+        allow_anonymous: true,
+        ..WsConfig::default()
+    })
+    .await;
     let mut c = connect(addr, None).await;
     send(&mut c, json!({"type":"subscribe","channels":["bogus"]})).await;
     let err = recv(&mut c).await;
-    assert_eq!((err["type"].as_str(), err["code"].as_str()), (Some("error"), Some("unknown_channel")));
-    assert!(err["message"].as_str().unwrap().contains("`bogus`"), "{err}");
+    assert_eq!(
+        (err["type"].as_str(), err["code"].as_str()),
+        (Some("error"), Some("unknown_channel"))
+    );
+    assert!(
+        err["message"].as_str().unwrap().contains("`bogus`"),
+        "{err}"
+    );
 
     // Valid channels of a mixed request are subscribed, the rest reported.
-    send(&mut c, json!({"type":"subscribe","channels":["tvl", "prices:ethereum", "tvl:2269"]})).await;
-    assert_eq!(recv(&mut c).await, json!({"type":"subscribed","channels":["tvl","tvl:2269"]}));
+    send(
+        &mut c,
+        json!({"type":"subscribe","channels":["tvl", "prices:ethereum", "tvl:2269"]}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut c).await,
+        json!({"type":"subscribed","channels":["tvl","tvl:2269"]})
+    );
     let err = recv(&mut c).await;
     assert_eq!(err["code"], "unknown_channel");
-    assert!(err["message"].as_str().unwrap().contains("`prices:ethereum`"), "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("`prices:ethereum`"),
+        "{err}"
+    );
 
     for bad in [
         Message::text("not json"),
@@ -302,13 +395,27 @@ async fn unknown_channels_and_bad_requests_get_error_frames() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_connections_are_forbidden_from_alerts() {
-    let (hub, addr) = start(WsConfig { allow_anonymous: true, ..WsConfig::default() }).await;
+    let (hub, addr) = start(WsConfig {
+        allow_anonymous: true,
+        ..WsConfig::default()
+    })
+    .await;
     let mut c = connect(addr, None).await;
     send(&mut c, json!({"type":"subscribe","channels":["alerts"]})).await;
     let err = recv(&mut c).await;
-    assert_eq!((err["type"].as_str(), err["code"].as_str()), (Some("error"), Some("forbidden")));
-    send(&mut c, json!({"type":"subscribe","channels":["prices", "alerts"]})).await;
-    assert_eq!(recv(&mut c).await, json!({"type":"subscribed","channels":["prices"]}));
+    assert_eq!(
+        (err["type"].as_str(), err["code"].as_str()),
+        (Some("error"), Some("forbidden"))
+    );
+    send(
+        &mut c,
+        json!({"type":"subscribe","channels":["prices", "alerts"]}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut c).await,
+        json!({"type":"subscribed","channels":["prices"]})
+    );
     assert_eq!(recv(&mut c).await["code"], "forbidden");
     hub.publish_alert(&alert("anyone", "x"));
     hub.publish_event(&price("coingecko:ethereum", 2.0, 3_000));
@@ -317,15 +424,29 @@ async fn anonymous_connections_are_forbidden_from_alerts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_limit_is_enforced() {
-    let (_hub, addr) =
-        start(WsConfig { allow_anonymous: true, max_subscriptions: 3, ..WsConfig::default() }).await;
+    let (_hub, addr) = start(WsConfig {
+        allow_anonymous: true,
+        max_subscriptions: 3,
+        ..WsConfig::default()
+    })
+    .await;
     let mut c = connect(addr, None).await;
-    send(&mut c, json!({"type":"subscribe","channels":["prices","tvl","gas","depeg","whales"]})).await;
-    assert_eq!(recv(&mut c).await, json!({"type":"subscribed","channels":["prices","tvl","gas"]}));
+    send(
+        &mut c,
+        json!({"type":"subscribe","channels":["prices","tvl","gas","depeg","whales"]}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut c).await,
+        json!({"type":"subscribed","channels":["prices","tvl","gas"]})
+    );
     let err = recv(&mut c).await;
     assert_eq!(err["code"], "forbidden");
     let msg = err["message"].as_str().unwrap();
-    assert!(msg.contains("at most 3") && msg.contains("`depeg`") && msg.contains("`whales`"), "{msg}");
+    assert!(
+        msg.contains("at most 3") && msg.contains("`depeg`") && msg.contains("`whales`"),
+        "{msg}"
+    );
     // Re-subscribing is not counted twice; freeing a slot makes room.
     subscribe(&mut c, &["prices"]).await;
     send(&mut c, json!({"type":"unsubscribe","channels":["tvl"]})).await;
@@ -342,13 +463,22 @@ async fn pings_are_answered_and_the_server_pings() {
     })
     .await;
     let mut c = connect(addr, None).await;
-    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     send(&mut c, json!({"type":"ping"})).await;
     let pong = recv(&mut c).await;
-    let after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     assert_eq!(pong["type"], "pong");
     let ts = pong["timestamp"].as_i64().unwrap();
-    assert!((before..=after).contains(&ts), "{before} <= {ts} <= {after}");
+    assert!(
+        (before..=after).contains(&ts),
+        "{before} <= {ts} <= {after}"
+    );
 
     // WebSocket-level: our ping gets a pong, and the server pings on its own.
     c.send(Message::Ping(b"hi".to_vec().into())).await.unwrap();
@@ -363,8 +493,15 @@ async fn pings_are_answered_and_the_server_pings() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    // A client that answers pings (tungstenite does while reading) stays connected.
-    sleep(Duration::from_millis(500)).await;
+    // A client that answers pings (tungstenite does while reading) stays connected for well
+    // over the three silent intervals after which a connection is dropped.
+    let until = Instant::now() + Duration::from_millis(600);
+    let mut pings = 0;
+    while let Ok(msg) = tokio::time::timeout_at(until, c.next()).await {
+        assert!(matches!(msg, Some(Ok(Message::Ping(_)))), "{msg:?}");
+        pings += 1;
+    }
+    assert!(pings >= 3, "{pings}");
     send(&mut c, json!({"type":"ping"})).await;
     assert_eq!(recv(&mut c).await["type"], "pong");
 }
@@ -380,13 +517,20 @@ async fn silent_connections_are_dropped_after_missed_pings() {
     // Never reads, so never answers the server's pings.
     let _c = connect(addr, None).await;
     wait_until("the connection to register", || hub.connections() == 1).await;
-    wait_until("the silent connection to be dropped", || hub.connections() == 0).await;
+    wait_until("the silent connection to be dropped", || {
+        hub.connections() == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_rate_limited_per_api_key() {
-    let (_hub, addr) =
-        start(WsConfig { api_keys: keys(&[("k", "u")]), max_msgs_per_sec: 3, ..WsConfig::default() }).await;
+    let (_hub, addr) = start(WsConfig {
+        api_keys: keys(&[("k", "u")]),
+        max_msgs_per_sec: 3,
+        ..WsConfig::default()
+    })
+    .await;
     let mut c1 = connect(addr, Some("k")).await;
     let mut c2 = connect(addr, Some("k")).await;
     let started = Instant::now();
@@ -405,13 +549,24 @@ async fn messages_are_rate_limited_per_api_key() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let pongs = kinds.iter().filter(|v| v["type"] == "pong").count();
-    let limited: Vec<&Value> = kinds.iter().filter(|v| v["code"] == "rate_limited").collect();
+    let limited: Vec<&Value> = kinds
+        .iter()
+        .filter(|v| v["code"] == "rate_limited")
+        .collect();
     assert_eq!(pongs + limited.len(), 6, "{kinds:?}");
     // The key's bucket holds 3 and refills 3/s, shared by both connections.
-    assert!(pongs as f64 <= 3.0 + (elapsed * 3.0).ceil(), "{pongs} pongs in {elapsed}s");
+    assert!(
+        pongs as f64 <= 3.0 + (elapsed * 3.0).ceil(),
+        "{pongs} pongs in {elapsed}s"
+    );
     assert!(!limited.is_empty(), "{kinds:?}");
     assert_eq!(limited[0]["type"], "error");
-    assert!(limited[0]["message"].as_str().unwrap().contains("3 messages per second"));
+    assert!(
+        limited[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("3 messages per second")
+    );
     // Tokens come back.
     sleep(Duration::from_millis(1100)).await;
     send(&mut c2, json!({"type":"ping"})).await;
@@ -420,8 +575,12 @@ async fn messages_are_rate_limited_per_api_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_close_with_1009() {
-    let (hub, addr) =
-        start(WsConfig { allow_anonymous: true, max_frame_bytes: 1024, ..WsConfig::default() }).await;
+    let (hub, addr) = start(WsConfig {
+        allow_anonymous: true,
+        max_frame_bytes: 1024,
+        ..WsConfig::default()
+    })
+    .await;
     let mut c = connect(addr, None).await;
     // At the limit is fine.
     let channels: Vec<String> = (0..60).map(|i| format!("tvl:{i:04}")).collect();
@@ -438,7 +597,11 @@ async fn oversized_messages_close_with_1009() {
 
 /// A frame of about 32 KB, numbered.
 fn big_price(seq: u64) -> Event {
-    let mut e = price("coingecko:ethereum", seq as f64 + 1.0, 1_717_430_400_000 + seq as i64);
+    let mut e = price(
+        "coingecko:ethereum",
+        seq as f64 + 1.0,
+        1_717_430_400_000 + seq as i64,
+    );
     if let EventData::PriceUpdate { symbol, .. } = &mut e.data {
         *symbol = Some("S".repeat(32 * 1024));
     }
@@ -448,8 +611,12 @@ fn big_price(seq: u64) -> Event {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_is_closed_with_1013_and_never_slows_a_fast_one() {
     const QUEUE: u64 = 8;
-    let (hub, addr) =
-        start(WsConfig { allow_anonymous: true, send_queue: QUEUE as usize, ..WsConfig::default() }).await;
+    let (hub, addr) = start(WsConfig {
+        allow_anonymous: true,
+        send_queue: QUEUE as usize,
+        ..WsConfig::default()
+    })
+    .await;
     let mut fast = connect(addr, None).await;
     let mut slow = connect(addr, None).await;
     subscribe(&mut fast, &["prices"]).await;
@@ -475,7 +642,11 @@ async fn a_slow_client_is_closed_with_1013_and_never_slows_a_fast_one() {
             }
         }
     }
-    assert_eq!(hub.connections(), 1, "the slow client was never disconnected after {seq} frames");
+    assert_eq!(
+        hub.connections(),
+        1,
+        "the slow client was never disconnected after {seq} frames"
+    );
     assert!(seq > 5 * QUEUE);
 
     // The slow client finds, after what the socket had buffered, a 1013 close.
@@ -492,7 +663,11 @@ async fn a_slow_client_is_closed_with_1013_and_never_slows_a_fast_one() {
 async fn five_hundred_connections_all_receive_a_broadcast() {
     const N: usize = 500;
     const EVENTS: usize = 20;
-    let (hub, addr) = start(WsConfig { allow_anonymous: true, ..WsConfig::default() }).await;
+    let (hub, addr) = start(WsConfig {
+        allow_anonymous: true,
+        ..WsConfig::default()
+    })
+    .await;
     let mut clients = Vec::with_capacity(N);
     for chunk in 0..N / 50 {
         let batch = futures_util::future::join_all((0..50).map(|_| connect(addr, None))).await;
@@ -516,7 +691,11 @@ async fn five_hundred_connections_all_receive_a_broadcast() {
         })
         .collect();
     for i in 0..EVENTS {
-        hub.publish_event(&price("coingecko:ethereum", i as f64 + 1.0, i as i64 * 1000));
+        hub.publish_event(&price(
+            "coingecko:ethereum",
+            i as f64 + 1.0,
+            i as i64 * 1000,
+        ));
     }
     let expected: Vec<f64> = (0..EVENTS).map(|i| i as f64 + 1.0).collect();
     for r in readers {
@@ -527,13 +706,21 @@ async fn five_hundred_connections_all_receive_a_broadcast() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_connections_with_1001() {
-    let hub = Hub::new(WsConfig { allow_anonymous: true, ..WsConfig::default() });
+    let hub = Hub::new(WsConfig {
+        allow_anonymous: true,
+        ..WsConfig::default()
+    });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, router(hub.clone()), hub.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    let server = tokio::spawn(serve(
+        listener,
+        router(hub.clone()),
+        hub.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     let mut a = connect(addr, None).await;
     let mut b = connect(addr, None).await;
     subscribe(&mut a, &["prices"]).await;
@@ -561,7 +748,12 @@ fn recorder() -> &'static metrics_util::debugging::Snapshotter {
 async fn metrics_count_connections_frames_and_disconnect_reasons() {
     use metrics_util::debugging::DebugValue;
     let snap = recorder();
-    let (hub, addr) = start(WsConfig { allow_anonymous: true, send_queue: 1, ..WsConfig::default() }).await;
+    let (hub, addr) = start(WsConfig {
+        allow_anonymous: true,
+        send_queue: 1,
+        ..WsConfig::default()
+    })
+    .await;
     let mut quiet = connect(addr, None).await;
     let mut slow = connect(addr, None).await;
     subscribe(&mut slow, &["prices"]).await;
@@ -579,7 +771,10 @@ async fn metrics_count_connections_frames_and_disconnect_reasons() {
     for (key, _, _, value) in snap.snapshot().into_vec() {
         let key = key.key();
         let name = key.name().to_string();
-        let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
         match value {
             DebugValue::Counter(n) => {
                 *counters.entry(format!("{name}{labels:?}")).or_insert(0) += n;
@@ -588,9 +783,27 @@ async fn metrics_count_connections_frames_and_disconnect_reasons() {
             DebugValue::Histogram(_) => {}
         }
     }
-    assert!(counters.get(r#"llamaflow_ws_disconnects_total["reason=slow_consumer"]"#).is_some_and(|n| *n >= 1), "{counters:?}");
-    assert!(counters.get(r#"llamaflow_ws_disconnects_total["reason=client_closed"]"#).is_some_and(|n| *n >= 1), "{counters:?}");
+    assert!(
+        counters
+            .get(r#"llamaflow_ws_disconnects_total["reason=slow_consumer"]"#)
+            .is_some_and(|n| *n >= 1),
+        "{counters:?}"
+    );
+    assert!(
+        counters
+            .get(r#"llamaflow_ws_disconnects_total["reason=client_closed"]"#)
+            .is_some_and(|n| *n >= 1),
+        "{counters:?}"
+    );
     // The subscribe ack, at least.
-    assert!(counters.get("llamaflow_ws_frames_sent_total[]").is_some_and(|n| *n >= 1), "{counters:?}");
-    assert!(gauges.iter().any(|g| g == "llamaflow_ws_connections"), "{gauges:?}");
+    assert!(
+        counters
+            .get("llamaflow_ws_frames_sent_total[]")
+            .is_some_and(|n| *n >= 1),
+        "{counters:?}"
+    );
+    assert!(
+        gauges.iter().any(|g| g == "llamaflow_ws_connections"),
+        "{gauges:?}"
+    );
 }

@@ -25,7 +25,8 @@ use std::f64::consts::{PI, TAU};
 use std::sync::Arc;
 
 use schemas::{
-    AlertRule, GasTick, Liquidation, Millis, PriceTick, Protocol, Record, SourcePos, Transfer, TvlUpdate,
+    AlertRule, GasTick, Liquidation, Millis, PriceTick, Protocol, Record, SourcePos, Transfer,
+    TvlUpdate,
 };
 use serde_json::json;
 
@@ -39,7 +40,11 @@ const HOUR: Millis = 3600 * SEC;
 #[derive(Clone, Copy)]
 enum Script {
     None,
-    Move { pct: f64, out: (f64, f64), back: (f64, f64) },
+    Move {
+        pct: f64,
+        out: (f64, f64),
+        back: (f64, f64),
+    },
     /// Depeg to `1 - depth` between minutes 20 and 30.
     Depeg(f64),
 }
@@ -63,7 +68,11 @@ fn ramp(m: f64, (a, b): (f64, f64)) -> f64 {
 
 /// sin² bump: 0 outside `[a, b]`, 1 in the middle.
 fn bump(m: f64, (a, b): (f64, f64)) -> f64 {
-    if m <= a || m >= b { 0.0 } else { (PI * (m - a) / (b - a)).sin().powi(2) }
+    if m <= a || m >= b {
+        0.0
+    } else {
+        (PI * (m - a) / (b - a)).sin().powi(2)
+    }
 }
 
 /// A priced coin. A coin that `follows` another is priced as the leader's price × `price`.
@@ -79,11 +88,33 @@ struct Coin {
 }
 
 const fn coin(id: &'static str, symbol: &'static str, price: f64, vol: f64, decimals: u32) -> Coin {
-    Coin { id, symbol, price, vol, decimals, follows: None, script: Script::None }
+    Coin {
+        id,
+        symbol,
+        price,
+        vol,
+        decimals,
+        follows: None,
+        script: Script::None,
+    }
 }
 
-const fn tracks(id: &'static str, symbol: &'static str, leader: &'static str, ratio: f64, decimals: u32) -> Coin {
-    Coin { id, symbol, price: ratio, vol: 0.0005, decimals, follows: Some(leader), script: Script::None }
+const fn tracks(
+    id: &'static str,
+    symbol: &'static str,
+    leader: &'static str,
+    ratio: f64,
+    decimals: u32,
+) -> Coin {
+    Coin {
+        id,
+        symbol,
+        price: ratio,
+        vol: 0.0005,
+        decimals,
+        follows: Some(leader),
+        script: Script::None,
+    }
 }
 
 const fn scripted(c: Coin, script: Script) -> Coin {
@@ -96,9 +127,30 @@ const USDT_ETH: &str = "ethereum:0xdac17f958d2ee523a2206206994597c13d831ec7";
 
 /// The demo's coins: leaders before the coins that follow them.
 const COINS: &[Coin] = &[
-    scripted(coin("coingecko:bitcoin", "BTC", 95_000.0, 0.006, 8), Script::Move { pct: -0.03, out: (4.0, 9.0), back: (35.0, 45.0) }),
-    scripted(coin("coingecko:ethereum", "ETH", 3_500.0, 0.008, 18), Script::Move { pct: -0.025, out: (3.0, 8.0), back: (40.0, 50.0) }),
-    scripted(coin("coingecko:solana", "SOL", 180.0, 0.012, 9), Script::Move { pct: -0.04, out: (6.0, 12.0), back: (45.0, 55.0) }),
+    scripted(
+        coin("coingecko:bitcoin", "BTC", 95_000.0, 0.006, 8),
+        Script::Move {
+            pct: -0.03,
+            out: (4.0, 9.0),
+            back: (35.0, 45.0),
+        },
+    ),
+    scripted(
+        coin("coingecko:ethereum", "ETH", 3_500.0, 0.008, 18),
+        Script::Move {
+            pct: -0.025,
+            out: (3.0, 8.0),
+            back: (40.0, 50.0),
+        },
+    ),
+    scripted(
+        coin("coingecko:solana", "SOL", 180.0, 0.012, 9),
+        Script::Move {
+            pct: -0.04,
+            out: (6.0, 12.0),
+            back: (45.0, 55.0),
+        },
+    ),
     coin("coingecko:binancecoin", "BNB", 650.0, 0.007, 18),
     coin("coingecko:ripple", "XRP", 2.3, 0.012, 6),
     coin("coingecko:cardano", "ADA", 0.75, 0.012, 6),
@@ -125,23 +177,95 @@ const COINS: &[Coin] = &[
     coin("coingecko:gmx", "GMX", 30.0, 0.014, 18),
     coin("coingecko:tether", "USDT", 1.0, 0.0003, 6),
     scripted(coin(USDC, "USDC", 1.0, 0.0004, 6), Script::Depeg(0.12)),
-    scripted(coin("coingecko:dai", "DAI", 1.0, 0.0004, 18), Script::Depeg(0.05)),
-    scripted(coin("coingecko:frax", "FRAX", 1.0, 0.0006, 18), Script::Depeg(0.06)),
+    scripted(
+        coin("coingecko:dai", "DAI", 1.0, 0.0004, 18),
+        Script::Depeg(0.05),
+    ),
+    scripted(
+        coin("coingecko:frax", "FRAX", 1.0, 0.0006, 18),
+        Script::Depeg(0.06),
+    ),
     coin("coingecko:ethena-usde", "USDe", 1.0, 0.0005, 18),
-    tracks("coingecko:wrapped-bitcoin", "WBTC", "coingecko:bitcoin", 0.9995, 8),
+    tracks(
+        "coingecko:wrapped-bitcoin",
+        "WBTC",
+        "coingecko:bitcoin",
+        0.9995,
+        8,
+    ),
     tracks("coingecko:weth", "WETH", "coingecko:ethereum", 1.0, 18),
-    tracks("coingecko:staked-ether", "STETH", "coingecko:ethereum", 0.9992, 18),
+    tracks(
+        "coingecko:staked-ether",
+        "STETH",
+        "coingecko:ethereum",
+        0.9992,
+        18,
+    ),
     tracks(USDC_ETH, "USDC", USDC, 1.0, 6),
     tracks(USDT_ETH, "USDT", "coingecko:tether", 1.0, 6),
-    tracks("ethereum:0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2", "WETH", "coingecko:ethereum", 1.0, 18),
-    tracks("ethereum:0x2260fac5e5542a773aa44fbcfedf7c193bc2c599", "WBTC", "coingecko:bitcoin", 0.9995, 8),
-    tracks("ethereum:0x7f39c581f595b53c5cb19bd0b3f8da6c935e2ca0", "wstETH", "coingecko:ethereum", 1.19, 18),
-    tracks("ethereum:0x6b175474e89094c44da98b954eedeac495271d0f", "DAI", "coingecko:dai", 1.0, 18),
-    tracks("ethereum:0x514910771af9ca656af840dff83e8264ecf986ca", "LINK", "coingecko:chainlink", 1.0, 18),
-    tracks("ethereum:0x1f9840a85d5af5bf1d1762f925bdaddc4201f984", "UNI", "coingecko:uniswap", 1.0, 18),
-    tracks("ethereum:0x7fc66500c84a76ad7e9c93437bfc5ac33e2ddae9", "AAVE", "coingecko:aave", 1.0, 18),
-    tracks("arbitrum:0xaf88d065e77c8cc2239327c5edb3a432268e5831", "USDC", USDC, 1.0, 6),
-    tracks("solana:EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v", "USDC", USDC, 1.0, 6),
+    tracks(
+        "ethereum:0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2",
+        "WETH",
+        "coingecko:ethereum",
+        1.0,
+        18,
+    ),
+    tracks(
+        "ethereum:0x2260fac5e5542a773aa44fbcfedf7c193bc2c599",
+        "WBTC",
+        "coingecko:bitcoin",
+        0.9995,
+        8,
+    ),
+    tracks(
+        "ethereum:0x7f39c581f595b53c5cb19bd0b3f8da6c935e2ca0",
+        "wstETH",
+        "coingecko:ethereum",
+        1.19,
+        18,
+    ),
+    tracks(
+        "ethereum:0x6b175474e89094c44da98b954eedeac495271d0f",
+        "DAI",
+        "coingecko:dai",
+        1.0,
+        18,
+    ),
+    tracks(
+        "ethereum:0x514910771af9ca656af840dff83e8264ecf986ca",
+        "LINK",
+        "coingecko:chainlink",
+        1.0,
+        18,
+    ),
+    tracks(
+        "ethereum:0x1f9840a85d5af5bf1d1762f925bdaddc4201f984",
+        "UNI",
+        "coingecko:uniswap",
+        1.0,
+        18,
+    ),
+    tracks(
+        "ethereum:0x7fc66500c84a76ad7e9c93437bfc5ac33e2ddae9",
+        "AAVE",
+        "coingecko:aave",
+        1.0,
+        18,
+    ),
+    tracks(
+        "arbitrum:0xaf88d065e77c8cc2239327c5edb3a432268e5831",
+        "USDC",
+        USDC,
+        1.0,
+        6,
+    ),
+    tracks(
+        "solana:EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v",
+        "USDC",
+        USDC,
+        1.0,
+        6,
+    ),
 ];
 
 /// `(coin, chain)` pairs that transfers move.
@@ -149,11 +273,26 @@ const TRANSFER_ASSETS: &[(&str, &str)] = &[
     (USDC_ETH, "ethereum"),
     (USDT_ETH, "ethereum"),
     ("coingecko:ethereum", "ethereum"),
-    ("ethereum:0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2", "ethereum"),
-    ("ethereum:0x2260fac5e5542a773aa44fbcfedf7c193bc2c599", "ethereum"),
-    ("ethereum:0x7f39c581f595b53c5cb19bd0b3f8da6c935e2ca0", "ethereum"),
-    ("arbitrum:0xaf88d065e77c8cc2239327c5edb3a432268e5831", "arbitrum"),
-    ("solana:EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v", "solana"),
+    (
+        "ethereum:0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2",
+        "ethereum",
+    ),
+    (
+        "ethereum:0x2260fac5e5542a773aa44fbcfedf7c193bc2c599",
+        "ethereum",
+    ),
+    (
+        "ethereum:0x7f39c581f595b53c5cb19bd0b3f8da6c935e2ca0",
+        "ethereum",
+    ),
+    (
+        "arbitrum:0xaf88d065e77c8cc2239327c5edb3a432268e5831",
+        "arbitrum",
+    ),
+    (
+        "solana:EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v",
+        "solana",
+    ),
     ("coingecko:solana", "solana"),
     ("coingecko:bitcoin", "bitcoin"),
     ("coingecko:tether", "tron"),
@@ -172,38 +311,88 @@ struct ProtocolDef {
 const DROPPING_PROTOCOL: usize = 1;
 
 const PROTOCOLS: &[ProtocolDef] = &[
-    ProtocolDef { id: "182", name: "Lido", slug: "lido", category: "Liquid Staking", chains: &[("ethereum", 25_000.0)] },
+    ProtocolDef {
+        id: "182",
+        name: "Lido",
+        slug: "lido",
+        category: "Liquid Staking",
+        chains: &[("ethereum", 25_000.0)],
+    },
     ProtocolDef {
         id: "1599",
         name: "Aave V3",
         slug: "aave-v3",
         category: "Lending",
-        chains: &[("arbitrum", 1_500.0), ("avax", 600.0), ("base", 1_200.0), ("bsc", 300.0), ("ethereum", 22_000.0), ("optimism", 150.0), ("polygon", 400.0)],
+        chains: &[
+            ("arbitrum", 1_500.0),
+            ("avax", 600.0),
+            ("base", 1_200.0),
+            ("bsc", 300.0),
+            ("ethereum", 22_000.0),
+            ("optimism", 150.0),
+            ("polygon", 400.0),
+        ],
     },
-    ProtocolDef { id: "3107", name: "EigenLayer", slug: "eigenlayer", category: "Restaking", chains: &[("ethereum", 12_000.0)] },
+    ProtocolDef {
+        id: "3107",
+        name: "EigenLayer",
+        slug: "eigenlayer",
+        category: "Restaking",
+        chains: &[("ethereum", 12_000.0)],
+    },
     ProtocolDef {
         id: "2198",
         name: "Uniswap V3",
         slug: "uniswap-v3",
         category: "Dexs",
-        chains: &[("arbitrum", 400.0), ("base", 350.0), ("bsc", 100.0), ("ethereum", 2_500.0), ("optimism", 50.0), ("polygon", 100.0)],
+        chains: &[
+            ("arbitrum", 400.0),
+            ("base", 350.0),
+            ("bsc", 100.0),
+            ("ethereum", 2_500.0),
+            ("optimism", 50.0),
+            ("polygon", 100.0),
+        ],
     },
-    ProtocolDef { id: "118", name: "MakerDAO", slug: "makerdao", category: "CDP", chains: &[("ethereum", 6_000.0)] },
+    ProtocolDef {
+        id: "118",
+        name: "MakerDAO",
+        slug: "makerdao",
+        category: "CDP",
+        chains: &[("ethereum", 6_000.0)],
+    },
     ProtocolDef {
         id: "3",
         name: "Curve DEX",
         slug: "curve-dex",
         category: "Dexs",
-        chains: &[("arbitrum", 50.0), ("ethereum", 1_800.0), ("optimism", 20.0), ("polygon", 30.0)],
+        chains: &[
+            ("arbitrum", 50.0),
+            ("ethereum", 1_800.0),
+            ("optimism", 20.0),
+            ("polygon", 30.0),
+        ],
     },
     ProtocolDef {
         id: "2088",
         name: "Compound V3",
         slug: "compound-v3",
         category: "Lending",
-        chains: &[("arbitrum", 200.0), ("base", 150.0), ("ethereum", 2_200.0), ("optimism", 30.0), ("polygon", 50.0)],
+        chains: &[
+            ("arbitrum", 200.0),
+            ("base", 150.0),
+            ("ethereum", 2_200.0),
+            ("optimism", 30.0),
+            ("polygon", 50.0),
+        ],
     },
-    ProtocolDef { id: "900", name: "Rocket Pool", slug: "rocket-pool", category: "Liquid Staking", chains: &[("ethereum", 2_500.0)] },
+    ProtocolDef {
+        id: "900",
+        name: "Rocket Pool",
+        slug: "rocket-pool",
+        category: "Liquid Staking",
+        chains: &[("ethereum", 2_500.0)],
+    },
     ProtocolDef {
         id: "382",
         name: "Pendle",
@@ -211,9 +400,27 @@ const PROTOCOLS: &[ProtocolDef] = &[
         category: "Yield",
         chains: &[("arbitrum", 200.0), ("bsc", 100.0), ("ethereum", 3_500.0)],
     },
-    ProtocolDef { id: "4133", name: "Ethena USDe", slug: "ethena-usde", category: "Basis Trading", chains: &[("ethereum", 5_500.0)] },
-    ProtocolDef { id: "4025", name: "Morpho Blue", slug: "morpho-blue", category: "Lending", chains: &[("base", 1_200.0), ("ethereum", 3_000.0)] },
-    ProtocolDef { id: "319", name: "Convex Finance", slug: "convex-finance", category: "Yield", chains: &[("arbitrum", 10.0), ("ethereum", 1_200.0)] },
+    ProtocolDef {
+        id: "4133",
+        name: "Ethena USDe",
+        slug: "ethena-usde",
+        category: "Basis Trading",
+        chains: &[("ethereum", 5_500.0)],
+    },
+    ProtocolDef {
+        id: "4025",
+        name: "Morpho Blue",
+        slug: "morpho-blue",
+        category: "Lending",
+        chains: &[("base", 1_200.0), ("ethereum", 3_000.0)],
+    },
+    ProtocolDef {
+        id: "319",
+        name: "Convex Finance",
+        slug: "convex-finance",
+        category: "Yield",
+        chains: &[("arbitrum", 10.0), ("ethereum", 1_200.0)],
+    },
     ProtocolDef {
         id: "111",
         name: "AAVE V2",
@@ -221,13 +428,30 @@ const PROTOCOLS: &[ProtocolDef] = &[
         category: "Lending",
         chains: &[("avax", 20.0), ("ethereum", 300.0), ("polygon", 30.0)],
     },
-    ProtocolDef { id: "337", name: "GMX", slug: "gmx", category: "Derivatives", chains: &[("arbitrum", 350.0), ("avax", 20.0)] },
-    ProtocolDef { id: "2308", name: "Jito", slug: "jito", category: "Liquid Staking", chains: &[("solana", 2_800.0)] },
+    ProtocolDef {
+        id: "337",
+        name: "GMX",
+        slug: "gmx",
+        category: "Derivatives",
+        chains: &[("arbitrum", 350.0), ("avax", 20.0)],
+    },
+    ProtocolDef {
+        id: "2308",
+        name: "Jito",
+        slug: "jito",
+        category: "Liquid Staking",
+        chains: &[("solana", 2_800.0)],
+    },
 ];
 
 /// Gas chains: `(chain, typical gwei, noise)`. Ethereum spikes at minutes 5–9.
-const GAS: &[(&str, f64, f64)] =
-    &[("ethereum", 18.0, 0.15), ("arbitrum", 0.012, 0.10), ("base", 0.006, 0.15), ("polygon", 35.0, 0.20), ("bsc", 1.0, 0.05)];
+const GAS: &[(&str, f64, f64)] = &[
+    ("ethereum", 18.0, 0.15),
+    ("arbitrum", 0.012, 0.10),
+    ("base", 0.006, 0.15),
+    ("polygon", 35.0, 0.20),
+    ("bsc", 1.0, 0.05),
+];
 
 /// The demo's protocols (`protocols` rows).
 pub fn demo_protocols() -> Vec<Protocol> {
@@ -306,7 +530,9 @@ impl Rng {
         lo * (hi / lo).powf(self.unit())
     }
     fn chars(&mut self, alphabet: &[u8], n: usize) -> String {
-        (0..n).map(|_| alphabet[self.index(alphabet.len())] as char).collect()
+        (0..n)
+            .map(|_| alphabet[self.index(alphabet.len())] as char)
+            .collect()
     }
 }
 
@@ -378,7 +604,12 @@ impl DemoFeed {
     /// A feed starting at `start_ts_secs` (unix seconds, the first price tick's time) with a
     /// PRNG seed; the same arguments give the same records.
     pub fn new(start_ts_secs: i64, seed: u64) -> Self {
-        let index = |id: &str| COINS.iter().position(|c| c.id == id).expect("demo coin table is consistent");
+        let index = |id: &str| {
+            COINS
+                .iter()
+                .position(|c| c.id == id)
+                .expect("demo coin table is consistent")
+        };
         let start = start_ts_secs.max(0).saturating_mul(SEC);
         let mut rng = Rng(seed ^ 0x6c6c_616d_6166_6c6f);
         let mut queue = BinaryHeap::new();
@@ -410,7 +641,10 @@ impl DemoFeed {
             queue,
             coins: fresh(COINS.len(), start),
             leaders: COINS.iter().map(|c| c.follows.map(index)).collect(),
-            transfer_assets: TRANSFER_ASSETS.iter().map(|(c, chain)| (index(c), *chain)).collect(),
+            transfer_assets: TRANSFER_ASSETS
+                .iter()
+                .map(|(c, chain)| (index(c), *chain))
+                .collect(),
             lenders,
             tvl: fresh(PROTOCOLS.len(), (start - HOUR).max(0)),
             drop_level: 1.0,
@@ -449,23 +683,43 @@ impl DemoFeed {
 
     fn tvl(&mut self, p: usize, t: Millis) -> Record {
         let x = self.tvl[p].step(&mut self.rng, t, 0.5, 0.01);
-        let level = if p == DROPPING_PROTOCOL { self.drop_level } else { 1.0 };
+        let level = if p == DROPPING_PROTOCOL {
+            self.drop_level
+        } else {
+            1.0
+        };
         let chains = PROTOCOLS[p]
             .chains
             .iter()
             .map(|(chain, base)| {
                 let jitter = 0.001 * self.rng.normal();
-                (chain.to_string(), round2(base * 1e6 * (x + jitter).exp() * level))
+                (
+                    chain.to_string(),
+                    round2(base * 1e6 * (x + jitter).exp() * level),
+                )
             })
             .collect();
-        Record::Tvl(TvlUpdate { protocol_id: PROTOCOLS[p].id.into(), timestamp: t, chains, extra: Vec::new() })
+        Record::Tvl(TvlUpdate {
+            protocol_id: PROTOCOLS[p].id.into(),
+            timestamp: t,
+            chains,
+            extra: Vec::new(),
+        })
     }
 
     fn gas(&mut self, g: usize, t: Millis) -> (Record, Millis) {
         let (chain, typical, vol) = GAS[g];
         let x = self.gas[g].step(&mut self.rng, t, 6.0, vol);
-        let spike = if chain == "ethereum" { 1.0 + 4.0 * bump(self.minute(t), (5.0, 9.0)) } else { 1.0 };
-        let tick = GasTick { chain: chain.into(), gwei: round_sig(typical * x.exp() * spike, 6), timestamp: t };
+        let spike = if chain == "ethereum" {
+            1.0 + 4.0 * bump(self.minute(t), (5.0, 9.0))
+        } else {
+            1.0
+        };
+        let tick = GasTick {
+            chain: chain.into(),
+            gwei: round_sig(typical * x.exp() * spike, 6),
+            timestamp: t,
+        };
         (Record::Gas(tick), t + self.rng.range(13, 17) * SEC)
     }
 
@@ -511,7 +765,11 @@ impl DemoFeed {
         let stress = (5.0..12.0).contains(&m);
         let (p, chain) = self.lenders[self.rng.index(self.lenders.len())];
         let big = self.rng.unit() < if stress { 0.5 } else { 0.06 };
-        let amount_usd = if big { self.rng.log_uniform(5e5, 8e6) } else { self.rng.log_uniform(2e3, 3e5) };
+        let amount_usd = if big {
+            self.rng.log_uniform(5e5, 8e6)
+        } else {
+            self.rng.log_uniform(2e3, 3e5)
+        };
         let (_, account) = self.tx_and_address(chain);
         let liq = Liquidation {
             protocol_id: PROTOCOLS[p].id.into(),
@@ -520,7 +778,11 @@ impl DemoFeed {
             amount_usd: round2(amount_usd),
             timestamp: t,
         };
-        let next = if stress { self.rng.range(3, 10) } else { self.rng.range(15, 60) };
+        let next = if stress {
+            self.rng.range(3, 10)
+        } else {
+            self.rng.range(15, 60)
+        };
         (Record::Liquidation(liq), t + next * SEC)
     }
 }
@@ -536,7 +798,11 @@ impl Iterator for DemoFeed {
                 if p == DROPPING_PROTOCOL && t >= self.start {
                     self.drop_level += (1.0 - self.drop_level) * 0.2;
                 }
-                let next = if t < self.start { self.start + self.rng.range(0, 299) * SEC } else { t + self.rng.range(285, 315) * SEC };
+                let next = if t < self.start {
+                    self.start + self.rng.range(0, 299) * SEC
+                } else {
+                    t + self.rng.range(285, 315) * SEC
+                };
                 (self.tvl(p, t), next)
             }
             Stream::TvlDrop => {

@@ -69,14 +69,18 @@ pub fn is_export_dir(dir: &Path) -> bool {
 pub fn open(dir: &Path) -> Result<ExportSource, SourceError> {
     let exports = if dir.join(SUMMARY).is_file() {
         let parent = dir.parent();
-        let prefix = parent.filter(|p| p.file_name().is_some_and(|n| n == AWS_DIR)).and_then(Path::parent);
+        let prefix = parent
+            .filter(|p| p.file_name().is_some_and(|n| n == AWS_DIR))
+            .and_then(Path::parent);
         vec![read_summary(dir, prefix.map(Path::to_path_buf))?]
     } else {
         let mut exports = list_exports(dir)?;
         if exports.is_empty() {
             return Err(SourceError::invalid(
                 dir,
-                format!("no DynamoDB export found (expected {AWS_DIR}/<ExportId>/{SUMMARY} or {SUMMARY})"),
+                format!(
+                    "no DynamoDB export found (expected {AWS_DIR}/<ExportId>/{SUMMARY} or {SUMMARY})"
+                ),
             ));
         }
         exports.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
@@ -87,7 +91,14 @@ pub fn open(dir: &Path) -> Result<ExportSource, SourceError> {
         loader.load_export(export)?;
     }
     loader.entries.sort_by_key(|e| e.ts);
-    let Loader { stats, dead, entries, names, files, .. } = loader;
+    let Loader {
+        stats,
+        dead,
+        entries,
+        names,
+        files,
+        ..
+    } = loader;
     Ok(ExportSource {
         last_price: vec![None; names.len()],
         stats,
@@ -133,12 +144,17 @@ impl ExportSource {
                     self.stats.redirects_unresolved += 1;
                     let raw = serde_json::json!({"coin": self.name(p.coin), "redirect": self.name(target),
                         "timestamp": format_seconds(ts)});
-                    let reason = format!("redirect target {} has no earlier price", self.name(target));
+                    let reason =
+                        format!("redirect target {} has no earlier price", self.name(target));
                     return Input::Dead(DeadLetter::new(pos, reason, &raw.to_string()));
                 }
             },
             (None, None) => {
-                return Input::Dead(DeadLetter::new(pos, "price item without price or redirect", ""));
+                return Input::Dead(DeadLetter::new(
+                    pos,
+                    "price item without price or redirect",
+                    "",
+                ));
             }
         };
         if let Some(slot) = self.last_price.get_mut(p.coin as usize) {
@@ -164,7 +180,11 @@ impl Iterator for ExportSource {
             return Some(Input::Dead(d));
         }
         let e = self.entries.next()?;
-        let source = self.files.get(e.file as usize).cloned().unwrap_or_else(|| Arc::from(""));
+        let source = self
+            .files
+            .get(e.file as usize)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""));
         let pos = SourcePos::new(source, e.line);
         Some(match e.body {
             Body::Tvl(t) => Input::Record(pos, Record::Tvl(*t)),
@@ -218,11 +238,16 @@ fn list_exports(dir: &Path) -> Result<Vec<Export>, SourceError> {
     let (root, prefix) = if dir.join(AWS_DIR).is_dir() {
         (dir.join(AWS_DIR), dir.to_path_buf())
     } else if dir.file_name().is_some_and(|n| n == AWS_DIR) && dir.is_dir() {
-        (dir.to_path_buf(), dir.parent().unwrap_or(Path::new("")).to_path_buf())
+        (
+            dir.to_path_buf(),
+            dir.parent().unwrap_or(Path::new("")).to_path_buf(),
+        )
     } else if dir.is_dir() {
         return Ok(Vec::new());
     } else {
-        let e = fs::metadata(dir).err().unwrap_or_else(|| std::io::Error::other("not a directory"));
+        let e = fs::metadata(dir)
+            .err()
+            .unwrap_or_else(|| std::io::Error::other("not a directory"));
         return Err(SourceError::io("open", dir, e));
     };
     let listing = fs::read_dir(&root).map_err(|e| SourceError::io("list", &root, e))?;
@@ -239,7 +264,8 @@ fn list_exports(dir: &Path) -> Result<Vec<Export>, SourceError> {
 fn read_summary(dir: &Path, prefix: Option<PathBuf>) -> Result<Export, SourceError> {
     let path = dir.join(SUMMARY);
     let text = fs::read_to_string(&path).map_err(|e| SourceError::io("read", &path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| SourceError::invalid(&path, format!("bad JSON: {e}")))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| SourceError::invalid(&path, format!("bad JSON: {e}")))?;
     if !v.is_object() {
         return Err(SourceError::invalid(&path, "not a JSON object"));
     }
@@ -248,18 +274,27 @@ fn read_summary(dir: &Path, prefix: Option<PathBuf>) -> Result<Export, SourceErr
         .find_map(|k| v.get(k).and_then(parse_time))
         .unwrap_or(i64::MAX);
     Ok(Export {
-        id: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        id: dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         dir: dir.to_path_buf(),
         prefix,
         time,
-        manifest_key: v.get("manifestFilesS3Key").and_then(Value::as_str).map(str::to_string),
+        manifest_key: v
+            .get("manifestFilesS3Key")
+            .and_then(Value::as_str)
+            .map(str::to_string),
     })
 }
 
 /// A summary time: ISO 8601 (`2024-06-03T16:00:00.000Z`) or unix seconds, as ms.
 fn parse_time(v: &Value) -> Option<i64> {
     match v {
-        Value::Number(n) => n.as_f64().filter(|s| s.is_finite()).map(|s| (s * 1000.0) as i64),
+        Value::Number(n) => n
+            .as_f64()
+            .filter(|s| s.is_finite())
+            .map(|s| (s * 1000.0) as i64),
         Value::String(s) => parse_iso8601(s),
         _ => None,
     }
@@ -269,10 +304,20 @@ fn parse_time(v: &Value) -> Option<i64> {
 fn parse_iso8601(s: &str) -> Option<i64> {
     let digits = |a: usize, b: usize| -> Option<i64> {
         let d = s.get(a..b)?;
-        if d.bytes().all(|c| c.is_ascii_digit()) { d.parse().ok() } else { None }
+        if d.bytes().all(|c| c.is_ascii_digit()) {
+            d.parse().ok()
+        } else {
+            None
+        }
     };
     let b = s.as_bytes();
-    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let (y, mo, d) = (digits(0, 4)?, digits(5, 7)?, digits(8, 10)?);
@@ -318,16 +363,23 @@ fn parse_iso8601(s: &str) -> Option<i64> {
 /// Resolves an S3 key of an export to a local file: relative to the prefix directory, then
 /// from its `AWSDynamoDB/` part on, then `<export dir>[/<sub>]/<file name>`.
 fn resolve(key: &str, export: &Export, sub: Option<&str>) -> Result<PathBuf, Vec<PathBuf>> {
-    let safe = |k: &str| Path::new(k).components().all(|c| matches!(c, Component::Normal(_)));
+    let safe = |k: &str| {
+        Path::new(k)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+    };
     let mut tried = Vec::new();
     if let Some(prefix) = &export.prefix {
         if safe(key) {
             tried.push(prefix.join(key));
         }
-        if let Some(i) = key.find(&format!("{AWS_DIR}/")).filter(|&i| i > 0) {
-            if safe(&key[i..]) {
-                tried.push(prefix.join(&key[i..]));
-            }
+        if let Some(rest) = key
+            .find(&format!("{AWS_DIR}/"))
+            .filter(|&i| i > 0)
+            .map(|i| &key[i..])
+            && safe(rest)
+        {
+            tried.push(prefix.join(rest));
         }
     }
     if let Some(name) = Path::new(key).file_name() {
@@ -370,12 +422,15 @@ impl Loader {
             Some(key) => resolve(key, export, None).unwrap_or_else(|_| export.dir.join(MANIFEST)),
             None => export.dir.join(MANIFEST),
         };
-        let text = fs::read_to_string(&manifest).map_err(|e| SourceError::io("read", &manifest, e))?;
+        let text =
+            fs::read_to_string(&manifest).map_err(|e| SourceError::io("read", &manifest, e))?;
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let bad = |reason: String| SourceError::invalid(&manifest, format!("line {}: {reason}", i + 1));
+            let bad = |reason: String| {
+                SourceError::invalid(&manifest, format!("line {}: {reason}", i + 1))
+            };
             let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("bad JSON: {e}")))?;
             let key = v
                 .get("dataFileS3Key")
@@ -383,14 +438,22 @@ impl Loader {
                 .ok_or_else(|| bad("missing string field `dataFileS3Key`".into()))?;
             let data = resolve(key, export, Some("data")).map_err(|tried| {
                 let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
-                bad(format!("data file {key} not found (looked for {})", tried.join(", ")))
+                bad(format!(
+                    "data file {key} not found (looked for {})",
+                    tried.join(", ")
+                ))
             })?;
             self.load_data_file(&data, v.get("itemCount").and_then(Value::as_u64), line)?;
         }
         Ok(())
     }
 
-    fn load_data_file(&mut self, path: &Path, item_count: Option<u64>, manifest_line: &str) -> Result<(), SourceError> {
+    fn load_data_file(
+        &mut self,
+        path: &Path,
+        item_count: Option<u64>,
+        manifest_line: &str,
+    ) -> Result<(), SourceError> {
         let mut reader = open_lines(path)?;
         self.stats.data_files += 1;
         let file = self.files.len() as u32;
@@ -405,7 +468,11 @@ impl Loader {
                 Line::Err(e) => {
                     // A read error makes the count meaningless: no itemCount check for this file.
                     let raw = String::from_utf8_lossy(&buf);
-                    self.dead.push(DeadLetter::new(pos, format!("read error: {}", io_reason(&e)), &raw));
+                    self.dead.push(DeadLetter::new(
+                        pos,
+                        format!("read error: {}", io_reason(&e)),
+                        &raw,
+                    ));
                     self.buf = buf;
                     return Ok(());
                 }
@@ -417,7 +484,11 @@ impl Loader {
                 Err(e) => {
                     lines += 1;
                     self.stats.invalid_lines += 1;
-                    self.dead.push(DeadLetter::new(pos, format!("invalid UTF-8: {e}"), &String::from_utf8_lossy(&buf)));
+                    self.dead.push(DeadLetter::new(
+                        pos,
+                        format!("invalid UTF-8: {e}"),
+                        &String::from_utf8_lossy(&buf),
+                    ));
                     continue;
                 }
             };
@@ -435,7 +506,8 @@ impl Loader {
         if let Some(n) = item_count.filter(|&n| n != lines) {
             self.stats.item_count_mismatches += 1;
             let reason = format!("itemCount mismatch: manifest says {n}, file has {lines}");
-            self.dead.push(DeadLetter::new(path.display(), reason, manifest_line));
+            self.dead
+                .push(DeadLetter::new(path.display(), reason, manifest_line));
         }
         Ok(())
     }
@@ -455,7 +527,16 @@ impl Loader {
             }
             Some(DynamoRecord::Tvl(t)) => (t.timestamp, Body::Tvl(Box::new(t))),
             Some(DynamoRecord::Price(p)) => {
-                let PriceItem { coin, price, timestamp, symbol, confidence, decimals, redirect, .. } = p;
+                let PriceItem {
+                    coin,
+                    price,
+                    timestamp,
+                    symbol,
+                    confidence,
+                    decimals,
+                    redirect,
+                    ..
+                } = p;
                 let price = Price {
                     coin: self.intern(coin),
                     price,
@@ -468,7 +549,12 @@ impl Loader {
             }
         };
         self.stats.items += 1;
-        self.entries.push(Entry { ts, file, line: line_no, body });
+        self.entries.push(Entry {
+            ts,
+            file,
+            line: line_no,
+            body,
+        });
         Ok(())
     }
 }

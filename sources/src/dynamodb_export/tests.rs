@@ -43,8 +43,18 @@ fn export_tree() -> tempfile::TempDir {
     let root = tmp.path().join(AWS_DIR);
     // The incremental export sorts first by id but is later by exportTime.
     let (full, incr) = (root.join(format!("9{FULL}")), root.join(INCR));
-    summary(&full, "FULL_EXPORT", "2024-06-03T17:00:00.000Z", &format!("{AWS_DIR}/9{FULL}/manifest-files.json"));
-    summary(&incr, "INCREMENTAL_EXPORT", "2024-06-03T18:00:00Z", &format!("s3prefix/{AWS_DIR}/{INCR}/manifest-files.json"));
+    summary(
+        &full,
+        "FULL_EXPORT",
+        "2024-06-03T17:00:00.000Z",
+        &format!("{AWS_DIR}/9{FULL}/manifest-files.json"),
+    );
+    summary(
+        &incr,
+        "INCREMENTAL_EXPORT",
+        "2024-06-03T18:00:00Z",
+        &format!("s3prefix/{AWS_DIR}/{INCR}/manifest-files.json"),
+    );
     fs::write(
         full.join(MANIFEST),
         format!(
@@ -57,13 +67,21 @@ fn export_tree() -> tempfile::TempDir {
     write_gz(
         &full.join("data/b.json.gz"),
         &[
-            item(json!({"PK":{"S":"coingecko#ethereum"},"SK":{"N":"0"},"price":{"N":"3510"},
-                "timestamp":{"N":"1717430700"},"symbol":{"S":"ETH"},"confidence":{"N":"0.99"},"decimals":{"N":"18"}})),
-            item(json!({"PK":{"S":"coingecko#ethereum"},"SK":{"N":"1717430700"},"price":{"N":"3510"},"symbol":{"S":"ETH"}})),
-            item(json!({"PK":{"S":"hourlyTvl#1599"},"SK":{"N":"1717430400"},"ethereum":{"N":"100"},
-                "arbitrum":{"N":"20"},"ethereum-borrowed":{"N":"50"},"tvl":{"N":"120"}})),
-            item(json!({"PK":{"S":"asset#ethereum:0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"},"SK":{"N":"1717430650"},
-                "redirect":{"S":"coingecko#usd-coin"},"symbol":{"S":"USDC"},"decimals":{"N":"6"}})),
+            item(
+                json!({"PK":{"S":"coingecko#ethereum"},"SK":{"N":"0"},"price":{"N":"3510"},
+                "timestamp":{"N":"1717430700"},"symbol":{"S":"ETH"},"confidence":{"N":"0.99"},"decimals":{"N":"18"}}),
+            ),
+            item(
+                json!({"PK":{"S":"coingecko#ethereum"},"SK":{"N":"1717430700"},"price":{"N":"3510"},"symbol":{"S":"ETH"}}),
+            ),
+            item(
+                json!({"PK":{"S":"hourlyTvl#1599"},"SK":{"N":"1717430400"},"ethereum":{"N":"100"},
+                "arbitrum":{"N":"20"},"ethereum-borrowed":{"N":"50"},"tvl":{"N":"120"}}),
+            ),
+            item(
+                json!({"PK":{"S":"asset#ethereum:0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"},"SK":{"N":"1717430650"},
+                "redirect":{"S":"coingecko#usd-coin"},"symbol":{"S":"USDC"},"decimals":{"N":"6"}}),
+            ),
         ],
     );
     write_gz(
@@ -74,14 +92,18 @@ fn export_tree() -> tempfile::TempDir {
             item(json!({"PK":{"S":"config#tokens"},"SK":{"N":"0"}})),
             "{\"Item\":{\"PK\":".to_string(),
             item(price("coingecko#usd-coin", 1_717_430_660, 1.0001)),
-            item(json!({"PK":{"S":"asset#ethereum:0xdac17f958d2ee523a2206206994597c13d831ec7"},"SK":{"N":"1717430100"},
-                "redirect":{"S":"coingecko#tether"}})),
+            item(
+                json!({"PK":{"S":"asset#ethereum:0xdac17f958d2ee523a2206206994597c13d831ec7"},"SK":{"N":"1717430100"},
+                "redirect":{"S":"coingecko#tether"}}),
+            ),
         ],
     );
     let keys = json!({"PK":{"S":"hourlyTvl#1599"},"SK":{"N":"1717434000"}});
     fs::write(
         incr.join(MANIFEST),
-        json!({"itemCount":3,"dataFileS3Key":format!("s3prefix/{AWS_DIR}/{INCR}/data/c.json.gz")}).to_string() + "\n",
+        json!({"itemCount":3,"dataFileS3Key":format!("s3prefix/{AWS_DIR}/{INCR}/data/c.json.gz")})
+            .to_string()
+            + "\n",
     )
     .unwrap();
     write_gz(
@@ -108,7 +130,14 @@ fn describe(items: &[Input]) -> Vec<String> {
         .iter()
         .map(|i| match i {
             Input::Record(pos, Record::Price(p)) => {
-                format!("{} price {} {} @{} {:?}", file_pos(&pos.to_string()), p.coin, p.price, p.timestamp / 1000, p.symbol)
+                format!(
+                    "{} price {} {} @{} {:?}",
+                    file_pos(&pos.to_string()),
+                    p.coin,
+                    p.price,
+                    p.timestamp / 1000,
+                    p.symbol
+                )
             }
             Input::Record(pos, Record::Tvl(t)) => format!(
                 "{} tvl {} @{} {:?} {:?}",
@@ -151,9 +180,18 @@ fn prefix_dir_reads_all_exports_in_timestamp_order() {
     ];
     assert_eq!(describe(&items), want);
     // Full sources: `<datafile path>:<line>`, the fallback path for b.
-    let full = tmp.path().join(AWS_DIR).join(format!("9{FULL}")).join("data");
-    let Input::Record(pos, Record::Price(p)) = &items[9] else { panic!() };
-    assert_eq!(pos.to_string(), format!("{}:1", full.join("b.json.gz").display()));
+    let full = tmp
+        .path()
+        .join(AWS_DIR)
+        .join(format!("9{FULL}"))
+        .join("data");
+    let Input::Record(pos, Record::Price(p)) = &items[9] else {
+        panic!()
+    };
+    assert_eq!(
+        pos.to_string(),
+        format!("{}:1", full.join("b.json.gz").display())
+    );
     assert_eq!((p.confidence, p.decimals), (Some(0.99), Some(18)));
     let Input::Dead(d) = &items[1] else { panic!() };
     assert_eq!(d.source, full.join("a.json.gz").display().to_string());
@@ -198,7 +236,10 @@ fn layout_errors_name_the_file() {
     let tmp = export_tree();
     assert!(!is_export_dir(&tmp.path().join("nope")));
     let e = open(&tmp.path().join("nope")).err().unwrap().to_string();
-    assert!(e.starts_with("cannot open ") && e.ends_with("nope: No such file or directory"), "{e}");
+    assert!(
+        e.starts_with("cannot open ") && e.ends_with("nope: No such file or directory"),
+        "{e}"
+    );
     let empty = tempfile::tempdir().unwrap();
     assert!(!is_export_dir(empty.path()));
     let e = open(empty.path()).err().unwrap().to_string();
@@ -207,13 +248,23 @@ fn layout_errors_name_the_file() {
     let incr = tmp.path().join(AWS_DIR).join(INCR);
     fs::remove_file(incr.join("data/c.json.gz")).unwrap();
     let e = open(tmp.path()).err().unwrap().to_string();
-    assert!(e.contains("manifest-files.json: line 1: data file s3prefix/AWSDynamoDB/") && e.contains("not found"), "{e}");
+    assert!(
+        e.contains("manifest-files.json: line 1: data file s3prefix/AWSDynamoDB/")
+            && e.contains("not found"),
+        "{e}"
+    );
     fs::write(incr.join(MANIFEST), "{\"itemCount\":1}\n").unwrap();
     let e = open(&incr).err().unwrap().to_string();
-    assert!(e.ends_with("manifest-files.json: line 1: missing string field `dataFileS3Key`"), "{e}");
+    assert!(
+        e.ends_with("manifest-files.json: line 1: missing string field `dataFileS3Key`"),
+        "{e}"
+    );
     fs::write(incr.join(SUMMARY), "[]").unwrap();
     let e = open(&incr).err().unwrap().to_string();
-    assert!(e.ends_with("manifest-summary.json: not a JSON object"), "{e}");
+    assert!(
+        e.ends_with("manifest-summary.json: not a JSON object"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -230,8 +281,14 @@ fn corrupt_data_file_is_a_read_error_and_the_rest_is_read() {
 #[test]
 fn iso_times() {
     assert_eq!(parse_iso8601("1970-01-01T00:00:00Z"), Some(0));
-    assert_eq!(parse_iso8601("2024-06-03T16:00:00.123Z"), Some(1_717_430_400_123));
-    assert_eq!(parse_iso8601("2024-06-03T18:00:00.5+02:00"), Some(1_717_430_400_500));
+    assert_eq!(
+        parse_iso8601("2024-06-03T16:00:00.123Z"),
+        Some(1_717_430_400_123)
+    );
+    assert_eq!(
+        parse_iso8601("2024-06-03T18:00:00.5+02:00"),
+        Some(1_717_430_400_500)
+    );
     assert_eq!(parse_iso8601("2024-06-03"), None);
     assert_eq!(parse_iso8601("2024-13-03T16:00:00Z"), None);
     assert_eq!(parse_time(&json!(1717430400)), Some(1_717_430_400_000));

@@ -61,7 +61,11 @@ impl Iterator for FileSource {
                 Line::Err(e) => {
                     self.done = true;
                     let raw = String::from_utf8_lossy(&self.buf);
-                    return Some(Input::Dead(DeadLetter::new(pos, format!("read error: {}", io_reason(&e)), &raw)));
+                    return Some(Input::Dead(DeadLetter::new(
+                        pos,
+                        format!("read error: {}", io_reason(&e)),
+                        &raw,
+                    )));
                 }
                 Line::Text(text) => text,
             };
@@ -71,7 +75,11 @@ impl Iterator for FileSource {
                 Ok(line) => line,
                 Err(e) => {
                     let raw = String::from_utf8_lossy(&self.buf);
-                    return Some(Input::Dead(DeadLetter::new(pos, format!("invalid UTF-8: {e}"), &raw)));
+                    return Some(Input::Dead(DeadLetter::new(
+                        pos,
+                        format!("invalid UTF-8: {e}"),
+                        &raw,
+                    )));
                 }
             };
             if line.trim().is_empty() {

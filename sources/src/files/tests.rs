@@ -6,7 +6,8 @@ use schemas::Record;
 
 use super::*;
 
-const GOOD: &str = r#"{"coin":"coingecko:ethereum","price":3791.12,"timestamp":1717430350,"symbol":"ETH"}"#;
+const GOOD: &str =
+    r#"{"coin":"coingecko:ethereum","price":3791.12,"timestamp":1717430350,"symbol":"ETH"}"#;
 const BODY: &str = "\u{feff}{\"coin\":\"coingecko:ethereum\",\"price\":3791.12,\"timestamp\":1717430350,\"symbol\":\"ETH\"}\r\n\
     \n   \n\
     {\"coin\":\"ETH\",\"price\":1,\"timestamp\":1}\n\
@@ -23,16 +24,31 @@ fn check_body(path: &Path) {
     let prefix = format!("{}:", path.display());
     let items: Vec<Input> = src.collect();
     assert_eq!(items.len(), 3, "{items:?}");
-    let Input::Record(pos, Record::Price(p)) = &items[0] else { panic!("{:?}", items[0]) };
+    let Input::Record(pos, Record::Price(p)) = &items[0] else {
+        panic!("{:?}", items[0])
+    };
     assert_eq!((&*pos.source, pos.offset), (prefix.as_str(), 1));
-    assert_eq!(Input::Record(pos.clone(), Record::Price(p.clone())), items[0]);
-    assert_eq!(Some(Record::Price(p.clone())), parse_record(Kind::Price, GOOD).ok());
-    let Input::Dead(d) = &items[1] else { panic!("{:?}", items[1]) };
+    assert_eq!(
+        Input::Record(pos.clone(), Record::Price(p.clone())),
+        items[0]
+    );
+    assert_eq!(
+        Some(Record::Price(p.clone())),
+        parse_record(Kind::Price, GOOD).ok()
+    );
+    let Input::Dead(d) = &items[1] else {
+        panic!("{:?}", items[1])
+    };
     assert_eq!(d.source, format!("{prefix}4"));
     assert!(d.reason.contains("unknown coin form"), "{}", d.reason);
     assert_eq!(d.raw, r#"{"coin":"ETH","price":1,"timestamp":1}"#);
-    let Input::Record(pos, Record::Price(p)) = &items[2] else { panic!("{:?}", items[2]) };
-    assert_eq!((pos.offset, p.coin.as_str(), p.price), (5, "ethereum:0xa0b8", 0.9998));
+    let Input::Record(pos, Record::Price(p)) = &items[2] else {
+        panic!("{:?}", items[2])
+    };
+    assert_eq!(
+        (pos.offset, p.coin.as_str(), p.price),
+        (5, "ethereum:0xa0b8", 0.9998)
+    );
 }
 
 #[test]
@@ -48,7 +64,13 @@ fn plain_and_gzip_files() {
     let mut two = gz(format!("{GOOD}\n").as_bytes());
     two.extend(gz(format!("{GOOD}\n").as_bytes()));
     std::fs::write(&packed, two).unwrap();
-    assert_eq!(open(&packed, Kind::Price).unwrap().filter(|i| matches!(i, Input::Record(..))).count(), 2);
+    assert_eq!(
+        open(&packed, Kind::Price)
+            .unwrap()
+            .filter(|i| matches!(i, Input::Record(..)))
+            .count(),
+        2
+    );
 }
 
 #[test]
@@ -59,33 +81,55 @@ fn invalid_utf8_is_one_dead_letter() {
     body.extend(br#"{"chain":"ethereum","gwei":21.5,"timestamp":1717430402}"#);
     std::fs::write(&path, body).unwrap();
     let items: Vec<Input> = open(&path, Kind::Gas).unwrap().collect();
-    assert!(matches!(&items[0], Input::Dead(d) if d.reason.starts_with("invalid UTF-8") && d.source.ends_with(":1")));
-    assert!(matches!(&items[1], Input::Record(pos, Record::Gas(g)) if pos.offset == 2 && g.gwei == 21.5));
+    assert!(
+        matches!(&items[0], Input::Dead(d) if d.reason.starts_with("invalid UTF-8") && d.source.ends_with(":1"))
+    );
+    assert!(
+        matches!(&items[1], Input::Record(pos, Record::Gas(g)) if pos.offset == 2 && g.gwei == 21.5)
+    );
 }
 
 #[test]
 fn corrupt_gzip_yields_one_read_error_then_ends() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("prices.jsonl.gz");
-    let body: String = (0..2000).map(|i| format!("{{\"coin\":\"coingecko:c{i}\",\"price\":1,\"timestamp\":{i}}}\n")).collect();
+    let body: String = (0..2000)
+        .map(|i| format!("{{\"coin\":\"coingecko:c{i}\",\"price\":1,\"timestamp\":{i}}}\n"))
+        .collect();
     let mut bytes = gz(body.as_bytes());
     let n = bytes.len();
     bytes.truncate(n / 2);
     std::fs::write(&path, &bytes).unwrap();
     let mut src = open(&path, Kind::Price).unwrap();
     let items: Vec<Input> = src.by_ref().collect();
-    let Some(Input::Dead(d)) = items.last() else { panic!("{:?}", items.last()) };
+    let Some(Input::Dead(d)) = items.last() else {
+        panic!("{:?}", items.last())
+    };
     assert!(d.reason.starts_with("read error: "), "{}", d.reason);
-    assert_eq!(items.iter().filter(|i| matches!(i, Input::Dead(_))).count(), 1);
+    assert_eq!(
+        items.iter().filter(|i| matches!(i, Input::Dead(_))).count(),
+        1
+    );
     assert!(src.next().is_none());
 
-    std::fs::write(&path, b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03garbage garbage").unwrap();
+    std::fs::write(
+        &path,
+        b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03garbage garbage",
+    )
+    .unwrap();
     let items: Vec<Input> = open(&path, Kind::Price).unwrap().collect();
-    assert!(matches!(&items[..], [Input::Dead(d)] if d.reason.starts_with("read error: ") && d.source.ends_with(":1")));
+    assert!(
+        matches!(&items[..], [Input::Dead(d)] if d.reason.starts_with("read error: ") && d.source.ends_with(":1"))
+    );
 }
 
 #[test]
 fn missing_file_names_it() {
-    let e = open(Path::new("prices.jsonl"), Kind::Price).err().map(|e| e.to_string());
-    assert_eq!(e.as_deref(), Some("cannot open prices.jsonl: No such file or directory"));
+    let e = open(Path::new("prices.jsonl"), Kind::Price)
+        .err()
+        .map(|e| e.to_string());
+    assert_eq!(
+        e.as_deref(),
+        Some("cannot open prices.jsonl: No such file or directory")
+    );
 }
