@@ -1,1 +1,44 @@
-fn main() {}
+//! `llamaflow`: the DeFi stream-processing pipeline (see README.md and SPEC §4).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pipeline::{UsageError, replay, run};
+
+#[derive(Parser)]
+#[command(name = "llamaflow", version, about = "Real-time DeFi analytics: prices, TVL, alerts")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The continuous job; with no config, the embedded demo (dashboard on http://127.0.0.1:8080).
+    Run(run::RunArgs),
+    /// Deterministic batch run over files and DynamoDB exports; writes alerts as JSONL.
+    Replay(replay::ReplayArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LLAMAFLOW_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let result = match cli.cmd {
+        Cmd::Run(args) => run::run(args),
+        Cmd::Replay(args) => replay::replay(&args).map(|s| eprintln!("{}", s.line())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let usage = e.downcast_ref::<UsageError>().is_some();
+            eprintln!("llamaflow: {e:#}");
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}

@@ -7,4 +7,5 @@
 //! Every sink consumes the shapes defined in the `schemas` crate (`schemas::Event`,
 //! `schemas::Alert`); none of them defines a wire format of its own.
 
+pub mod jsonl;
 pub mod websocket;

@@ -213,6 +213,7 @@ fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Hub {
     /// A hub with the given keys and limits and no connections.
+    #[must_use]
     pub fn new(cfg: WsConfig) -> Hub {
         let limits = Limits {
             allow_anonymous: cfg.allow_anonymous,
@@ -286,6 +287,7 @@ impl Hub {
     }
 
     /// Number of open connections.
+    #[must_use]
     pub fn connections(&self) -> usize {
         read(&self.inner.registry).conns.len()
     }
@@ -469,6 +471,50 @@ impl Drop for TaskGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hub_is_a_cheap_shareable_handle() {
+        fn check<T: Clone + Send + Sync + 'static>() {}
+        check::<Hub>();
+        let hub = Hub::new(WsConfig::default());
+        let other = hub.clone();
+        let (conn, mut rx) = hub.register(Some("u1".into())).unwrap();
+        hub.subscribe(&conn, vec![ALERTS.to_string()]);
+        assert_eq!(other.connections(), 1);
+        // Publishing from plain threads, outside any runtime.
+        std::thread::spawn(move || {
+            other.publish_alert(&alert_for("u2"));
+            other.publish_alert(&alert_for("u1"));
+        })
+        .join()
+        .unwrap();
+        let frame = rx.try_recv().unwrap();
+        assert!(
+            frame
+                .as_str()
+                .starts_with(r#"{"type":"alert","channel":"alerts","data":{"#)
+        );
+        assert!(frame.as_str().contains(r#""user_id":"u1""#));
+        assert!(rx.try_recv().is_err());
+        hub.unregister(conn.id);
+        assert_eq!(hub.connections(), 0);
+    }
+
+    fn alert_for(user: &str) -> Alert {
+        Alert {
+            alert_id: "0".repeat(32),
+            rule_id: "r".into(),
+            user_id: user.into(),
+            alert_type: "gas_price".into(),
+            subject: "ethereum".into(),
+            triggered_at: 0,
+            value: 1.0,
+            threshold: 1.0,
+            message: "m".into(),
+            channels: vec![],
+            webhook_url: None,
+        }
+    }
 
     #[test]
     fn token_bucket_refills_at_its_rate() {

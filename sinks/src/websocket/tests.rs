@@ -725,9 +725,20 @@ async fn shutdown_closes_connections_with_1001() {
     let mut b = connect(addr, None).await;
     subscribe(&mut a, &["prices"]).await;
     stop_tx.send(()).unwrap();
+    let stopped = Instant::now();
     let (ca, cb) = tokio::join!(recv_close(&mut a), recv_close(&mut b));
     assert_eq!((ca.0, cb.0), (1001, 1001));
+    // Reading on sends the clients' close replies; then the server drops the sockets.
+    for c in [&mut a, &mut b] {
+        assert!(timeout(WAIT, c.next()).await.unwrap().is_none());
+    }
     timeout(WAIT, server).await.unwrap().unwrap().unwrap();
+    // Completed handshakes end the server at once, not after the closing timeout.
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopped.elapsed()
+    );
     assert_eq!(hub.connections(), 0);
     assert!(connect_async(url(addr, None)).await.is_err());
 }

@@ -65,7 +65,8 @@ pub fn is_export_dir(dir: &Path) -> bool {
 /// one export's own directory.
 ///
 /// Everything is read here; missing or malformed manifests and missing data files are errors,
-/// bad lines and `itemCount` mismatches are dead letters.
+/// bad lines and `itemCount` mismatches are dead letters. Export directories without a
+/// `manifest-summary.json` (unfinished exports) are skipped.
 pub fn open(dir: &Path) -> Result<ExportSource, SourceError> {
     let exports = if dir.join(SUMMARY).is_file() {
         let parent = dir.parent();
