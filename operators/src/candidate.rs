@@ -1,88 +1,124 @@
 //! Rule matches on their way to becoming alerts, and the per-rule throttle.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use schemas::{Alert, AlertRule, Millis, alert_id};
+use schemas::{Alert, AlertRule, Conditions, Millis, alert_id};
+
+use crate::format::{fmt_amount, fmt_pct, fmt_price, fmt_usd};
 use serde::{Deserialize, Serialize};
 
-/// A rule match before throttling: everything the alert needs, plus ordering data.
+/// Facts about the triggering record shared by every rule it matches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordInfo {
+    /// Coin, protocol or chain the alert is about.
+    pub subject: String,
+    /// Identity of the record (input of `alert_id`).
+    pub identity: String,
+    /// Display name of the subject (symbol, protocol name, …).
+    pub label: String,
+    /// Chain, where the record has one.
+    pub chain: Option<String>,
+}
+
+/// Numbers behind an alert's message, beyond its value.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Detail {
+    /// A *_change: the reference and the new level.
+    Change {
+        /// Level at `t − window`.
+        from: f64,
+        /// Level at `t`.
+        to: f64,
+    },
+    /// A transfer: token units moved.
+    Whale {
+        /// Token units.
+        amount: f64,
+    },
+    /// Nothing more (thresholds, depeg, liquidations).
+    Plain,
+}
+
+/// A rule match before throttling. Cheap to make: the rule and the record facts are shared,
+/// and the message is only formatted for matches that fire.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     /// `seq` of the triggering record (orders matches of one rule).
     pub seq: u64,
-    /// Rule id.
-    pub rule_id: String,
-    /// Rule owner.
-    pub user_id: String,
-    /// Alert type name.
-    pub alert_type: String,
-    /// Coin, protocol or chain.
-    pub subject: String,
+    /// The rule as it was when it matched.
+    pub rule: Arc<AlertRule>,
+    /// The triggering record.
+    pub info: Arc<RecordInfo>,
     /// Event time of the triggering record.
     pub triggered_at: Millis,
     /// Alert value.
     pub value: f64,
-    /// Rule threshold.
-    pub threshold: f64,
-    /// Human message.
-    pub message: String,
-    /// Delivery channels.
-    pub channels: Vec<String>,
-    /// Webhook target.
-    pub webhook_url: Option<String>,
-    /// The rule's throttle.
-    pub throttle_ms: Millis,
-    /// Identity of the triggering record (input of `alert_id`).
-    pub identity: String,
+    /// Message numbers.
+    pub detail: Detail,
 }
 
 impl Candidate {
-    /// A match of `rule` on a record.
-    pub fn new(
-        seq: u64,
-        rule: &AlertRule,
-        subject: String,
-        triggered_at: Millis,
-        value: f64,
-        message: String,
-        identity: String,
-    ) -> Self {
-        Candidate {
-            seq,
-            rule_id: rule.id.clone(),
-            user_id: rule.user_id.clone(),
-            alert_type: rule.conditions.alert_type().name().to_string(),
-            subject,
-            triggered_at,
-            value,
-            threshold: rule.conditions.threshold(),
-            message,
-            channels: rule.channels.clone(),
-            webhook_url: rule.webhook_url.clone(),
-            throttle_ms: rule.throttle_ms(),
-            identity,
-        }
-    }
-
     /// Order of matches: by triggering record, then rule.
     pub fn order_key(&self) -> (u64, &str) {
-        (self.seq, &self.rule_id)
+        (self.seq, &self.rule.id)
+    }
+
+    /// The human-readable message.
+    pub fn message(&self) -> String {
+        let (rule, info, v) = (&self.rule, &self.info, self.value);
+        let label = &info.label;
+        let chain = info.chain.as_deref().unwrap_or("");
+        let window = rule.window_label().unwrap_or_default();
+        match (&rule.conditions, self.detail) {
+            (Conditions::PriceChange { .. }, Detail::Change { from, to }) => {
+                format!("{label} {} in {window} ({} → {})", fmt_pct(v), fmt_price(from), fmt_price(to))
+            }
+            (Conditions::TvlChange { chain: Some(c), .. }, Detail::Change { from, to }) => format!(
+                "{label} TVL on {c} {} in {window} ({} → {})",
+                fmt_pct(v),
+                fmt_usd(from),
+                fmt_usd(to)
+            ),
+            (Conditions::TvlChange { .. }, Detail::Change { from, to }) => {
+                format!("{label} TVL {} in {window} ({} → {})", fmt_pct(v), fmt_usd(from), fmt_usd(to))
+            }
+            (Conditions::PriceThreshold { operator, value, .. }, _) => {
+                format!("{label} {} {} ({})", operator.symbol(), fmt_price(*value), fmt_price(v))
+            }
+            (Conditions::Depeg { peg, .. }, _) => format!(
+                "{label} depegged: {} ({:.2}% from {} peg)",
+                fmt_price(v),
+                (v / peg - 1.0).abs() * 100.0,
+                fmt_price(*peg)
+            ),
+            (Conditions::WhaleMovement { .. }, Detail::Whale { amount }) => {
+                format!("Whale transfer: {} {label} ({}) on {chain}", fmt_amount(amount), fmt_usd(v))
+            }
+            (Conditions::GasPrice { operator, gwei, .. }, _) => {
+                format!("{chain} gas {} gwei {} {}", fmt_price(v), operator.symbol(), fmt_price(*gwei))
+            }
+            (Conditions::Liquidation { .. }, _) => format!("Liquidation of {} on {label} ({chain})", fmt_usd(v)),
+            _ => format!("{} {label}: {v}", rule.conditions.alert_type().name()),
+        }
     }
 
     /// The alert record, with its deterministic id.
     pub fn into_alert(self) -> Alert {
+        let message = self.message();
+        let rule = &self.rule;
         Alert {
-            alert_id: alert_id(&self.rule_id, &self.subject, self.triggered_at, &self.identity),
-            rule_id: self.rule_id,
-            user_id: self.user_id,
-            alert_type: self.alert_type,
-            subject: self.subject,
+            alert_id: alert_id(&rule.id, &self.info.subject, self.triggered_at, &self.info.identity),
+            rule_id: rule.id.clone(),
+            user_id: rule.user_id.clone(),
+            alert_type: rule.conditions.alert_type().name().to_string(),
+            subject: self.info.subject.clone(),
             triggered_at: self.triggered_at,
             value: self.value,
-            threshold: self.threshold,
-            message: self.message,
-            channels: self.channels,
-            webhook_url: self.webhook_url,
+            threshold: rule.conditions.threshold(),
+            message,
+            channels: rule.channels.clone(),
+            webhook_url: rule.webhook_url.clone(),
         }
     }
 }
@@ -97,12 +133,12 @@ pub struct Throttle {
 impl Throttle {
     /// Whether the match fires; records the firing.
     pub fn admit(&mut self, c: &Candidate) -> bool {
-        if let Some(&last) = self.last_fired.get(&c.rule_id) {
-            if c.triggered_at < last.saturating_add(c.throttle_ms) {
+        if let Some(&last) = self.last_fired.get(&c.rule.id) {
+            if c.triggered_at < last.saturating_add(c.rule.throttle_ms()) {
                 return false;
             }
         }
-        self.last_fired.insert(c.rule_id.clone(), c.triggered_at);
+        self.last_fired.insert(c.rule.id.clone(), c.triggered_at);
         true
     }
 

@@ -113,7 +113,7 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig) -> 
         _ => None,
     });
     let mut throttle = Throttle::default();
-    let rule_route = |c: &Candidate| mix(Key::Chain(&c.rule_id).hash());
+    let rule_route = |c: &Candidate| mix(Key::Chain(&c.rule.id).hash());
     let fired = per_epoch(candidates, Exchange::new(rule_route), "Throttle", move |mut batch, out| {
         batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
         out.extend(batch.into_iter().filter(|c| throttle.admit(c)));

@@ -13,10 +13,9 @@ use schemas::{
     Protocol, Record, SourcePos, Transfer, TvlUpdate,
 };
 
-use crate::candidate::Candidate;
+use crate::candidate::{Candidate, Detail, RecordInfo};
 use crate::config::OpConfig;
 use crate::envelope::{Envelope, Item};
-use crate::format::{fmt_amount, fmt_pct, fmt_price, fmt_usd};
 
 /// What the keyed operator emits.
 #[derive(Clone, Debug)]
@@ -27,6 +26,11 @@ pub enum KeyedOut {
     Candidate(Candidate),
     /// A record rejected by the dataflow (e.g. `late`).
     Dead(DeadLetter),
+}
+
+/// The record facts shared by all of a record's matches, made on the first match.
+fn shared(slot: &mut Option<Arc<RecordInfo>>, make: impl FnOnce() -> RecordInfo) -> Arc<RecordInfo> {
+    slot.get_or_insert_with(|| Arc::new(make())).clone()
 }
 
 /// Time-ordered `(time, value)` history.
@@ -235,7 +239,7 @@ impl KeyedState {
         }
         let (t, px) = (p.timestamp, p.price);
         let prev = st.history.back().map(|x| x.1);
-        let label = st.symbol.clone().unwrap_or_else(|| p.coin.clone());
+        let mut info = None;
         let mut retention = self.cfg.price_retention;
         for rule in RuleIndex::for_key(&self.rules.coin, &p.coin) {
             if let Conditions::PriceChange { window, .. } = rule.conditions {
@@ -244,42 +248,35 @@ impl KeyedState {
             if !rule.enabled {
                 continue;
             }
-            let (value, message) = match &rule.conditions {
+            let (value, detail) = match &rule.conditions {
                 Conditions::PriceChange { window, threshold_pct, direction, .. } => {
                     let Some(r) = as_of(&st.history, t - window) else { continue };
                     let pct = (px - r) / r * 100.0;
                     if !direction.matches(pct, *threshold_pct) {
                         continue;
                     }
-                    let win = rule.window_label().unwrap_or_default();
-                    (pct, format!("{label} {} in {win} ({} → {})", fmt_pct(pct), fmt_price(r), fmt_price(px)))
+                    (pct, Detail::Change { from: r, to: px })
                 }
-                Conditions::PriceThreshold { operator, value, .. } => {
-                    match prev {
-                        Some(prev) if operator.holds(px, *value) && !operator.holds(prev, *value) => {}
-                        _ => continue,
-                    }
-                    (px, format!("{label} {} {} ({})", operator.symbol(), fmt_price(*value), fmt_price(px)))
-                }
+                Conditions::PriceThreshold { operator, value, .. } => match prev {
+                    Some(prev) if operator.holds(px, *value) && !operator.holds(prev, *value) => (px, Detail::Plain),
+                    _ => continue,
+                },
                 Conditions::Depeg { peg, deviation_pct, .. } => {
                     let dev = |x: f64| (x / peg - 1.0).abs() * 100.0;
                     match prev {
-                        Some(prev) if dev(px) >= *deviation_pct && dev(prev) < *deviation_pct => {}
+                        Some(prev) if dev(px) >= *deviation_pct && dev(prev) < *deviation_pct => (px, Detail::Plain),
                         _ => continue,
                     }
-                    (px, format!("{label} depegged: {} ({:.2}% from {} peg)", fmt_price(px), dev(px), fmt_price(*peg)))
                 }
                 _ => continue,
             };
-            out.push(KeyedOut::Candidate(Candidate::new(
-                seq,
-                rule,
-                p.coin.clone(),
-                t,
-                value,
-                message,
-                format!("price|{}|{t}", p.coin),
-            )));
+            let info = shared(&mut info, || RecordInfo {
+                subject: p.coin.clone(),
+                identity: format!("price|{}|{t}", p.coin),
+                label: st.symbol.clone().unwrap_or_else(|| p.coin.clone()),
+                chain: None,
+            });
+            out.push(KeyedOut::Candidate(Candidate { seq, rule: rule.clone(), info, triggered_at: t, value, detail }));
         }
         if self.cfg.emit_events {
             let stable = self.cfg.is_stablecoin(&p.coin, st.symbol.as_deref());
@@ -351,28 +348,27 @@ impl KeyedState {
         st.last_transfer_ts = Some(tr.timestamp);
         let Some(px) = as_of(&st.history, tr.timestamp) else { return };
         let value = tr.amount * px;
-        let label = st.symbol.clone().unwrap_or_else(|| tr.coin.clone());
+        let mut info = None;
         let rules = RuleIndex::for_key(&self.rules.coin, &tr.coin).iter().chain(self.rules.any_key.iter());
         for rule in rules {
             let Conditions::WhaleMovement { chain, min_usd, .. } = &rule.conditions else { continue };
             if !rule.enabled || chain.as_ref().is_some_and(|c| *c != tr.chain) || value < *min_usd {
                 continue;
             }
-            let message = format!(
-                "Whale transfer: {} {label} ({}) on {}",
-                fmt_amount(tr.amount),
-                fmt_usd(value),
-                tr.chain
-            );
-            out.push(KeyedOut::Candidate(Candidate::new(
+            let info = shared(&mut info, || RecordInfo {
+                subject: tr.coin.clone(),
+                identity: identity.clone(),
+                label: st.symbol.clone().unwrap_or_else(|| tr.coin.clone()),
+                chain: Some(tr.chain.clone()),
+            });
+            out.push(KeyedOut::Candidate(Candidate {
                 seq,
-                rule,
-                tr.coin.clone(),
-                tr.timestamp,
+                rule: rule.clone(),
+                info,
+                triggered_at: tr.timestamp,
                 value,
-                message,
-                identity.clone(),
-            )));
+                detail: Detail::Whale { amount: tr.amount },
+            }));
         }
         if self.cfg.emit_events && value >= self.cfg.whale_event_usd {
             out.push(KeyedOut::Event(Event {
@@ -416,6 +412,7 @@ impl KeyedState {
                 continue;
             }
             let mut retention = self.cfg.tvl_retention;
+            let mut info = None;
             for rule in rules {
                 let Conditions::TvlChange { chain: Some(c), window, threshold_pct, direction, .. } = &rule.conditions
                 else {
@@ -433,22 +430,20 @@ impl KeyedState {
                     continue;
                 }
                 let r = as_of(hist, t - window).unwrap_or_default();
-                let message = format!(
-                    "{label} TVL on {chain} {} in {} ({} → {})",
-                    fmt_pct(pct),
-                    rule.window_label().unwrap_or_default(),
-                    fmt_usd(r),
-                    fmt_usd(*tvl)
-                );
-                out.push(KeyedOut::Candidate(Candidate::new(
+                let info = shared(&mut info, || RecordInfo {
+                    subject: u.protocol_id.clone(),
+                    identity: format!("tvl|{}|{chain}|{t}", u.protocol_id),
+                    label: label.clone(),
+                    chain: Some(chain.clone()),
+                });
+                out.push(KeyedOut::Candidate(Candidate {
                     seq,
-                    rule,
-                    u.protocol_id.clone(),
-                    t,
-                    pct,
-                    message,
-                    format!("tvl|{}|{chain}|{t}", u.protocol_id),
-                )));
+                    rule: rule.clone(),
+                    info,
+                    triggered_at: t,
+                    value: pct,
+                    detail: Detail::Change { from: r, to: *tvl },
+                }));
             }
             hist.push_back((t, *tvl));
             prune(hist, t, retention);
@@ -471,6 +466,7 @@ impl KeyedState {
         let total: f64 = st.chain_latest.values().sum();
         let label = st.name.clone().unwrap_or_else(|| id.to_string());
         let mut retention = self.cfg.tvl_retention;
+        let mut info = None;
         for rule in RuleIndex::for_key(&self.rules.protocol, id) {
             let Conditions::TvlChange { chain: None, window, threshold_pct, direction, .. } = &rule.conditions else {
                 continue;
@@ -484,22 +480,20 @@ impl KeyedState {
                 continue;
             }
             let r = as_of(&st.total_hist, t - window).unwrap_or_default();
-            let message = format!(
-                "{label} TVL {} in {} ({} → {})",
-                fmt_pct(pct),
-                rule.window_label().unwrap_or_default(),
-                fmt_usd(r),
-                fmt_usd(total)
-            );
-            out.push(KeyedOut::Candidate(Candidate::new(
+            let info = shared(&mut info, || RecordInfo {
+                subject: id.to_string(),
+                identity: format!("tvl|{id}|{t}"),
+                label: label.clone(),
+                chain: None,
+            });
+            out.push(KeyedOut::Candidate(Candidate {
                 seq,
-                rule,
-                id.to_string(),
-                t,
-                pct,
-                message,
-                format!("tvl|{id}|{t}"),
-            )));
+                rule: rule.clone(),
+                info,
+                triggered_at: t,
+                value: pct,
+                detail: Detail::Change { from: r, to: total },
+            }));
         }
         if self.cfg.emit_events {
             out.push(KeyedOut::Event(Event {
@@ -544,6 +538,7 @@ impl KeyedState {
         st.liqs_at_last_ts.push(identity.clone());
         st.last_liq_ts = Some(l.timestamp);
         let label = st.name.clone().unwrap_or_else(|| l.protocol_id.clone());
+        let mut info = None;
         let rules =
             RuleIndex::for_key(&self.rules.protocol, &l.protocol_id).iter().chain(self.rules.any_key.iter());
         for rule in rules {
@@ -551,16 +546,20 @@ impl KeyedState {
             if !rule.enabled || chain.as_ref().is_some_and(|c| *c != l.chain) || l.amount_usd < *min_usd {
                 continue;
             }
-            let message = format!("Liquidation of {} on {label} ({})", fmt_usd(l.amount_usd), l.chain);
-            out.push(KeyedOut::Candidate(Candidate::new(
+            let info = shared(&mut info, || RecordInfo {
+                subject: l.protocol_id.clone(),
+                identity: identity.clone(),
+                label: label.clone(),
+                chain: Some(l.chain.clone()),
+            });
+            out.push(KeyedOut::Candidate(Candidate {
                 seq,
-                rule,
-                l.protocol_id.clone(),
-                l.timestamp,
-                l.amount_usd,
-                message,
-                identity.clone(),
-            )));
+                rule: rule.clone(),
+                info,
+                triggered_at: l.timestamp,
+                value: l.amount_usd,
+                detail: Detail::Plain,
+            }));
         }
         if self.cfg.emit_events {
             out.push(KeyedOut::Event(Event {
@@ -585,22 +584,27 @@ impl KeyedState {
             Some((_, prev)) => Some(prev),
             None => None,
         };
+        let mut info = None;
         for rule in RuleIndex::for_key(&self.rules.chain, &g.chain) {
             let Conditions::GasPrice { operator, gwei, .. } = &rule.conditions else { continue };
             match prev {
                 Some(prev) if rule.enabled && operator.holds(g.gwei, *gwei) && !operator.holds(prev, *gwei) => {}
                 _ => continue,
             }
-            let message = format!("{} gas {} gwei {} {}", g.chain, fmt_price(g.gwei), operator.symbol(), fmt_price(*gwei));
-            out.push(KeyedOut::Candidate(Candidate::new(
+            let info = shared(&mut info, || RecordInfo {
+                subject: g.chain.clone(),
+                identity: format!("gas|{}|{}", g.chain, g.timestamp),
+                label: g.chain.clone(),
+                chain: Some(g.chain.clone()),
+            });
+            out.push(KeyedOut::Candidate(Candidate {
                 seq,
-                rule,
-                g.chain.clone(),
-                g.timestamp,
-                g.gwei,
-                message,
-                format!("gas|{}|{}", g.chain, g.timestamp),
-            )));
+                rule: rule.clone(),
+                info,
+                triggered_at: g.timestamp,
+                value: g.gwei,
+                detail: Detail::Plain,
+            }));
         }
         st.last = Some((g.timestamp, g.gwei));
         if self.cfg.emit_events {

@@ -9,3 +9,13 @@
 
 pub mod jsonl;
 pub mod websocket;
+
+// TEMP-VERIFY (to be removed)
+#[cfg(test)]
+extern crate self as sinks;
+#[cfg(test)]
+#[path = "../../pipeline/src/http.rs"]
+mod pipeline_http;
+#[cfg(test)]
+#[path = "websocket/demo_tmp.rs"]
+mod demo_tmp;
