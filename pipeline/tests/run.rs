@@ -1,0 +1,106 @@
+//! `llamaflow run` (embedded default) end to end: the real binary, a real WebSocket client,
+//! HTTP for the dashboard and metrics, and a clean stop on SIGTERM.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "llamaflow run did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_run_serves_live_data_and_stops_cleanly() {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_llamaflow"))
+        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--speed", "120", "--warmup-minutes", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    wait_for_port(port);
+
+    let page = http_get(port, "/");
+    assert!(page.starts_with("HTTP/1.1 200"), "{}", &page[..page.len().min(200)]);
+    assert!(page.contains("<html") && page.contains("/ws"), "dashboard page");
+
+    // Unknown keys are refused; the demo key maps to the demo user, who owns the demo rules.
+    let refused = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws?api_key=nope")).await;
+    assert!(refused.is_err(), "unknown API key must get 401");
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws?api_key=demo")).await.unwrap();
+    ws.send(Message::text(json!({"type":"subscribe","channels":["prices:coingecko:ethereum","tvl","gas","alerts"]}).to_string()))
+        .await
+        .unwrap();
+    let mut seen = std::collections::BTreeMap::<String, Value>::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(seen.contains_key("price_update") && seen.contains_key("alert") && seen.contains_key("tvl_update")) {
+        assert!(Instant::now() < deadline, "frames seen so far: {:?}", seen.keys());
+        let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await else {
+            panic!("WebSocket closed or silent; seen {:?}", seen.keys());
+        };
+        if let Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            seen.entry(v["type"].as_str().unwrap_or("?").to_string()).or_insert(v);
+        }
+    }
+    assert_eq!(seen["subscribed"]["channels"].as_array().map(Vec::len), Some(4));
+    let price = &seen["price_update"];
+    assert_eq!(price["channel"], "prices:coingecko:ethereum");
+    assert_eq!(price["data"]["coin"], "coingecko:ethereum");
+    assert!(price["data"]["price"].as_f64().unwrap() > 0.0);
+    let alert = &seen["alert"]["data"];
+    assert_eq!(alert["user_id"], "demo");
+    assert_eq!(alert["alert_id"].as_str().map(str::len), Some(32));
+    assert!(!seen.contains_key("depeg"), "not subscribed to depeg");
+
+    let metrics = http_get(port, "/metrics");
+    assert!(metrics.contains("llamaflow_records_in_total{kind=\"price\"}"), "{metrics}");
+    assert!(metrics.contains("llamaflow_alerts_total"), "{metrics}");
+
+    let pid = running.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = running.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "llamaflow did not stop within 15 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let mut stdout = String::new();
+    running.0.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    let first: Value = serde_json::from_str(stdout.lines().next().expect("alerts on stdout")).unwrap();
+    assert_eq!(first["user_id"], "demo");
+}
