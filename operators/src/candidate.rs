@@ -133,10 +133,10 @@ pub struct Throttle {
 impl Throttle {
     /// Whether the match fires; records the firing.
     pub fn admit(&mut self, c: &Candidate) -> bool {
-        if let Some(&last) = self.last_fired.get(&c.rule.id) {
-            if c.triggered_at < last.saturating_add(c.rule.throttle_ms()) {
-                return false;
-            }
+        if let Some(&last) = self.last_fired.get(&c.rule.id)
+            && c.triggered_at < last.saturating_add(c.rule.throttle_ms())
+        {
+            return false;
         }
         self.last_fired.insert(c.rule.id.clone(), c.triggered_at);
         true

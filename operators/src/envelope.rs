@@ -133,11 +133,10 @@ impl Sequencer {
         self.next_seq += 1;
         if let Record::Rule(rule) = &record {
             let route = rule_key(rule).map_or(Route::All, |k| Route::One(k.hash()));
-            if let Some(old) = self.rule_routes.insert(rule.id.clone(), route) {
-                if old != route {
+            if let Some(old) = self.rule_routes.insert(rule.id.clone(), route)
+                && old != route {
                     self.emit(old, seq, &pos, Item::DeleteRule(rule.id.clone()), out);
                 }
-            }
             self.emit(route, seq, &pos, Item::Record(record), out);
             return;
         }

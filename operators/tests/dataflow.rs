@@ -64,8 +64,8 @@ fn run(workers: usize, batches: &[Vec<Op>], cfg: OpConfig) -> Run {
         }
     })
     .expect("timely runs");
-    let r = out.lock().unwrap().clone();
-    r
+    
+    out.lock().unwrap().clone()
 }
 
 fn model(batches: &[Vec<Op>]) -> Model {

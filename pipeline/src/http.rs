@@ -46,11 +46,7 @@ mod tests {
         let text = String::from_utf8(buf).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-        (
-            status.to_string(),
-            headers.to_ascii_lowercase(),
-            body.to_string(),
-        )
+        (status.to_string(), headers.to_ascii_lowercase(), body.to_string())
     }
 
     #[tokio::test]
@@ -69,10 +65,7 @@ mod tests {
 
         let (status, headers, body) = get_raw(addr, "/metrics").await;
         assert!(status.contains(" 200 "), "{status}");
-        assert!(
-            headers.contains("content-type: text/plain; version=0.0.4"),
-            "{headers}"
-        );
+        assert!(headers.contains("content-type: text/plain; version=0.0.4"), "{headers}");
         assert_eq!(body, "llamaflow_records_in_total{kind=\"price\"} 7\n");
 
         let (status, _, body) = get_raw(addr, "/healthz").await;

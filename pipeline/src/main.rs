@@ -17,7 +17,7 @@ enum Cmd {
     /// The continuous job; with no config, the embedded demo (dashboard on http://127.0.0.1:8080).
     Run(run::RunArgs),
     /// Deterministic batch run over files and DynamoDB exports; writes alerts as JSONL.
-    Replay(replay::ReplayArgs),
+    Replay(Box<replay::ReplayArgs>),
 }
 
 fn main() -> ExitCode {

@@ -156,10 +156,10 @@ pub fn decode_item(item: &Map<String, Value>) -> Result<Option<DynamoRecord>, In
         }
     };
     let price = num("price")?;
-    if let Some(p) = price {
-        if p <= 0.0 {
-            return Err(InvalidRecord(format!("item `{pk}`: `price` must be > 0, got {p}")));
-        }
+    if let Some(p) = price
+        && p <= 0.0
+    {
+        return Err(InvalidRecord(format!("item `{pk}`: `price` must be > 0, got {p}")));
     }
     let redirect = match item.get("redirect").and_then(attr_str) {
         None => None,

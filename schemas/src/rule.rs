@@ -405,10 +405,10 @@ fn cond_num(c: &Obj, field: &str, min_exclusive: Option<f64>) -> Result<f64, Rul
         .and_then(Value::as_f64)
         .filter(|x| x.is_finite())
         .ok_or_else(|| RuleError(format!("conditions.{field}: missing or not a finite number")))?;
-    if let Some(min) = min_exclusive {
-        if x <= min {
-            return Err(RuleError(format!("conditions.{field}: must be > {min}, got {x}")));
-        }
+    if let Some(min) = min_exclusive
+        && x <= min
+    {
+        return Err(RuleError(format!("conditions.{field}: must be > {min}, got {x}")));
     }
     Ok(x)
 }

@@ -71,11 +71,10 @@ impl Model {
         let mut ms = std::mem::take(&mut self.matches);
         ms.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         for (_, rule_id, subject, t, value, identity, throttle) in ms {
-            if let Some(&last) = self.throttle.get(&rule_id) {
-                if t < last + throttle {
+            if let Some(&last) = self.throttle.get(&rule_id)
+                && t < last + throttle {
                     continue;
                 }
-            }
             self.throttle.insert(rule_id.clone(), t);
             self.alerts.push((alert_id(&rule_id, &subject, t, &identity), rule_id, subject, t, value));
         }
@@ -242,11 +241,10 @@ impl Model {
                     if *chain != g.chain {
                         continue;
                     }
-                    if let Some(prev) = prev {
-                        if operator.holds(g.gwei, *gwei) && !operator.holds(prev, *gwei) {
+                    if let Some(prev) = prev
+                        && operator.holds(g.gwei, *gwei) && !operator.holds(prev, *gwei) {
                             self.matched(seq, rule, &g.chain, g.timestamp, g.gwei, format!("gas|{}|{}", g.chain, g.timestamp));
                         }
-                    }
                 }
                 self.gas.entry(g.chain.clone()).or_default().push((g.timestamp, g.gwei));
             }
