@@ -72,7 +72,12 @@ impl Candidate {
         let window = rule.window_label().unwrap_or_default();
         match (&rule.conditions, self.detail) {
             (Conditions::PriceChange { .. }, Detail::Change { from, to }) => {
-                format!("{label} {} in {window} ({} → {})", fmt_pct(v), fmt_price(from), fmt_price(to))
+                format!(
+                    "{label} {} in {window} ({} → {})",
+                    fmt_pct(v),
+                    fmt_price(from),
+                    fmt_price(to)
+                )
             }
             (Conditions::TvlChange { chain: Some(c), .. }, Detail::Change { from, to }) => format!(
                 "{label} TVL on {c} {} in {window} ({} → {})",
@@ -81,7 +86,12 @@ impl Candidate {
                 fmt_usd(to)
             ),
             (Conditions::TvlChange { .. }, Detail::Change { from, to }) => {
-                format!("{label} TVL {} in {window} ({} → {})", fmt_pct(v), fmt_usd(from), fmt_usd(to))
+                format!(
+                    "{label} TVL {} in {window} ({} → {})",
+                    fmt_pct(v),
+                    fmt_usd(from),
+                    fmt_usd(to)
+                )
             }
             (Conditions::PriceThreshold { operator, value, .. }, _) => {
                 format!("{label} {} {} ({})", operator.symbol(), fmt_price(*value), fmt_price(v))
@@ -93,10 +103,19 @@ impl Candidate {
                 fmt_price(*peg)
             ),
             (Conditions::WhaleMovement { .. }, Detail::Whale { amount }) => {
-                format!("Whale transfer: {} {label} ({}) on {chain}", fmt_amount(amount), fmt_usd(v))
+                format!(
+                    "Whale transfer: {} {label} ({}) on {chain}",
+                    fmt_amount(amount),
+                    fmt_usd(v)
+                )
             }
             (Conditions::GasPrice { operator, gwei, .. }, _) => {
-                format!("{chain} gas {} gwei {} {}", fmt_price(v), operator.symbol(), fmt_price(*gwei))
+                format!(
+                    "{chain} gas {} gwei {} {}",
+                    fmt_price(v),
+                    operator.symbol(),
+                    fmt_price(*gwei)
+                )
             }
             (Conditions::Liquidation { .. }, _) => format!("Liquidation of {} on {label} ({chain})", fmt_usd(v)),
             _ => format!("{} {label}: {v}", rule.conditions.alert_type().name()),

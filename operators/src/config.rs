@@ -39,7 +39,9 @@ impl Default for OpConfig {
             "coingecko:crvusd",
             "coingecko:usdd",
         ];
-        let symbols = ["USDT", "USDC", "DAI", "FRAX", "USDe", "TUSD", "PYUSD", "FDUSD", "LUSD", "GHO", "crvUSD", "USDD"];
+        let symbols = [
+            "USDT", "USDC", "DAI", "FRAX", "USDe", "TUSD", "PYUSD", "FDUSD", "LUSD", "GHO", "crvUSD", "USDD",
+        ];
         OpConfig {
             emit_events: true,
             stablecoins: ids.iter().map(|s| s.to_string()).collect(),

@@ -15,9 +15,9 @@ use schemas::{Alert, DeadLetter, Event};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::{Exchange, ParallelizationContract};
+use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::{Map, Partition};
-use timely::dataflow::operators::Capability;
 
 use crate::candidate::{Candidate, Throttle};
 use crate::config::OpConfig;
@@ -83,14 +83,19 @@ where
 /// Builds the dataflow on a stream of envelopes (from [`crate::Sequencer`]).
 pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig) -> Outputs<'scope> {
     let mut state = KeyedState::new(cfg);
-    let keyed = per_epoch(input, Exchange::new(|e: &Envelope| e.route), "Keyed", move |mut batch, out| {
-        // A rule moving between keys is deleted (same seq) before it is re-inserted.
-        batch.sort_by_key(|e: &Envelope| (e.seq, !matches!(e.item, Item::DeleteRule(_))));
-        for env in batch {
-            state.process(env, out);
-        }
-        state.end_of_batch(out);
-    });
+    let keyed = per_epoch(
+        input,
+        Exchange::new(|e: &Envelope| e.route),
+        "Keyed",
+        move |mut batch, out| {
+            // A rule moving between keys is deleted (same seq) before it is re-inserted.
+            batch.sort_by_key(|e: &Envelope| (e.seq, !matches!(e.item, Item::DeleteRule(_))));
+            for env in batch {
+                state.process(env, out);
+            }
+            state.end_of_batch(out);
+        },
+    );
     let mut parts = keyed.partition(3, |o| match o {
         KeyedOut::Candidate(_) => (0, o),
         KeyedOut::Event(_) => (1, o),
@@ -114,13 +119,23 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig) -> 
     });
     let mut throttle = Throttle::default();
     let rule_route = |c: &Candidate| mix(Key::Chain(&c.rule.id).hash());
-    let fired = per_epoch(candidates, Exchange::new(rule_route), "Throttle", move |mut batch, out| {
-        batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
-        out.extend(batch.into_iter().filter(|c| throttle.admit(c)));
-    });
-    let alerts = per_epoch(fired, Exchange::new(|_: &Candidate| 0), "OrderAlerts", |mut batch, out| {
-        batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
-        out.extend(batch.into_iter().map(Candidate::into_alert));
-    });
+    let fired = per_epoch(
+        candidates,
+        Exchange::new(rule_route),
+        "Throttle",
+        move |mut batch, out| {
+            batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
+            out.extend(batch.into_iter().filter(|c| throttle.admit(c)));
+        },
+    );
+    let alerts = per_epoch(
+        fired,
+        Exchange::new(|_: &Candidate| 0),
+        "OrderAlerts",
+        |mut batch, out| {
+            batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
+            out.extend(batch.into_iter().map(Candidate::into_alert));
+        },
+    );
     Outputs { alerts, events, dead }
 }

@@ -108,7 +108,11 @@ pub struct Sequencer {
 impl Sequencer {
     /// A sequencer for `workers` workers, starting at sequence number `first_seq`.
     pub fn new(workers: usize, first_seq: u64) -> Self {
-        Sequencer { workers: workers.max(1) as u64, next_seq: first_seq, rule_routes: HashMap::new() }
+        Sequencer {
+            workers: workers.max(1) as u64,
+            next_seq: first_seq,
+            rule_routes: HashMap::new(),
+        }
     }
 
     /// The sequence number the next record gets.
@@ -118,10 +122,20 @@ impl Sequencer {
 
     fn emit(&self, route: Route, seq: u64, pos: &SourcePos, item: Item, out: &mut Vec<Envelope>) {
         match route {
-            Route::One(r) => out.push(Envelope { seq, route: r, pos: pos.clone(), item }),
+            Route::One(r) => out.push(Envelope {
+                seq,
+                route: r,
+                pos: pos.clone(),
+                item,
+            }),
             Route::All => {
                 for w in 0..self.workers {
-                    out.push(Envelope { seq, route: w, pos: pos.clone(), item: item.clone() });
+                    out.push(Envelope {
+                        seq,
+                        route: w,
+                        pos: pos.clone(),
+                        item: item.clone(),
+                    });
                 }
             }
         }
@@ -134,14 +148,20 @@ impl Sequencer {
         if let Record::Rule(rule) = &record {
             let route = rule_key(rule).map_or(Route::All, |k| Route::One(k.hash()));
             if let Some(old) = self.rule_routes.insert(rule.id.clone(), route)
-                && old != route {
-                    self.emit(old, seq, &pos, Item::DeleteRule(rule.id.clone()), out);
-                }
+                && old != route
+            {
+                self.emit(old, seq, &pos, Item::DeleteRule(rule.id.clone()), out);
+            }
             self.emit(route, seq, &pos, Item::Record(record), out);
             return;
         }
         let route = record_key(&record).map_or(0, Key::hash);
-        out.push(Envelope { seq, route, pos, item: Item::Record(record) });
+        out.push(Envelope {
+            seq,
+            route,
+            pos,
+            item: Item::Record(record),
+        });
     }
 
     /// Stamps a rule deletion; unknown rule ids are ignored.
@@ -168,13 +188,21 @@ mod tests {
         let mut s = Sequencer::new(4, 0);
         let pos = SourcePos::new("t:".into(), 1);
         let mut out = Vec::new();
-        s.push(pos.clone(), rule(json!({"id":"r","user_id":"u","alert_type":"whale_movement",
-            "conditions":{"min_usd":1}})), &mut out);
+        s.push(
+            pos.clone(),
+            rule(json!({"id":"r","user_id":"u","alert_type":"whale_movement",
+            "conditions":{"min_usd":1}})),
+            &mut out,
+        );
         assert_eq!(out.len(), 4, "filter-less whale rule goes to every worker");
         assert_eq!(out.iter().map(|e| e.route).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
         out.clear();
-        s.push(pos.clone(), rule(json!({"id":"r","user_id":"u","alert_type":"whale_movement",
-            "conditions":{"coin":"coingecko:bitcoin","min_usd":1}})), &mut out);
+        s.push(
+            pos.clone(),
+            rule(json!({"id":"r","user_id":"u","alert_type":"whale_movement",
+            "conditions":{"coin":"coingecko:bitcoin","min_usd":1}})),
+            &mut out,
+        );
         assert_eq!(out.len(), 5, "deleted everywhere, then inserted under its coin");
         assert!(out[..4].iter().all(|e| matches!(e.item, Item::DeleteRule(_))));
         assert_eq!(out[4].route, Key::Coin("coingecko:bitcoin").hash());
@@ -189,7 +217,10 @@ mod tests {
 
     #[test]
     fn hash_is_stable() {
-        assert_eq!(Key::Coin("coingecko:ethereum").hash(), Key::Coin("coingecko:ethereum").hash());
+        assert_eq!(
+            Key::Coin("coingecko:ethereum").hash(),
+            Key::Coin("coingecko:ethereum").hash()
+        );
         assert_ne!(Key::Coin("x").hash(), Key::Chain("x").hash());
     }
 }

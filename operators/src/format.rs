@@ -42,7 +42,11 @@ pub fn fmt_amount(x: f64) -> String {
         grouped.push(c);
     }
     let frac = frac.trim_end_matches('0');
-    if frac.is_empty() { format!("{sign}{grouped}") } else { format!("{sign}{grouped}.{frac}") }
+    if frac.is_empty() {
+        format!("{sign}{grouped}")
+    } else {
+        format!("{sign}{grouped}.{frac}")
+    }
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use schemas::{
-    AlertRule, Conditions, DeadLetter, Event, EventData, GasTick, Liquidation, Millis, PriceTick,
-    Protocol, Record, SourcePos, Transfer, TvlUpdate,
+    AlertRule, Conditions, DeadLetter, Event, EventData, GasTick, Liquidation, Millis, PriceTick, Protocol, Record,
+    SourcePos, Transfer, TvlUpdate,
 };
 
 use crate::candidate::{Candidate, Detail, RecordInfo};
@@ -119,9 +119,10 @@ impl RuleIndex {
             | Conditions::Depeg { coin, .. }
             | Conditions::WhaleMovement { coin: Some(coin), .. } => self.coin.entry(coin.clone()).or_default(),
             Conditions::TvlChange { protocol_id, .. }
-            | Conditions::Liquidation { protocol_id: Some(protocol_id), .. } => {
-                self.protocol.entry(protocol_id.clone()).or_default()
-            }
+            | Conditions::Liquidation {
+                protocol_id: Some(protocol_id),
+                ..
+            } => self.protocol.entry(protocol_id.clone()).or_default(),
             Conditions::GasPrice { chain, .. } => self.chain.entry(chain.clone()).or_default(),
             Conditions::WhaleMovement { coin: None, .. } | Conditions::Liquidation { protocol_id: None, .. } => {
                 &mut self.any_key
@@ -249,8 +250,15 @@ impl KeyedState {
                 continue;
             }
             let (value, detail) = match &rule.conditions {
-                Conditions::PriceChange { window, threshold_pct, direction, .. } => {
-                    let Some(r) = as_of(&st.history, t - window) else { continue };
+                Conditions::PriceChange {
+                    window,
+                    threshold_pct,
+                    direction,
+                    ..
+                } => {
+                    let Some(r) = as_of(&st.history, t - window) else {
+                        continue;
+                    };
                     let pct = (px - r) / r * 100.0;
                     if !direction.matches(pct, *threshold_pct) {
                         continue;
@@ -276,7 +284,14 @@ impl KeyedState {
                 label: st.symbol.clone().unwrap_or_else(|| p.coin.clone()),
                 chain: None,
             });
-            out.push(KeyedOut::Candidate(Candidate { seq, rule: rule.clone(), info, triggered_at: t, value, detail }));
+            out.push(KeyedOut::Candidate(Candidate {
+                seq,
+                rule: rule.clone(),
+                info,
+                triggered_at: t,
+                value,
+                detail,
+            }));
         }
         if self.cfg.emit_events {
             let stable = self.cfg.is_stablecoin(&p.coin, st.symbol.as_deref());
@@ -346,12 +361,18 @@ impl KeyedState {
         }
         st.transfers_at_last_ts.push(identity.clone());
         st.last_transfer_ts = Some(tr.timestamp);
-        let Some(px) = as_of(&st.history, tr.timestamp) else { return };
+        let Some(px) = as_of(&st.history, tr.timestamp) else {
+            return;
+        };
         let value = tr.amount * px;
         let mut info = None;
-        let rules = RuleIndex::for_key(&self.rules.coin, &tr.coin).iter().chain(self.rules.any_key.iter());
+        let rules = RuleIndex::for_key(&self.rules.coin, &tr.coin)
+            .iter()
+            .chain(self.rules.any_key.iter());
         for rule in rules {
-            let Conditions::WhaleMovement { chain, min_usd, .. } = &rule.conditions else { continue };
+            let Conditions::WhaleMovement { chain, min_usd, .. } = &rule.conditions else {
+                continue;
+            };
             if !rule.enabled || chain.as_ref().is_some_and(|c| *c != tr.chain) || value < *min_usd {
                 continue;
             }
@@ -400,7 +421,9 @@ impl KeyedState {
         if pending_older {
             self.flush_total(&u.protocol_id, out);
         }
-        let Some(st) = self.protocols.get_mut(&u.protocol_id) else { return };
+        let Some(st) = self.protocols.get_mut(&u.protocol_id) else {
+            return;
+        };
         let rules = RuleIndex::for_key(&self.rules.protocol, &u.protocol_id);
         let label = st.name.clone().unwrap_or_else(|| u.protocol_id.clone());
         let t = u.timestamp;
@@ -414,7 +437,13 @@ impl KeyedState {
             let mut retention = self.cfg.tvl_retention;
             let mut info = None;
             for rule in rules {
-                let Conditions::TvlChange { chain: Some(c), window, threshold_pct, direction, .. } = &rule.conditions
+                let Conditions::TvlChange {
+                    chain: Some(c),
+                    window,
+                    threshold_pct,
+                    direction,
+                    ..
+                } = &rule.conditions
                 else {
                     continue;
                 };
@@ -425,7 +454,9 @@ impl KeyedState {
                 if !rule.enabled {
                     continue;
                 }
-                let Some(pct) = change(hist, t, *window, *tvl) else { continue };
+                let Some(pct) = change(hist, t, *window, *tvl) else {
+                    continue;
+                };
                 if !direction.matches(pct, *threshold_pct) {
                     continue;
                 }
@@ -462,20 +493,31 @@ impl KeyedState {
 
     fn flush_total(&mut self, id: &str, out: &mut Vec<KeyedOut>) {
         let Some(st) = self.protocols.get_mut(id) else { return };
-        let Some(PendingTotal { ts: t, seq }) = st.pending.take() else { return };
+        let Some(PendingTotal { ts: t, seq }) = st.pending.take() else {
+            return;
+        };
         let total: f64 = st.chain_latest.values().sum();
         let label = st.name.clone().unwrap_or_else(|| id.to_string());
         let mut retention = self.cfg.tvl_retention;
         let mut info = None;
         for rule in RuleIndex::for_key(&self.rules.protocol, id) {
-            let Conditions::TvlChange { chain: None, window, threshold_pct, direction, .. } = &rule.conditions else {
+            let Conditions::TvlChange {
+                chain: None,
+                window,
+                threshold_pct,
+                direction,
+                ..
+            } = &rule.conditions
+            else {
                 continue;
             };
             retention = retention.max(*window);
             if !rule.enabled {
                 continue;
             }
-            let Some(pct) = change(&st.total_hist, t, *window, total) else { continue };
+            let Some(pct) = change(&st.total_hist, t, *window, total) else {
+                continue;
+            };
             if !direction.matches(pct, *threshold_pct) {
                 continue;
             }
@@ -539,10 +581,13 @@ impl KeyedState {
         st.last_liq_ts = Some(l.timestamp);
         let label = st.name.clone().unwrap_or_else(|| l.protocol_id.clone());
         let mut info = None;
-        let rules =
-            RuleIndex::for_key(&self.rules.protocol, &l.protocol_id).iter().chain(self.rules.any_key.iter());
+        let rules = RuleIndex::for_key(&self.rules.protocol, &l.protocol_id)
+            .iter()
+            .chain(self.rules.any_key.iter());
         for rule in rules {
-            let Conditions::Liquidation { chain, min_usd, .. } = &rule.conditions else { continue };
+            let Conditions::Liquidation { chain, min_usd, .. } = &rule.conditions else {
+                continue;
+            };
             if !rule.enabled || chain.as_ref().is_some_and(|c| *c != l.chain) || l.amount_usd < *min_usd {
                 continue;
             }
@@ -586,7 +631,9 @@ impl KeyedState {
         };
         let mut info = None;
         for rule in RuleIndex::for_key(&self.rules.chain, &g.chain) {
-            let Conditions::GasPrice { operator, gwei, .. } = &rule.conditions else { continue };
+            let Conditions::GasPrice { operator, gwei, .. } = &rule.conditions else {
+                continue;
+            };
             match prev {
                 Some(prev) if rule.enabled && operator.holds(g.gwei, *gwei) && !operator.holds(prev, *gwei) => {}
                 _ => continue,
@@ -611,7 +658,11 @@ impl KeyedState {
             out.push(KeyedOut::Event(Event {
                 subject: g.chain.clone(),
                 timestamp: g.timestamp,
-                data: EventData::GasUpdate { chain: g.chain, gwei: g.gwei, timestamp: g.timestamp },
+                data: EventData::GasUpdate {
+                    chain: g.chain,
+                    gwei: g.gwei,
+                    timestamp: g.timestamp,
+                },
             }));
         }
     }

@@ -14,7 +14,7 @@ use schemas::{
 };
 use serde_json::json;
 use timely::dataflow::InputHandle;
-use timely::dataflow::operators::{Inspect, Input, Probe};
+use timely::dataflow::operators::{Input, Inspect, Probe};
 
 /// Everything the dataflow produced.
 #[derive(Default, Clone)]
@@ -37,7 +37,10 @@ fn run(workers: usize, batches: &[Vec<Op>], cfg: OpConfig) -> Run {
             let outs = operators::build(scope.input_from(&mut input), cfg);
             outs.events.inspect(move |x| e.lock().unwrap().events.push(x.clone()));
             outs.dead.inspect(move |x| d.lock().unwrap().dead.push(x.clone()));
-            outs.alerts.inspect(move |x| a.lock().unwrap().alerts.push(x.clone())).probe().0
+            outs.alerts
+                .inspect(move |x| a.lock().unwrap().alerts.push(x.clone()))
+                .probe()
+                .0
         });
         let mut seq = Sequencer::new(worker.peers(), 0);
         let src: Arc<str> = "test:".into();
@@ -64,7 +67,7 @@ fn run(workers: usize, batches: &[Vec<Op>], cfg: OpConfig) -> Run {
         }
     })
     .expect("timely runs");
-    
+
     out.lock().unwrap().clone()
 }
 
@@ -87,7 +90,15 @@ fn model(batches: &[Vec<Op>]) -> Model {
 fn as_model(alerts: &[Alert]) -> Vec<ModelAlert> {
     alerts
         .iter()
-        .map(|a| (a.alert_id.clone(), a.rule_id.clone(), a.subject.clone(), a.triggered_at, a.value))
+        .map(|a| {
+            (
+                a.alert_id.clone(),
+                a.rule_id.clone(),
+                a.subject.clone(),
+                a.triggered_at,
+                a.value,
+            )
+        })
         .collect()
 }
 
@@ -148,11 +159,18 @@ fn steps_to_batches(steps: Vec<RawStep>, rules: Vec<(usize, Record)>, deletes: V
             batches.last_mut().expect("non-empty").push(Op::Rec(r));
         }
         if deletes.contains(&i) {
-            batches.last_mut().expect("non-empty").push(Op::Del(format!("r{}", key % 8)));
+            batches
+                .last_mut()
+                .expect("non-empty")
+                .push(Op::Del(format!("r{}", key % 8)));
         }
         clock += i64::from(step % 8) * 30_000;
         // One record in ten is older than the clock: late for its key unless nothing newer came.
-        let t = if lag % 10 == 0 { clock - i64::from(lag % 1200) * 1000 } else { clock };
+        let t = if lag % 10 == 0 {
+            clock - i64::from(lag % 1200) * 1000
+        } else {
+            clock
+        };
         let level = f64::from(level);
         let rec = match kind % 6 {
             0 | 1 => Record::Price(PriceTick {
@@ -182,7 +200,11 @@ fn steps_to_batches(steps: Vec<RawStep>, rules: Vec<(usize, Record)>, deletes: V
                 amount: level * 10.0,
                 timestamp: t,
             }),
-            4 => Record::Gas(GasTick { chain: CHAINS[key % 2].to_string(), gwei: level * 2.0, timestamp: t }),
+            4 => Record::Gas(GasTick {
+                chain: CHAINS[key % 2].to_string(),
+                gwei: level * 2.0,
+                timestamp: t,
+            }),
             _ => Record::Liquidation(Liquidation {
                 protocol_id: PROTOCOLS[key % 2].to_string(),
                 chain: CHAINS[key % 2].to_string(),
@@ -281,8 +303,10 @@ fn price_change_spec_example_and_throttle() {
     let eth = "coingecko:ethereum";
     let batches = vec![
         vec![
-            rule(json!({"id":"r1","user_id":"u1","name":"ETH -5% 1h","alert_type":"price_change",
-                "conditions":{"coin":eth,"window":"1h","threshold_pct":5,"direction":"down"}})),
+            rule(
+                json!({"id":"r1","user_id":"u1","name":"ETH -5% 1h","alert_type":"price_change",
+                "conditions":{"coin":eth,"window":"1h","threshold_pct":5,"direction":"down"}}),
+            ),
             price(eth, 3791.12, 1_717_426_800),
             price(eth, 3700.0, 1_717_428_000),
         ],
@@ -318,7 +342,7 @@ fn late_duplicate_low_confidence() {
         rule(json!({"id":"t","user_id":"u","alert_type":"price_threshold",
             "conditions":{"coin":c,"operator":">","value":10},"throttle_minutes":0})),
         price(c, 5.0, 100),
-        price(c, 20.0, 90), // late
+        price(c, 20.0, 90),  // late
         price(c, 20.0, 100), // duplicate of t=100
         Op::Rec(Record::Price(PriceTick {
             coin: c.into(),
@@ -346,10 +370,14 @@ fn late_duplicate_low_confidence() {
 fn tvl_total_is_evaluated_once_per_timestamp() {
     let batches = vec![
         vec![
-            rule(json!({"id":"tot","user_id":"u","alert_type":"tvl_change","throttle_minutes":0,
-                "conditions":{"protocol_id":"2269","window":3600,"threshold_pct":10,"direction":"any"}})),
-            rule(json!({"id":"eth","user_id":"u","alert_type":"tvl_change","throttle_minutes":0,
-                "conditions":{"protocol_id":"2269","chain":"ethereum","window":3600,"threshold_pct":10,"direction":"any"}})),
+            rule(
+                json!({"id":"tot","user_id":"u","alert_type":"tvl_change","throttle_minutes":0,
+                "conditions":{"protocol_id":"2269","window":3600,"threshold_pct":10,"direction":"any"}}),
+            ),
+            rule(
+                json!({"id":"eth","user_id":"u","alert_type":"tvl_change","throttle_minutes":0,
+                "conditions":{"protocol_id":"2269","chain":"ethereum","window":3600,"threshold_pct":10,"direction":"any"}}),
+            ),
             Op::Rec(Record::Protocol(schemas::Protocol {
                 id: "2269".into(),
                 name: "Aave V3".into(),
@@ -368,7 +396,11 @@ fn tvl_total_is_evaluated_once_per_timestamp() {
         vec![tvl("2269", "arbitrum", 100.0, 7200)],
     ];
     let r = run(2, &batches, OpConfig::default());
-    let ids: Vec<(&str, i64)> = r.alerts.iter().map(|a| (a.rule_id.as_str(), a.triggered_at / 1000)).collect();
+    let ids: Vec<(&str, i64)> = r
+        .alerts
+        .iter()
+        .map(|a| (a.rule_id.as_str(), a.triggered_at / 1000))
+        .collect();
     // At 7200 the total is 250 vs 200 at 3600... but the reference is the total at ≤ 3600 (200): +25%.
     assert_eq!(ids, vec![("eth", 3600), ("tot", 7200)]);
     assert_eq!(r.alerts[1].message, "Aave V3 TVL +25.00% in 1h ($200.00 → $250.00)");
@@ -380,7 +412,11 @@ fn tvl_total_is_evaluated_once_per_timestamp() {
             _ => None,
         })
         .collect();
-    assert_eq!(totals, vec![200.0, 200.0, 250.0], "one tvl_update per protocol timestamp");
+    assert_eq!(
+        totals,
+        vec![200.0, 200.0, 250.0],
+        "one tvl_update per protocol timestamp"
+    );
 }
 
 #[test]
@@ -402,17 +438,23 @@ fn whale_uses_latest_earlier_price_and_rules_change_live() {
             transfer(2_000_000.0, 5, "0x0"), // no price yet → no alert
             price(usdc, 1.0, 10),
             price(usdc, 0.5, 30),
-            rule(json!({"id":"w","user_id":"u","alert_type":"whale_movement","throttle_minutes":0,
-                "conditions":{"min_usd":1_500_000}})),
+            rule(
+                json!({"id":"w","user_id":"u","alert_type":"whale_movement","throttle_minutes":0,
+                "conditions":{"min_usd":1_500_000}}),
+            ),
             transfer(2_000_000.0, 20, "0x1"), // valued at the t=10 price: $2M → fires
             transfer(2_000_000.0, 30, "0x2"), // valued at 0.5: $1M → no
         ],
         vec![
-            rule(json!({"id":"w","user_id":"u","alert_type":"whale_movement","throttle_minutes":0,
-                "conditions":{"min_usd":1_500_000},"enabled":false})),
+            rule(
+                json!({"id":"w","user_id":"u","alert_type":"whale_movement","throttle_minutes":0,
+                "conditions":{"min_usd":1_500_000},"enabled":false}),
+            ),
             transfer(9_000_000.0, 40, "0x3"), // disabled
-            rule(json!({"id":"w","user_id":"u","alert_type":"whale_movement","throttle_minutes":0,
-                "conditions":{"coin":usdc,"min_usd":500_000}})),
+            rule(
+                json!({"id":"w","user_id":"u","alert_type":"whale_movement","throttle_minutes":0,
+                "conditions":{"coin":usdc,"min_usd":500_000}}),
+            ),
             transfer(2_000_000.0, 50, "0x4"), // re-enabled under its coin: fires
             Op::Del("w".into()),
             transfer(9_000_000.0, 60, "0x5"), // deleted
@@ -422,19 +464,33 @@ fn whale_uses_latest_earlier_price_and_rules_change_live() {
         let r = run(workers, &batches, OpConfig::default());
         let got: Vec<(i64, f64)> = r.alerts.iter().map(|a| (a.triggered_at / 1000, a.value)).collect();
         assert_eq!(got, vec![(20, 2_000_000.0), (50, 1_000_000.0)], "workers={workers}");
-        assert_eq!(r.events.iter().filter(|e| e.data.type_name() == "whale_transfer").count(), 5);
+        assert_eq!(
+            r.events
+                .iter()
+                .filter(|e| e.data.type_name() == "whale_transfer")
+                .count(),
+            5
+        );
     }
 }
 
 #[test]
 fn depeg_and_gas_crossings_and_market_depeg_events() {
     let usdc = "coingecko:usd-coin";
-    let gas = |g: f64, t: i64| Op::Rec(Record::Gas(GasTick { chain: "ethereum".into(), gwei: g, timestamp: t * 1000 }));
+    let gas = |g: f64, t: i64| {
+        Op::Rec(Record::Gas(GasTick {
+            chain: "ethereum".into(),
+            gwei: g,
+            timestamp: t * 1000,
+        }))
+    };
     let batches = vec![vec![
         rule(json!({"id":"d","user_id":"u","alert_type":"depeg","throttle_minutes":0,
             "conditions":{"coin":usdc,"peg":1.0,"deviation_pct":2}})),
-        rule(json!({"id":"g","user_id":"u","alert_type":"gas_price","throttle_minutes":0,
-            "conditions":{"chain":"ethereum","operator":">","gwei":50}})),
+        rule(
+            json!({"id":"g","user_id":"u","alert_type":"gas_price","throttle_minutes":0,
+            "conditions":{"chain":"ethereum","operator":">","gwei":50}}),
+        ),
         price(usdc, 1.0, 1),
         price(usdc, 0.97, 2),  // enters 2% band (and the 1% market band)
         price(usdc, 0.96, 3),  // still out: no new alert
@@ -447,7 +503,11 @@ fn depeg_and_gas_crossings_and_market_depeg_events() {
         gas(51.0, 5),
     ]];
     let r = run(2, &batches, OpConfig::default());
-    let got: Vec<(&str, i64)> = r.alerts.iter().map(|a| (a.rule_id.as_str(), a.triggered_at / 1000)).collect();
+    let got: Vec<(&str, i64)> = r
+        .alerts
+        .iter()
+        .map(|a| (a.rule_id.as_str(), a.triggered_at / 1000))
+        .collect();
     let mut got = got;
     got.sort();
     assert_eq!(got, vec![("d", 2), ("d", 5), ("g", 2), ("g", 5)]);

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use operators::{Envelope, OpConfig, Sequencer};
 use schemas::{Alert, DeadLetter, Event};
 use timely::dataflow::InputHandle;
-use timely::dataflow::operators::{Inspect, Input, Probe};
+use timely::dataflow::operators::{Input, Inspect, Probe};
 
 /// Epochs a worker may have sent but not yet completed.
 pub const MAX_EPOCHS_IN_FLIGHT: u64 = 8;
@@ -55,7 +55,12 @@ impl Engine {
             run_worker(worker, rx, cfg.clone(), output.clone());
         })
         .map_err(|e| anyhow::anyhow!("cannot start timely workers: {e}"))?;
-        Ok(Engine { inputs, guards, sequencer: Sequencer::new(workers, 0), epochs: 0 })
+        Ok(Engine {
+            inputs,
+            guards,
+            sequencer: Sequencer::new(workers, 0),
+            epochs: 0,
+        })
     }
 
     /// The stamping front: push records and rule deletions here, then [`Engine::send`].

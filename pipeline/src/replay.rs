@@ -91,8 +91,15 @@ pub struct Summary {
 impl Summary {
     /// The one-line summary printed at the end.
     pub fn line(&self) -> String {
-        let rate = if self.seconds > 0.0 { self.records_in as f64 / self.seconds } else { 0.0 };
-        let rss = self.peak_rss_kib.map(|k| format!(", peak RSS {:.1} MiB", k as f64 / 1024.0)).unwrap_or_default();
+        let rate = if self.seconds > 0.0 {
+            self.records_in as f64 / self.seconds
+        } else {
+            0.0
+        };
+        let rss = self
+            .peak_rss_kib
+            .map(|k| format!(", peak RSS {:.1} MiB", k as f64 / 1024.0))
+            .unwrap_or_default();
         format!(
             "replay: {} records in, {} alerts out, {} events out, {} dead letters, {:.0} records/s ({:.2} s{rss})",
             self.records_in, self.alerts_out, self.events_out, self.dead_letters, rate, self.seconds
@@ -154,7 +161,11 @@ struct Merge {
 
 impl Merge {
     fn new(sources: Vec<Source>) -> Self {
-        let mut m = Merge { heads: (0..sources.len()).map(|_| None).collect(), sources, heap: BinaryHeap::new() };
+        let mut m = Merge {
+            heads: (0..sources.len()).map(|_| None).collect(),
+            sources,
+            heap: BinaryHeap::new(),
+        };
         for i in 0..m.sources.len() {
             m.refill(i);
         }
@@ -196,8 +207,7 @@ fn open_sources(args: &ReplayArgs) -> Result<Vec<Source>, UsageError> {
     ];
     for (kind, paths) in groups {
         for p in paths {
-            let src = sources::files::open(p, kind)
-                .map_err(|e| UsageError(format!("--{}: {e}", flag_name(kind))))?;
+            let src = sources::files::open(p, kind).map_err(|e| UsageError(format!("--{}: {e}", flag_name(kind))))?;
             out.push(Box::new(src));
         }
     }
@@ -250,13 +260,17 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
         counts: Default::default(),
         error: Mutex::new(None),
     });
-    let cfg = OpConfig { emit_events: args.events_out.is_some(), ..OpConfig::default() };
+    let cfg = OpConfig {
+        emit_events: args.events_out.is_some(),
+        ..OpConfig::default()
+    };
     let mut engine = Engine::start(args.workers as usize, cfg, output.clone())?;
 
     let progress = if !args.quiet && std::io::stderr().is_terminal() {
         let pb = ProgressBar::new_spinner();
         pb.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         Some(pb)
     } else {
@@ -303,15 +317,26 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
     if let Some(pb) = progress {
         pb.finish_and_clear();
     }
-    let output = Arc::try_unwrap(output).map_err(|_| anyhow::anyhow!("outputs still in use after the dataflow stopped"))?;
+    let output =
+        Arc::try_unwrap(output).map_err(|_| anyhow::anyhow!("outputs still in use after the dataflow stopped"))?;
     if let Some(e) = output.error.lock().ok().and_then(|mut e| e.take()) {
         anyhow::bail!(e);
     }
-    output.alerts.into_inner().map_err(|_| anyhow::anyhow!("alert writer poisoned"))?.finish()?;
+    output
+        .alerts
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("alert writer poisoned"))?
+        .finish()?;
     if let Some(w) = output.events {
-        w.into_inner().map_err(|_| anyhow::anyhow!("event writer poisoned"))?.finish()?;
+        w.into_inner()
+            .map_err(|_| anyhow::anyhow!("event writer poisoned"))?
+            .finish()?;
     }
-    output.dead.into_inner().map_err(|_| anyhow::anyhow!("dead-letter writer poisoned"))?.finish()?;
+    output
+        .dead
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("dead-letter writer poisoned"))?
+        .finish()?;
     Ok(Summary {
         records_in,
         alerts_out: output.counts[0].load(Ordering::Relaxed),

@@ -29,8 +29,8 @@ pub struct RunArgs {
     /// Feed speed: feed seconds per wall-clock second.
     #[arg(long, default_value_t = 1.0)]
     pub speed: f64,
-    /// Minutes of feed history replayed at once on start (fills windows and the dashboard).
-    #[arg(long, default_value_t = 30)]
+    /// Minutes of feed history replayed at once on start (fills the 1h windows and the dashboard).
+    #[arg(long, default_value_t = 75)]
     pub warmup_minutes: u32,
     /// Seed of the demo feed.
     #[arg(long, default_value_t = 42)]
@@ -81,7 +81,10 @@ impl Output for LiveOutput {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
 }
 
 /// Feeds the demo records into the engine at `speed` until `stop` is set.
@@ -90,10 +93,18 @@ fn feed_loop(mut engine: Engine, args: &RunArgs, stop: &AtomicBool) -> Result<()
     let origin: Arc<str> = "demo-setup:".into();
     let mut batch = Vec::new();
     for (i, p) in demo_protocols().into_iter().enumerate() {
-        engine.sequencer().push(SourcePos::new(origin.clone(), i as u64), Record::Protocol(p), &mut batch);
+        engine.sequencer().push(
+            SourcePos::new(origin.clone(), i as u64),
+            Record::Protocol(p),
+            &mut batch,
+        );
     }
     for (i, r) in demo_rules().into_iter().enumerate() {
-        engine.sequencer().push(SourcePos::new(origin.clone(), 1000 + i as u64), Record::Rule(r), &mut batch);
+        engine.sequencer().push(
+            SourcePos::new(origin.clone(), 1000 + i as u64),
+            Record::Rule(r),
+            &mut batch,
+        );
     }
     let mut feed = DemoFeed::new(start, args.seed).peekable();
     let wall0 = Instant::now();
@@ -126,7 +137,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     let recorder = PrometheusBuilder::new()
         .install_recorder()
         .context("cannot install the Prometheus metrics recorder")?;
-    let mut ws = WsConfig { allow_anonymous: true, ..WsConfig::default() };
+    let mut ws = WsConfig {
+        allow_anonymous: true,
+        ..WsConfig::default()
+    };
     ws.api_keys.insert("demo".to_string(), "demo".to_string());
     let hub = Hub::new(ws);
     let engine = Engine::start(

@@ -41,12 +41,21 @@ fn dataset(dir: &Path) -> Vec<String> {
         json!({"coin": eth, "price": 3800.0, "timestamp": t0 + 1800, "symbol": "ETH"}), // late
     ];
     for i in 0..50 {
-        prices.push(json!({"coin": "coingecko:bitcoin", "price": 60000.0 + f64::from(i) * 100.0,
-            "timestamp": t0 + 60 * i64::from(i), "symbol": "BTC"}));
+        prices.push(
+            json!({"coin": "coingecko:bitcoin", "price": 60000.0 + f64::from(i) * 100.0,
+            "timestamp": t0 + 60 * i64::from(i), "symbol": "BTC"}),
+        );
     }
     write_lines(&dir.join("prices.jsonl"), &prices);
-    let mut bad = std::fs::OpenOptions::new().append(true).open(dir.join("prices.jsonl")).unwrap();
-    writeln!(bad, "{{\"coin\":\"coingecko:bad\",\"price\":\"high\",\"timestamp\":{t0}}}").unwrap();
+    let mut bad = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("prices.jsonl"))
+        .unwrap();
+    writeln!(
+        bad,
+        "{{\"coin\":\"coingecko:bad\",\"price\":\"high\",\"timestamp\":{t0}}}"
+    )
+    .unwrap();
     write_lines(
         &dir.join("tvl.jsonl"),
         &[
@@ -57,8 +66,10 @@ fn dataset(dir: &Path) -> Vec<String> {
     );
     write_lines(
         &dir.join("transfers.jsonl"),
-        &[json!({"chain": "ethereum", "tx_hash": "0xabc", "coin": eth, "from": "0x1", "to": "0x2",
-            "amount": 1000.0, "timestamp": t0 + 60})],
+        &[
+            json!({"chain": "ethereum", "tx_hash": "0xabc", "coin": eth, "from": "0x1", "to": "0x2",
+            "amount": 1000.0, "timestamp": t0 + 60}),
+        ],
     );
     write_lines(
         &dir.join("gas.jsonl"),
@@ -69,9 +80,14 @@ fn dataset(dir: &Path) -> Vec<String> {
     );
     write_lines(
         &dir.join("liquidations.jsonl"),
-        &[json!({"protocol_id": "2269", "chain": "ethereum", "account": "0x9", "amount_usd": 2.5e6, "timestamp": t0 + 30})],
+        &[
+            json!({"protocol_id": "2269", "chain": "ethereum", "account": "0x9", "amount_usd": 2.5e6, "timestamp": t0 + 30}),
+        ],
     );
-    write_lines(&dir.join("protocols.jsonl"), &[json!({"id": "2269", "name": "Aave V3", "chains": ["ethereum", "arbitrum"]})]);
+    write_lines(
+        &dir.join("protocols.jsonl"),
+        &[json!({"id": "2269", "name": "Aave V3", "chains": ["ethereum", "arbitrum"]})],
+    );
     write_lines(
         &dir.join("rules.jsonl"),
         &[
@@ -138,20 +154,37 @@ fn dataset(dir: &Path) -> Vec<String> {
 }
 
 fn replay(dir: &Path, inputs: &[String], workers: u32, tag: &str) -> (Output, PathBuf, PathBuf, PathBuf) {
-    let (alerts, events, dead) =
-        (dir.join(format!("alerts-{tag}.jsonl")), dir.join(format!("events-{tag}.jsonl")), dir.join(format!("dead-{tag}.jsonl")));
+    let (alerts, events, dead) = (
+        dir.join(format!("alerts-{tag}.jsonl")),
+        dir.join(format!("events-{tag}.jsonl")),
+        dir.join(format!("dead-{tag}.jsonl")),
+    );
     let out = bin()
         .arg("replay")
         .args(inputs)
-        .args(["--alerts-out", alerts.to_str().unwrap(), "--events-out", events.to_str().unwrap()])
-        .args(["--dead-letter-out", dead.to_str().unwrap(), "--workers", &workers.to_string()])
+        .args([
+            "--alerts-out",
+            alerts.to_str().unwrap(),
+            "--events-out",
+            events.to_str().unwrap(),
+        ])
+        .args([
+            "--dead-letter-out",
+            dead.to_str().unwrap(),
+            "--workers",
+            &workers.to_string(),
+        ])
         .output()
         .unwrap();
     (out, alerts, events, dead)
 }
 
 fn read_jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -161,13 +194,24 @@ fn replay_produces_every_alert_type_identically_for_1_and_2_workers() {
     let (o1, a1, e1, d1) = replay(dir.path(), &inputs, 1, "w1");
     assert!(o1.status.success(), "{}", String::from_utf8_lossy(&o1.stderr));
     let summary = String::from_utf8_lossy(&o1.stderr);
-    assert!(summary.contains("records in") && summary.contains("records/s"), "{summary}");
+    assert!(
+        summary.contains("records in") && summary.contains("records/s"),
+        "{summary}"
+    );
     let (o2, a2, e2, _) = replay(dir.path(), &inputs, 2, "w2");
     assert!(o2.status.success());
     let text1 = std::fs::read_to_string(&a1).unwrap();
-    assert_eq!(text1, std::fs::read_to_string(&a2).unwrap(), "alerts differ between 1 and 2 workers");
+    assert_eq!(
+        text1,
+        std::fs::read_to_string(&a2).unwrap(),
+        "alerts differ between 1 and 2 workers"
+    );
     let sorted = |p: &Path| {
-        let mut l: Vec<String> = std::fs::read_to_string(p).unwrap().lines().map(str::to_string).collect();
+        let mut l: Vec<String> = std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
         l.sort();
         l
     };
@@ -180,7 +224,19 @@ fn replay_produces_every_alert_type_identically_for_1_and_2_workers() {
     assert_eq!(r1[0]["message"], "ETH -5.31% in 1h (3791.12 → 3589.80)");
     assert_eq!(r1[0]["triggered_at"], 1_717_430_400);
     assert_eq!(r1[0]["alert_id"].as_str().unwrap().len(), 32);
-    for key in ["alert_id", "rule_id", "user_id", "alert_type", "subject", "triggered_at", "value", "threshold", "message", "channels", "webhook_url"] {
+    for key in [
+        "alert_id",
+        "rule_id",
+        "user_id",
+        "alert_type",
+        "subject",
+        "triggered_at",
+        "value",
+        "threshold",
+        "message",
+        "channels",
+        "webhook_url",
+    ] {
         assert!(r1[0].get(key).is_some(), "alert lacks {key}");
     }
     assert_eq!(by_rule("r2")[0]["value"], 63000.0);
@@ -188,24 +244,64 @@ fn replay_produces_every_alert_type_identically_for_1_and_2_workers() {
     let r4 = by_rule("r4");
     assert_eq!(r4[0]["message"], "Aave V3 TVL -16.67% in 1h ($12.00B → $10.00B)");
     let whale = by_rule("r5")[0]["value"].as_f64().unwrap();
-    assert!((whale - 3_791_120.0).abs() < 1e-3, "whale valued at the latest earlier ETH price: {whale}");
+    assert!(
+        (whale - 3_791_120.0).abs() < 1e-3,
+        "whale valued at the latest earlier ETH price: {whale}"
+    );
     assert_eq!(by_rule("r6")[0]["value"], 80.0);
     assert_eq!(by_rule("r7")[0]["value"], 2.5e6);
     let r8 = by_rule("r8");
-    assert_eq!(r8.len(), 1, "Lido TVL from the export: -50% in 1d; dead: {}; events: {}", std::fs::read_to_string(&d1).unwrap(), std::fs::read_to_string(&e1).unwrap().lines().filter(|l| l.contains("\"182\"")).collect::<Vec<_>>().join("\n"));
+    assert_eq!(
+        r8.len(),
+        1,
+        "Lido TVL from the export: -50% in 1d; dead: {}; events: {}",
+        std::fs::read_to_string(&d1).unwrap(),
+        std::fs::read_to_string(&e1)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"182\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(r8[0]["value"], -50.0);
 
     let dead = read_jsonl(&d1);
-    let reasons: Vec<(&str, &str)> =
-        dead.iter().map(|d| (d["source"].as_str().unwrap(), d["reason"].as_str().unwrap())).collect();
-    assert!(reasons.iter().any(|(s, r)| s.ends_with("prices.jsonl:5") && *r == "late"), "{reasons:?}");
-    assert!(reasons.iter().any(|(s, r)| s.ends_with("prices.jsonl:56") && r.contains("`price` must be a number")), "{reasons:?}");
-    assert!(reasons.iter().any(|(s, r)| s.ends_with("rules.jsonl:9") && r.contains("conditions.window")), "{reasons:?}");
+    let reasons: Vec<(&str, &str)> = dead
+        .iter()
+        .map(|d| (d["source"].as_str().unwrap(), d["reason"].as_str().unwrap()))
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|(s, r)| s.ends_with("prices.jsonl:5") && *r == "late"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(s, r)| s.ends_with("prices.jsonl:56") && r.contains("`price` must be a number")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(s, r)| s.ends_with("rules.jsonl:9") && r.contains("conditions.window")),
+        "{reasons:?}"
+    );
 
     let events = read_jsonl(&e1);
-    let redirected = events.iter().find(|e| e["subject"] == "ethereum:0xa0b8").expect("redirected price event");
-    assert_eq!(redirected["data"]["price"], 1.0, "redirect takes the target's earlier price");
-    let tvl = events.iter().find(|e| e["type"] == "tvl_update" && e["subject"] == "182").expect("tvl_update");
+    let redirected = events
+        .iter()
+        .find(|e| e["subject"] == "ethereum:0xa0b8")
+        .expect("redirected price event");
+    assert_eq!(
+        redirected["data"]["price"], 1.0,
+        "redirect takes the target's earlier price"
+    );
+    let tvl = events
+        .iter()
+        .find(|e| e["type"] == "tvl_update" && e["subject"] == "182")
+        .expect("tvl_update");
     assert_eq!(tvl["data"]["chainTvls"]["ethereum"], 1.0e10);
     assert_eq!(tvl["data"]["extra"]["ethereum-staking"], 5.0);
 
@@ -216,7 +312,12 @@ fn replay_produces_every_alert_type_identically_for_1_and_2_workers() {
 
 fn usage_error(args: &[&str]) -> String {
     let out = bin().args(args).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "args {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "args {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 

@@ -43,7 +43,15 @@ fn wait_for_port(port: u16) {
 async fn embedded_run_serves_live_data_and_stops_cleanly() {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_llamaflow"))
-        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--speed", "120", "--warmup-minutes", "1"])
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--speed",
+            "120",
+            "--warmup-minutes",
+            "1",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -58,10 +66,14 @@ async fn embedded_run_serves_live_data_and_stops_cleanly() {
     // Unknown keys are refused; the demo key maps to the demo user, who owns the demo rules.
     let refused = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws?api_key=nope")).await;
     assert!(refused.is_err(), "unknown API key must get 401");
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws?api_key=demo")).await.unwrap();
-    ws.send(Message::text(json!({"type":"subscribe","channels":["prices:coingecko:ethereum","tvl","gas","alerts"]}).to_string()))
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws?api_key=demo"))
         .await
         .unwrap();
+    ws.send(Message::text(
+        json!({"type":"subscribe","channels":["prices:coingecko:ethereum","tvl","gas","alerts"]}).to_string(),
+    ))
+    .await
+    .unwrap();
     let mut seen = std::collections::BTreeMap::<String, Value>::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !(seen.contains_key("price_update") && seen.contains_key("alert") && seen.contains_key("tvl_update")) {
@@ -85,7 +97,10 @@ async fn embedded_run_serves_live_data_and_stops_cleanly() {
     assert!(!seen.contains_key("depeg"), "not subscribed to depeg");
 
     let metrics = http_get(port, "/metrics");
-    assert!(metrics.contains("llamaflow_records_in_total{kind=\"price\"}"), "{metrics}");
+    assert!(
+        metrics.contains("llamaflow_records_in_total{kind=\"price\"}"),
+        "{metrics}"
+    );
     assert!(metrics.contains("llamaflow_alerts_total"), "{metrics}");
 
     let pid = running.0.id().to_string();
@@ -95,7 +110,10 @@ async fn embedded_run_serves_live_data_and_stops_cleanly() {
         if let Some(s) = running.0.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "llamaflow did not stop within 15 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "llamaflow did not stop within 15 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status:?}");

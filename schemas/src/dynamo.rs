@@ -51,13 +51,19 @@ const TVL_TYPES: [&str; 9] = [
 ];
 
 /// Attributes of a TVL item that are neither chains nor sub-buckets.
-const TVL_NOT_CHAINS: [&str; 7] =
-    ["PK", "SK", "tvl", "tvlPrev1Hour", "tvlPrev1Day", "tvlPrev1Week", "totalCirculating"];
+const TVL_NOT_CHAINS: [&str; 7] = [
+    "PK",
+    "SK",
+    "tvl",
+    "tvlPrev1Hour",
+    "tvlPrev1Day",
+    "tvlPrev1Week",
+    "totalCirculating",
+];
 
 fn is_sub_bucket(name: &str) -> bool {
     let lc = name.to_ascii_lowercase();
-    TVL_TYPES.contains(&lc.as_str())
-        || lc.rsplit_once('-').is_some_and(|(_, t)| TVL_TYPES.contains(&t))
+    TVL_TYPES.contains(&lc.as_str()) || lc.rsplit_once('-').is_some_and(|(_, t)| TVL_TYPES.contains(&t))
 }
 
 /// Reads a DynamoDB attribute value as a string (`S`, or `N` as its text).
@@ -67,7 +73,10 @@ fn attr_str(v: &Value) -> Option<&str> {
 
 /// Reads a DynamoDB attribute value as a number (`N`, or a numeric `S`).
 fn attr_num(v: &Value) -> Option<f64> {
-    v.get("N").or_else(|| v.get("S")).and_then(Value::as_str).and_then(|s| s.trim().parse().ok())
+    v.get("N")
+        .or_else(|| v.get("S"))
+        .and_then(Value::as_str)
+        .and_then(|s| s.trim().parse().ok())
 }
 
 fn is_null(v: &Value) -> bool {
@@ -93,8 +102,8 @@ pub fn decode_item(item: &Map<String, Value>) -> Result<Option<DynamoRecord>, In
             return Err(InvalidRecord(format!("item `{pk}`: empty protocol id")));
         }
         let sk = sk()?;
-        let timestamp = seconds_to_millis(sk)
-            .ok_or_else(|| InvalidRecord(format!("item `{pk}`: SK {sk} is not a unix time")))?;
+        let timestamp =
+            seconds_to_millis(sk).ok_or_else(|| InvalidRecord(format!("item `{pk}`: SK {sk} is not a unix time")))?;
         let mut chains = Vec::new();
         let mut extra = Vec::new();
         for (name, v) in item {
@@ -108,7 +117,9 @@ pub fn decode_item(item: &Map<String, Value>) -> Result<Option<DynamoRecord>, In
                 extra.push((name.clone(), x));
             } else {
                 if x < 0.0 {
-                    return Err(InvalidRecord(format!("item `{pk}`: chain `{name}` has negative tvl {x}")));
+                    return Err(InvalidRecord(format!(
+                        "item `{pk}`: chain `{name}` has negative tvl {x}"
+                    )));
                 }
                 chains.push((name.clone(), x));
             }
@@ -166,15 +177,18 @@ pub fn decode_item(item: &Map<String, Value>) -> Result<Option<DynamoRecord>, In
         Some(r) => {
             let api = r.replacen('#', ":", 1);
             let api = api.strip_prefix("asset:").map(str::to_string).unwrap_or(api);
-            Some(normalize_coin(&api).ok_or_else(|| {
-                InvalidRecord(format!("item `{pk}`: unknown redirect form `{r}`"))
-            })?)
+            Some(
+                normalize_coin(&api)
+                    .ok_or_else(|| InvalidRecord(format!("item `{pk}`: unknown redirect form `{r}`")))?,
+            )
         }
     };
     if price.is_none() && redirect.is_none() {
         return Err(InvalidRecord(format!("item `{pk}`: neither `price` nor `redirect`")));
     }
-    let decimals = num("decimals")?.filter(|d| *d >= 0.0 && d.fract() == 0.0).map(|d| d as u32);
+    let decimals = num("decimals")?
+        .filter(|d| *d >= 0.0 && d.fract() == 0.0)
+        .map(|d| d as u32);
     Ok(Some(DynamoRecord::Price(PriceItem {
         coin,
         price,
@@ -199,8 +213,7 @@ pub enum ExportLine {
 /// Parses one line of an export data file (`{"Item":…}` or incremental
 /// `{"Metadata":…,"Keys":…,"NewImage":…,"OldImage":…}`).
 pub fn parse_export_line(line: &str) -> Result<ExportLine, InvalidRecord> {
-    let v: Value =
-        serde_json::from_str(line).map_err(|e| InvalidRecord(format!("bad JSON: {e}")))?;
+    let v: Value = serde_json::from_str(line).map_err(|e| InvalidRecord(format!("bad JSON: {e}")))?;
     let Value::Object(mut o) = v else {
         return Err(InvalidRecord("export line is not a JSON object".into()));
     };
@@ -213,7 +226,9 @@ pub fn parse_export_line(line: &str) -> Result<ExportLine, InvalidRecord> {
     if let Some(Value::Object(keys)) = o.remove("OldImage").or_else(|| o.remove("Keys")) {
         return Ok(ExportLine::Delete(keys));
     }
-    Err(InvalidRecord("export line has none of `Item`, `NewImage`, `Keys`".into()))
+    Err(InvalidRecord(
+        "export line has none of `Item`, `NewImage`, `Keys`".into(),
+    ))
 }
 
 #[cfg(test)]
@@ -230,7 +245,9 @@ mod tests {
         let item = obj(json!({"PK":{"S":"hourlyTvl#2269"},"SK":{"N":"1717430400"},
             "ethereum":{"N":"100.5"},"arbitrum":{"N":"20"},"ethereum-staking":{"N":"7"},
             "staking":{"N":"7"},"tvl":{"N":"120.5"},"tvlPrev1Day":{"N":"99"},"tokens":{"M":{}}}));
-        let Some(DynamoRecord::Tvl(t)) = decode_item(&item).unwrap() else { panic!() };
+        let Some(DynamoRecord::Tvl(t)) = decode_item(&item).unwrap() else {
+            panic!()
+        };
         assert_eq!(t.protocol_id, "2269");
         assert_eq!(t.timestamp, 1_717_430_400_000);
         assert_eq!(t.chains, vec![("arbitrum".into(), 20.0), ("ethereum".into(), 100.5)]);
@@ -239,14 +256,23 @@ mod tests {
 
     #[test]
     fn price_items_current_history_redirect() {
-        let cur = obj(json!({"PK":{"S":"coingecko#ethereum"},"SK":{"N":"0"},"price":{"N":"3791.12"},
-            "timestamp":{"N":"1717430350"},"symbol":{"S":"ETH"},"confidence":{"N":"0.99"}}));
-        let Some(DynamoRecord::Price(p)) = decode_item(&cur).unwrap() else { panic!() };
+        let cur = obj(
+            json!({"PK":{"S":"coingecko#ethereum"},"SK":{"N":"0"},"price":{"N":"3791.12"},
+            "timestamp":{"N":"1717430350"},"symbol":{"S":"ETH"},"confidence":{"N":"0.99"}}),
+        );
+        let Some(DynamoRecord::Price(p)) = decode_item(&cur).unwrap() else {
+            panic!()
+        };
         assert!(p.current);
-        assert_eq!((p.coin.as_str(), p.price, p.timestamp), ("coingecko:ethereum", Some(3791.12), 1_717_430_350_000));
+        assert_eq!(
+            (p.coin.as_str(), p.price, p.timestamp),
+            ("coingecko:ethereum", Some(3791.12), 1_717_430_350_000)
+        );
         let hist = obj(json!({"PK":{"S":"asset#ethereum:0xA0B8"},"SK":{"N":"1717430000"},
             "redirect":{"S":"coingecko#usd-coin"}}));
-        let Some(DynamoRecord::Price(p)) = decode_item(&hist).unwrap() else { panic!() };
+        let Some(DynamoRecord::Price(p)) = decode_item(&hist).unwrap() else {
+            panic!()
+        };
         assert_eq!(p.coin, "ethereum:0xa0b8");
         assert!(!p.current);
         assert_eq!(p.redirect.as_deref(), Some("coingecko:usd-coin"));
@@ -255,7 +281,10 @@ mod tests {
 
     #[test]
     fn other_items_and_errors() {
-        assert_eq!(decode_item(&obj(json!({"PK":{"S":"config#x"},"SK":{"N":"0"}}))).unwrap(), None);
+        assert_eq!(
+            decode_item(&obj(json!({"PK":{"S":"config#x"},"SK":{"N":"0"}}))).unwrap(),
+            None
+        );
         let e = decode_item(&obj(json!({"PK":{"S":"coingecko#x"},"SK":{"N":"0"},"price":{"N":"1"}}))).unwrap_err();
         assert!(e.0.contains("timestamp"), "{e}");
         let e = decode_item(&obj(json!({"SK":{"N":"0"}}))).unwrap_err();
@@ -264,7 +293,10 @@ mod tests {
 
     #[test]
     fn export_lines() {
-        assert!(matches!(parse_export_line(r#"{"Item":{"PK":{"S":"x"}}}"#).unwrap(), ExportLine::Upsert(_)));
+        assert!(matches!(
+            parse_export_line(r#"{"Item":{"PK":{"S":"x"}}}"#).unwrap(),
+            ExportLine::Upsert(_)
+        ));
         assert!(matches!(
             parse_export_line(r#"{"Metadata":{},"Keys":{"PK":{"S":"x"}},"NewImage":{"PK":{"S":"x"}}}"#).unwrap(),
             ExportLine::Upsert(_)

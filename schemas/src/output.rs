@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
 use sha2::{Digest, Sha256};
 
 use crate::time::{Millis, ser_seconds};
@@ -49,7 +49,11 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// Builds a dead letter, truncating `raw` to 4 KiB.
     pub fn new(source: impl fmt::Display, reason: impl Into<String>, raw: &str) -> Self {
-        DeadLetter { source: source.to_string(), reason: reason.into(), raw: truncate_raw(raw).to_string() }
+        DeadLetter {
+            source: source.to_string(),
+            reason: reason.into(),
+            raw: truncate_raw(raw).to_string(),
+        }
     }
 
     /// The metric label for this reason (`late`, `invalid`, …): the reason up to its first colon.
@@ -116,7 +120,12 @@ fn de_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Millis, D::Error
 /// SHA-256(rule_id, subject, triggered_at in ms, the triggering record's identity), as hex.
 pub fn alert_id(rule_id: &str, subject: &str, triggered_at: Millis, record_identity: &str) -> String {
     let mut h = Sha256::new();
-    for part in [rule_id.as_bytes(), subject.as_bytes(), &triggered_at.to_be_bytes(), record_identity.as_bytes()] {
+    for part in [
+        rule_id.as_bytes(),
+        subject.as_bytes(),
+        &triggered_at.to_be_bytes(),
+        record_identity.as_bytes(),
+    ] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }
@@ -293,7 +302,11 @@ impl Event {
                     out.push(format!("chain:{c}"));
                 }
             }
-            EventData::TvlUpdate { protocol_id, chain_tvls, .. } => {
+            EventData::TvlUpdate {
+                protocol_id,
+                chain_tvls,
+                ..
+            } => {
                 out.push("tvl".to_string());
                 out.push(format!("tvl:{protocol_id}"));
                 out.extend(chain_tvls.keys().map(|c| format!("chain:{c}")));
@@ -323,11 +336,32 @@ mod tests {
 
     #[test]
     fn alert_id_is_stable_and_sensitive() {
-        let a = alert_id("r1", "coingecko:ethereum", 1_717_430_400_000, "price|coingecko:ethereum|1717430400000");
+        let a = alert_id(
+            "r1",
+            "coingecko:ethereum",
+            1_717_430_400_000,
+            "price|coingecko:ethereum|1717430400000",
+        );
         assert_eq!(a.len(), 32);
         assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_eq!(a, alert_id("r1", "coingecko:ethereum", 1_717_430_400_000, "price|coingecko:ethereum|1717430400000"));
-        assert_ne!(a, alert_id("r2", "coingecko:ethereum", 1_717_430_400_000, "price|coingecko:ethereum|1717430400000"));
+        assert_eq!(
+            a,
+            alert_id(
+                "r1",
+                "coingecko:ethereum",
+                1_717_430_400_000,
+                "price|coingecko:ethereum|1717430400000"
+            )
+        );
+        assert_ne!(
+            a,
+            alert_id(
+                "r2",
+                "coingecko:ethereum",
+                1_717_430_400_000,
+                "price|coingecko:ethereum|1717430400000"
+            )
+        );
         // Length-prefixing keeps field boundaries apart.
         assert_ne!(alert_id("ab", "c", 0, ""), alert_id("a", "bc", 0, ""));
     }
@@ -337,7 +371,11 @@ mod tests {
         let e = Event {
             subject: "ethereum".into(),
             timestamp: 1_500,
-            data: EventData::GasUpdate { chain: "ethereum".into(), gwei: 21.5, timestamp: 1_500 },
+            data: EventData::GasUpdate {
+                chain: "ethereum".into(),
+                gwei: 21.5,
+                timestamp: 1_500,
+            },
         };
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(

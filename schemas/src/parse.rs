@@ -3,8 +3,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::records::{GasTick, Kind, Liquidation, PriceTick, Protocol, Record, Transfer, TvlUpdate};
 use crate::rule::AlertRule;
@@ -23,9 +23,7 @@ fn bad(msg: impl Into<String>) -> InvalidRecord {
 /// lowercased (except on solana). `None` for any other form.
 pub fn normalize_coin(raw: &str) -> Option<String> {
     let (prefix, rest) = raw.split_once(':')?;
-    let ok = |s: &str| {
-        !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic() && c != ':' && c != '"')
-    };
+    let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic() && c != ':' && c != '"');
     if !ok(prefix) || !ok(rest) {
         return None;
     }
@@ -270,7 +268,11 @@ pub fn parse_record(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
             if gwei < 0.0 {
                 return Err(bad(format!("field `gwei` must be ≥ 0, got {gwei}")));
             }
-            Record::Gas(GasTick { chain: r.chain.string("chain")?, gwei, timestamp: r.timestamp.time()? })
+            Record::Gas(GasTick {
+                chain: r.chain.string("chain")?,
+                gwei,
+                timestamp: r.timestamp.time()?,
+            })
         }
         Kind::Liquidation => {
             let amount_usd = r.amount_usd.num("amount_usd")?;
@@ -291,8 +293,7 @@ pub fn parse_record(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
 
 /// Parses and validates an alert rule from one JSON line.
 pub fn parse_rule(line: &str) -> Result<AlertRule, InvalidRecord> {
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| bad(format!("bad JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("bad JSON: {e}")))?;
     parse_rule_value(&v)
 }
 
@@ -302,8 +303,7 @@ pub fn parse_rule_value(v: &serde_json::Value) -> Result<AlertRule, InvalidRecor
 }
 
 fn parse_protocol(line: &str) -> Result<Protocol, InvalidRecord> {
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| bad(format!("bad JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("bad JSON: {e}")))?;
     parse_protocol_value(&v)
 }
 
@@ -322,7 +322,9 @@ pub fn parse_protocol_value(v: &serde_json::Value) -> Result<Protocol, InvalidRe
             Some(_) => Err(bad(format!("field `{k}` must be a string"))),
         }
     };
-    let name = s("name")?.filter(|n| !n.is_empty()).ok_or_else(|| bad("missing field `name`"))?;
+    let name = s("name")?
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| bad("missing field `name`"))?;
     let chains = match o.get("chains") {
         None | Some(serde_json::Value::Null) => Vec::new(),
         Some(serde_json::Value::Array(a)) => a
@@ -332,7 +334,13 @@ pub fn parse_protocol_value(v: &serde_json::Value) -> Result<Protocol, InvalidRe
             .ok_or_else(|| bad("field `chains` must be an array of strings"))?,
         Some(_) => return Err(bad("field `chains` must be an array of strings")),
     };
-    Ok(Protocol { id, name, slug: s("slug")?, category: s("category")?, chains })
+    Ok(Protocol {
+        id,
+        name,
+        slug: s("slug")?,
+        category: s("category")?,
+        chains,
+    })
 }
 
 #[cfg(test)]
@@ -355,18 +363,54 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            (Kind::Price, r#"{"coin":"coingecko:eth","price":"x","timestamp":1}"#, "`price` must be a number"),
-            (Kind::Price, r#"{"coin":"coingecko:eth","price":-1,"timestamp":1}"#, "`price` must be > 0"),
-            (Kind::Price, r#"{"coin":"eth","price":1,"timestamp":1}"#, "unknown coin form"),
-            (Kind::Price, r#"{"coin":"coingecko:eth","price":1}"#, "missing field `timestamp`"),
-            (Kind::Price, r#"{"coin":"coingecko:eth","price":1e999,"timestamp":1}"#, "bad JSON"),
-            (Kind::Tvl, r#"{"protocol_id":"1","chain":"ethereum","timestamp":1}"#, "missing field `tvl`"),
-            (Kind::Transfer, r#"{"chain":"ethereum","coin":"ethereum:0xa","amount":1,"timestamp":1}"#, "missing field `tx_hash`"),
+            (
+                Kind::Price,
+                r#"{"coin":"coingecko:eth","price":"x","timestamp":1}"#,
+                "`price` must be a number",
+            ),
+            (
+                Kind::Price,
+                r#"{"coin":"coingecko:eth","price":-1,"timestamp":1}"#,
+                "`price` must be > 0",
+            ),
+            (
+                Kind::Price,
+                r#"{"coin":"eth","price":1,"timestamp":1}"#,
+                "unknown coin form",
+            ),
+            (
+                Kind::Price,
+                r#"{"coin":"coingecko:eth","price":1}"#,
+                "missing field `timestamp`",
+            ),
+            (
+                Kind::Price,
+                r#"{"coin":"coingecko:eth","price":1e999,"timestamp":1}"#,
+                "bad JSON",
+            ),
+            (
+                Kind::Tvl,
+                r#"{"protocol_id":"1","chain":"ethereum","timestamp":1}"#,
+                "missing field `tvl`",
+            ),
+            (
+                Kind::Transfer,
+                r#"{"chain":"ethereum","coin":"ethereum:0xa","amount":1,"timestamp":1}"#,
+                "missing field `tx_hash`",
+            ),
             (Kind::Gas, r#"[1,2]"#, "not a JSON object"),
             (Kind::Gas, r#"{"chain":"ethereum","gwei":1,"timestamp":1"#, "bad JSON"),
-            (Kind::Liquidation, r#"{"protocol_id":"1","chain":"x","amount_usd":null,"timestamp":1}"#, "missing field `amount_usd`"),
+            (
+                Kind::Liquidation,
+                r#"{"protocol_id":"1","chain":"x","amount_usd":null,"timestamp":1}"#,
+                "missing field `amount_usd`",
+            ),
             (Kind::Protocol, r#"{"id":"1"}"#, "missing field `name`"),
-            (Kind::Rule, r#"{"id":"r","user_id":"u","alert_type":"price_change","conditions":{"coin":"coingecko:x","window":"1h"}}"#, "conditions.threshold_pct"),
+            (
+                Kind::Rule,
+                r#"{"id":"r","user_id":"u","alert_type":"price_change","conditions":{"coin":"coingecko:x","window":"1h"}}"#,
+                "conditions.threshold_pct",
+            ),
         ];
         for (kind, line, want) in cases {
             let e = parse_record(kind, line).unwrap_err();
@@ -378,7 +422,10 @@ mod tests {
     fn coin_forms() {
         assert_eq!(normalize_coin("ethereum:0xAbC").as_deref(), Some("ethereum:0xabc"));
         assert_eq!(normalize_coin("solana:AbC").as_deref(), Some("solana:AbC"));
-        assert_eq!(normalize_coin("coingecko:usd-coin").as_deref(), Some("coingecko:usd-coin"));
+        assert_eq!(
+            normalize_coin("coingecko:usd-coin").as_deref(),
+            Some("coingecko:usd-coin")
+        );
         assert_eq!(normalize_coin("usd-coin"), None);
         assert_eq!(normalize_coin(":x"), None);
         assert_eq!(normalize_coin("a b:c"), None);
@@ -386,10 +433,11 @@ mod tests {
 
     #[test]
     fn numeric_protocol_id() {
-        let Record::Tvl(t) =
-            parse_record(Kind::Tvl, r#"{"protocol_id":2269,"chain":"ethereum","tvl":5,"timestamp":1.5}"#)
-                .unwrap()
-        else {
+        let Record::Tvl(t) = parse_record(
+            Kind::Tvl,
+            r#"{"protocol_id":2269,"chain":"ethereum","tvl":5,"timestamp":1.5}"#,
+        )
+        .unwrap() else {
             panic!()
         };
         assert_eq!(t.protocol_id, "2269");

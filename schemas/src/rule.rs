@@ -211,29 +211,43 @@ impl Conditions {
     /// The threshold reported in alerts (`threshold` field).
     pub fn threshold(&self) -> f64 {
         match self {
-            Conditions::PriceChange { threshold_pct, .. }
-            | Conditions::TvlChange { threshold_pct, .. } => *threshold_pct,
+            Conditions::PriceChange { threshold_pct, .. } | Conditions::TvlChange { threshold_pct, .. } => {
+                *threshold_pct
+            }
             Conditions::PriceThreshold { value, .. } => *value,
             Conditions::Depeg { deviation_pct, .. } => *deviation_pct,
-            Conditions::WhaleMovement { min_usd, .. } | Conditions::Liquidation { min_usd, .. } => {
-                *min_usd
-            }
+            Conditions::WhaleMovement { min_usd, .. } | Conditions::Liquidation { min_usd, .. } => *min_usd,
             Conditions::GasPrice { gwei, .. } => *gwei,
         }
     }
 
     fn to_json(&self) -> Value {
         match self {
-            Conditions::PriceChange { coin, window, threshold_pct, direction } => json!({
+            Conditions::PriceChange {
+                coin,
+                window,
+                threshold_pct,
+                direction,
+            } => json!({
                 "coin": coin, "window": window / 1000, "threshold_pct": threshold_pct,
                 "direction": direction.name()}),
             Conditions::PriceThreshold { coin, operator, value } => {
                 json!({"coin": coin, "operator": operator.symbol(), "value": value})
             }
-            Conditions::Depeg { coin, peg, deviation_pct } => {
+            Conditions::Depeg {
+                coin,
+                peg,
+                deviation_pct,
+            } => {
                 json!({"coin": coin, "peg": peg, "deviation_pct": deviation_pct})
             }
-            Conditions::TvlChange { protocol_id, chain, window, threshold_pct, direction } => json!({
+            Conditions::TvlChange {
+                protocol_id,
+                chain,
+                window,
+                threshold_pct,
+                direction,
+            } => json!({
                 "protocol_id": protocol_id, "chain": chain, "window": window / 1000,
                 "threshold_pct": threshold_pct, "direction": direction.name()}),
             Conditions::WhaleMovement { coin, chain, min_usd } => {
@@ -242,7 +256,11 @@ impl Conditions {
             Conditions::GasPrice { chain, operator, gwei } => {
                 json!({"chain": chain, "operator": operator.symbol(), "gwei": gwei})
             }
-            Conditions::Liquidation { protocol_id, chain, min_usd } => {
+            Conditions::Liquidation {
+                protocol_id,
+                chain,
+                min_usd,
+            } => {
                 json!({"protocol_id": protocol_id, "chain": chain, "min_usd": min_usd})
             }
         }
@@ -286,7 +304,9 @@ impl AlertRule {
 
     /// Validates a rule from its JSON row.
     pub fn from_json(v: &Value) -> Result<AlertRule, RuleError> {
-        let obj = v.as_object().ok_or_else(|| RuleError("rule is not a JSON object".into()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| RuleError("rule is not a JSON object".into()))?;
         let id = req_id(obj.get("id"), "id")?;
         let user_id = req_id(obj.get("user_id"), "user_id")?;
         let name = opt_str(obj.get("name"), "name")?;
@@ -294,16 +314,16 @@ impl AlertRule {
             .get("alert_type")
             .and_then(Value::as_str)
             .ok_or_else(|| RuleError("missing or non-string field `alert_type`".into()))?;
-        let alert_type = AlertType::from_name(type_name)
-            .ok_or_else(|| RuleError(format!("unknown alert_type `{type_name}`")))?;
+        let alert_type =
+            AlertType::from_name(type_name).ok_or_else(|| RuleError(format!("unknown alert_type `{type_name}`")))?;
         let cond = match obj.get("conditions") {
             Some(Value::Object(c)) => c,
             // Postgres rows may carry conditions as a JSON string.
             Some(Value::String(s)) => {
                 return AlertRule::from_json(&{
                     let mut o = obj.clone();
-                    let parsed: Value = serde_json::from_str(s)
-                        .map_err(|e| RuleError(format!("`conditions` is not JSON: {e}")))?;
+                    let parsed: Value =
+                        serde_json::from_str(s).map_err(|e| RuleError(format!("`conditions` is not JSON: {e}")))?;
                     if !parsed.is_object() {
                         return Err(RuleError("`conditions` must be an object".into()));
                     }
@@ -388,7 +408,9 @@ fn cond_str(c: &Obj, field: &str) -> Result<String, RuleError> {
     match c.get(field) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
         Some(Value::Number(n)) if field == "protocol_id" => Ok(n.to_string()),
-        _ => Err(RuleError(format!("conditions.{field}: missing or not a non-empty string"))),
+        _ => Err(RuleError(format!(
+            "conditions.{field}: missing or not a non-empty string"
+        ))),
     }
 }
 
@@ -415,8 +437,7 @@ fn cond_num(c: &Obj, field: &str, min_exclusive: Option<f64>) -> Result<f64, Rul
 
 fn cond_coin(c: &Obj) -> Result<String, RuleError> {
     let raw = cond_str(c, "coin")?;
-    crate::parse::normalize_coin(&raw)
-        .ok_or_else(|| RuleError(format!("conditions.coin: unknown coin form `{raw}`")))
+    crate::parse::normalize_coin(&raw).ok_or_else(|| RuleError(format!("conditions.coin: unknown coin form `{raw}`")))
 }
 
 fn cond_opt_coin(c: &Obj) -> Result<Option<String>, RuleError> {
@@ -428,10 +449,7 @@ fn cond_opt_coin(c: &Obj) -> Result<Option<String>, RuleError> {
 
 fn cond_window(c: &Obj) -> Result<Millis, RuleError> {
     c.get("window").and_then(parse_window).ok_or_else(|| {
-        RuleError(
-            "conditions.window: expected one of 5m,15m,1h,4h,24h,7d or a positive integer of seconds"
-                .into(),
-        )
+        RuleError("conditions.window: expected one of 5m,15m,1h,4h,24h,7d or a positive integer of seconds".into())
     })
 }
 
@@ -541,8 +559,7 @@ mod tests {
             "conditions":{"chain":"ethereum","operator":"=>","gwei":3}}))
         .unwrap_err();
         assert!(e.0.contains("conditions.operator"), "{e}");
-        let e = AlertRule::from_json(&json!({"user_id":"u1","alert_type":"gas_price","conditions":{}}))
-            .unwrap_err();
+        let e = AlertRule::from_json(&json!({"user_id":"u1","alert_type":"gas_price","conditions":{}})).unwrap_err();
         assert!(e.0.contains("`id`"), "{e}");
     }
 

@@ -27,7 +27,10 @@ pub struct JsonlWriter {
 impl JsonlWriter {
     /// Creates (truncates) `path`.
     pub fn create(path: &Path) -> Result<Self, JsonlError> {
-        let file = File::create(path).map_err(|source| JsonlError { path: path.to_path_buf(), source })?;
+        let file = File::create(path).map_err(|source| JsonlError {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Self::from_writer(path.to_path_buf(), Box::new(file)))
     }
 
@@ -37,11 +40,18 @@ impl JsonlWriter {
     }
 
     fn from_writer(path: PathBuf, w: Box<dyn Write + Send>) -> Self {
-        JsonlWriter { path, out: BufWriter::with_capacity(1 << 16, w), written: 0 }
+        JsonlWriter {
+            path,
+            out: BufWriter::with_capacity(1 << 16, w),
+            written: 0,
+        }
     }
 
     fn err(&self, source: io::Error) -> JsonlError {
-        JsonlError { path: self.path.clone(), source }
+        JsonlError {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Appends one value as a line.

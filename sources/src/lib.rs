@@ -79,9 +79,7 @@ pub(crate) fn io_reason(e: &io::Error) -> String {
 /// Opens a file for line reading, gunzipping it when its name ends in `.gz`.
 pub(crate) fn open_lines(path: &Path) -> Result<Box<dyn BufRead + Send>, SourceError> {
     let file = File::open(path).map_err(|e| SourceError::io("open", path, e))?;
-    let gz = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+    let gz = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
     Ok(if gz {
         Box::new(BufReader::with_capacity(
             64 * 1024,

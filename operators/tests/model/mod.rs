@@ -54,7 +54,15 @@ impl Model {
     }
 
     fn matched(&mut self, seq: u64, rule: &AlertRule, subject: &str, t: Millis, value: f64, identity: String) {
-        self.matches.push((seq, rule.id.clone(), subject.to_string(), t, value, identity, rule.throttle_ms()));
+        self.matches.push((
+            seq,
+            rule.id.clone(),
+            subject.to_string(),
+            t,
+            value,
+            identity,
+            rule.throttle_ms(),
+        ));
     }
 
     /// Runs one batch (an ingest epoch) of ops; `first_seq` is the seq of its first op.
@@ -62,8 +70,12 @@ impl Model {
         for (seq, op) in ops {
             self.step(*seq, op);
         }
-        let mut pending: Vec<String> =
-            self.protos.iter().filter(|(_, p)| p.pending.is_some()).map(|(k, _)| k.clone()).collect();
+        let mut pending: Vec<String> = self
+            .protos
+            .iter()
+            .filter(|(_, p)| p.pending.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
         pending.sort();
         for pid in pending {
             self.flush(&pid);
@@ -72,11 +84,13 @@ impl Model {
         ms.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         for (_, rule_id, subject, t, value, identity, throttle) in ms {
             if let Some(&last) = self.throttle.get(&rule_id)
-                && t < last + throttle {
-                    continue;
-                }
+                && t < last + throttle
+            {
+                continue;
+            }
             self.throttle.insert(rule_id.clone(), t);
-            self.alerts.push((alert_id(&rule_id, &subject, t, &identity), rule_id, subject, t, value));
+            self.alerts
+                .push((alert_id(&rule_id, &subject, t, &identity), rule_id, subject, t, value));
         }
     }
 
@@ -112,7 +126,12 @@ impl Model {
                 let rules: Vec<AlertRule> = self.active().cloned().collect();
                 for rule in &rules {
                     let value = match &rule.conditions {
-                        Conditions::PriceChange { coin, window, threshold_pct, direction } if *coin == p.coin => {
+                        Conditions::PriceChange {
+                            coin,
+                            window,
+                            threshold_pct,
+                            direction,
+                        } if *coin == p.coin => {
                             let Some(r) = as_of(&hist, t - window) else { continue };
                             let pct = (px - r) / r * 100.0;
                             if !direction.matches(pct, *threshold_pct) {
@@ -120,13 +139,15 @@ impl Model {
                             }
                             pct
                         }
-                        Conditions::PriceThreshold { coin, operator, value } if *coin == p.coin => {
-                            match prev {
-                                Some(prev) if operator.holds(px, *value) && !operator.holds(prev, *value) => px,
-                                _ => continue,
-                            }
-                        }
-                        Conditions::Depeg { coin, peg, deviation_pct } if *coin == p.coin => {
+                        Conditions::PriceThreshold { coin, operator, value } if *coin == p.coin => match prev {
+                            Some(prev) if operator.holds(px, *value) && !operator.holds(prev, *value) => px,
+                            _ => continue,
+                        },
+                        Conditions::Depeg {
+                            coin,
+                            peg,
+                            deviation_pct,
+                        } if *coin == p.coin => {
                             let dev = |x: f64| (x / peg - 1.0).abs() * 100.0;
                             match prev {
                                 Some(prev) if dev(px) >= *deviation_pct && dev(prev) < *deviation_pct => px,
@@ -149,7 +170,10 @@ impl Model {
                     tr.to.as_deref().unwrap_or(""),
                     tr.amount
                 );
-                let last = self.transfers_last.entry(tr.coin.clone()).or_insert((Millis::MIN, Vec::new()));
+                let last = self
+                    .transfers_last
+                    .entry(tr.coin.clone())
+                    .or_insert((Millis::MIN, Vec::new()));
                 if tr.timestamp < last.0 {
                     self.late.push(seq);
                     return;
@@ -162,11 +186,15 @@ impl Model {
                     *last = (tr.timestamp, Vec::new());
                 }
                 last.1.push(identity.clone());
-                let Some(px) = self.prices.get(&tr.coin).and_then(|h| as_of(h, tr.timestamp)) else { return };
+                let Some(px) = self.prices.get(&tr.coin).and_then(|h| as_of(h, tr.timestamp)) else {
+                    return;
+                };
                 let value = tr.amount * px;
                 let rules: Vec<AlertRule> = self.active().cloned().collect();
                 for rule in &rules {
-                    let Conditions::WhaleMovement { coin, chain, min_usd } = &rule.conditions else { continue };
+                    let Conditions::WhaleMovement { coin, chain, min_usd } = &rule.conditions else {
+                        continue;
+                    };
                     if coin.as_ref().is_some_and(|c| *c != tr.coin)
                         || chain.as_ref().is_some_and(|c| *c != tr.chain)
                         || value < *min_usd
@@ -195,8 +223,13 @@ impl Model {
                         continue;
                     }
                     for rule in &rules {
-                        let Conditions::TvlChange { protocol_id, chain: Some(c), window, threshold_pct, direction } =
-                            &rule.conditions
+                        let Conditions::TvlChange {
+                            protocol_id,
+                            chain: Some(c),
+                            window,
+                            threshold_pct,
+                            direction,
+                        } = &rule.conditions
                         else {
                             continue;
                         };
@@ -209,7 +242,14 @@ impl Model {
                         }
                         let pct = (tvl - r) / r * 100.0;
                         if direction.matches(pct, *threshold_pct) {
-                            self.matched(seq, rule, &u.protocol_id, t, pct, format!("tvl|{}|{chain}|{t}", u.protocol_id));
+                            self.matched(
+                                seq,
+                                rule,
+                                &u.protocol_id,
+                                t,
+                                pct,
+                                format!("tvl|{}|{chain}|{t}", u.protocol_id),
+                            );
                         }
                     }
                     let p = self.protos.entry(u.protocol_id.clone()).or_default();
@@ -237,14 +277,25 @@ impl Model {
                 let prev = hist.last().map(|x| x.1);
                 let rules: Vec<AlertRule> = self.active().cloned().collect();
                 for rule in &rules {
-                    let Conditions::GasPrice { chain, operator, gwei } = &rule.conditions else { continue };
+                    let Conditions::GasPrice { chain, operator, gwei } = &rule.conditions else {
+                        continue;
+                    };
                     if *chain != g.chain {
                         continue;
                     }
                     if let Some(prev) = prev
-                        && operator.holds(g.gwei, *gwei) && !operator.holds(prev, *gwei) {
-                            self.matched(seq, rule, &g.chain, g.timestamp, g.gwei, format!("gas|{}|{}", g.chain, g.timestamp));
-                        }
+                        && operator.holds(g.gwei, *gwei)
+                        && !operator.holds(prev, *gwei)
+                    {
+                        self.matched(
+                            seq,
+                            rule,
+                            &g.chain,
+                            g.timestamp,
+                            g.gwei,
+                            format!("gas|{}|{}", g.chain, g.timestamp),
+                        );
+                    }
                 }
                 self.gas.entry(g.chain.clone()).or_default().push((g.timestamp, g.gwei));
             }
@@ -273,7 +324,14 @@ impl Model {
                 last.1.push(identity.clone());
                 let rules: Vec<AlertRule> = self.active().cloned().collect();
                 for rule in &rules {
-                    let Conditions::Liquidation { protocol_id, chain, min_usd } = &rule.conditions else { continue };
+                    let Conditions::Liquidation {
+                        protocol_id,
+                        chain,
+                        min_usd,
+                    } = &rule.conditions
+                    else {
+                        continue;
+                    };
                     if protocol_id.as_ref().is_some_and(|p| *p != l.protocol_id)
                         || chain.as_ref().is_some_and(|c| *c != l.chain)
                         || l.amount_usd < *min_usd
@@ -293,7 +351,13 @@ impl Model {
         let hist = p.total_hist.clone();
         let rules: Vec<AlertRule> = self.active().cloned().collect();
         for rule in &rules {
-            let Conditions::TvlChange { protocol_id, chain: None, window, threshold_pct, direction } = &rule.conditions
+            let Conditions::TvlChange {
+                protocol_id,
+                chain: None,
+                window,
+                threshold_pct,
+                direction,
+            } = &rule.conditions
             else {
                 continue;
             };

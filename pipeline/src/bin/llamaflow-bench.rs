@@ -22,7 +22,10 @@ enum Workload {
 }
 
 #[derive(Parser)]
-#[command(name = "llamaflow-bench", about = "Generate fixed-seed benchmark inputs for llamaflow replay")]
+#[command(
+    name = "llamaflow-bench",
+    about = "Generate fixed-seed benchmark inputs for llamaflow replay"
+)]
 struct Cli {
     /// Which workload.
     #[arg(long, value_enum)]
@@ -65,7 +68,10 @@ impl Rng {
 
 fn writer(dir: &Path, name: &str) -> Result<BufWriter<File>> {
     let p = dir.join(name);
-    Ok(BufWriter::with_capacity(1 << 20, File::create(&p).with_context(|| format!("cannot create {}", p.display()))?))
+    Ok(BufWriter::with_capacity(
+        1 << 20,
+        File::create(&p).with_context(|| format!("cannot create {}", p.display()))?,
+    ))
 }
 
 const CHAINS: [&str; 5] = ["ethereum", "arbitrum", "base", "bsc", "polygon"];
@@ -84,13 +90,34 @@ fn gen_rules(cli: &Cli, rng: &mut Rng, protocols: u64, w: &mut impl Write) -> Re
             Workload::Mixed => rng.below(7),
         };
         let (t, cond) = match kind {
-            0 => ("price_change", json!({"coin": coin, "window": window, "threshold_pct": 1 + rng.below(10), "direction": dir})),
-            1 => ("price_threshold", json!({"coin": coin, "operator": op, "value": 50 + rng.below(100)})),
-            2 => ("depeg", json!({"coin": coin, "peg": 100.0, "deviation_pct": 2 + rng.below(8)})),
-            3 => ("tvl_change", json!({"protocol_id": format!("{}", rng.below(protocols)), "window": "1h", "threshold_pct": 2 + rng.below(8), "direction": dir})),
-            4 => ("whale_movement", json!({"coin": coin, "min_usd": 250_000 + rng.below(1_750_000)})),
-            5 => ("gas_price", json!({"chain": chain, "operator": ">", "gwei": 20 + rng.below(60)})),
-            _ => ("liquidation", json!({"protocol_id": format!("{}", rng.below(protocols)), "min_usd": 250_000 + rng.below(750_000)})),
+            0 => (
+                "price_change",
+                json!({"coin": coin, "window": window, "threshold_pct": 1 + rng.below(10), "direction": dir}),
+            ),
+            1 => (
+                "price_threshold",
+                json!({"coin": coin, "operator": op, "value": 50 + rng.below(100)}),
+            ),
+            2 => (
+                "depeg",
+                json!({"coin": coin, "peg": 100.0, "deviation_pct": 2 + rng.below(8)}),
+            ),
+            3 => (
+                "tvl_change",
+                json!({"protocol_id": format!("{}", rng.below(protocols)), "window": "1h", "threshold_pct": 2 + rng.below(8), "direction": dir}),
+            ),
+            4 => (
+                "whale_movement",
+                json!({"coin": coin, "min_usd": 250_000 + rng.below(1_750_000)}),
+            ),
+            5 => (
+                "gas_price",
+                json!({"chain": chain, "operator": ">", "gwei": 20 + rng.below(60)}),
+            ),
+            _ => (
+                "liquidation",
+                json!({"protocol_id": format!("{}", rng.below(protocols)), "min_usd": 250_000 + rng.below(750_000)}),
+            ),
         };
         let rule = json!({"id": format!("r{i}"), "user_id": format!("u{}", i % 1000), "alert_type": t,
             "conditions": cond, "throttle_minutes": 5 + rng.below(56)});
@@ -136,24 +163,50 @@ fn generate(cli: &Cli) -> Result<()> {
             (0..=5, _) | (_, None) => {
                 let c = rng.below(cli.coins) as usize;
                 level[c] = (level[c] * (1.0 + (rng.unit() - 0.5) * 0.04)).max(0.01);
-                writeln!(prices, "{}", json!({"coin": format!("coingecko:coin-{c}"), "price": level[c],
-                    "timestamp": ts, "symbol": format!("C{c}"), "confidence": 0.99}))?;
+                writeln!(
+                    prices,
+                    "{}",
+                    json!({"coin": format!("coingecko:coin-{c}"), "price": level[c],
+                    "timestamp": ts, "symbol": format!("C{c}"), "confidence": 0.99})
+                )?;
             }
-            (6, Some(w)) => writeln!(w[0], "{}", json!({"protocol_id": format!("{}", rng.below(protocols)),
-                "chain": CHAINS[rng.below(5) as usize], "tvl": 1e6 + 1e8 * rng.unit(), "timestamp": ts}))?,
-            (7, Some(w)) => writeln!(w[1], "{}", json!({"chain": CHAINS[rng.below(5) as usize],
+            (6, Some(w)) => writeln!(
+                w[0],
+                "{}",
+                json!({"protocol_id": format!("{}", rng.below(protocols)),
+                "chain": CHAINS[rng.below(5) as usize], "tvl": 1e6 + 1e8 * rng.unit(), "timestamp": ts})
+            )?,
+            (7, Some(w)) => writeln!(
+                w[1],
+                "{}",
+                json!({"chain": CHAINS[rng.below(5) as usize],
                 "tx_hash": format!("0x{:x}", rng.next()), "coin": format!("coingecko:coin-{}", rng.below(cli.coins)),
-                "from": "0x1", "to": "0x2", "amount": 10.0 + 5000.0 * rng.unit(), "timestamp": ts}))?,
-            (8, Some(w)) => writeln!(w[2], "{}", json!({"chain": CHAINS[rng.below(5) as usize],
-                "gwei": 5.0 + 80.0 * rng.unit(), "timestamp": ts}))?,
-            (_, Some(w)) => writeln!(w[3], "{}", json!({"protocol_id": format!("{}", rng.below(protocols)),
-                "chain": CHAINS[rng.below(5) as usize], "account": "0xabc", "amount_usd": 1e6 * rng.unit(), "timestamp": ts}))?,
+                "from": "0x1", "to": "0x2", "amount": 10.0 + 5000.0 * rng.unit(), "timestamp": ts})
+            )?,
+            (8, Some(w)) => writeln!(
+                w[2],
+                "{}",
+                json!({"chain": CHAINS[rng.below(5) as usize],
+                "gwei": 5.0 + 80.0 * rng.unit(), "timestamp": ts})
+            )?,
+            (_, Some(w)) => writeln!(
+                w[3],
+                "{}",
+                json!({"protocol_id": format!("{}", rng.below(protocols)),
+                "chain": CHAINS[rng.below(5) as usize], "account": "0xabc", "amount_usd": 1e6 * rng.unit(), "timestamp": ts})
+            )?,
         }
     }
     prices.flush()?;
     for mut w in mixed.into_iter().flatten() {
         w.flush()?;
     }
-    eprintln!("llamaflow-bench: wrote {:?} workload ({} records, {} rules) to {}", cli.workload, cli.records, cli.rules, cli.out.display());
+    eprintln!(
+        "llamaflow-bench: wrote {:?} workload ({} records, {} rules) to {}",
+        cli.workload,
+        cli.records,
+        cli.rules,
+        cli.out.display()
+    );
     Ok(())
 }

@@ -21,9 +21,7 @@ pub(crate) enum ChannelError {
 
 /// A suffix such as a protocol id or a chain: non-empty printable ASCII without quotes.
 fn valid_part(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
 }
 
 /// Validates `raw` and returns its normalised form (coin ids as the input normalises them).
@@ -122,10 +120,7 @@ mod tests {
             "alerts:u1",
             "PRICES",
         ] {
-            assert!(
-                matches!(normalize(ch), Err(ChannelError::Unknown(_))),
-                "{ch:?}"
-            );
+            assert!(matches!(normalize(ch), Err(ChannelError::Unknown(_))), "{ch:?}");
         }
         let long = format!("chain:{}", "x".repeat(300));
         match normalize(&long) {

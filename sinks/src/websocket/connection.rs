@@ -13,9 +13,7 @@ use tokio::time::{MissedTickBehavior, interval_at, sleep, timeout};
 
 use super::channel::{self, ChannelError};
 use super::hub::{Conn, Hub, Limiter};
-use super::protocol::{
-    ClientFrame, ErrorCode, ack_frame, error_frame, parse_client_frame, pong_frame,
-};
+use super::protocol::{ClientFrame, ErrorCode, ack_frame, error_frame, parse_client_frame, pong_frame};
 
 /// How long a closing handshake may take before the socket is dropped.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -82,12 +80,7 @@ fn close_message(code: u16) -> Message {
 }
 
 /// Runs an upgraded connection until it ends.
-pub(crate) async fn run(
-    hub: Hub,
-    mut socket: WebSocket,
-    user_id: Option<String>,
-    api_key: Option<String>,
-) {
+pub(crate) async fn run(hub: Hub, mut socket: WebSocket, user_id: Option<String>, api_key: Option<String>) {
     let _guard = hub.task_guard();
     let Some((conn, data_rx)) = hub.register(user_id) else {
         let _ = timeout(CLOSE_TIMEOUT, socket.send(close_message(close_code::AWAY))).await;
@@ -177,11 +170,7 @@ async fn read_loop(
             Ok(Message::Ping(_) | Message::Pong(_)) => continue,
             Ok(Message::Close(_)) => return End::ClientClosed,
             Err(err) => {
-                return if is_too_large(&err) {
-                    End::TooLarge
-                } else {
-                    End::Lost
-                };
+                return if is_too_large(&err) { End::TooLarge } else { End::Lost };
             }
         };
         for reply in replies {
@@ -254,10 +243,7 @@ pub(crate) fn handle_text(hub: &Hub, conn: &Arc<Conn>, text: &str) -> Vec<String
             if !forbidden.is_empty() {
                 replies.push(error_frame(
                     ErrorCode::Forbidden,
-                    &format!(
-                        "{}: anonymous connections get market channels only",
-                        quoted(&forbidden)
-                    ),
+                    &format!("{}: anonymous connections get market channels only", quoted(&forbidden)),
                 ));
             }
             if !over.is_empty() {
@@ -279,9 +265,7 @@ pub(crate) fn handle_text(hub: &Hub, conn: &Arc<Conn>, text: &str) -> Vec<String
                 match channel::normalize(raw) {
                     Ok(ch) if !valid.contains(&ch) => valid.push(ch),
                     Ok(_) => {}
-                    Err(ChannelError::Unknown(ch) | ChannelError::Forbidden(ch)) => {
-                        unknown.push(ch)
-                    }
+                    Err(ChannelError::Unknown(ch) | ChannelError::Forbidden(ch)) => unknown.push(ch),
                 }
             }
             let mut replies = Vec::new();
@@ -298,25 +282,14 @@ pub(crate) fn handle_text(hub: &Hub, conn: &Arc<Conn>, text: &str) -> Vec<String
 }
 
 fn quoted(channels: &[String]) -> String {
-    channels
-        .iter()
-        .map(|c| format!("`{c}`"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    channels.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
 }
 
 fn unknown_error(unknown: &[String]) -> String {
-    let noun = if unknown.len() == 1 {
-        "channel"
-    } else {
-        "channels"
-    };
+    let noun = if unknown.len() == 1 { "channel" } else { "channels" };
     error_frame(
         ErrorCode::UnknownChannel,
-        &format!(
-            "unknown {noun} {}; valid channels: {VALID_CHANNELS}",
-            quoted(unknown)
-        ),
+        &format!("unknown {noun} {}; valid channels: {VALID_CHANNELS}", quoted(unknown)),
     )
 }
 
@@ -340,8 +313,7 @@ async fn write_loop(
     let period = hub.limits().ping_interval;
     let mut ping = interval_at(tokio::time::Instant::now() + period, period);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let silence_limit =
-        u64::try_from((period * PING_TIMEOUT_INTERVALS).as_millis()).unwrap_or(u64::MAX);
+    let silence_limit = u64::try_from(period.saturating_mul(PING_TIMEOUT_INTERVALS).as_millis()).unwrap_or(u64::MAX);
     loop {
         let next = tokio::select! {
             biased;

@@ -15,6 +15,11 @@ use super::WsConfig;
 use super::channel::ALERTS;
 use super::protocol::{EventFrames, alert_frame};
 
+/// Shortest ping interval used, whatever the configuration says.
+const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest ping interval used (keeps timer arithmetic far from overflow).
+const MAX_PING_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
 /// Identifies one connection for its lifetime.
 pub(crate) type ConnId = u64;
 
@@ -221,7 +226,7 @@ impl Hub {
             max_frame_bytes: cfg.max_frame_bytes.max(1),
             max_msgs_per_sec: cfg.max_msgs_per_sec,
             send_queue: cfg.send_queue.max(1),
-            ping_interval: cfg.ping_interval.max(Duration::from_millis(10)),
+            ping_interval: cfg.ping_interval.clamp(MIN_PING_INTERVAL, MAX_PING_INTERVAL),
         };
         Hub {
             inner: Arc::new(Inner {
@@ -351,11 +356,7 @@ impl Hub {
         }
         let fresh = || Arc::new(Mutex::new(TokenBucket::new(rate)));
         Some(match key {
-            Some(k) => Arc::clone(
-                lock(&self.inner.buckets)
-                    .entry(k.to_string())
-                    .or_insert_with(fresh),
-            ),
+            Some(k) => Arc::clone(lock(&self.inner.buckets).entry(k.to_string()).or_insert_with(fresh)),
             None => fresh(),
         })
     }
@@ -367,10 +368,7 @@ impl Hub {
     }
 
     /// Registers a connection; `None` once the hub is shut down.
-    pub(crate) fn register(
-        &self,
-        user_id: Option<String>,
-    ) -> Option<(Arc<Conn>, mpsc::Receiver<Utf8Bytes>)> {
+    pub(crate) fn register(&self, user_id: Option<String>) -> Option<(Arc<Conn>, mpsc::Receiver<Utf8Bytes>)> {
         let (tx, rx) = mpsc::channel(self.inner.limits.send_queue);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
@@ -408,11 +406,7 @@ impl Hub {
 
     /// Subscribes `conn` to already validated channels, up to the subscription limit.
     /// Returns (subscribed — including ones it already had, refused over the limit).
-    pub(crate) fn subscribe(
-        &self,
-        conn: &Arc<Conn>,
-        channels: Vec<String>,
-    ) -> (Vec<String>, Vec<String>) {
+    pub(crate) fn subscribe(&self, conn: &Arc<Conn>, channels: Vec<String>) -> (Vec<String>, Vec<String>) {
         let max = self.inner.limits.max_subscriptions;
         let mut reg = write(&self.inner.registry);
         let Some(entry) = reg.conns.get_mut(&conn.id) else {
@@ -444,10 +438,7 @@ impl Hub {
         let Some(entry) = reg.conns.get_mut(&conn.id) else {
             return;
         };
-        let removed: Vec<&String> = channels
-            .iter()
-            .filter(|ch| entry.subs.remove(ch.as_str()))
-            .collect();
+        let removed: Vec<&String> = channels.iter().filter(|ch| entry.subs.remove(ch.as_str())).collect();
         for ch in removed {
             reg.remove_sub(conn, ch);
         }
@@ -461,10 +452,7 @@ pub(crate) struct TaskGuard {
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        self.hub
-            .inner
-            .live
-            .send_modify(|n| *n = n.saturating_sub(1));
+        self.hub.inner.live.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -541,11 +529,7 @@ mod tests {
         {
             let reg = read(&hub.inner.registry);
             assert!(reg.channels.contains_key("prices"));
-            assert!(
-                reg.alerts
-                    .get("u1")
-                    .is_some_and(|m| m.contains_key(&conn.id))
-            );
+            assert!(reg.alerts.get("u1").is_some_and(|m| m.contains_key(&conn.id)));
         }
         hub.unsubscribe(&conn, &["prices".into()]);
         let (ok, over) = hub.subscribe(&conn, vec!["alerts".into(), "tvl".into()]);

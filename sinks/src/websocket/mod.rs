@@ -63,7 +63,7 @@
 //!
 //! Gauge `llamaflow_ws_connections`; counters `llamaflow_ws_frames_sent_total` and
 //! `llamaflow_ws_disconnects_total{reason}` with reason `client_closed`, `slow_consumer`,
-//! `shutdown`, `frame_too_large`, `ping_timeout` or `io_error`.
+//! `shutdown`, `frame_too_large`, `ping_timeout` or `connection_lost`.
 
 mod channel;
 mod connection;
@@ -75,13 +75,16 @@ mod server;
 mod tests;
 
 use std::collections::HashMap;
+use std::fmt;
 use std::time::Duration;
 
 pub use hub::Hub;
 pub use server::{router, serve};
 
 /// Configuration of the WebSocket fanout.
-#[derive(Clone, Debug)]
+///
+/// Its `Debug` output shows how many API keys there are, never the keys.
+#[derive(Clone)]
 pub struct WsConfig {
     /// API key → user id. More keys can be added at run time with [`Hub::set_api_key`].
     pub api_keys: HashMap<String, String>,
@@ -95,8 +98,22 @@ pub struct WsConfig {
     pub max_msgs_per_sec: u32,
     /// Frames queued per connection before it counts as too slow (default 1024, at least 1).
     pub send_queue: usize,
-    /// Interval of server pings (default 20 s).
+    /// Interval of server pings (default 20 s; used within 10 ms ..= 24 h).
     pub ping_interval: Duration,
+}
+
+impl fmt::Debug for WsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsConfig")
+            .field("api_keys", &format_args!("<{} keys>", self.api_keys.len()))
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field("max_subscriptions", &self.max_subscriptions)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("max_msgs_per_sec", &self.max_msgs_per_sec)
+            .field("send_queue", &self.send_queue)
+            .field("ping_interval", &self.ping_interval)
+            .finish()
+    }
 }
 
 impl Default for WsConfig {

@@ -50,12 +50,9 @@ impl ErrorCode {
 
 /// Parses a client frame; the error is the message of a `bad_request` reply.
 pub(crate) fn parse_client_frame(text: &str) -> Result<ClientFrame, String> {
-    let frame: ClientFrame =
-        serde_json::from_str(text).map_err(|e| format!("invalid client frame: {e}"))?;
+    let frame: ClientFrame = serde_json::from_str(text).map_err(|e| format!("invalid client frame: {e}"))?;
     match &frame {
-        ClientFrame::Subscribe { channels } | ClientFrame::Unsubscribe { channels }
-            if channels.is_empty() =>
-        {
+        ClientFrame::Subscribe { channels } | ClientFrame::Unsubscribe { channels } if channels.is_empty() => {
             Err("`channels` must be a non-empty array of channel names".to_string())
         }
         _ => Ok(frame),
@@ -137,10 +134,7 @@ mod tests {
                 channels: vec!["gas".into()]
             })
         );
-        assert_eq!(
-            parse_client_frame(r#"{"type":"ping"}"#),
-            Ok(ClientFrame::Ping)
-        );
+        assert_eq!(parse_client_frame(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping));
         for bad in [
             "",
             "nope",
@@ -179,8 +173,7 @@ mod tests {
 
     #[test]
     fn server_frames() {
-        let v: Value =
-            serde_json::from_str(&error_frame(ErrorCode::RateLimited, "slow \"down\"")).unwrap();
+        let v: Value = serde_json::from_str(&error_frame(ErrorCode::RateLimited, "slow \"down\"")).unwrap();
         assert_eq!(
             v,
             json!({"type":"error","code":"rate_limited","message":"slow \"down\""})

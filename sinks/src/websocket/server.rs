@@ -35,12 +35,7 @@ pub fn router(hub: Hub) -> Router {
 /// # Errors
 ///
 /// The I/O error that stopped the server, if any.
-pub async fn serve<F>(
-    listener: TcpListener,
-    app: Router,
-    hub: Hub,
-    shutdown: F,
-) -> std::io::Result<()>
+pub async fn serve<F>(listener: TcpListener, app: Router, hub: Hub, shutdown: F) -> std::io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
@@ -87,8 +82,7 @@ fn refuse(err: AuthError) -> Response {
         AuthError::UnknownKey | AuthError::KeyRequired => "unauthorized",
         AuthError::ShuttingDown => "unavailable",
     };
-    let body =
-        serde_json::json!({"type": "error", "code": code, "message": err.to_string()}).to_string();
+    let body = serde_json::json!({"type": "error", "code": code, "message": err.to_string()}).to_string();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 

@@ -23,10 +23,7 @@ type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn keys(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, u)| (k.to_string(), u.to_string()))
-        .collect()
+    pairs.iter().map(|(k, u)| (k.to_string(), u.to_string())).collect()
 }
 
 /// Starts a server for a hub with `cfg` on an ephemeral port.
@@ -47,10 +44,7 @@ fn url(addr: SocketAddr, key: Option<&str>) -> String {
 }
 
 async fn connect(addr: SocketAddr, key: Option<&str>) -> Client {
-    let (c, resp) = timeout(WAIT, connect_async(url(addr, key)))
-        .await
-        .unwrap()
-        .unwrap();
+    let (c, resp) = timeout(WAIT, connect_async(url(addr, key))).await.unwrap().unwrap();
     assert_eq!(resp.status(), 101);
     c
 }
@@ -104,10 +98,7 @@ async fn recv_close(c: &mut Client) -> (u16, usize) {
 
 async fn subscribe(c: &mut Client, channels: &[&str]) {
     send(c, json!({"type": "subscribe", "channels": channels})).await;
-    assert_eq!(
-        recv(c).await,
-        json!({"type": "subscribed", "channels": channels})
-    );
+    assert_eq!(recv(c).await, json!({"type": "subscribed", "channels": channels}));
 }
 
 fn price(coin: &str, p: f64, ts: i64) -> Event {
@@ -161,11 +152,7 @@ async fn price_updates_reach_subscribers_of_their_channels_only() {
     let mut eth = connect(addr, None).await;
     let mut all = connect(addr, None).await;
     let mut btc = connect(addr, None).await;
-    subscribe(
-        &mut eth,
-        &["prices:coingecko:ethereum", "prices:coingecko:bitcoin"],
-    )
-    .await;
+    subscribe(&mut eth, &["prices:coingecko:ethereum", "prices:coingecko:bitcoin"]).await;
     subscribe(&mut all, &["prices"]).await;
     subscribe(&mut btc, &["prices:coingecko:bitcoin"]).await;
 
@@ -257,8 +244,7 @@ async fn unknown_or_missing_keys_get_401() {
     let req = url(addr, Some("nope")).into_client_request().unwrap();
     assert_eq!(refused_status(req).await, 401);
     let mut req = url(addr, None).into_client_request().unwrap();
-    req.headers_mut()
-        .insert("x-api-key", HeaderValue::from_static("nope"));
+    req.headers_mut().insert("x-api-key", HeaderValue::from_static("nope"));
     assert_eq!(refused_status(req).await, 401);
     // No key and anonymous not allowed.
     assert_eq!(
@@ -269,8 +255,7 @@ async fn unknown_or_missing_keys_get_401() {
     let mut c = connect(addr, Some("k1")).await;
     subscribe(&mut c, &["alerts"]).await;
     let mut req = url(addr, None).into_client_request().unwrap();
-    req.headers_mut()
-        .insert("x-api-key", HeaderValue::from_static("k1"));
+    req.headers_mut().insert("x-api-key", HeaderValue::from_static("k1"));
     let (mut c, _) = connect_async(req).await.unwrap();
     subscribe(&mut c, &["alerts"]).await;
 }
@@ -354,10 +339,7 @@ async fn unknown_channels_and_bad_requests_get_error_frames() {
         (err["type"].as_str(), err["code"].as_str()),
         (Some("error"), Some("unknown_channel"))
     );
-    assert!(
-        err["message"].as_str().unwrap().contains("`bogus`"),
-        "{err}"
-    );
+    assert!(err["message"].as_str().unwrap().contains("`bogus`"), "{err}");
 
     // Valid channels of a mixed request are subscribed, the rest reported.
     send(
@@ -371,13 +353,7 @@ async fn unknown_channels_and_bad_requests_get_error_frames() {
     );
     let err = recv(&mut c).await;
     assert_eq!(err["code"], "unknown_channel");
-    assert!(
-        err["message"]
-            .as_str()
-            .unwrap()
-            .contains("`prices:ethereum`"),
-        "{err}"
-    );
+    assert!(err["message"].as_str().unwrap().contains("`prices:ethereum`"), "{err}");
 
     for bad in [
         Message::text("not json"),
@@ -407,15 +383,8 @@ async fn anonymous_connections_are_forbidden_from_alerts() {
         (err["type"].as_str(), err["code"].as_str()),
         (Some("error"), Some("forbidden"))
     );
-    send(
-        &mut c,
-        json!({"type":"subscribe","channels":["prices", "alerts"]}),
-    )
-    .await;
-    assert_eq!(
-        recv(&mut c).await,
-        json!({"type":"subscribed","channels":["prices"]})
-    );
+    send(&mut c, json!({"type":"subscribe","channels":["prices", "alerts"]})).await;
+    assert_eq!(recv(&mut c).await, json!({"type":"subscribed","channels":["prices"]}));
     assert_eq!(recv(&mut c).await["code"], "forbidden");
     hub.publish_alert(&alert("anyone", "x"));
     hub.publish_event(&price("coingecko:ethereum", 2.0, 3_000));
@@ -475,10 +444,7 @@ async fn pings_are_answered_and_the_server_pings() {
         .as_millis() as i64;
     assert_eq!(pong["type"], "pong");
     let ts = pong["timestamp"].as_i64().unwrap();
-    assert!(
-        (before..=after).contains(&ts),
-        "{before} <= {ts} <= {after}"
-    );
+    assert!((before..=after).contains(&ts), "{before} <= {ts} <= {after}");
 
     // WebSocket-level: our ping gets a pong, and the server pings on its own.
     c.send(Message::Ping(b"hi".to_vec().into())).await.unwrap();
@@ -517,10 +483,7 @@ async fn silent_connections_are_dropped_after_missed_pings() {
     // Never reads, so never answers the server's pings.
     let _c = connect(addr, None).await;
     wait_until("the connection to register", || hub.connections() == 1).await;
-    wait_until("the silent connection to be dropped", || {
-        hub.connections() == 0
-    })
-    .await;
+    wait_until("the silent connection to be dropped", || hub.connections() == 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -549,10 +512,7 @@ async fn messages_are_rate_limited_per_api_key() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let pongs = kinds.iter().filter(|v| v["type"] == "pong").count();
-    let limited: Vec<&Value> = kinds
-        .iter()
-        .filter(|v| v["code"] == "rate_limited")
-        .collect();
+    let limited: Vec<&Value> = kinds.iter().filter(|v| v["code"] == "rate_limited").collect();
     assert_eq!(pongs + limited.len(), 6, "{kinds:?}");
     // The key's bucket holds 3 and refills 3/s, shared by both connections.
     assert!(
@@ -597,11 +557,7 @@ async fn oversized_messages_close_with_1009() {
 
 /// A frame of about 32 KB, numbered.
 fn big_price(seq: u64) -> Event {
-    let mut e = price(
-        "coingecko:ethereum",
-        seq as f64 + 1.0,
-        1_717_430_400_000 + seq as i64,
-    );
+    let mut e = price("coingecko:ethereum", seq as f64 + 1.0, 1_717_430_400_000 + seq as i64);
     if let EventData::PriceUpdate { symbol, .. } = &mut e.data {
         *symbol = Some("S".repeat(32 * 1024));
     }
@@ -691,11 +647,7 @@ async fn five_hundred_connections_all_receive_a_broadcast() {
         })
         .collect();
     for i in 0..EVENTS {
-        hub.publish_event(&price(
-            "coingecko:ethereum",
-            i as f64 + 1.0,
-            i as i64 * 1000,
-        ));
+        hub.publish_event(&price("coingecko:ethereum", i as f64 + 1.0, i as i64 * 1000));
     }
     let expected: Vec<f64> = (0..EVENTS).map(|i| i as f64 + 1.0).collect();
     for r in readers {
@@ -713,14 +665,9 @@ async fn shutdown_closes_connections_with_1001() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(
-        listener,
-        router(hub.clone()),
-        hub.clone(),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let server = tokio::spawn(serve(listener, router(hub.clone()), hub.clone(), async move {
+        let _ = stop_rx.await;
+    }));
     let mut a = connect(addr, None).await;
     let mut b = connect(addr, None).await;
     subscribe(&mut a, &["prices"]).await;
@@ -734,11 +681,7 @@ async fn shutdown_closes_connections_with_1001() {
     }
     timeout(WAIT, server).await.unwrap().unwrap().unwrap();
     // Completed handshakes end the server at once, not after the closing timeout.
-    assert!(
-        stopped.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        stopped.elapsed()
-    );
+    assert!(stopped.elapsed() < Duration::from_secs(2), "{:?}", stopped.elapsed());
     assert_eq!(hub.connections(), 0);
     assert!(connect_async(url(addr, None)).await.is_err());
 }
@@ -782,10 +725,7 @@ async fn metrics_count_connections_frames_and_disconnect_reasons() {
     for (key, _, _, value) in snap.snapshot().into_vec() {
         let key = key.key();
         let name = key.name().to_string();
-        let labels: Vec<String> = key
-            .labels()
-            .map(|l| format!("{}={}", l.key(), l.value()))
-            .collect();
+        let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
         match value {
             DebugValue::Counter(n) => {
                 *counters.entry(format!("{name}{labels:?}")).or_insert(0) += n;
@@ -813,8 +753,16 @@ async fn metrics_count_connections_frames_and_disconnect_reasons() {
             .is_some_and(|n| *n >= 1),
         "{counters:?}"
     );
-    assert!(
-        gauges.iter().any(|g| g == "llamaflow_ws_connections"),
-        "{gauges:?}"
-    );
+    assert!(gauges.iter().any(|g| g == "llamaflow_ws_connections"), "{gauges:?}");
+}
+
+#[test]
+fn config_debug_hides_api_keys() {
+    let cfg = WsConfig {
+        api_keys: keys(&[("secret-key-1", "u1")]),
+        ..WsConfig::default()
+    };
+    let shown = format!("{cfg:?} {:?}", Hub::new(cfg.clone()));
+    assert!(!shown.contains("secret-key-1"), "{shown}");
+    assert!(shown.contains("<1 keys>"), "{shown}");
 }

@@ -24,10 +24,7 @@ use std::collections::BinaryHeap;
 use std::f64::consts::{PI, TAU};
 use std::sync::Arc;
 
-use schemas::{
-    AlertRule, GasTick, Liquidation, Millis, PriceTick, Protocol, Record, SourcePos, Transfer,
-    TvlUpdate,
-};
+use schemas::{AlertRule, GasTick, Liquidation, Millis, PriceTick, Protocol, Record, SourcePos, Transfer, TvlUpdate};
 use serde_json::json;
 
 #[cfg(test)]
@@ -99,13 +96,7 @@ const fn coin(id: &'static str, symbol: &'static str, price: f64, vol: f64, deci
     }
 }
 
-const fn tracks(
-    id: &'static str,
-    symbol: &'static str,
-    leader: &'static str,
-    ratio: f64,
-    decimals: u32,
-) -> Coin {
+const fn tracks(id: &'static str, symbol: &'static str, leader: &'static str, ratio: f64, decimals: u32) -> Coin {
     Coin {
         id,
         symbol,
@@ -177,30 +168,12 @@ const COINS: &[Coin] = &[
     coin("coingecko:gmx", "GMX", 30.0, 0.014, 18),
     coin("coingecko:tether", "USDT", 1.0, 0.0003, 6),
     scripted(coin(USDC, "USDC", 1.0, 0.0004, 6), Script::Depeg(0.12)),
-    scripted(
-        coin("coingecko:dai", "DAI", 1.0, 0.0004, 18),
-        Script::Depeg(0.05),
-    ),
-    scripted(
-        coin("coingecko:frax", "FRAX", 1.0, 0.0006, 18),
-        Script::Depeg(0.06),
-    ),
+    scripted(coin("coingecko:dai", "DAI", 1.0, 0.0004, 18), Script::Depeg(0.05)),
+    scripted(coin("coingecko:frax", "FRAX", 1.0, 0.0006, 18), Script::Depeg(0.06)),
     coin("coingecko:ethena-usde", "USDe", 1.0, 0.0005, 18),
-    tracks(
-        "coingecko:wrapped-bitcoin",
-        "WBTC",
-        "coingecko:bitcoin",
-        0.9995,
-        8,
-    ),
+    tracks("coingecko:wrapped-bitcoin", "WBTC", "coingecko:bitcoin", 0.9995, 8),
     tracks("coingecko:weth", "WETH", "coingecko:ethereum", 1.0, 18),
-    tracks(
-        "coingecko:staked-ether",
-        "STETH",
-        "coingecko:ethereum",
-        0.9992,
-        18,
-    ),
+    tracks("coingecko:staked-ether", "STETH", "coingecko:ethereum", 0.9992, 18),
     tracks(USDC_ETH, "USDC", USDC, 1.0, 6),
     tracks(USDT_ETH, "USDT", "coingecko:tether", 1.0, 6),
     tracks(
@@ -273,26 +246,11 @@ const TRANSFER_ASSETS: &[(&str, &str)] = &[
     (USDC_ETH, "ethereum"),
     (USDT_ETH, "ethereum"),
     ("coingecko:ethereum", "ethereum"),
-    (
-        "ethereum:0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2",
-        "ethereum",
-    ),
-    (
-        "ethereum:0x2260fac5e5542a773aa44fbcfedf7c193bc2c599",
-        "ethereum",
-    ),
-    (
-        "ethereum:0x7f39c581f595b53c5cb19bd0b3f8da6c935e2ca0",
-        "ethereum",
-    ),
-    (
-        "arbitrum:0xaf88d065e77c8cc2239327c5edb3a432268e5831",
-        "arbitrum",
-    ),
-    (
-        "solana:EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v",
-        "solana",
-    ),
+    ("ethereum:0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2", "ethereum"),
+    ("ethereum:0x2260fac5e5542a773aa44fbcfedf7c193bc2c599", "ethereum"),
+    ("ethereum:0x7f39c581f595b53c5cb19bd0b3f8da6c935e2ca0", "ethereum"),
+    ("arbitrum:0xaf88d065e77c8cc2239327c5edb3a432268e5831", "arbitrum"),
+    ("solana:EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v", "solana"),
     ("coingecko:solana", "solana"),
     ("coingecko:bitcoin", "bitcoin"),
     ("coingecko:tether", "tron"),
@@ -530,9 +488,7 @@ impl Rng {
         lo * (hi / lo).powf(self.unit())
     }
     fn chars(&mut self, alphabet: &[u8], n: usize) -> String {
-        (0..n)
-            .map(|_| alphabet[self.index(alphabet.len())] as char)
-            .collect()
+        (0..n).map(|_| alphabet[self.index(alphabet.len())] as char).collect()
     }
 }
 
@@ -641,10 +597,7 @@ impl DemoFeed {
             queue,
             coins: fresh(COINS.len(), start),
             leaders: COINS.iter().map(|c| c.follows.map(index)).collect(),
-            transfer_assets: TRANSFER_ASSETS
-                .iter()
-                .map(|(c, chain)| (index(c), *chain))
-                .collect(),
+            transfer_assets: TRANSFER_ASSETS.iter().map(|(c, chain)| (index(c), *chain)).collect(),
             lenders,
             tvl: fresh(PROTOCOLS.len(), (start - HOUR).max(0)),
             drop_level: 1.0,
@@ -683,20 +636,13 @@ impl DemoFeed {
 
     fn tvl(&mut self, p: usize, t: Millis) -> Record {
         let x = self.tvl[p].step(&mut self.rng, t, 0.5, 0.01);
-        let level = if p == DROPPING_PROTOCOL {
-            self.drop_level
-        } else {
-            1.0
-        };
+        let level = if p == DROPPING_PROTOCOL { self.drop_level } else { 1.0 };
         let chains = PROTOCOLS[p]
             .chains
             .iter()
             .map(|(chain, base)| {
                 let jitter = 0.001 * self.rng.normal();
-                (
-                    chain.to_string(),
-                    round2(base * 1e6 * (x + jitter).exp() * level),
-                )
+                (chain.to_string(), round2(base * 1e6 * (x + jitter).exp() * level))
             })
             .collect();
         Record::Tvl(TvlUpdate {

@@ -31,14 +31,8 @@ fn deterministic_per_seed() {
 
 #[test]
 fn timestamps_non_decreasing_and_tvl_history_first() {
-    let recs: Vec<Record> = DemoFeed::new(START, 1)
-        .take(20_000)
-        .map(|(_, r)| r)
-        .collect();
-    assert!(
-        recs.windows(2)
-            .all(|w| w[0].timestamp() <= w[1].timestamp())
-    );
+    let recs: Vec<Record> = DemoFeed::new(START, 1).take(20_000).map(|(_, r)| r).collect();
+    assert!(recs.windows(2).all(|w| w[0].timestamp() <= w[1].timestamp()));
     // One snapshot per protocol an hour before the start, then live data from the start on.
     let history = recs.iter().take_while(|r| r.timestamp() < T0).count();
     assert_eq!(history, PROTOCOLS.len());
@@ -55,13 +49,7 @@ fn every_kind_in_the_first_hour_and_records_validate() {
     let kinds: BTreeSet<Kind> = recs.iter().map(Record::kind).collect();
     assert_eq!(
         kinds,
-        BTreeSet::from([
-            Kind::Price,
-            Kind::Tvl,
-            Kind::Transfer,
-            Kind::Gas,
-            Kind::Liquidation
-        ])
+        BTreeSet::from([Kind::Price, Kind::Tvl, Kind::Transfer, Kind::Gas, Kind::Liquidation])
     );
     let coins: BTreeSet<&str> = recs
         .iter()
@@ -91,22 +79,14 @@ fn every_kind_in_the_first_hour_and_records_validate() {
                     assert_eq!(parse_record(Kind::Tvl, &one.to_json()).as_ref(), Ok(&one));
                 }
             }
-            r => assert_eq!(
-                parse_record(r.kind(), &r.to_json()).as_ref(),
-                Ok(r),
-                "{}",
-                r.to_json()
-            ),
+            r => assert_eq!(parse_record(r.kind(), &r.to_json()).as_ref(), Ok(r), "{}", r.to_json()),
         }
     }
     let protocols = demo_protocols();
     assert_eq!(protocols.len(), PROTOCOLS.len());
     for p in &protocols {
         let line = Record::Protocol(p.clone()).to_json();
-        assert_eq!(
-            parse_record(Kind::Protocol, &line),
-            Ok(Record::Protocol(p.clone()))
-        );
+        assert_eq!(parse_record(Kind::Protocol, &line), Ok(Record::Protocol(p.clone())));
     }
 }
 
@@ -119,9 +99,7 @@ fn usdc_depegs_and_recovers_every_hour() {
             let ticks: Vec<(Millis, f64)> = recs
                 .iter()
                 .filter_map(|r| match r {
-                    Record::Price(p)
-                        if p.coin == coin && p.timestamp >= from && p.timestamp < from + HOUR =>
-                    {
+                    Record::Price(p) if p.coin == coin && p.timestamp >= from && p.timestamp < from + HOUR => {
                         Some((p.timestamp, p.price))
                     }
                     _ => None,
@@ -133,14 +111,8 @@ fn usdc_depegs_and_recovers_every_hour() {
                     .filter(|(t, _)| *t < from + 20 * 60 * SEC)
                     .all(|(_, p)| (p - 1.0).abs() < 0.005)
             );
-            let low = ticks
-                .iter()
-                .position(|(_, p)| *p < 0.98)
-                .expect("depeg below 0.98");
-            assert!(
-                ticks[low..].iter().any(|(_, p)| *p > 0.995),
-                "{coin} recovers"
-            );
+            let low = ticks.iter().position(|(_, p)| *p < 0.98).expect("depeg below 0.98");
+            assert!(ticks[low..].iter().any(|(_, p)| *p > 0.995), "{coin} recovers");
             let min = ticks.iter().map(|(_, p)| *p).fold(f64::MAX, f64::min);
             assert!((0.87..0.9).contains(&min), "{coin} bottom {min}");
         }
@@ -155,8 +127,7 @@ fn first_firings(recs: &[Record]) -> HashMap<String, Millis> {
     let mut tvl: HashMap<&str, Vec<(Millis, f64)>> = HashMap::new();
     let mut gas: HashMap<&str, f64> = HashMap::new();
     let mut fired = HashMap::new();
-    let before =
-        |s: &[(Millis, f64)], t: Millis| s.iter().rev().find(|(ts, _)| *ts <= t).map(|(_, v)| *v);
+    let before = |s: &[(Millis, f64)], t: Millis| s.iter().rev().find(|(ts, _)| *ts <= t).map(|(_, v)| *v);
     for r in recs {
         let t = r.timestamp();
         for rule in &rules {
@@ -169,27 +140,13 @@ fn first_firings(recs: &[Record]) -> HashMap<String, Millis> {
                         direction,
                     },
                     Record::Price(p),
-                ) if &p.coin == coin => {
-                    before(prices.get(coin.as_str()).map_or(&[][..], |v| v), t - window)
-                        .is_some_and(|reference| {
-                            direction
-                                .matches((p.price - reference) / reference * 100.0, *threshold_pct)
-                        })
-                }
-                (
-                    Conditions::PriceThreshold {
-                        coin,
-                        operator,
-                        value,
-                    },
-                    Record::Price(p),
-                ) if &p.coin == coin => {
-                    let prev = prices
-                        .get(coin.as_str())
-                        .and_then(|v| v.last())
-                        .map(|(_, x)| *x);
-                    operator.holds(p.price, *value)
-                        && prev.is_some_and(|x| !operator.holds(x, *value))
+                ) if &p.coin == coin => before(prices.get(coin.as_str()).map_or(&[][..], |v| v), t - window)
+                    .is_some_and(|reference| {
+                        direction.matches((p.price - reference) / reference * 100.0, *threshold_pct)
+                    }),
+                (Conditions::PriceThreshold { coin, operator, value }, Record::Price(p)) if &p.coin == coin => {
+                    let prev = prices.get(coin.as_str()).and_then(|v| v.last()).map(|(_, x)| *x);
+                    operator.holds(p.price, *value) && prev.is_some_and(|x| !operator.holds(x, *value))
                 }
                 (
                     Conditions::Depeg {
@@ -200,10 +157,7 @@ fn first_firings(recs: &[Record]) -> HashMap<String, Millis> {
                     Record::Price(p),
                 ) if &p.coin == coin => {
                     let out = |x: f64| (x / peg - 1.0).abs() * 100.0 >= *deviation_pct;
-                    let prev = prices
-                        .get(coin.as_str())
-                        .and_then(|v| v.last())
-                        .map(|(_, x)| *x);
+                    let prev = prices.get(coin.as_str()).and_then(|v| v.last()).map(|(_, x)| *x);
                     out(p.price) && prev.is_some_and(|x| !out(x))
                 }
                 (
@@ -217,11 +171,7 @@ fn first_firings(recs: &[Record]) -> HashMap<String, Millis> {
                     Record::Tvl(u),
                 ) if &u.protocol_id == protocol_id => {
                     let total: f64 = u.chains.iter().map(|(_, v)| v).sum();
-                    before(
-                        tvl.get(protocol_id.as_str()).map_or(&[][..], |v| v),
-                        t - window,
-                    )
-                    .is_some_and(|reference| {
+                    before(tvl.get(protocol_id.as_str()).map_or(&[][..], |v| v), t - window).is_some_and(|reference| {
                         direction.matches((total - reference) / reference * 100.0, *threshold_pct)
                     })
                 }
@@ -229,22 +179,10 @@ fn first_firings(recs: &[Record]) -> HashMap<String, Millis> {
                     .get(x.coin.as_str())
                     .and_then(|v| before(v, t))
                     .is_some_and(|p| p * x.amount >= *min_usd),
-                (
-                    Conditions::GasPrice {
-                        chain,
-                        operator,
-                        gwei,
-                    },
-                    Record::Gas(g),
-                ) if &g.chain == chain => {
-                    operator.holds(g.gwei, *gwei)
-                        && gas
-                            .get(chain.as_str())
-                            .is_some_and(|x| !operator.holds(*x, *gwei))
+                (Conditions::GasPrice { chain, operator, gwei }, Record::Gas(g)) if &g.chain == chain => {
+                    operator.holds(g.gwei, *gwei) && gas.get(chain.as_str()).is_some_and(|x| !operator.holds(*x, *gwei))
                 }
-                (Conditions::Liquidation { min_usd, .. }, Record::Liquidation(l)) => {
-                    l.amount_usd >= *min_usd
-                }
+                (Conditions::Liquidation { min_usd, .. }, Record::Liquidation(l)) => l.amount_usd >= *min_usd,
                 _ => false,
             };
             if hit {
@@ -270,17 +208,10 @@ fn first_firings(recs: &[Record]) -> HashMap<String, Millis> {
 fn demo_rules_cover_every_type_and_fire_early() {
     let rules = demo_rules();
     assert_eq!(rules.len(), 8);
-    let types: BTreeSet<&str> = rules
-        .iter()
-        .map(|r| r.conditions.alert_type().name())
-        .collect();
+    let types: BTreeSet<&str> = rules.iter().map(|r| r.conditions.alert_type().name()).collect();
     assert_eq!(types.len(), 7);
     assert!(rules.iter().all(|r| r.user_id == "demo" && r.enabled));
-    assert!(
-        rules
-            .iter()
-            .any(|r| r.conditions.alert_type() == AlertType::Depeg)
-    );
+    assert!(rules.iter().any(|r| r.conditions.alert_type() == AlertType::Depeg));
     for seed in [0, 1, 2, 3, 42, 0xdead_beef] {
         let fired = first_firings(&until(seed, 30));
         for rule in &rules {
@@ -304,9 +235,7 @@ fn aave_tvl_drop_is_seen_by_a_1h_window_every_time() {
     let totals: Vec<(Millis, f64)> = until(5, 190)
         .iter()
         .filter_map(|r| match r {
-            Record::Tvl(u) if u.protocol_id == "1599" => {
-                Some((u.timestamp, u.chains.iter().map(|(_, v)| v).sum()))
-            }
+            Record::Tvl(u) if u.protocol_id == "1599" => Some((u.timestamp, u.chains.iter().map(|(_, v)| v).sum())),
             _ => None,
         })
         .collect();
@@ -323,9 +252,6 @@ fn aave_tvl_drop_is_seen_by_a_1h_window_every_time() {
             .find(|(t, _)| *t <= drop - HOUR)
             .map(|(_, v)| *v)
             .expect("reference");
-        assert!(
-            (now - reference) / reference < -0.08,
-            "drop {k}: {now} vs {reference}"
-        );
+        assert!((now - reference) / reference < -0.08, "drop {k}: {now} vs {reference}");
     }
 }

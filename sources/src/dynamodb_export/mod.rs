@@ -79,9 +79,7 @@ pub fn open(dir: &Path) -> Result<ExportSource, SourceError> {
         if exports.is_empty() {
             return Err(SourceError::invalid(
                 dir,
-                format!(
-                    "no DynamoDB export found (expected {AWS_DIR}/<ExportId>/{SUMMARY} or {SUMMARY})"
-                ),
+                format!("no DynamoDB export found (expected {AWS_DIR}/<ExportId>/{SUMMARY} or {SUMMARY})"),
             ));
         }
         exports.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
@@ -145,17 +143,12 @@ impl ExportSource {
                     self.stats.redirects_unresolved += 1;
                     let raw = serde_json::json!({"coin": self.name(p.coin), "redirect": self.name(target),
                         "timestamp": format_seconds(ts)});
-                    let reason =
-                        format!("redirect target {} has no earlier price", self.name(target));
+                    let reason = format!("redirect target {} has no earlier price", self.name(target));
                     return Input::Dead(DeadLetter::new(pos, reason, &raw.to_string()));
                 }
             },
             (None, None) => {
-                return Input::Dead(DeadLetter::new(
-                    pos,
-                    "price item without price or redirect",
-                    "",
-                ));
+                return Input::Dead(DeadLetter::new(pos, "price item without price or redirect", ""));
             }
         };
         if let Some(slot) = self.last_price.get_mut(p.coin as usize) {
@@ -239,10 +232,7 @@ fn list_exports(dir: &Path) -> Result<Vec<Export>, SourceError> {
     let (root, prefix) = if dir.join(AWS_DIR).is_dir() {
         (dir.join(AWS_DIR), dir.to_path_buf())
     } else if dir.file_name().is_some_and(|n| n == AWS_DIR) && dir.is_dir() {
-        (
-            dir.to_path_buf(),
-            dir.parent().unwrap_or(Path::new("")).to_path_buf(),
-        )
+        (dir.to_path_buf(), dir.parent().unwrap_or(Path::new("")).to_path_buf())
     } else if dir.is_dir() {
         return Ok(Vec::new());
     } else {
@@ -265,8 +255,7 @@ fn list_exports(dir: &Path) -> Result<Vec<Export>, SourceError> {
 fn read_summary(dir: &Path, prefix: Option<PathBuf>) -> Result<Export, SourceError> {
     let path = dir.join(SUMMARY);
     let text = fs::read_to_string(&path).map_err(|e| SourceError::io("read", &path, e))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| SourceError::invalid(&path, format!("bad JSON: {e}")))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| SourceError::invalid(&path, format!("bad JSON: {e}")))?;
     if !v.is_object() {
         return Err(SourceError::invalid(&path, "not a JSON object"));
     }
@@ -282,20 +271,14 @@ fn read_summary(dir: &Path, prefix: Option<PathBuf>) -> Result<Export, SourceErr
         dir: dir.to_path_buf(),
         prefix,
         time,
-        manifest_key: v
-            .get("manifestFilesS3Key")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        manifest_key: v.get("manifestFilesS3Key").and_then(Value::as_str).map(str::to_string),
     })
 }
 
 /// A summary time: ISO 8601 (`2024-06-03T16:00:00.000Z`) or unix seconds, as ms.
 fn parse_time(v: &Value) -> Option<i64> {
     match v {
-        Value::Number(n) => n
-            .as_f64()
-            .filter(|s| s.is_finite())
-            .map(|s| (s * 1000.0) as i64),
+        Value::Number(n) => n.as_f64().filter(|s| s.is_finite()).map(|s| (s * 1000.0) as i64),
         Value::String(s) => parse_iso8601(s),
         _ => None,
     }
@@ -364,20 +347,13 @@ fn parse_iso8601(s: &str) -> Option<i64> {
 /// Resolves an S3 key of an export to a local file: relative to the prefix directory, then
 /// from its `AWSDynamoDB/` part on, then `<export dir>[/<sub>]/<file name>`.
 fn resolve(key: &str, export: &Export, sub: Option<&str>) -> Result<PathBuf, Vec<PathBuf>> {
-    let safe = |k: &str| {
-        Path::new(k)
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
-    };
+    let safe = |k: &str| Path::new(k).components().all(|c| matches!(c, Component::Normal(_)));
     let mut tried = Vec::new();
     if let Some(prefix) = &export.prefix {
         if safe(key) {
             tried.push(prefix.join(key));
         }
-        if let Some(rest) = key
-            .find(&format!("{AWS_DIR}/"))
-            .filter(|&i| i > 0)
-            .map(|i| &key[i..])
+        if let Some(rest) = key.find(&format!("{AWS_DIR}/")).filter(|&i| i > 0).map(|i| &key[i..])
             && safe(rest)
         {
             tried.push(prefix.join(rest));
@@ -423,15 +399,12 @@ impl Loader {
             Some(key) => resolve(key, export, None).unwrap_or_else(|_| export.dir.join(MANIFEST)),
             None => export.dir.join(MANIFEST),
         };
-        let text =
-            fs::read_to_string(&manifest).map_err(|e| SourceError::io("read", &manifest, e))?;
+        let text = fs::read_to_string(&manifest).map_err(|e| SourceError::io("read", &manifest, e))?;
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let bad = |reason: String| {
-                SourceError::invalid(&manifest, format!("line {}: {reason}", i + 1))
-            };
+            let bad = |reason: String| SourceError::invalid(&manifest, format!("line {}: {reason}", i + 1));
             let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("bad JSON: {e}")))?;
             let key = v
                 .get("dataFileS3Key")
@@ -439,22 +412,14 @@ impl Loader {
                 .ok_or_else(|| bad("missing string field `dataFileS3Key`".into()))?;
             let data = resolve(key, export, Some("data")).map_err(|tried| {
                 let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
-                bad(format!(
-                    "data file {key} not found (looked for {})",
-                    tried.join(", ")
-                ))
+                bad(format!("data file {key} not found (looked for {})", tried.join(", ")))
             })?;
             self.load_data_file(&data, v.get("itemCount").and_then(Value::as_u64), line)?;
         }
         Ok(())
     }
 
-    fn load_data_file(
-        &mut self,
-        path: &Path,
-        item_count: Option<u64>,
-        manifest_line: &str,
-    ) -> Result<(), SourceError> {
+    fn load_data_file(&mut self, path: &Path, item_count: Option<u64>, manifest_line: &str) -> Result<(), SourceError> {
         let mut reader = open_lines(path)?;
         self.stats.data_files += 1;
         let file = self.files.len() as u32;
@@ -469,11 +434,8 @@ impl Loader {
                 Line::Err(e) => {
                     // A read error makes the count meaningless: no itemCount check for this file.
                     let raw = String::from_utf8_lossy(&buf);
-                    self.dead.push(DeadLetter::new(
-                        pos,
-                        format!("read error: {}", io_reason(&e)),
-                        &raw,
-                    ));
+                    self.dead
+                        .push(DeadLetter::new(pos, format!("read error: {}", io_reason(&e)), &raw));
                     self.buf = buf;
                     return Ok(());
                 }
@@ -507,8 +469,7 @@ impl Loader {
         if let Some(n) = item_count.filter(|&n| n != lines) {
             self.stats.item_count_mismatches += 1;
             let reason = format!("itemCount mismatch: manifest says {n}, file has {lines}");
-            self.dead
-                .push(DeadLetter::new(path.display(), reason, manifest_line));
+            self.dead.push(DeadLetter::new(path.display(), reason, manifest_line));
         }
         Ok(())
     }

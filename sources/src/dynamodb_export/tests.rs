@@ -101,9 +101,7 @@ fn export_tree() -> tempfile::TempDir {
     let keys = json!({"PK":{"S":"hourlyTvl#1599"},"SK":{"N":"1717434000"}});
     fs::write(
         incr.join(MANIFEST),
-        json!({"itemCount":3,"dataFileS3Key":format!("s3prefix/{AWS_DIR}/{INCR}/data/c.json.gz")})
-            .to_string()
-            + "\n",
+        json!({"itemCount":3,"dataFileS3Key":format!("s3prefix/{AWS_DIR}/{INCR}/data/c.json.gz")}).to_string() + "\n",
     )
     .unwrap();
     write_gz(
@@ -180,18 +178,11 @@ fn prefix_dir_reads_all_exports_in_timestamp_order() {
     ];
     assert_eq!(describe(&items), want);
     // Full sources: `<datafile path>:<line>`, the fallback path for b.
-    let full = tmp
-        .path()
-        .join(AWS_DIR)
-        .join(format!("9{FULL}"))
-        .join("data");
+    let full = tmp.path().join(AWS_DIR).join(format!("9{FULL}")).join("data");
     let Input::Record(pos, Record::Price(p)) = &items[9] else {
         panic!()
     };
-    assert_eq!(
-        pos.to_string(),
-        format!("{}:1", full.join("b.json.gz").display())
-    );
+    assert_eq!(pos.to_string(), format!("{}:1", full.join("b.json.gz").display()));
     assert_eq!((p.confidence, p.decimals), (Some(0.99), Some(18)));
     let Input::Dead(d) = &items[1] else { panic!() };
     assert_eq!(d.source, full.join("a.json.gz").display().to_string());
@@ -249,8 +240,7 @@ fn layout_errors_name_the_file() {
     fs::remove_file(incr.join("data/c.json.gz")).unwrap();
     let e = open(tmp.path()).err().unwrap().to_string();
     assert!(
-        e.contains("manifest-files.json: line 1: data file s3prefix/AWSDynamoDB/")
-            && e.contains("not found"),
+        e.contains("manifest-files.json: line 1: data file s3prefix/AWSDynamoDB/") && e.contains("not found"),
         "{e}"
     );
     fs::write(incr.join(MANIFEST), "{\"itemCount\":1}\n").unwrap();
@@ -261,10 +251,7 @@ fn layout_errors_name_the_file() {
     );
     fs::write(incr.join(SUMMARY), "[]").unwrap();
     let e = open(&incr).err().unwrap().to_string();
-    assert!(
-        e.ends_with("manifest-summary.json: not a JSON object"),
-        "{e}"
-    );
+    assert!(e.ends_with("manifest-summary.json: not a JSON object"), "{e}");
 }
 
 #[test]
@@ -281,14 +268,8 @@ fn corrupt_data_file_is_a_read_error_and_the_rest_is_read() {
 #[test]
 fn iso_times() {
     assert_eq!(parse_iso8601("1970-01-01T00:00:00Z"), Some(0));
-    assert_eq!(
-        parse_iso8601("2024-06-03T16:00:00.123Z"),
-        Some(1_717_430_400_123)
-    );
-    assert_eq!(
-        parse_iso8601("2024-06-03T18:00:00.5+02:00"),
-        Some(1_717_430_400_500)
-    );
+    assert_eq!(parse_iso8601("2024-06-03T16:00:00.123Z"), Some(1_717_430_400_123));
+    assert_eq!(parse_iso8601("2024-06-03T18:00:00.5+02:00"), Some(1_717_430_400_500));
     assert_eq!(parse_iso8601("2024-06-03"), None);
     assert_eq!(parse_iso8601("2024-13-03T16:00:00Z"), None);
     assert_eq!(parse_time(&json!(1717430400)), Some(1_717_430_400_000));

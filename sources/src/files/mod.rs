@@ -75,11 +75,7 @@ impl Iterator for FileSource {
                 Ok(line) => line,
                 Err(e) => {
                     let raw = String::from_utf8_lossy(&self.buf);
-                    return Some(Input::Dead(DeadLetter::new(
-                        pos,
-                        format!("invalid UTF-8: {e}"),
-                        &raw,
-                    )));
+                    return Some(Input::Dead(DeadLetter::new(pos, format!("invalid UTF-8: {e}"), &raw)));
                 }
             };
             if line.trim().is_empty() {

@@ -6,8 +6,7 @@ use schemas::Record;
 
 use super::*;
 
-const GOOD: &str =
-    r#"{"coin":"coingecko:ethereum","price":3791.12,"timestamp":1717430350,"symbol":"ETH"}"#;
+const GOOD: &str = r#"{"coin":"coingecko:ethereum","price":3791.12,"timestamp":1717430350,"symbol":"ETH"}"#;
 const BODY: &str = "\u{feff}{\"coin\":\"coingecko:ethereum\",\"price\":3791.12,\"timestamp\":1717430350,\"symbol\":\"ETH\"}\r\n\
     \n   \n\
     {\"coin\":\"ETH\",\"price\":1,\"timestamp\":1}\n\
@@ -28,14 +27,8 @@ fn check_body(path: &Path) {
         panic!("{:?}", items[0])
     };
     assert_eq!((&*pos.source, pos.offset), (prefix.as_str(), 1));
-    assert_eq!(
-        Input::Record(pos.clone(), Record::Price(p.clone())),
-        items[0]
-    );
-    assert_eq!(
-        Some(Record::Price(p.clone())),
-        parse_record(Kind::Price, GOOD).ok()
-    );
+    assert_eq!(Input::Record(pos.clone(), Record::Price(p.clone())), items[0]);
+    assert_eq!(Some(Record::Price(p.clone())), parse_record(Kind::Price, GOOD).ok());
     let Input::Dead(d) = &items[1] else {
         panic!("{:?}", items[1])
     };
@@ -45,10 +38,7 @@ fn check_body(path: &Path) {
     let Input::Record(pos, Record::Price(p)) = &items[2] else {
         panic!("{:?}", items[2])
     };
-    assert_eq!(
-        (pos.offset, p.coin.as_str(), p.price),
-        (5, "ethereum:0xa0b8", 0.9998)
-    );
+    assert_eq!((pos.offset, p.coin.as_str(), p.price), (5, "ethereum:0xa0b8", 0.9998));
 }
 
 #[test]
@@ -81,12 +71,8 @@ fn invalid_utf8_is_one_dead_letter() {
     body.extend(br#"{"chain":"ethereum","gwei":21.5,"timestamp":1717430402}"#);
     std::fs::write(&path, body).unwrap();
     let items: Vec<Input> = open(&path, Kind::Gas).unwrap().collect();
-    assert!(
-        matches!(&items[0], Input::Dead(d) if d.reason.starts_with("invalid UTF-8") && d.source.ends_with(":1"))
-    );
-    assert!(
-        matches!(&items[1], Input::Record(pos, Record::Gas(g)) if pos.offset == 2 && g.gwei == 21.5)
-    );
+    assert!(matches!(&items[0], Input::Dead(d) if d.reason.starts_with("invalid UTF-8") && d.source.ends_with(":1")));
+    assert!(matches!(&items[1], Input::Record(pos, Record::Gas(g)) if pos.offset == 2 && g.gwei == 21.5));
 }
 
 #[test]
@@ -106,21 +92,12 @@ fn corrupt_gzip_yields_one_read_error_then_ends() {
         panic!("{:?}", items.last())
     };
     assert!(d.reason.starts_with("read error: "), "{}", d.reason);
-    assert_eq!(
-        items.iter().filter(|i| matches!(i, Input::Dead(_))).count(),
-        1
-    );
+    assert_eq!(items.iter().filter(|i| matches!(i, Input::Dead(_))).count(), 1);
     assert!(src.next().is_none());
 
-    std::fs::write(
-        &path,
-        b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03garbage garbage",
-    )
-    .unwrap();
+    std::fs::write(&path, b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03garbage garbage").unwrap();
     let items: Vec<Input> = open(&path, Kind::Price).unwrap().collect();
-    assert!(
-        matches!(&items[..], [Input::Dead(d)] if d.reason.starts_with("read error: ") && d.source.ends_with(":1"))
-    );
+    assert!(matches!(&items[..], [Input::Dead(d)] if d.reason.starts_with("read error: ") && d.source.ends_with(":1")));
 }
 
 #[test]
