@@ -8,5 +8,7 @@
 //! Every sink consumes the shapes defined in the `schemas` crate (`schemas::Event`,
 //! `schemas::Alert`); none of them defines a wire format of its own.
 
+pub mod batch;
+pub use batch::OutputBatch;
 pub mod jsonl;
 pub mod websocket;

@@ -17,6 +17,7 @@ use schemas::{DeadLetter, Record, SourcePos};
 pub mod demo;
 pub mod dynamodb_export;
 pub mod files;
+pub mod live;
 
 /// One item of any source: a validated record, or an input that goes to the dead-letter output.
 #[derive(Clone, Debug, PartialEq)]

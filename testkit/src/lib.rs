@@ -1,0 +1,257 @@
+//! Real services for integration tests, each private to the test that starts it: a
+//! PostgreSQL cluster with `wal_level=logical`, a Redis server and a moto (AWS emulator)
+//! server, all bound to 127.0.0.1 on a free port and stopped when dropped.
+//!
+//! Binaries are found on the usual Debian paths (`/usr/lib/postgresql/*/bin`,
+//! `redis-server`, `moto_server` on PATH or in `$LLAMAFLOW_MOTO_VENV/bin`); `.ci/run`
+//! installs what a fresh machine lacks.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (bind to :0, read it, release it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Waits until `127.0.0.1:port` accepts connections.
+pub fn wait_for_port(port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The newest PostgreSQL server binaries directory on this machine.
+pub fn pg_bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("LLAMAFLOW_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.pop().expect("PostgreSQL server binaries under /usr/lib/postgresql/*/bin (apt-get install postgresql)")
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+}
+
+/// Runs a PostgreSQL binary, as the `postgres` user when we are root (initdb refuses root).
+fn pg_command(bin: &Path, as_postgres: bool) -> Command {
+    if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+/// A private PostgreSQL cluster (`wal_level=logical`, trust auth, superuser `postgres`).
+pub struct Postgres {
+    child: Child,
+    /// Port on 127.0.0.1.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    /// Initialises and starts a cluster on a free port (about a second).
+    pub fn start() -> Postgres {
+        let bin = pg_bin_dir();
+        let root = is_root();
+        let dir = tempfile::Builder::new().prefix("llamaflow-pg").tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        if root {
+            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status();
+            assert!(ok.map(|s| s.success()).unwrap_or(false), "chown of the temp dir to postgres");
+        }
+        let out = pg_command(&bin.join("initdb"), root)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+            .arg(&data)
+            .output()
+            .expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let child = pg_command(&bin.join("postgres"), root)
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-k"])
+            .arg(dir.path())
+            .args(["-c", "wal_level=logical", "-c", "max_replication_slots=10", "-c", "max_wal_senders=10"])
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start postgres");
+        let mut pg = Postgres { child, port, _dir: dir };
+        if !wait_for_port(port, Duration::from_secs(30)) {
+            kill(&mut pg.child);
+            panic!("postgres did not start on port {port}");
+        }
+        // Accepting TCP is not quite ready for queries during recovery; wait for pg_isready.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let ok = Command::new(bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pg
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server.
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A private Redis server (no persistence).
+pub struct Redis {
+    child: Child,
+    /// Port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Redis {
+    /// Starts `redis-server` on a free port, optionally with a password.
+    pub fn start(password: Option<&str>) -> Redis {
+        Self::start_on(free_port(), password)
+    }
+
+    /// Starts `redis-server` on a given port (used to bring one back after an outage).
+    pub fn start_on(port: u16, password: Option<&str>) -> Redis {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"]);
+        if let Some(p) = password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (apt-get install redis-server)");
+        let mut r = Redis { child, port };
+        if !wait_for_port(port, Duration::from_secs(10)) {
+            kill(&mut r.child);
+            panic!("redis-server did not start on port {port}");
+        }
+        r
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server.
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A moto server (AWS emulator: SQS, S3) on a free port.
+pub struct Moto {
+    child: Child,
+    /// Port on 127.0.0.1.
+    pub port: u16,
+}
+
+/// The `moto_server` executable: `$LLAMAFLOW_MOTO_VENV/bin/moto_server`, else on PATH.
+pub fn moto_server_bin() -> PathBuf {
+    if let Ok(venv) = std::env::var("LLAMAFLOW_MOTO_VENV") {
+        return Path::new(&venv).join("bin/moto_server");
+    }
+    PathBuf::from("moto_server")
+}
+
+impl Moto {
+    /// Starts `moto_server -H 127.0.0.1 -p <port>`.
+    pub fn start() -> Moto {
+        let port = free_port();
+        let child = Command::new(moto_server_bin())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server (pip install 'moto[server]'; or set LLAMAFLOW_MOTO_VENV)");
+        let mut m = Moto { child, port };
+        if !wait_for_port(port, Duration::from_secs(30)) {
+            kill(&mut m.child);
+            panic!("moto_server did not start on port {port}");
+        }
+        m
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_and_redis_start_and_answer() {
+        let pg = Postgres::start();
+        let out = Command::new(pg_bin_dir().join("psql"))
+            .args([&pg.url(), "-tAc", "show wal_level"])
+            .output()
+            .expect("psql");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "logical");
+        let r = Redis::start(None);
+        let mut s = TcpStream::connect(("127.0.0.1", r.port)).expect("redis accepts");
+        use std::io::{Read, Write};
+        s.write_all(b"PING\r\n").expect("write");
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).expect("read");
+        assert_eq!(&buf, b"+PONG\r\n");
+    }
+}
