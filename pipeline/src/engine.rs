@@ -13,20 +13,23 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use operators::{Envelope, OpConfig, Sequencer};
 use schemas::{Alert, DeadLetter, Event};
-use timely::dataflow::InputHandle;
+use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::dataflow::operators::{Input, Inspect, Probe};
 
 /// Epochs a worker may have sent but not yet completed.
 pub const MAX_EPOCHS_IN_FLIGHT: u64 = 8;
 
-/// Where the dataflow's results go. Called from worker threads, one call per epoch batch.
+/// Where the dataflow's results go. Called from worker threads.
 pub trait Output: Send + Sync + 'static {
-    /// Alerts of one epoch, in order (worker 0 only).
-    fn alerts(&self, alerts: &[Alert]);
-    /// Market events of one epoch from one worker.
-    fn events(&self, events: &[Event]);
+    /// Alerts of an epoch, in order (worker 0 only; an epoch may come in several calls).
+    fn alerts(&self, epoch: u64, alerts: &[Alert]);
+    /// Market events of an epoch from one worker.
+    fn events(&self, epoch: u64, events: &[Event]);
     /// Dead letters from inside the dataflow.
-    fn dead(&self, dead: &[DeadLetter]);
+    fn dead(&self, epoch: u64, dead: &[DeadLetter]);
+    /// Every output of all epochs `< upto` has been delivered (called by worker 0, in
+    /// increasing order).
+    fn epochs_done(&self, _upto: u64) {}
 }
 
 /// A running dataflow.
@@ -108,29 +111,46 @@ fn run_worker(
     cfg: OpConfig,
     output: Arc<dyn Output>,
 ) {
+    let worker_index = worker.index();
     let mut input = InputHandle::<u64, timely::container::CapacityContainerBuilder<Vec<Envelope>>>::new();
-    let (o1, o2, o3) = (output.clone(), output.clone(), output);
-    let probe = worker.dataflow::<u64, _, _>(|scope| {
+    let (o1, o2, o3) = (output.clone(), output.clone(), output.clone());
+    let probe = ProbeHandle::new();
+    worker.dataflow::<u64, _, _>(|scope| {
         let outs = operators::build(scope.input_from(&mut input), cfg);
-        outs.events.inspect_core(move |e| {
-            if let Ok((_, batch)) = e {
-                o2.events(batch);
-            }
-        });
-        outs.dead.inspect_core(move |e| {
-            if let Ok((_, batch)) = e {
-                o3.dead(batch);
-            }
-        });
-        outs.alerts
+        outs.events
             .inspect_core(move |e| {
-                if let Ok((_, batch)) = e {
-                    o1.alerts(batch);
+                if let Ok((stamp, batch)) = e {
+                    o2.events(stamp.least().copied().unwrap_or_default(), batch);
                 }
             })
-            .probe()
-            .0
+            .probe_with(&probe);
+        outs.dead
+            .inspect_core(move |e| {
+                if let Ok((stamp, batch)) = e {
+                    o3.dead(stamp.least().copied().unwrap_or_default(), batch);
+                }
+            })
+            .probe_with(&probe);
+        outs.alerts
+            .inspect_core(move |e| {
+                if let Ok((stamp, batch)) = e {
+                    o1.alerts(stamp.least().copied().unwrap_or_default(), batch);
+                }
+            })
+            .probe_with(&probe);
     });
+    // Worker 0 reports completed epochs: the probe covers every output stream of every worker.
+    let mut done = 0u64;
+    let mut report = |probe: &ProbeHandle<u64>| {
+        if worker_index != 0 {
+            return;
+        }
+        let upto = probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
+        if upto > done {
+            done = upto;
+            output.epochs_done(upto);
+        }
+    };
     loop {
         match rx.try_recv() {
             Ok(mut batch) => {
@@ -139,6 +159,7 @@ fn run_worker(
                 input.advance_to(next);
                 while probe.less_than(&input.time().saturating_sub(MAX_EPOCHS_IN_FLIGHT)) {
                     worker.step();
+                    report(&probe);
                 }
                 worker.step();
             }
@@ -147,7 +168,11 @@ fn run_worker(
             }
             Err(TryRecvError::Disconnected) => break,
         }
+        report(&probe);
     }
     drop(input);
-    while worker.step() {}
+    while worker.step() {
+        report(&probe);
+    }
+    report(&probe);
 }

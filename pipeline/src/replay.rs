@@ -132,15 +132,15 @@ impl FileOutput {
 }
 
 impl Output for FileOutput {
-    fn alerts(&self, alerts: &[Alert]) {
+    fn alerts(&self, _epoch: u64, alerts: &[Alert]) {
         self.write_all(&self.alerts, alerts, 0);
     }
-    fn events(&self, events: &[Event]) {
+    fn events(&self, _epoch: u64, events: &[Event]) {
         if let Some(w) = &self.events {
             self.write_all(w, events, 1);
         }
     }
-    fn dead(&self, dead: &[DeadLetter]) {
+    fn dead(&self, _epoch: u64, dead: &[DeadLetter]) {
         self.write_all(&self.dead, dead, 2);
     }
 }
@@ -286,7 +286,7 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
             Input::Dead(d) => {
                 source_dead.push(d);
                 if source_dead.len() >= 1024 {
-                    output.dead(&source_dead);
+                    output.dead(0, &source_dead);
                     source_dead.clear();
                 }
             }
@@ -309,7 +309,7 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
             }
         }
     }
-    output.dead(&source_dead);
+    output.dead(0, &source_dead);
     if !batch.is_empty() {
         engine.send(batch)?;
     }

@@ -49,7 +49,7 @@ struct LiveOutput {
 }
 
 impl Output for LiveOutput {
-    fn alerts(&self, alerts: &[Alert]) {
+    fn alerts(&self, _epoch: u64, alerts: &[Alert]) {
         let mut out = std::io::stdout().lock();
         for a in alerts {
             metrics::counter!("llamaflow_alerts_total", "type" => a.alert_type.clone()).increment(1);
@@ -62,14 +62,14 @@ impl Output for LiveOutput {
         let _ = out.flush();
     }
 
-    fn events(&self, events: &[Event]) {
+    fn events(&self, _epoch: u64, events: &[Event]) {
         for e in events {
             metrics::counter!("llamaflow_events_total", "type" => e.data.type_name()).increment(1);
             self.hub.publish_event(e);
         }
     }
 
-    fn dead(&self, dead: &[DeadLetter]) {
+    fn dead(&self, _epoch: u64, dead: &[DeadLetter]) {
         let mut err = std::io::stderr().lock();
         for d in dead {
             metrics::counter!("llamaflow_dead_letters_total", "reason" => d.reason_label().to_string()).increment(1);

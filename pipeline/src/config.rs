@@ -1,0 +1,426 @@
+//! `llamaflow.toml`: every source, sink, limit and secret reference of the continuous job.
+//!
+//! `${VAR}` anywhere in the file is replaced by the environment variable `VAR` before parsing
+//! (secret references: `password = "${REDIS_PASSWORD}"`); an unset variable is an error
+//! naming the line. Parse errors name the file, line, column and field. See
+//! `llamaflow.example.toml` for a commented example.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use operators::OpConfig;
+use schemas::Kind;
+use serde::Deserialize;
+use sinks::websocket::WsConfig;
+
+use crate::UsageError;
+
+/// The whole configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Engine settings.
+    #[serde(default)]
+    pub pipeline: PipelineSection,
+    /// Operator settings.
+    #[serde(default)]
+    pub operators: OperatorsSection,
+    /// Inputs.
+    #[serde(default)]
+    pub sources: SourcesSection,
+    /// Outputs.
+    #[serde(default)]
+    pub sinks: SinksSection,
+}
+
+/// `[pipeline]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineSection {
+    /// Dataflow worker threads.
+    pub workers: u32,
+    /// Longest time records wait to form an ingest batch (epoch), in ms.
+    pub batch_ms: u64,
+    /// Most records in one ingest batch.
+    pub batch_max: usize,
+    /// Address of the dashboard, `/ws`, `/metrics`, `/healthz`; omit to serve nothing.
+    pub listen: Option<SocketAddr>,
+    /// Dead letters as JSONL; default standard error.
+    pub dead_letter_out: Option<PathBuf>,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        PipelineSection {
+            workers: 2,
+            batch_ms: 10,
+            batch_max: 8192,
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            dead_letter_out: None,
+        }
+    }
+}
+
+/// `[operators]`: market-event settings (rules come from sources).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OperatorsSection {
+    /// Band of `depeg` market events, percent from 1.0.
+    pub depeg_band_pct: f64,
+    /// Minimum USD value of `whale_transfer` events.
+    pub whale_event_usd: f64,
+    /// Stablecoin ids watched for `depeg` events (default: the major USD stablecoins).
+    pub stablecoins: Option<Vec<String>>,
+    /// Stablecoin symbols watched for `depeg` events.
+    pub stable_symbols: Option<Vec<String>>,
+}
+
+impl Default for OperatorsSection {
+    fn default() -> Self {
+        let d = OpConfig::default();
+        OperatorsSection {
+            depeg_band_pct: d.depeg_band_pct,
+            whale_event_usd: d.whale_event_usd,
+            stablecoins: None,
+            stable_symbols: None,
+        }
+    }
+}
+
+impl OperatorsSection {
+    /// The operator configuration these settings give.
+    pub fn op_config(&self) -> OpConfig {
+        let mut c = OpConfig { depeg_band_pct: self.depeg_band_pct, whale_event_usd: self.whale_event_usd, ..OpConfig::default() };
+        if let Some(s) = &self.stablecoins {
+            c.stablecoins = s.iter().cloned().collect();
+        }
+        if let Some(s) = &self.stable_symbols {
+            c.stable_symbols = s.iter().cloned().collect();
+        }
+        c
+    }
+}
+
+/// One `[[sources.files]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Record kind: prices, tvl, transfers, gas, liquidations, protocols or rules.
+    pub kind: String,
+    /// JSONL or JSONL.gz file.
+    pub path: PathBuf,
+}
+
+/// `[sources.demo]`: the bundled feed, live-paced.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DemoSection {
+    /// Feed seconds per wall-clock second.
+    pub speed: f64,
+    /// Feed minutes replayed at once on start.
+    pub warmup_minutes: u32,
+    /// Feed seed.
+    pub seed: u64,
+    /// Load the demo rules and protocols (user `demo`).
+    pub rules: bool,
+}
+
+impl Default for DemoSection {
+    fn default() -> Self {
+        DemoSection { speed: 1.0, warmup_minutes: 75, seed: 42, rules: true }
+    }
+}
+
+/// `[sources]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourcesSection {
+    /// History read first, in timestamp order, before live sources start.
+    #[serde(default)]
+    pub files: Vec<FileEntry>,
+    /// DynamoDB exports (prefix dirs or one export's dir) read first, like `files`.
+    #[serde(default)]
+    pub dynamodb_export: Vec<PathBuf>,
+    /// The bundled demo feed.
+    pub demo: Option<DemoSection>,
+}
+
+/// `[sinks.websocket]` (served on `pipeline.listen`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsSection {
+    /// API key → user id.
+    pub api_keys: HashMap<String, String>,
+    /// Anonymous connections may subscribe to market channels.
+    pub allow_anonymous: bool,
+    /// Most subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Largest client frame in bytes.
+    pub max_frame_bytes: usize,
+    /// Client messages per second per key.
+    pub max_msgs_per_sec: u32,
+    /// Frames queued per connection before it is closed with 1013.
+    pub send_queue: usize,
+    /// Server ping interval in seconds.
+    pub ping_interval_secs: u64,
+}
+
+impl Default for WsSection {
+    fn default() -> Self {
+        let d = WsConfig::default();
+        WsSection {
+            api_keys: d.api_keys,
+            allow_anonymous: d.allow_anonymous,
+            max_subscriptions: d.max_subscriptions,
+            max_frame_bytes: d.max_frame_bytes,
+            max_msgs_per_sec: d.max_msgs_per_sec,
+            send_queue: d.send_queue,
+            ping_interval_secs: d.ping_interval.as_secs(),
+        }
+    }
+}
+
+impl WsSection {
+    /// The fanout configuration.
+    pub fn ws_config(&self) -> WsConfig {
+        WsConfig {
+            api_keys: self.api_keys.clone(),
+            allow_anonymous: self.allow_anonymous,
+            max_subscriptions: self.max_subscriptions,
+            max_frame_bytes: self.max_frame_bytes,
+            max_msgs_per_sec: self.max_msgs_per_sec,
+            send_queue: self.send_queue,
+            ping_interval: Duration::from_secs(self.ping_interval_secs.max(1)),
+        }
+    }
+}
+
+/// `[sinks.jsonl]`: append results to files.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlSection {
+    /// Alerts file.
+    pub alerts: Option<PathBuf>,
+    /// Market events file.
+    pub events: Option<PathBuf>,
+}
+
+/// `[sinks]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinksSection {
+    /// Alerts as JSONL on standard output.
+    pub stdout: bool,
+    /// JSONL files.
+    pub jsonl: Option<JsonlSection>,
+    /// WebSocket fanout.
+    pub websocket: Option<WsSection>,
+}
+
+impl Default for SinksSection {
+    fn default() -> Self {
+        SinksSection { stdout: true, jsonl: None, websocket: None }
+    }
+}
+
+/// Parses a record kind as written in configs and flags.
+pub fn parse_kind(s: &str) -> Option<Kind> {
+    Some(match s {
+        "prices" | "price" => Kind::Price,
+        "tvl" => Kind::Tvl,
+        "transfers" | "transfer" => Kind::Transfer,
+        "gas" => Kind::Gas,
+        "liquidations" | "liquidation" => Kind::Liquidation,
+        "protocols" | "protocol" => Kind::Protocol,
+        "rules" | "rule" => Kind::Rule,
+        _ => return None,
+    })
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    (line, col)
+}
+
+/// Replaces `${VAR}` with the environment's value; names the line of an unset variable.
+fn expand_env(text: &str, file: &Path) -> Result<String, UsageError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut consumed = 0;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            let (l, c) = line_col(text, consumed + start);
+            return Err(UsageError(format!("{}:{l}:{c}: unterminated `${{`", file.display())));
+        };
+        let name = &after[..end];
+        match std::env::var(name) {
+            Ok(v) => out.push_str(&v),
+            Err(_) => {
+                let (l, c) = line_col(text, consumed + start);
+                return Err(UsageError(format!(
+                    "{}:{l}:{c}: environment variable `{name}` is not set (referenced as ${{{name}}})",
+                    file.display()
+                )));
+            }
+        }
+        let skip = start + 2 + end + 1;
+        consumed += skip;
+        rest = &rest[skip..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl Config {
+    /// Reads, expands and parses a config file; errors name the file, line and field.
+    pub fn load(path: &Path) -> Result<Config, UsageError> {
+        let raw = std::fs::read_to_string(path)
+            .map_err(|e| UsageError(format!("cannot read config {}: {e}", path.display())))?;
+        Self::parse(&raw, path)
+    }
+
+    /// Parses config text (`path` is used in messages).
+    pub fn parse(raw: &str, path: &Path) -> Result<Config, UsageError> {
+        let text = expand_env(raw, path)?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| {
+            let msg = e.message().trim().to_string();
+            match e.span() {
+                Some(span) => {
+                    let (l, c) = line_col(&text, span.start);
+                    let line = text.lines().nth(l - 1).unwrap_or("").trim();
+                    format!("{}:{l}:{c}: {msg} (in `{line}`)", path.display())
+                }
+                None => format!("{}: {msg}", path.display()),
+            }
+        })
+        .map_err(UsageError)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), UsageError> {
+        let err = |field: &str, what: String| UsageError(format!("{}: {field}: {what}", path.display()));
+        if self.pipeline.workers == 0 || self.pipeline.workers > 64 {
+            return Err(err("pipeline.workers", format!("must be 1..=64, got {}", self.pipeline.workers)));
+        }
+        if self.pipeline.batch_max == 0 {
+            return Err(err("pipeline.batch_max", "must be at least 1".into()));
+        }
+        for (i, f) in self.sources.files.iter().enumerate() {
+            if parse_kind(&f.kind).is_none() {
+                return Err(err(
+                    &format!("sources.files[{i}].kind"),
+                    format!("unknown kind `{}` (prices, tvl, transfers, gas, liquidations, protocols, rules)", f.kind),
+                ));
+            }
+            if !f.path.exists() {
+                return Err(err(&format!("sources.files[{i}].path"), format!("{} does not exist", f.path.display())));
+            }
+        }
+        for (i, d) in self.sources.dynamodb_export.iter().enumerate() {
+            if !sources::dynamodb_export::is_export_dir(d) {
+                return Err(err(
+                    &format!("sources.dynamodb_export[{i}]"),
+                    format!("{} is not a DynamoDB export (no AWSDynamoDB/ or manifest-summary.json)", d.display()),
+                ));
+            }
+        }
+        if let Some(d) = &self.sources.demo
+            && !(d.speed.is_finite() && d.speed > 0.0)
+        {
+            return Err(err("sources.demo.speed", format!("must be > 0, got {}", d.speed)));
+        }
+        if !self.has_source() {
+            return Err(UsageError(format!(
+                "{}: no sources: configure at least one of [sources.demo], [[sources.files]], sources.dynamodb_export",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether any input is configured.
+    pub fn has_source(&self) -> bool {
+        self.sources.demo.is_some() || !self.sources.files.is_empty() || !self.sources.dynamodb_export.is_empty()
+    }
+
+    /// A one-line description of what this config runs (printed by `check-config`).
+    pub fn summary(&self) -> String {
+        let mut src = Vec::new();
+        if self.sources.demo.is_some() {
+            src.push("demo".to_string());
+        }
+        if !self.sources.files.is_empty() {
+            src.push(format!("{} files", self.sources.files.len()));
+        }
+        if !self.sources.dynamodb_export.is_empty() {
+            src.push(format!("{} dynamodb exports", self.sources.dynamodb_export.len()));
+        }
+        let mut snk = Vec::new();
+        if self.sinks.stdout {
+            snk.push("stdout");
+        }
+        if self.sinks.jsonl.is_some() {
+            snk.push("jsonl");
+        }
+        if self.sinks.websocket.is_some() {
+            snk.push("websocket");
+        }
+        format!(
+            "sources: {}; sinks: {}; workers: {}; listen: {}",
+            src.join(", "),
+            if snk.is_empty() { "none".to_string() } else { snk.join(", ") },
+            self.pipeline.workers,
+            self.pipeline.listen.map_or("off".to_string(), |a| a.to_string())
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("llamaflow.toml")).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = parse("[pipeline]\nworkers = 2\nwokers = 3\n[sources.demo]\n").unwrap_err();
+        assert!(e.starts_with("llamaflow.toml:3:1: unknown field `wokers`"), "{e}");
+        let e = parse("[pipeline]\nworkers = \"two\"\n").unwrap_err();
+        assert!(e.starts_with("llamaflow.toml:2:"), "{e}");
+        let e = parse("[pipeline]\nworkers = 0\n[sources.demo]\n").unwrap_err();
+        assert!(e.contains("pipeline.workers"), "{e}");
+        let e = parse("[[sources.files]]\nkind = \"candles\"\npath = \"/etc/hostname\"\n").unwrap_err();
+        assert!(e.contains("sources.files[0].kind") && e.contains("candles"), "{e}");
+        let e = parse("[pipeline]\n").unwrap_err();
+        assert!(e.contains("no sources"), "{e}");
+    }
+
+    #[test]
+    fn env_references_expand_and_unset_ones_are_named() {
+        // SAFETY: tests in this module do not read this variable concurrently.
+        unsafe { std::env::set_var("LLAMAFLOW_TEST_KEY", "k-123") };
+        let c = parse("[sources.demo]\n[sinks.websocket.api_keys]\n\"${LLAMAFLOW_TEST_KEY}\" = \"u1\"\n").unwrap();
+        assert_eq!(c.sinks.websocket.unwrap().api_keys.get("k-123").map(String::as_str), Some("u1"));
+        let e = parse("[sources.demo]\n\n[sinks.redis]\npassword = \"${LLAMAFLOW_TEST_UNSET_VAR}\"\n").unwrap_err();
+        assert!(e.starts_with("llamaflow.toml:4:13: environment variable `LLAMAFLOW_TEST_UNSET_VAR`"), "{e}");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("[sources.demo]\n").unwrap();
+        assert_eq!(c.pipeline.workers, 2);
+        assert!(c.sinks.stdout);
+        assert_eq!(c.sources.demo.as_ref().map(|d| d.speed), Some(1.0));
+        assert!(c.summary().contains("sources: demo"));
+    }
+}
