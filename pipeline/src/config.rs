@@ -92,7 +92,11 @@ impl Default for OperatorsSection {
 impl OperatorsSection {
     /// The operator configuration these settings give.
     pub fn op_config(&self) -> OpConfig {
-        let mut c = OpConfig { depeg_band_pct: self.depeg_band_pct, whale_event_usd: self.whale_event_usd, ..OpConfig::default() };
+        let mut c = OpConfig {
+            depeg_band_pct: self.depeg_band_pct,
+            whale_event_usd: self.whale_event_usd,
+            ..OpConfig::default()
+        };
         if let Some(s) = &self.stablecoins {
             c.stablecoins = s.iter().cloned().collect();
         }
@@ -114,7 +118,7 @@ pub struct FileEntry {
 }
 
 /// `[sources.demo]`: the bundled feed, live-paced.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DemoSection {
     /// Feed seconds per wall-clock second.
@@ -129,7 +133,12 @@ pub struct DemoSection {
 
 impl Default for DemoSection {
     fn default() -> Self {
-        DemoSection { speed: 1.0, warmup_minutes: 75, seed: 42, rules: true }
+        DemoSection {
+            speed: 1.0,
+            warmup_minutes: 75,
+            seed: 42,
+            rules: true,
+        }
     }
 }
 
@@ -221,7 +230,11 @@ pub struct SinksSection {
 
 impl Default for SinksSection {
     fn default() -> Self {
-        SinksSection { stdout: true, jsonl: None, websocket: None }
+        SinksSection {
+            stdout: true,
+            jsonl: None,
+            websocket: None,
+        }
     }
 }
 
@@ -247,35 +260,64 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// Replaces `${VAR}` with the environment's value; names the line of an unset variable.
+/// Replaces `${VAR}` with the environment's value (not inside `#` comments); names the line
+/// of an unset variable.
 fn expand_env(text: &str, file: &Path) -> Result<String, UsageError> {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    let mut consumed = 0;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
-            let (l, c) = line_col(text, consumed + start);
-            return Err(UsageError(format!("{}:{l}:{c}: unterminated `${{`", file.display())));
-        };
-        let name = &after[..end];
-        match std::env::var(name) {
-            Ok(v) => out.push_str(&v),
-            Err(_) => {
-                let (l, c) = line_col(text, consumed + start);
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let code_end = comment_start(line).unwrap_or(line.len());
+        let (code, comment) = line.split_at(code_end);
+        let mut rest = code;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let col = code.len() - rest.len() + start + 1;
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
                 return Err(UsageError(format!(
-                    "{}:{l}:{c}: environment variable `{name}` is not set (referenced as ${{{name}}})",
-                    file.display()
+                    "{}:{}:{col}: unterminated `${{`",
+                    file.display(),
+                    n + 1
                 )));
-            }
+            };
+            let name = &after[..end];
+            let value = std::env::var(name).map_err(|_| {
+                UsageError(format!(
+                    "{}:{}:{col}: environment variable `{name}` is not set (referenced as ${{{name}}})",
+                    file.display(),
+                    n + 1
+                ))
+            })?;
+            out.push_str(&value);
+            rest = &after[end + 1..];
         }
-        let skip = start + 2 + end + 1;
-        consumed += skip;
-        rest = &rest[skip..];
+        out.push_str(rest);
+        out.push_str(comment);
     }
-    out.push_str(rest);
     Ok(out)
+}
+
+/// Byte index of a `#` comment outside quoted strings, if any.
+fn comment_start(line: &str) -> Option<usize> {
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for (i, c) in line.char_indices() {
+        match quote {
+            Some(q) => {
+                if q == '"' && c == '\\' && !escaped {
+                    escaped = true;
+                    continue;
+                }
+                if c == q && !escaped {
+                    quote = None;
+                }
+                escaped = false;
+            }
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None if c == '#' => return Some(i),
+            None => {}
+        }
+    }
+    None
 }
 
 impl Config {
@@ -289,18 +331,19 @@ impl Config {
     /// Parses config text (`path` is used in messages).
     pub fn parse(raw: &str, path: &Path) -> Result<Config, UsageError> {
         let text = expand_env(raw, path)?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| {
-            let msg = e.message().trim().to_string();
-            match e.span() {
-                Some(span) => {
-                    let (l, c) = line_col(&text, span.start);
-                    let line = text.lines().nth(l - 1).unwrap_or("").trim();
-                    format!("{}:{l}:{c}: {msg} (in `{line}`)", path.display())
+        let cfg: Config = toml::from_str(&text)
+            .map_err(|e| {
+                let msg = e.message().trim().to_string();
+                match e.span() {
+                    Some(span) => {
+                        let (l, c) = line_col(&text, span.start);
+                        let line = text.lines().nth(l - 1).unwrap_or("").trim();
+                        format!("{}:{l}:{c}: {msg} (in `{line}`)", path.display())
+                    }
+                    None => format!("{}: {msg}", path.display()),
                 }
-                None => format!("{}: {msg}", path.display()),
-            }
-        })
-        .map_err(UsageError)?;
+            })
+            .map_err(UsageError)?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -308,7 +351,10 @@ impl Config {
     fn validate(&self, path: &Path) -> Result<(), UsageError> {
         let err = |field: &str, what: String| UsageError(format!("{}: {field}: {what}", path.display()));
         if self.pipeline.workers == 0 || self.pipeline.workers > 64 {
-            return Err(err("pipeline.workers", format!("must be 1..=64, got {}", self.pipeline.workers)));
+            return Err(err(
+                "pipeline.workers",
+                format!("must be 1..=64, got {}", self.pipeline.workers),
+            ));
         }
         if self.pipeline.batch_max == 0 {
             return Err(err("pipeline.batch_max", "must be at least 1".into()));
@@ -317,18 +363,27 @@ impl Config {
             if parse_kind(&f.kind).is_none() {
                 return Err(err(
                     &format!("sources.files[{i}].kind"),
-                    format!("unknown kind `{}` (prices, tvl, transfers, gas, liquidations, protocols, rules)", f.kind),
+                    format!(
+                        "unknown kind `{}` (prices, tvl, transfers, gas, liquidations, protocols, rules)",
+                        f.kind
+                    ),
                 ));
             }
             if !f.path.exists() {
-                return Err(err(&format!("sources.files[{i}].path"), format!("{} does not exist", f.path.display())));
+                return Err(err(
+                    &format!("sources.files[{i}].path"),
+                    format!("{} does not exist", f.path.display()),
+                ));
             }
         }
         for (i, d) in self.sources.dynamodb_export.iter().enumerate() {
             if !sources::dynamodb_export::is_export_dir(d) {
                 return Err(err(
                     &format!("sources.dynamodb_export[{i}]"),
-                    format!("{} is not a DynamoDB export (no AWSDynamoDB/ or manifest-summary.json)", d.display()),
+                    format!(
+                        "{} is not a DynamoDB export (no AWSDynamoDB/ or manifest-summary.json)",
+                        d.display()
+                    ),
                 ));
             }
         }
@@ -376,7 +431,11 @@ impl Config {
         format!(
             "sources: {}; sinks: {}; workers: {}; listen: {}",
             src.join(", "),
-            if snk.is_empty() { "none".to_string() } else { snk.join(", ") },
+            if snk.is_empty() {
+                "none".to_string()
+            } else {
+                snk.join(", ")
+            },
             self.pipeline.workers,
             self.pipeline.listen.map_or("off".to_string(), |a| a.to_string())
         )
@@ -410,9 +469,17 @@ mod tests {
         // SAFETY: tests in this module do not read this variable concurrently.
         unsafe { std::env::set_var("LLAMAFLOW_TEST_KEY", "k-123") };
         let c = parse("[sources.demo]\n[sinks.websocket.api_keys]\n\"${LLAMAFLOW_TEST_KEY}\" = \"u1\"\n").unwrap();
-        assert_eq!(c.sinks.websocket.unwrap().api_keys.get("k-123").map(String::as_str), Some("u1"));
+        assert_eq!(
+            c.sinks.websocket.unwrap().api_keys.get("k-123").map(String::as_str),
+            Some("u1")
+        );
+        let c = parse("# a comment with ${NOT_A_VAR}\n[sources.demo] # ${ALSO_NOT}\n").unwrap();
+        assert!(c.sources.demo.is_some());
         let e = parse("[sources.demo]\n\n[sinks.redis]\npassword = \"${LLAMAFLOW_TEST_UNSET_VAR}\"\n").unwrap_err();
-        assert!(e.starts_with("llamaflow.toml:4:13: environment variable `LLAMAFLOW_TEST_UNSET_VAR`"), "{e}");
+        assert!(
+            e.starts_with("llamaflow.toml:4:13: environment variable `LLAMAFLOW_TEST_UNSET_VAR`"),
+            "{e}"
+        );
     }
 
     #[test]

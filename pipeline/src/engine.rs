@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use operators::{Envelope, OpConfig, Sequencer};
 use schemas::{Alert, DeadLetter, Event};
-use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::dataflow::operators::{Input, Inspect, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle};
 
 /// Epochs a worker may have sent but not yet completed.
 pub const MAX_EPOCHS_IN_FLIGHT: u64 = 8;
@@ -141,11 +141,12 @@ fn run_worker(
     });
     // Worker 0 reports completed epochs: the probe covers every output stream of every worker.
     let mut done = 0u64;
-    let mut report = |probe: &ProbeHandle<u64>| {
+    let mut report = |probe: &ProbeHandle<u64>, sent: u64| {
         if worker_index != 0 {
             return;
         }
-        let upto = probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
+        // An empty frontier (input closed, all done) means every epoch sent is complete.
+        let upto = probe.with_frontier(|f| f.first().copied().unwrap_or(sent)).min(sent);
         if upto > done {
             done = upto;
             output.epochs_done(upto);
@@ -159,7 +160,7 @@ fn run_worker(
                 input.advance_to(next);
                 while probe.less_than(&input.time().saturating_sub(MAX_EPOCHS_IN_FLIGHT)) {
                     worker.step();
-                    report(&probe);
+                    report(&probe, *input.time());
                 }
                 worker.step();
             }
@@ -168,11 +169,12 @@ fn run_worker(
             }
             Err(TryRecvError::Disconnected) => break,
         }
-        report(&probe);
+        report(&probe, *input.time());
     }
+    let sent = *input.time();
     drop(input);
     while worker.step() {
-        report(&probe);
+        report(&probe, sent);
     }
-    report(&probe);
+    report(&probe, sent);
 }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod live;
 pub mod replay;
 pub mod run;
 

@@ -18,6 +18,12 @@ enum Cmd {
     Run(run::RunArgs),
     /// Deterministic batch run over files and DynamoDB exports; writes alerts as JSONL.
     Replay(Box<replay::ReplayArgs>),
+    /// Checks a configuration file and prints what it would run.
+    CheckConfig {
+        /// The file.
+        #[arg(long, default_value = "llamaflow.toml")]
+        config: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -32,6 +38,9 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run(args) => run::run(args),
         Cmd::Replay(args) => replay::replay(&args).map(|s| eprintln!("{}", s.line())),
+        Cmd::CheckConfig { config } => pipeline::config::Config::load(&config)
+            .map(|c| println!("{}: ok — {}", config.display(), c.summary()))
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -150,17 +150,19 @@ fn rank(kind: Kind) -> u8 {
     Kind::ALL.iter().position(|k| *k == kind).unwrap_or(0) as u8
 }
 
-type Source = Box<dyn Iterator<Item = Input> + Send>;
+/// A history input: records (or dead letters) in file order.
+pub type Source = Box<dyn Iterator<Item = Input> + Send>;
 
 /// K-way merge of sources by (event time, kind rank, source index).
-struct Merge {
+pub struct Merge {
     sources: Vec<Source>,
     heads: Vec<Option<Input>>,
     heap: BinaryHeap<Reverse<(Millis, u8, usize)>>,
 }
 
 impl Merge {
-    fn new(sources: Vec<Source>) -> Self {
+    /// Merges `sources`; equal keys keep source order.
+    pub fn new(sources: Vec<Source>) -> Self {
         let mut m = Merge {
             heads: (0..sources.len()).map(|_| None).collect(),
             sources,

@@ -22,6 +22,8 @@ pub struct JsonlWriter {
     path: PathBuf,
     out: BufWriter<Box<dyn Write + Send>>,
     written: u64,
+    /// The file again, for fsync (files opened with [`JsonlWriter::append`]).
+    file: Option<File>,
 }
 
 impl JsonlWriter {
@@ -34,6 +36,25 @@ impl JsonlWriter {
         Ok(Self::from_writer(path.to_path_buf(), Box::new(file)))
     }
 
+    /// Opens `path` for appending (created when missing): the continuous job's files.
+    pub fn append(path: &Path) -> Result<Self, JsonlError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| JsonlError {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let sync = file.try_clone().map_err(|source| JsonlError {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut w = Self::from_writer(path.to_path_buf(), Box::new(file));
+        w.file = Some(sync);
+        Ok(w)
+    }
+
     /// Writes to standard error (used for dead letters when no file is given).
     pub fn stderr() -> Self {
         Self::from_writer(PathBuf::from("<stderr>"), Box::new(io::stderr()))
@@ -44,6 +65,7 @@ impl JsonlWriter {
             path,
             out: BufWriter::with_capacity(1 << 16, w),
             written: 0,
+            file: None,
         }
     }
 
@@ -67,7 +89,21 @@ impl JsonlWriter {
         self.written
     }
 
-    /// Flushes everything to the OS and syncs a regular file to disk.
+    /// Flushes buffered lines to the OS.
+    pub fn flush(&mut self) -> Result<(), JsonlError> {
+        self.out.flush().map_err(|e| self.err(e))
+    }
+
+    /// Flushes and, for appended files, fsyncs: what was written survives a crash.
+    pub fn sync(&mut self) -> Result<(), JsonlError> {
+        self.flush()?;
+        if let Some(f) = &self.file {
+            f.sync_data().map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything to the OS.
     pub fn finish(mut self) -> Result<u64, JsonlError> {
         self.out.flush().map_err(|e| self.err(e))?;
         Ok(self.written)

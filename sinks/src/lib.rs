@@ -4,6 +4,10 @@
 //!   dataflow workers publish market events and alerts into, and an axum router serving
 //!   `GET /ws` to subscribers.
 //! - [`jsonl`]: JSON-lines files (alerts, events and dead letters of `llamaflow replay`).
+//! - [`redis`]: latest values (`price:`, `tvl:`, `gas:` keys) and pub/sub of events and alerts
+//!   (SPEC §6), one pipelined round trip per [`OutputBatch`], retried on connection errors.
+//! - [`postgres`]: `alert_history`, `token_prices` and `protocol_tvl` (SPEC §6) as idempotent
+//!   batch upserts, one transaction per [`OutputBatch`]; and [`postgres::migrate`].
 //!
 //! Every sink consumes the shapes defined in the `schemas` crate (`schemas::Event`,
 //! `schemas::Alert`); none of them defines a wire format of its own.
@@ -11,4 +15,7 @@
 pub mod batch;
 pub use batch::OutputBatch;
 pub mod jsonl;
+pub mod kafka;
+pub mod postgres;
+pub mod redis;
 pub mod websocket;

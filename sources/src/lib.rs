@@ -4,6 +4,8 @@
 //! - [`dynamodb_export`]: DynamoDB export-to-S3 trees of DeFiLlama's `prod-table` /
 //!   `prod-coins-table`, taken as history in timestamp order.
 //! - [`demo`]: the bundled, deterministic DeFiLlama-shaped sample feed of `llamaflow run`.
+//! - [`postgres_cdc`]: `alert_rules`, `protocols` and `api_keys` changes from a logical
+//!   replication slot (wal2json), as [`live::LiveItem`]s acknowledged by LSN.
 //!
 //! Every source yields [`Input`]: a validated record with its position, or a dead letter.
 
@@ -17,7 +19,9 @@ use schemas::{DeadLetter, Record, SourcePos};
 pub mod demo;
 pub mod dynamodb_export;
 pub mod files;
+pub mod kafka;
 pub mod live;
+pub mod postgres_cdc;
 
 /// One item of any source: a validated record, or an input that goes to the dead-letter output.
 #[derive(Clone, Debug, PartialEq)]

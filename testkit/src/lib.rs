@@ -42,14 +42,24 @@ pub fn pg_bin_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .filter(|p| p.join("initdb").exists())
+                .collect()
+        })
         .unwrap_or_default();
     dirs.sort();
-    dirs.pop().expect("PostgreSQL server binaries under /usr/lib/postgresql/*/bin (apt-get install postgresql)")
+    dirs.pop()
+        .expect("PostgreSQL server binaries under /usr/lib/postgresql/*/bin (apt-get install postgresql)")
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
 }
 
 /// Runs a PostgreSQL binary, as the `postgres` user when we are root (initdb refuses root).
@@ -68,6 +78,7 @@ pub struct Postgres {
     child: Child,
     /// Port on 127.0.0.1.
     pub port: u16,
+    data: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -76,31 +87,63 @@ impl Postgres {
     pub fn start() -> Postgres {
         let bin = pg_bin_dir();
         let root = is_root();
-        let dir = tempfile::Builder::new().prefix("llamaflow-pg").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("llamaflow-pg")
+            .tempdir()
+            .expect("temp dir");
         let data = dir.path().join("data");
         if root {
-            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status();
-            assert!(ok.map(|s| s.success()).unwrap_or(false), "chown of the temp dir to postgres");
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status();
+            assert!(
+                ok.map(|s| s.success()).unwrap_or(false),
+                "chown of the temp dir to postgres"
+            );
         }
         let out = pg_command(&bin.join("initdb"), root)
             .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
             .arg(&data)
             .output()
             .expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let port = free_port();
         let child = pg_command(&bin.join("postgres"), root)
             .arg("-D")
             .arg(&data)
             .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-k"])
             .arg(dir.path())
-            .args(["-c", "wal_level=logical", "-c", "max_replication_slots=10", "-c", "max_wal_senders=10"])
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .args([
+                "-c",
+                "wal_level=logical",
+                "-c",
+                "max_replication_slots=10",
+                "-c",
+                "max_wal_senders=10",
+            ])
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start postgres");
-        let mut pg = Postgres { child, port, _dir: dir };
+        let mut pg = Postgres {
+            child,
+            port,
+            data,
+            _dir: dir,
+        };
         if !wait_for_port(port, Duration::from_secs(30)) {
             kill(&mut pg.child);
             panic!("postgres did not start on port {port}");
@@ -127,15 +170,26 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
-    /// Stops the server.
+    /// Stops the server: SIGINT (fast shutdown) to the postmaster named in `postmaster.pid`
+    /// (as root the child is `runuser`, not the postmaster), then reaps the child.
     pub fn stop(&mut self) {
+        let pid = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()));
+        if let Some(pid) = pid {
+            let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && Path::new(&format!("/proc/{pid}")).exists() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         kill(&mut self.child);
     }
 }
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        kill(&mut self.child);
+        self.stop();
     }
 }
 
@@ -155,7 +209,16 @@ impl Redis {
     /// Starts `redis-server` on a given port (used to bring one back after an outage).
     pub fn start_on(port: u16, password: Option<&str>) -> Redis {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"]);
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
         if let Some(p) = password {
             cmd.args(["--requirepass", p]);
         }

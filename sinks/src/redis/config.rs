@@ -167,10 +167,7 @@ impl RedisSinkConfig {
     /// `initial · 2^(failures−1)`, capped at `max`.
     pub(crate) fn backoff(&self, failures: u32) -> Duration {
         let factor = 1u64.checked_shl(failures.saturating_sub(1)).unwrap_or(u64::MAX);
-        let ms = self
-            .initial_backoff_ms
-            .saturating_mul(factor)
-            .min(self.max_backoff_ms);
+        let ms = self.initial_backoff_ms.saturating_mul(factor).min(self.max_backoff_ms);
         Duration::from_millis(ms)
     }
 }

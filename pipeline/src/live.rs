@@ -1,0 +1,598 @@
+//! The continuous job (`llamaflow run`): sources → ingest front → dataflow → sinks, with
+//! source positions committed only after every durable sink has written the results.
+//!
+//! ```text
+//! live sources ──► channel ──► front (batches of ≤ batch_ms) ──► Engine ──► LiveOutput
+//!  (demo, …)                   records positions per epoch                   ├─ hub, stdout (at once)
+//!                                                                            └─ per-epoch batches ──► sink tasks
+//!                                       commit positions of epoch e  ◄── all sinks acked e ◄──┘
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use schemas::{Alert, DeadLetter, Event, Kind, Record, SourcePos};
+use sinks::OutputBatch;
+use sinks::jsonl::JsonlWriter;
+use sinks::websocket::{Hub, WsConfig};
+use sources::live::{Ack, Change, LiveItem};
+use sources::{Input, demo};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, DemoSection, parse_kind};
+use crate::engine::{Engine, Output};
+use crate::replay::{Merge, Source};
+
+/// A sink that must acknowledge durable writes before positions are committed.
+enum DurableSink {
+    /// JSONL files, flushed and synced per batch.
+    Jsonl {
+        alerts: Option<JsonlWriter>,
+        events: Option<JsonlWriter>,
+    },
+}
+
+impl DurableSink {
+    fn name(&self) -> &'static str {
+        match self {
+            DurableSink::Jsonl { .. } => "jsonl",
+        }
+    }
+
+    async fn write(&mut self, batch: &OutputBatch) -> Result<()> {
+        match self {
+            DurableSink::Jsonl { alerts, events } => {
+                if let Some(w) = alerts {
+                    for a in &batch.alerts {
+                        w.write(a)?;
+                    }
+                    w.sync()?;
+                }
+                if let Some(w) = events {
+                    for e in &batch.events {
+                        w.write(e)?;
+                    }
+                    w.sync()?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What one epoch must commit once every durable sink has written it.
+#[derive(Default, Debug)]
+struct EpochAcks {
+    kafka: HashMap<(String, i32), i64>,
+    lsn: Option<u64>,
+}
+
+impl EpochAcks {
+    fn add(&mut self, ack: &Ack) {
+        match ack {
+            Ack::Kafka {
+                topic,
+                partition,
+                offset,
+            } => {
+                let e = self.kafka.entry((topic.clone(), *partition)).or_insert(*offset);
+                *e = (*e).max(*offset);
+            }
+            Ack::Lsn(l) => self.lsn = Some(self.lsn.map_or(*l, |x| x.max(*l))),
+            Ack::File { .. } | Ack::None => {}
+        }
+    }
+}
+
+/// Tracks which epochs every sink has written, and commits source positions in order.
+struct Coordinator {
+    sinks: usize,
+    acked: BTreeMap<u64, usize>,
+    pending: BTreeMap<u64, EpochAcks>,
+    committed_upto: u64,
+}
+
+impl Coordinator {
+    /// Records that one sink wrote `epoch`; returns the positions now safe to commit.
+    fn ack(&mut self, epoch: u64) -> Vec<EpochAcks> {
+        *self.acked.entry(epoch).or_default() += 1;
+        self.release()
+    }
+
+    fn release(&mut self) -> Vec<EpochAcks> {
+        let mut out = Vec::new();
+        loop {
+            let next = self.committed_upto;
+            if self.acked.get(&next).is_none_or(|n| *n < self.sinks) {
+                break;
+            }
+            self.acked.remove(&next);
+            if let Some(acks) = self.pending.remove(&next) {
+                out.push(acks);
+            }
+            self.committed_upto += 1;
+        }
+        out
+    }
+}
+
+/// Receives dataflow results: publishes to the hub and stdout at once, and hands completed
+/// epochs to the durable sinks.
+struct LiveOutput {
+    hub: Option<Hub>,
+    stdout: bool,
+    batches: Mutex<BTreeMap<u64, OutputBatch>>,
+    done: Mutex<u64>,
+    to_sinks: Vec<mpsc::Sender<Arc<OutputBatch>>>,
+    dead: Mutex<JsonlWriter>,
+    has_durable: bool,
+    /// With no durable sink, completed epochs are acknowledged here directly.
+    self_ack: Option<mpsc::UnboundedSender<u64>>,
+}
+
+impl Output for LiveOutput {
+    fn alerts(&self, epoch: u64, alerts: &[Alert]) {
+        let mut out = std::io::stdout().lock();
+        for a in alerts {
+            metrics::counter!("llamaflow_alerts_total", "type" => a.alert_type.clone()).increment(1);
+            if let Some(h) = &self.hub {
+                h.publish_alert(a);
+            }
+            if self.stdout
+                && let Ok(line) = serde_json::to_string(a)
+            {
+                // A closed stdout (e.g. `| head`) must not stop the pipeline.
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        let _ = out.flush();
+        if self.has_durable
+            && let Ok(mut b) = self.batches.lock()
+        {
+            b.entry(epoch)
+                .or_insert_with(|| OutputBatch {
+                    epoch,
+                    ..Default::default()
+                })
+                .alerts
+                .extend_from_slice(alerts);
+        }
+    }
+
+    fn events(&self, epoch: u64, events: &[Event]) {
+        for e in events {
+            metrics::counter!("llamaflow_events_total", "type" => e.data.type_name()).increment(1);
+            if let Some(h) = &self.hub {
+                h.publish_event(e);
+            }
+        }
+        if self.has_durable
+            && let Ok(mut b) = self.batches.lock()
+        {
+            b.entry(epoch)
+                .or_insert_with(|| OutputBatch {
+                    epoch,
+                    ..Default::default()
+                })
+                .events
+                .extend_from_slice(events);
+        }
+    }
+
+    fn dead(&self, _epoch: u64, dead: &[DeadLetter]) {
+        write_dead(&self.dead, dead);
+    }
+
+    fn epochs_done(&self, upto: u64) {
+        let Ok(mut done) = self.done.lock() else { return };
+        let ready: Vec<OutputBatch> = match self.batches.lock() {
+            Ok(mut b) => {
+                let rest = b.split_off(&upto);
+                std::mem::replace(&mut *b, rest).into_values().collect()
+            }
+            Err(_) => return,
+        };
+        // Epochs without output still have to be acknowledged: send an empty batch for them.
+        let mut by_epoch: BTreeMap<u64, OutputBatch> = ready.into_iter().map(|b| (b.epoch, b)).collect();
+        for epoch in *done..upto {
+            if let Some(ack) = &self.self_ack {
+                let _ = ack.send(epoch);
+                continue;
+            }
+            let batch = Arc::new(by_epoch.remove(&epoch).unwrap_or(OutputBatch {
+                epoch,
+                ..Default::default()
+            }));
+            for tx in &self.to_sinks {
+                // Blocking here is backpressure: a slow sink slows the dataflow and the sources.
+                let _ = tx.blocking_send(batch.clone());
+            }
+        }
+        *done = upto;
+    }
+}
+
+fn write_dead(w: &Mutex<JsonlWriter>, dead: &[DeadLetter]) {
+    let Ok(mut w) = w.lock() else { return };
+    for d in dead {
+        metrics::counter!("llamaflow_dead_letters_total", "reason" => d.reason_label().to_string()).increment(1);
+        if let Err(e) = w.write(d) {
+            tracing::error!("cannot write dead letter: {e}");
+        }
+    }
+    let _ = w.flush();
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// The bundled feed as a live source, paced at `speed`.
+async fn demo_source(d: DemoSection, tx: mpsc::Sender<LiveItem>, stop: Arc<AtomicBool>) {
+    let item = |pos: SourcePos, record: Record| LiveItem {
+        pos,
+        ack: Ack::None,
+        change: Change::Record(record),
+    };
+    if d.rules {
+        let origin: Arc<str> = "demo-setup:".into();
+        for (i, p) in demo::demo_protocols().into_iter().enumerate() {
+            if tx
+                .send(item(SourcePos::new(origin.clone(), i as u64), Record::Protocol(p)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        for (i, r) in demo::demo_rules().into_iter().enumerate() {
+            if tx
+                .send(item(SourcePos::new(origin.clone(), 1000 + i as u64), Record::Rule(r)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+    let start = now_secs() - i64::from(d.warmup_minutes) * 60;
+    let mut feed = demo::DemoFeed::new(start, d.seed).peekable();
+    let wall0 = Instant::now();
+    let warmup_ms = i64::from(d.warmup_minutes) * 60_000;
+    while !stop.load(Ordering::Relaxed) {
+        let sim_now = start * 1000 + warmup_ms + (wall0.elapsed().as_secs_f64() * d.speed * 1000.0) as i64;
+        while feed.peek().is_some_and(|(_, r)| r.timestamp() <= sim_now) {
+            let Some((pos, rec)) = feed.next() else { break };
+            if tx.send(item(pos, rec)).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// History inputs of the config (files, exports), merged by event time.
+fn history(cfg: &Config) -> Result<Vec<Source>> {
+    let mut out: Vec<Source> = Vec::new();
+    for f in &cfg.sources.files {
+        let kind = parse_kind(&f.kind).unwrap_or(Kind::Price);
+        out.push(Box::new(
+            sources::files::open(&f.path, kind).map_err(|e| crate::UsageError(e.to_string()))?,
+        ));
+    }
+    for d in &cfg.sources.dynamodb_export {
+        out.push(Box::new(
+            sources::dynamodb_export::open(d).map_err(|e| crate::UsageError(e.to_string()))?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Builds `[sinks]` that acknowledge durable writes.
+fn durable_sinks(cfg: &Config) -> Result<Vec<DurableSink>> {
+    let mut out = Vec::new();
+    if let Some(j) = &cfg.sinks.jsonl {
+        let open = |p: &Option<PathBuf>| -> Result<Option<JsonlWriter>> {
+            p.as_ref()
+                .map(|p| JsonlWriter::append(p).map_err(|e| crate::UsageError(e.to_string()).into()))
+                .transpose()
+        };
+        out.push(DurableSink::Jsonl {
+            alerts: open(&j.alerts)?,
+            events: open(&j.events)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs the continuous job until SIGTERM / Ctrl-C (or `stop_after`), then drains: stops the
+/// sources, finishes the dataflow, waits for every sink, commits, and returns.
+pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
+    let recorder = PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the Prometheus metrics recorder")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+
+    let ws_cfg = cfg.sinks.websocket.as_ref().map(|w| w.ws_config());
+    let hub = match (&cfg.pipeline.listen, ws_cfg) {
+        (Some(_), Some(w)) => Some(Hub::new(w)),
+        (Some(_), None) => Some(Hub::new(WsConfig {
+            allow_anonymous: true,
+            ..WsConfig::default()
+        })),
+        (None, _) => None,
+    };
+    let dead = Mutex::new(match &cfg.pipeline.dead_letter_out {
+        Some(p) => JsonlWriter::append(p).map_err(|e| crate::UsageError(format!("pipeline.dead_letter_out: {e}")))?,
+        None => JsonlWriter::stderr(),
+    });
+
+    // Durable sinks run as tasks; each acknowledges epochs to the coordinator.
+    let mut sinks = durable_sinks(&cfg)?;
+    let coordinator = Arc::new(Mutex::new(Coordinator {
+        sinks: sinks.len().max(1),
+        acked: BTreeMap::new(),
+        pending: BTreeMap::new(),
+        committed_upto: 0,
+    }));
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<u64>();
+    let mut to_sinks = Vec::new();
+    let mut sink_tasks = Vec::new();
+    for mut sink in sinks.drain(..) {
+        let (tx, mut rx) = mpsc::channel::<Arc<OutputBatch>>(64);
+        to_sinks.push(tx);
+        let ack_tx = ack_tx.clone();
+        sink_tasks.push(rt.spawn(async move {
+            let name = sink.name();
+            while let Some(batch) = rx.recv().await {
+                let mut backoff = Duration::from_millis(100);
+                loop {
+                    let t0 = Instant::now();
+                    match sink.write(&batch).await {
+                        Ok(()) => {
+                            metrics::histogram!("llamaflow_sink_latency_seconds", "sink" => name)
+                                .record(t0.elapsed().as_secs_f64());
+                            break;
+                        }
+                        Err(e) => {
+                            // Never drop: keep retrying; health shows the sink as failing meanwhile.
+                            metrics::counter!("llamaflow_sink_failures_total", "sink" => name).increment(1);
+                            tracing::error!("sink {name}: epoch {}: {e:#}; retrying in {backoff:?}", batch.epoch);
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
+                let _ = ack_tx.send(batch.epoch);
+            }
+        }));
+    }
+    let self_ack = sink_tasks.is_empty().then(|| ack_tx.clone());
+    drop(ack_tx);
+    let committer = {
+        let coordinator = coordinator.clone();
+        rt.spawn(async move {
+            while let Some(epoch) = ack_rx.recv().await {
+                let ready = coordinator.lock().map(|mut c| c.ack(epoch)).unwrap_or_default();
+                for acks in ready {
+                    commit(&acks);
+                }
+            }
+        })
+    };
+
+    let output = Arc::new(LiveOutput {
+        hub: hub.clone(),
+        stdout: cfg.sinks.stdout,
+        batches: Mutex::new(BTreeMap::new()),
+        done: Mutex::new(0),
+        has_durable: !to_sinks.is_empty(),
+        to_sinks,
+        dead,
+        self_ack,
+    });
+    let mut engine = Engine::start(cfg.pipeline.workers as usize, cfg.operators.op_config(), output.clone())?;
+
+    // Live sources feed one bounded channel.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (live_tx, live_rx) = mpsc::channel::<LiveItem>(65_536);
+    if let Some(d) = &cfg.sources.demo {
+        rt.spawn(demo_source(d.clone(), live_tx.clone(), stop.clone()));
+    }
+    drop(live_tx);
+
+    let listener = match cfg.pipeline.listen {
+        Some(addr) => Some(
+            rt.block_on(tokio::net::TcpListener::bind(addr))
+                .with_context(|| format!("cannot listen on {addr} (set pipeline.listen or --listen)"))?,
+        ),
+        None => None,
+    };
+    if let Some(addr) = cfg.pipeline.listen {
+        eprintln!(
+            "llamaflow: {}; dashboard http://{addr}/ · WebSocket ws://{addr}/ws · metrics http://{addr}/metrics",
+            cfg.summary()
+        );
+    }
+
+    // The ingest front: history first, then live items in batches of ≤ batch_ms.
+    let front = {
+        let history = history(&cfg)?;
+        let (batch_ms, batch_max) = (cfg.pipeline.batch_ms, cfg.pipeline.batch_max);
+        let hub = hub.clone();
+        let output = output.clone();
+        let coordinator = coordinator.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("ingest".into())
+            .spawn(move || -> Result<()> {
+                let mut batch = Vec::new();
+                let mut dead = Vec::new();
+                for item in Merge::new(history) {
+                    match item {
+                        Input::Record(pos, rec) => {
+                            metrics::counter!("llamaflow_records_in_total", "kind" => rec.kind().name()).increment(1);
+                            engine.sequencer().push(pos, rec, &mut batch);
+                        }
+                        Input::Dead(d) => dead.push(d),
+                    }
+                    if batch.len() >= batch_max {
+                        engine.send(std::mem::take(&mut batch))?;
+                    }
+                }
+                output.dead(0, &dead);
+                let mut live_rx = live_rx;
+                let mut acks = EpochAcks::default();
+                loop {
+                    if !batch.is_empty() || acks.lsn.is_some() || !acks.kafka.is_empty() {
+                        let epoch = engine.epochs();
+                        if let Ok(mut c) = coordinator.lock() {
+                            c.pending.insert(epoch, std::mem::take(&mut acks));
+                        }
+                        engine.send(std::mem::take(&mut batch))?;
+                    }
+                    if stop.load(Ordering::Relaxed) && live_rx.is_empty() {
+                        break;
+                    }
+                    // Wait for the first item, then gather for at most batch_ms.
+                    let first = match live_rx.try_recv() {
+                        Ok(i) => i,
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            std::thread::sleep(Duration::from_millis(1));
+                            continue;
+                        }
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    };
+                    let deadline = Instant::now() + Duration::from_millis(batch_ms);
+                    let mut next = Some(first);
+                    while let Some(item) = next.take() {
+                        acks.add(&item.ack);
+                        match item.change {
+                            Change::Record(rec) => {
+                                metrics::counter!("llamaflow_records_in_total", "kind" => rec.kind().name())
+                                    .increment(1);
+                                engine.sequencer().push(item.pos, rec, &mut batch);
+                            }
+                            Change::DeleteRule(id) => engine.sequencer().delete_rule(item.pos, &id, &mut batch),
+                            Change::DeleteProtocol(id) => {
+                                tracing::info!("protocol {id} deleted; its name stays until restart")
+                            }
+                            Change::ApiKey { key, user_id } => {
+                                if let Some(h) = &hub {
+                                    match user_id {
+                                        Some(u) => h.set_api_key(key, u),
+                                        None => {
+                                            h.remove_api_key(&key);
+                                        }
+                                    }
+                                }
+                            }
+                            Change::Dead(d) => output.dead(0, std::slice::from_ref(&d)),
+                        }
+                        if batch.len() >= batch_max {
+                            break;
+                        }
+                        while next.is_none() && Instant::now() < deadline {
+                            match live_rx.try_recv() {
+                                Ok(i) => next = Some(i),
+                                Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_micros(200)),
+                                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                            }
+                        }
+                    }
+                }
+                engine.finish()
+            })?
+    };
+
+    if let (Some(listener), Some(hub)) = (listener, hub.clone()) {
+        let render = Arc::new(move || recorder.render());
+        let app = crate::http::app(hub.clone(), render);
+        let stop2 = stop.clone();
+        let served = rt.block_on(async move {
+            let shutdown = async move {
+                wait_for_stop(stop_after).await;
+                stop2.store(true, Ordering::Relaxed);
+            };
+            sinks::websocket::serve(listener, app, hub, shutdown).await
+        });
+        served.context("HTTP server failed")?;
+    } else {
+        rt.block_on(wait_for_stop(stop_after));
+    }
+    stop.store(true, Ordering::Relaxed);
+    front
+        .join()
+        .map_err(|_| anyhow::anyhow!("the ingest thread panicked"))??;
+    // The dataflow has finished: every batch is queued to the sinks; wait until written.
+    drop(output);
+    rt.block_on(async {
+        for t in sink_tasks {
+            let _ = t.await;
+        }
+        let _ = committer.await;
+    });
+    Ok(())
+}
+
+async fn wait_for_stop(limit: Option<Duration>) {
+    let limit = async {
+        match limit {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = crate::shutdown_signal() => eprintln!("llamaflow: stopping"),
+        _ = limit => {}
+    }
+}
+
+/// Commits the positions of one fully written epoch to their sources.
+fn commit(acks: &EpochAcks) {
+    metrics::counter!("llamaflow_epochs_committed_total").increment(1);
+    tracing::debug!("commit {:?}", acks);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coordinator_commits_in_order_once_every_sink_acked() {
+        let mut c = Coordinator {
+            sinks: 2,
+            acked: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            committed_upto: 0,
+        };
+        for e in 0..3 {
+            let mut a = EpochAcks::default();
+            a.add(&Ack::Lsn(100 + e));
+            c.pending.insert(e, a);
+        }
+        assert!(c.ack(1).is_empty());
+        assert!(c.ack(1).is_empty(), "epoch 0 not acked yet");
+        assert!(c.ack(0).is_empty(), "one sink of two");
+        let ready = c.ack(0);
+        assert_eq!(
+            ready.iter().map(|a| a.lsn).collect::<Vec<_>>(),
+            vec![Some(100), Some(101)]
+        );
+        assert!(c.ack(2).is_empty());
+        assert_eq!(c.ack(2).len(), 1);
+    }
+}

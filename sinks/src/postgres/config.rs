@@ -1,0 +1,158 @@
+//! Configuration of the Postgres sink: SPEC §6 environment variables, or a config-file section.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The environment variables holding the database URL, in order of preference (SPEC §6).
+pub const URL_VARS: [&str; 3] = ["PREMIUM_DB", "ALERTS_DB", "DATABASE_URL"];
+
+/// The first of `PREMIUM_DB`, `ALERTS_DB`, `DATABASE_URL` that is set and not empty.
+pub fn url_from_env() -> Option<String> {
+    url_from_vars(|name| std::env::var(name).ok())
+}
+
+/// As [`url_from_env`], reading variables through `var`.
+pub fn url_from_vars(var: impl Fn(&str) -> Option<String>) -> Option<String> {
+    URL_VARS
+        .iter()
+        .find_map(|name| var(name).filter(|v| !v.trim().is_empty()))
+}
+
+/// Where and how the Postgres sink writes.
+///
+/// Deserializing (a config-file section) fills missing fields from [`Default`]; unknown fields
+/// are an error. A missing `url` is taken from the environment when connecting
+/// ([`url_from_env`]); [`PgSinkConfig::from_env`] fills it in up front.
+///
+/// Its `Debug` output never shows the password inside `url`.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PgSinkConfig {
+    /// `postgres://user:password@host:port/db` (default: env `PREMIUM_DB`, then `ALERTS_DB`,
+    /// then `DATABASE_URL`).
+    pub url: Option<String>,
+    /// Pool size (default 4, at least 1).
+    pub max_connections: u32,
+    /// How long one attempt may wait for a pooled connection (including connecting), in ms
+    /// (default 5000).
+    pub acquire_timeout_ms: u64,
+    /// Upsert `price_update` events into `token_prices` (default true).
+    pub write_prices: bool,
+    /// Upsert `tvl_update` events into `protocol_tvl` (default true).
+    pub write_tvl: bool,
+    /// Retries of transient failures.
+    pub retry: RetryConfig,
+}
+
+/// Exponential backoff with jitter for transient failures (connection refused or reset, pool
+/// timeout, serialization failure, deadlock).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts per batch before the error is returned (default 8, at least 1).
+    pub max_attempts: u32,
+    /// Backoff after the first failed attempt, in ms (default 100); doubles after each further
+    /// failure.
+    pub initial_backoff_ms: u64,
+    /// Cap of the backoff, in ms (default 5000).
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 8,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 5000,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The backoff before attempt `failed + 1`, after `failed` (≥ 1) failed attempts, without
+    /// jitter: `initial · 2^(failed−1)`, capped at `max`.
+    pub fn backoff(&self, failed: u32) -> Duration {
+        let exp = failed.saturating_sub(1).min(30);
+        let ms = self
+            .initial_backoff_ms
+            .saturating_mul(1u64 << exp)
+            .min(self.max_backoff_ms);
+        Duration::from_millis(ms)
+    }
+
+    /// [`backoff`](Self::backoff) scaled by a random factor in [0.5, 1) ("equal jitter"), so
+    /// writers that failed together do not retry together.
+    pub fn backoff_with_jitter(&self, failed: u32) -> Duration {
+        self.backoff(failed).mul_f64(0.5 + 0.5 * random_unit())
+    }
+}
+
+/// A random number in [0, 1) from the standard library's per-process random hash keys.
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Default for PgSinkConfig {
+    fn default() -> Self {
+        PgSinkConfig {
+            url: None,
+            max_connections: 4,
+            acquire_timeout_ms: 5000,
+            write_prices: true,
+            write_tvl: true,
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+impl fmt::Debug for PgSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgSinkConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout_ms", &self.acquire_timeout_ms)
+            .field("write_prices", &self.write_prices)
+            .field("write_tvl", &self.write_tvl)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+/// A URL with its userinfo (user and password) replaced by `<redacted>`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<redacted>".to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+impl PgSinkConfig {
+    /// The defaults with `url` from `PREMIUM_DB`, `ALERTS_DB` or `DATABASE_URL`.
+    pub fn from_env() -> Self {
+        PgSinkConfig {
+            url: url_from_env(),
+            ..PgSinkConfig::default()
+        }
+    }
+
+    /// The URL to connect to: `url`, else the environment.
+    pub fn effective_url(&self) -> Option<String> {
+        self.url.clone().filter(|u| !u.trim().is_empty()).or_else(url_from_env)
+    }
+
+    /// The acquire timeout as a [`Duration`].
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.acquire_timeout_ms)
+    }
+}
