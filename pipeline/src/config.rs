@@ -154,6 +154,10 @@ pub struct SourcesSection {
     pub dynamodb_export: Vec<PathBuf>,
     /// The bundled demo feed.
     pub demo: Option<DemoSection>,
+    /// Kafka topics per record kind.
+    pub kafka: Option<sources::kafka::KafkaSourceConfig>,
+    /// Postgres CDC of alert_rules, protocols and api_keys.
+    pub postgres_cdc: Option<sources::postgres_cdc::CdcConfig>,
 }
 
 /// `[sinks.websocket]` (served on `pipeline.listen`).
@@ -226,15 +230,17 @@ pub struct SinksSection {
     pub jsonl: Option<JsonlSection>,
     /// WebSocket fanout.
     pub websocket: Option<WsSection>,
+    /// Redis latest values and pub/sub; fields left out come from `REDIS_*`.
+    pub redis: Option<sinks::redis::RedisSinkConfig>,
+    /// Postgres upserts; `url` left out comes from `PREMIUM_DB` / `ALERTS_DB` / `DATABASE_URL`.
+    pub postgres: Option<sinks::postgres::PgSinkConfig>,
+    /// Kafka topics `defi-events` and `defi-alerts`.
+    pub kafka: Option<sinks::kafka::KafkaSinkConfig>,
 }
 
 impl Default for SinksSection {
     fn default() -> Self {
-        SinksSection {
-            stdout: true,
-            jsonl: None,
-            websocket: None,
-        }
+        SinksSection { stdout: true, jsonl: None, websocket: None, redis: None, postgres: None, kafka: None }
     }
 }
 
@@ -344,8 +350,34 @@ impl Config {
                 }
             })
             .map_err(UsageError)?;
+        let mut cfg = cfg;
+        cfg.overlay_redis_env(&text, path)?;
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// SPEC §6: `REDIS_HOST`/`PORT`/`PASSWORD`/`DB` fill what `[sinks.redis]` leaves out.
+    fn overlay_redis_env(&mut self, text: &str, path: &Path) -> Result<(), UsageError> {
+        let Some(redis) = self.sinks.redis.as_mut() else { return Ok(()) };
+        let table: toml::Table = toml::from_str(text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
+        let given = |k: &str| {
+            table.get("sinks").and_then(|s| s.get("redis")).and_then(|r| r.get(k)).is_some()
+        };
+        let env = sinks::redis::RedisSinkConfig::from_env()
+            .map_err(|e| UsageError(format!("{}: sinks.redis: {e}", path.display())))?;
+        if !given("host") {
+            redis.host = env.host;
+        }
+        if !given("port") {
+            redis.port = env.port;
+        }
+        if !given("password") {
+            redis.password = env.password;
+        }
+        if !given("db") {
+            redis.db = env.db;
+        }
+        Ok(())
     }
 
     fn validate(&self, path: &Path) -> Result<(), UsageError> {
@@ -394,7 +426,7 @@ impl Config {
         }
         if !self.has_source() {
             return Err(UsageError(format!(
-                "{}: no sources: configure at least one of [sources.demo], [[sources.files]], sources.dynamodb_export",
+                "{}: no sources: configure at least one of [sources.demo], [[sources.files]], sources.dynamodb_export, [sources.kafka], [sources.postgres_cdc]",
                 path.display()
             )));
         }
@@ -403,7 +435,11 @@ impl Config {
 
     /// Whether any input is configured.
     pub fn has_source(&self) -> bool {
-        self.sources.demo.is_some() || !self.sources.files.is_empty() || !self.sources.dynamodb_export.is_empty()
+        self.sources.demo.is_some()
+            || !self.sources.files.is_empty()
+            || !self.sources.dynamodb_export.is_empty()
+            || self.sources.kafka.is_some()
+            || self.sources.postgres_cdc.is_some()
     }
 
     /// A one-line description of what this config runs (printed by `check-config`).
@@ -418,6 +454,12 @@ impl Config {
         if !self.sources.dynamodb_export.is_empty() {
             src.push(format!("{} dynamodb exports", self.sources.dynamodb_export.len()));
         }
+        if self.sources.kafka.is_some() {
+            src.push("kafka".into());
+        }
+        if self.sources.postgres_cdc.is_some() {
+            src.push("postgres_cdc".into());
+        }
         let mut snk = Vec::new();
         if self.sinks.stdout {
             snk.push("stdout");
@@ -427,6 +469,15 @@ impl Config {
         }
         if self.sinks.websocket.is_some() {
             snk.push("websocket");
+        }
+        for (on, name) in [
+            (self.sinks.redis.is_some(), "redis"),
+            (self.sinks.postgres.is_some(), "postgres"),
+            (self.sinks.kafka.is_some(), "kafka"),
+        ] {
+            if on {
+                snk.push(name);
+            }
         }
         format!(
             "sources: {}; sinks: {}; workers: {}; listen: {}",

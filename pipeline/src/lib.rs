@@ -33,3 +33,24 @@ pub async fn shutdown_signal() {
         _ = term => {}
     }
 }
+
+/// `llamaflow migrate`: applies the pending migrations and prints what it did.
+pub fn migrate(url: Option<String>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let url = url.or_else(sinks::postgres::url_from_env).ok_or_else(|| {
+        UsageError("no database: pass --database-url or set PREMIUM_DB, ALERTS_DB or DATABASE_URL".into())
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")?;
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&url)
+            .await
+            .with_context(|| format!("cannot connect to {}", sinks::postgres::redact_url(&url)))?;
+        let applied = sinks::postgres::migrate(&pool).await?;
+        if applied.is_empty() {
+            println!("migrate: up to date");
+        } else {
+            println!("migrate: applied {}", applied.join(", "));
+        }
+        Ok(())
+    })
+}

@@ -36,17 +36,29 @@ enum DurableSink {
         alerts: Option<JsonlWriter>,
         events: Option<JsonlWriter>,
     },
+    /// Redis latest values + pub/sub.
+    Redis(Box<sinks::redis::RedisSink>),
+    /// Postgres upserts.
+    Postgres(Box<sinks::postgres::PgSink>),
+    /// Kafka topics.
+    Kafka(Box<sinks::kafka::KafkaSink>),
 }
 
 impl DurableSink {
     fn name(&self) -> &'static str {
         match self {
             DurableSink::Jsonl { .. } => "jsonl",
+            DurableSink::Redis(_) => "redis",
+            DurableSink::Postgres(_) => "postgres",
+            DurableSink::Kafka(_) => "kafka",
         }
     }
 
     async fn write(&mut self, batch: &OutputBatch) -> Result<()> {
         match self {
+            DurableSink::Redis(s) => Ok(s.write(batch).await?),
+            DurableSink::Postgres(s) => Ok(s.write(batch).await?),
+            DurableSink::Kafka(s) => Ok(s.write(batch).await?),
             DurableSink::Jsonl { alerts, events } => {
                 if let Some(w) = alerts {
                     for a in &batch.alerts {
@@ -297,9 +309,21 @@ fn history(cfg: &Config) -> Result<Vec<Source>> {
     Ok(out)
 }
 
-/// Builds `[sinks]` that acknowledge durable writes.
-fn durable_sinks(cfg: &Config) -> Result<Vec<DurableSink>> {
+/// Connects the `[sinks]` that acknowledge durable writes.
+async fn durable_sinks(cfg: &Config) -> Result<Vec<DurableSink>> {
     let mut out = Vec::new();
+    if let Some(c) = &cfg.sinks.redis {
+        let s = sinks::redis::RedisSink::connect(c.clone()).await.context("sinks.redis")?;
+        out.push(DurableSink::Redis(Box::new(s)));
+    }
+    if let Some(c) = &cfg.sinks.postgres {
+        let s = sinks::postgres::PgSink::connect(c.clone()).await.context("sinks.postgres")?;
+        out.push(DurableSink::Postgres(Box::new(s)));
+    }
+    if let Some(c) = &cfg.sinks.kafka {
+        let s = sinks::kafka::KafkaSink::connect(c.clone()).await.context("sinks.kafka")?;
+        out.push(DurableSink::Kafka(Box::new(s)));
+    }
     if let Some(j) = &cfg.sinks.jsonl {
         let open = |p: &Option<PathBuf>| -> Result<Option<JsonlWriter>> {
             p.as_ref()
@@ -341,7 +365,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     });
 
     // Durable sinks run as tasks; each acknowledges epochs to the coordinator.
-    let mut sinks = durable_sinks(&cfg)?;
+    let mut sinks = rt.block_on(durable_sinks(&cfg))?;
     let coordinator = Arc::new(Mutex::new(Coordinator {
         sinks: sinks.len().max(1),
         acked: BTreeMap::new(),
@@ -382,15 +406,33 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     }
     let self_ack = sink_tasks.is_empty().then(|| ack_tx.clone());
     drop(ack_tx);
+
+    // Live sources feed one bounded channel.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (live_tx, live_rx) = mpsc::channel::<LiveItem>(65_536);
+    if let Some(d) = &cfg.sources.demo {
+        rt.spawn(demo_source(d.clone(), live_tx.clone(), stop.clone()));
+    }
+    let mut handles = SourceHandles::default();
+    if let Some(c) = &cfg.sources.postgres_cdc {
+        handles.cdc =
+            Some(rt.block_on(sources::postgres_cdc::start(c.clone(), live_tx.clone())).context("sources.postgres_cdc")?);
+    }
+    if let Some(c) = &cfg.sources.kafka {
+        handles.kafka = Some(rt.block_on(sources::kafka::start(c, live_tx.clone())).context("sources.kafka")?);
+    }
+    drop(live_tx);
+
     let committer = {
         let coordinator = coordinator.clone();
         rt.spawn(async move {
             while let Some(epoch) = ack_rx.recv().await {
                 let ready = coordinator.lock().map(|mut c| c.ack(epoch)).unwrap_or_default();
                 for acks in ready {
-                    commit(&acks);
+                    handles.commit(&acks).await;
                 }
             }
+            handles.stop().await;
         })
     };
 
@@ -405,14 +447,6 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         self_ack,
     });
     let mut engine = Engine::start(cfg.pipeline.workers as usize, cfg.operators.op_config(), output.clone())?;
-
-    // Live sources feed one bounded channel.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (live_tx, live_rx) = mpsc::channel::<LiveItem>(65_536);
-    if let Some(d) = &cfg.sources.demo {
-        rt.spawn(demo_source(d.clone(), live_tx.clone(), stop.clone()));
-    }
-    drop(live_tx);
 
     let listener = match cfg.pipeline.listen {
         Some(addr) => Some(
@@ -464,7 +498,9 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                         }
                         engine.send(std::mem::take(&mut batch))?;
                     }
-                    if stop.load(Ordering::Relaxed) && live_rx.is_empty() {
+                    // On stop, items still queued are not processed and so never committed: the
+                    // sources deliver them again after a restart.
+                    if stop.load(Ordering::Relaxed) {
                         break;
                     }
                     // Wait for the first item, then gather for at most batch_ms.
@@ -561,10 +597,42 @@ async fn wait_for_stop(limit: Option<Duration>) {
     }
 }
 
-/// Commits the positions of one fully written epoch to their sources.
-fn commit(acks: &EpochAcks) {
-    metrics::counter!("llamaflow_epochs_committed_total").increment(1);
-    tracing::debug!("commit {:?}", acks);
+/// Live sources that take commits.
+#[derive(Default)]
+struct SourceHandles {
+    kafka: Option<sources::kafka::KafkaSourceHandle>,
+    cdc: Option<sources::postgres_cdc::CdcHandle>,
+}
+
+impl SourceHandles {
+    /// Commits the positions of one fully written epoch to their sources. A failed commit
+    /// only means re-delivery after a restart (sinks are idempotent); it is logged and counted.
+    async fn commit(&self, acks: &EpochAcks) {
+        metrics::counter!("llamaflow_epochs_committed_total").increment(1);
+        if let (Some(k), false) = (&self.kafka, acks.kafka.is_empty()) {
+            let offsets: Vec<(String, i32, i64)> =
+                acks.kafka.iter().map(|((t, p), o)| (t.clone(), *p, o + 1)).collect();
+            if let Err(e) = k.commit(&offsets).await {
+                metrics::counter!("llamaflow_commit_errors_total", "source" => "kafka").increment(1);
+                tracing::warn!("kafka commit failed: {e}");
+            }
+        }
+        if let (Some(c), Some(lsn)) = (&self.cdc, acks.lsn)
+            && let Err(e) = c.confirm(lsn).await
+        {
+            metrics::counter!("llamaflow_commit_errors_total", "source" => "postgres_cdc").increment(1);
+            tracing::warn!("cdc confirm failed: {e}");
+        }
+    }
+
+    async fn stop(self) {
+        if let Some(k) = self.kafka {
+            let _ = k.stop().await;
+        }
+        if let Some(c) = self.cdc {
+            c.stop().await;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,12 @@ enum Cmd {
         #[arg(long, default_value = "llamaflow.toml")]
         config: std::path::PathBuf,
     },
+    /// Creates or updates the Postgres tables (SPEC §6).
+    Migrate {
+        /// Database URL [default: PREMIUM_DB, then ALERTS_DB, then DATABASE_URL].
+        #[arg(long)]
+        database_url: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,6 +47,7 @@ fn main() -> ExitCode {
         Cmd::CheckConfig { config } => pipeline::config::Config::load(&config)
             .map(|c| println!("{}: ok — {}", config.display(), c.summary()))
             .map_err(Into::into),
+        Cmd::Migrate { database_url } => pipeline::migrate(database_url),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
