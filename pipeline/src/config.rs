@@ -240,7 +240,14 @@ pub struct SinksSection {
 
 impl Default for SinksSection {
     fn default() -> Self {
-        SinksSection { stdout: true, jsonl: None, websocket: None, redis: None, postgres: None, kafka: None }
+        SinksSection {
+            stdout: true,
+            jsonl: None,
+            websocket: None,
+            redis: None,
+            postgres: None,
+            kafka: None,
+        }
     }
 }
 
@@ -358,10 +365,16 @@ impl Config {
 
     /// SPEC §6: `REDIS_HOST`/`PORT`/`PASSWORD`/`DB` fill what `[sinks.redis]` leaves out.
     fn overlay_redis_env(&mut self, text: &str, path: &Path) -> Result<(), UsageError> {
-        let Some(redis) = self.sinks.redis.as_mut() else { return Ok(()) };
+        let Some(redis) = self.sinks.redis.as_mut() else {
+            return Ok(());
+        };
         let table: toml::Table = toml::from_str(text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
         let given = |k: &str| {
-            table.get("sinks").and_then(|s| s.get("redis")).and_then(|r| r.get(k)).is_some()
+            table
+                .get("sinks")
+                .and_then(|s| s.get("redis"))
+                .and_then(|r| r.get(k))
+                .is_some()
         };
         let env = sinks::redis::RedisSinkConfig::from_env()
             .map_err(|e| UsageError(format!("{}: sinks.redis: {e}", path.display())))?;

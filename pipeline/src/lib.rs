@@ -40,7 +40,10 @@ pub fn migrate(url: Option<String>) -> anyhow::Result<()> {
     let url = url.or_else(sinks::postgres::url_from_env).ok_or_else(|| {
         UsageError("no database: pass --database-url or set PREMIUM_DB, ALERTS_DB or DATABASE_URL".into())
     })?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
     rt.block_on(async {
         let pool = sqlx::PgPool::connect(&url)
             .await

@@ -292,6 +292,45 @@ async fn demo_source(d: DemoSection, tx: mpsc::Sender<LiveItem>, stop: Arc<Atomi
     }
 }
 
+/// Applies live items at the ingest front.
+struct Front {
+    hub: Option<Hub>,
+    output: Arc<LiveOutput>,
+}
+
+impl Front {
+    /// Stamps a record (or rule deletion) into `batch`, applies API-key changes to the hub,
+    /// dead-letters invalid input, and remembers the item's commit position.
+    fn apply(
+        &mut self,
+        item: LiveItem,
+        engine: &mut Engine,
+        batch: &mut Vec<operators::Envelope>,
+        acks: &mut EpochAcks,
+    ) {
+        acks.add(&item.ack);
+        match item.change {
+            Change::Record(rec) => {
+                metrics::counter!("llamaflow_records_in_total", "kind" => rec.kind().name()).increment(1);
+                engine.sequencer().push(item.pos, rec, batch);
+            }
+            Change::DeleteRule(id) => engine.sequencer().delete_rule(item.pos, &id, batch),
+            Change::DeleteProtocol(id) => tracing::info!("protocol {id} deleted; its name stays until restart"),
+            Change::ApiKey { key, user_id } => {
+                if let Some(h) = &self.hub {
+                    match user_id {
+                        Some(u) => h.set_api_key(key, u),
+                        None => {
+                            h.remove_api_key(&key);
+                        }
+                    }
+                }
+            }
+            Change::Dead(d) => self.output.dead(0, std::slice::from_ref(&d)),
+        }
+    }
+}
+
 /// History inputs of the config (files, exports), merged by event time.
 fn history(cfg: &Config) -> Result<Vec<Source>> {
     let mut out: Vec<Source> = Vec::new();
@@ -313,15 +352,21 @@ fn history(cfg: &Config) -> Result<Vec<Source>> {
 async fn durable_sinks(cfg: &Config) -> Result<Vec<DurableSink>> {
     let mut out = Vec::new();
     if let Some(c) = &cfg.sinks.redis {
-        let s = sinks::redis::RedisSink::connect(c.clone()).await.context("sinks.redis")?;
+        let s = sinks::redis::RedisSink::connect(c.clone())
+            .await
+            .context("sinks.redis")?;
         out.push(DurableSink::Redis(Box::new(s)));
     }
     if let Some(c) = &cfg.sinks.postgres {
-        let s = sinks::postgres::PgSink::connect(c.clone()).await.context("sinks.postgres")?;
+        let s = sinks::postgres::PgSink::connect(c.clone())
+            .await
+            .context("sinks.postgres")?;
         out.push(DurableSink::Postgres(Box::new(s)));
     }
     if let Some(c) = &cfg.sinks.kafka {
-        let s = sinks::kafka::KafkaSink::connect(c.clone()).await.context("sinks.kafka")?;
+        let s = sinks::kafka::KafkaSink::connect(c.clone())
+            .await
+            .context("sinks.kafka")?;
         out.push(DurableSink::Kafka(Box::new(s)));
     }
     if let Some(j) = &cfg.sinks.jsonl {
@@ -407,32 +452,52 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     let self_ack = sink_tasks.is_empty().then(|| ack_tx.clone());
     drop(ack_tx);
 
-    // Live sources feed one bounded channel.
+    // Live sources feed one bounded channel. Order: the CDC snapshot (rules, protocols, keys)
+    // first, then the history inputs, then the live streams (Kafka, demo) are started.
     let stop = Arc::new(AtomicBool::new(false));
     let (live_tx, live_rx) = mpsc::channel::<LiveItem>(65_536);
-    if let Some(d) = &cfg.sources.demo {
-        rt.spawn(demo_source(d.clone(), live_tx.clone(), stop.clone()));
-    }
-    let mut handles = SourceHandles::default();
+    let handles = Arc::new(tokio::sync::Mutex::new(SourceHandles::default()));
+    let mut snapshot_len = 0;
     if let Some(c) = &cfg.sources.postgres_cdc {
-        handles.cdc =
-            Some(rt.block_on(sources::postgres_cdc::start(c.clone(), live_tx.clone())).context("sources.postgres_cdc")?);
+        let h = rt
+            .block_on(sources::postgres_cdc::start(c.clone(), live_tx.clone()))
+            .context("sources.postgres_cdc")?;
+        snapshot_len = h.snapshot_len();
+        rt.block_on(handles.lock()).cdc = Some(h);
     }
-    if let Some(c) = &cfg.sources.kafka {
-        handles.kafka = Some(rt.block_on(sources::kafka::start(c, live_tx.clone())).context("sources.kafka")?);
+    let (history_done, history_done_rx) = tokio::sync::oneshot::channel::<()>();
+    // A live source that cannot start stops the job (exit 1) with its error.
+    let fatal = Arc::new(Fatal::default());
+    {
+        let (demo, kafka) = (cfg.sources.demo.clone(), cfg.sources.kafka.clone());
+        let (handles, stop, fatal) = (handles.clone(), stop.clone(), fatal.clone());
+        rt.spawn(async move {
+            if history_done_rx.await.is_err() {
+                return;
+            }
+            if let Some(d) = demo {
+                tokio::spawn(demo_source(d, live_tx.clone(), stop));
+            }
+            if let Some(c) = kafka {
+                match sources::kafka::start(&c, live_tx.clone()).await {
+                    Ok(k) => handles.lock().await.kafka = Some(k),
+                    Err(e) => fatal.fail(format!("sources.kafka: {e}")),
+                }
+            }
+        });
     }
-    drop(live_tx);
 
     let committer = {
         let coordinator = coordinator.clone();
+        let handles = handles.clone();
         rt.spawn(async move {
             while let Some(epoch) = ack_rx.recv().await {
                 let ready = coordinator.lock().map(|mut c| c.ack(epoch)).unwrap_or_default();
                 for acks in ready {
-                    handles.commit(&acks).await;
+                    handles.lock().await.commit(&acks).await;
                 }
             }
-            handles.stop().await;
+            std::mem::take(&mut *handles.lock().await).stop().await;
         })
     };
 
@@ -475,6 +540,18 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
             .spawn(move || -> Result<()> {
                 let mut batch = Vec::new();
                 let mut dead = Vec::new();
+                let mut live_rx = live_rx;
+                let mut acks = EpochAcks::default();
+                let mut live = Front {
+                    hub: hub.clone(),
+                    output: output.clone(),
+                };
+                for _ in 0..snapshot_len {
+                    match live_rx.blocking_recv() {
+                        Some(item) => live.apply(item, &mut engine, &mut batch, &mut acks),
+                        None => break,
+                    }
+                }
                 for item in Merge::new(history) {
                     match item {
                         Input::Record(pos, rec) => {
@@ -487,9 +564,8 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                         engine.send(std::mem::take(&mut batch))?;
                     }
                 }
+                let _ = history_done.send(());
                 output.dead(0, &dead);
-                let mut live_rx = live_rx;
-                let mut acks = EpochAcks::default();
                 loop {
                     if !batch.is_empty() || acks.lsn.is_some() || !acks.kafka.is_empty() {
                         let epoch = engine.epochs();
@@ -515,29 +591,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                     let deadline = Instant::now() + Duration::from_millis(batch_ms);
                     let mut next = Some(first);
                     while let Some(item) = next.take() {
-                        acks.add(&item.ack);
-                        match item.change {
-                            Change::Record(rec) => {
-                                metrics::counter!("llamaflow_records_in_total", "kind" => rec.kind().name())
-                                    .increment(1);
-                                engine.sequencer().push(item.pos, rec, &mut batch);
-                            }
-                            Change::DeleteRule(id) => engine.sequencer().delete_rule(item.pos, &id, &mut batch),
-                            Change::DeleteProtocol(id) => {
-                                tracing::info!("protocol {id} deleted; its name stays until restart")
-                            }
-                            Change::ApiKey { key, user_id } => {
-                                if let Some(h) = &hub {
-                                    match user_id {
-                                        Some(u) => h.set_api_key(key, u),
-                                        None => {
-                                            h.remove_api_key(&key);
-                                        }
-                                    }
-                                }
-                            }
-                            Change::Dead(d) => output.dead(0, std::slice::from_ref(&d)),
-                        }
+                        live.apply(item, &mut engine, &mut batch, &mut acks);
                         if batch.len() >= batch_max {
                             break;
                         }
@@ -558,16 +612,17 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         let render = Arc::new(move || recorder.render());
         let app = crate::http::app(hub.clone(), render);
         let stop2 = stop.clone();
+        let fatal2 = fatal.clone();
         let served = rt.block_on(async move {
             let shutdown = async move {
-                wait_for_stop(stop_after).await;
+                wait_for_stop(stop_after, &fatal2).await;
                 stop2.store(true, Ordering::Relaxed);
             };
             sinks::websocket::serve(listener, app, hub, shutdown).await
         });
         served.context("HTTP server failed")?;
     } else {
-        rt.block_on(wait_for_stop(stop_after));
+        rt.block_on(wait_for_stop(stop_after, &fatal));
     }
     stop.store(true, Ordering::Relaxed);
     front
@@ -581,10 +636,34 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         }
         let _ = committer.await;
     });
-    Ok(())
+    match fatal.take() {
+        Some(e) => Err(anyhow::anyhow!(e)),
+        None => Ok(()),
+    }
 }
 
-async fn wait_for_stop(limit: Option<Duration>) {
+/// A fatal error raised by a background task.
+#[derive(Default)]
+struct Fatal {
+    error: Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Fatal {
+    fn fail(&self, e: String) {
+        tracing::error!("{e}");
+        if let Ok(mut slot) = self.error.lock() {
+            slot.get_or_insert(e);
+        }
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Option<String> {
+        self.error.lock().ok().and_then(|mut e| e.take())
+    }
+}
+
+async fn wait_for_stop(limit: Option<Duration>, fatal: &Fatal) {
     let limit = async {
         match limit {
             Some(d) => tokio::time::sleep(d).await,
@@ -594,6 +673,7 @@ async fn wait_for_stop(limit: Option<Duration>) {
     tokio::select! {
         _ = crate::shutdown_signal() => eprintln!("llamaflow: stopping"),
         _ = limit => {}
+        _ = fatal.notify.notified() => {}
     }
 }
 

@@ -121,6 +121,7 @@ pub enum CdcError {
 pub struct CdcHandle {
     shared: Arc<Shared>,
     task: Option<JoinHandle<()>>,
+    snapshot_len: usize,
 }
 
 impl std::fmt::Debug for CdcHandle {
@@ -139,6 +140,11 @@ impl CdcHandle {
     pub async fn confirm(&self, lsn: u64) -> Result<(), CdcError> {
         let target = lsn.min(self.shared.delivered_ack());
         self.shared.advance(target).await.map(|_| ()).map_err(CdcError::Sql)
+    }
+
+    /// How many snapshot items the source sends first, before any streamed change.
+    pub fn snapshot_len(&self) -> usize {
+        self.snapshot_len
     }
 
     /// The slot's confirmed position as this source last set or read it.
@@ -194,10 +200,12 @@ pub async fn start(cfg: CdcConfig, tx: Sender<LiveItem>) -> Result<CdcHandle, Cd
     };
     let shared = Arc::new(Shared::new(pool, cfg.slot.clone(), confirmed));
     let streamer = Streamer::new(shared.clone(), &cfg, tables, tx, confirmed);
+    let snapshot_len = snapshot.len();
     let task = tokio::spawn(streamer.run(snapshot));
     Ok(CdcHandle {
         shared,
         task: Some(task),
+        snapshot_len,
     })
 }
 
