@@ -236,6 +236,10 @@ pub struct SinksSection {
     pub postgres: Option<sinks::postgres::PgSinkConfig>,
     /// Kafka topics `defi-events` and `defi-alerts`.
     pub kafka: Option<sinks::kafka::KafkaSinkConfig>,
+    /// SQS queue of alerts (FIFO queues: group = user, dedup id = alert_id).
+    pub sqs: Option<sinks::sqs::SqsSinkConfig>,
+    /// Webhook delivery for rules with the `webhook` channel.
+    pub webhook: Option<sinks::webhook::WebhookConfig>,
 }
 
 impl Default for SinksSection {
@@ -247,6 +251,8 @@ impl Default for SinksSection {
             redis: None,
             postgres: None,
             kafka: None,
+            sqs: None,
+            webhook: None,
         }
     }
 }
@@ -487,6 +493,8 @@ impl Config {
             (self.sinks.redis.is_some(), "redis"),
             (self.sinks.postgres.is_some(), "postgres"),
             (self.sinks.kafka.is_some(), "kafka"),
+            (self.sinks.sqs.is_some(), "sqs"),
+            (self.sinks.webhook.is_some(), "webhook"),
         ] {
             if on {
                 snk.push(name);

@@ -42,6 +42,10 @@ enum DurableSink {
     Postgres(Box<sinks::postgres::PgSink>),
     /// Kafka topics.
     Kafka(Box<sinks::kafka::KafkaSink>),
+    /// SQS queue of alerts.
+    Sqs(Box<sinks::sqs::SqsSink>),
+    /// Webhook deliveries of alerts with the `webhook` channel.
+    Webhook(Box<sinks::webhook::WebhookSink>),
 }
 
 impl DurableSink {
@@ -51,14 +55,19 @@ impl DurableSink {
             DurableSink::Redis(_) => "redis",
             DurableSink::Postgres(_) => "postgres",
             DurableSink::Kafka(_) => "kafka",
+            DurableSink::Sqs(_) => "sqs",
+            DurableSink::Webhook(_) => "webhook",
         }
     }
 
-    async fn write(&mut self, batch: &OutputBatch) -> Result<()> {
+    /// Writes a batch durably; returns the alerts the sink gave up on, with the reason.
+    async fn write(&mut self, batch: &OutputBatch) -> Result<Vec<(Alert, String)>> {
         match self {
-            DurableSink::Redis(s) => Ok(s.write(batch).await?),
-            DurableSink::Postgres(s) => Ok(s.write(batch).await?),
-            DurableSink::Kafka(s) => Ok(s.write(batch).await?),
+            DurableSink::Redis(s) => s.write(batch).await.map(|()| Vec::new()).map_err(Into::into),
+            DurableSink::Postgres(s) => s.write(batch).await.map(|()| Vec::new()).map_err(Into::into),
+            DurableSink::Kafka(s) => s.write(batch).await.map(|()| Vec::new()).map_err(Into::into),
+            DurableSink::Sqs(s) => Ok(s.write(batch).await?.failed),
+            DurableSink::Webhook(s) => Ok(s.write(batch).await?.failed),
             DurableSink::Jsonl { alerts, events } => {
                 if let Some(w) = alerts {
                     for a in &batch.alerts {
@@ -72,7 +81,7 @@ impl DurableSink {
                     }
                     w.sync()?;
                 }
-                Ok(())
+                Ok(Vec::new())
             }
         }
     }
@@ -142,7 +151,7 @@ struct LiveOutput {
     batches: Mutex<BTreeMap<u64, OutputBatch>>,
     done: Mutex<u64>,
     to_sinks: Vec<mpsc::Sender<Arc<OutputBatch>>>,
-    dead: Mutex<JsonlWriter>,
+    dead: Arc<Mutex<JsonlWriter>>,
     has_durable: bool,
     /// With no durable sink, completed epochs are acknowledged here directly.
     self_ack: Option<mpsc::UnboundedSender<u64>>,
@@ -369,6 +378,14 @@ async fn durable_sinks(cfg: &Config) -> Result<Vec<DurableSink>> {
             .context("sinks.kafka")?;
         out.push(DurableSink::Kafka(Box::new(s)));
     }
+    if let Some(c) = &cfg.sinks.sqs {
+        let s = sinks::sqs::SqsSink::connect(c.clone()).await.context("sinks.sqs")?;
+        out.push(DurableSink::Sqs(Box::new(s)));
+    }
+    if let Some(c) = &cfg.sinks.webhook {
+        let s = sinks::webhook::WebhookSink::new(c.clone()).context("sinks.webhook")?;
+        out.push(DurableSink::Webhook(Box::new(s)));
+    }
     if let Some(j) = &cfg.sinks.jsonl {
         let open = |p: &Option<PathBuf>| -> Result<Option<JsonlWriter>> {
             p.as_ref()
@@ -404,10 +421,10 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         })),
         (None, _) => None,
     };
-    let dead = Mutex::new(match &cfg.pipeline.dead_letter_out {
+    let dead = Arc::new(Mutex::new(match &cfg.pipeline.dead_letter_out {
         Some(p) => JsonlWriter::append(p).map_err(|e| crate::UsageError(format!("pipeline.dead_letter_out: {e}")))?,
         None => JsonlWriter::stderr(),
-    });
+    }));
 
     // Durable sinks run as tasks; each acknowledges epochs to the coordinator.
     let mut sinks = rt.block_on(durable_sinks(&cfg))?;
@@ -424,21 +441,27 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         let (tx, mut rx) = mpsc::channel::<Arc<OutputBatch>>(64);
         to_sinks.push(tx);
         let ack_tx = ack_tx.clone();
+        let dead = dead.clone();
         sink_tasks.push(rt.spawn(async move {
             let name = sink.name();
             while let Some(batch) = rx.recv().await {
                 let mut backoff = Duration::from_millis(100);
                 loop {
-                    let t0 = Instant::now();
                     match sink.write(&batch).await {
-                        Ok(()) => {
-                            metrics::histogram!("llamaflow_sink_latency_seconds", "sink" => name)
-                                .record(t0.elapsed().as_secs_f64());
+                        Ok(failed) => {
+                            // Alerts a sink gave up on (SQS, webhooks) go to the dead-letter output.
+                            let letters: Vec<DeadLetter> = failed
+                                .into_iter()
+                                .map(|(a, reason)| {
+                                    let raw = serde_json::to_string(&a).unwrap_or_default();
+                                    DeadLetter::new(format!("sink:{name}"), reason, &raw)
+                                })
+                                .collect();
+                            write_dead(&dead, &letters);
                             break;
                         }
                         Err(e) => {
-                            // Never drop: keep retrying; health shows the sink as failing meanwhile.
-                            metrics::counter!("llamaflow_sink_failures_total", "sink" => name).increment(1);
+                            // Never drop: keep retrying the batch (each sink counts its failures).
                             tracing::error!("sink {name}: epoch {}: {e:#}; retrying in {backoff:?}", batch.epoch);
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -66,12 +66,16 @@ fn allow_wal2json(pg: &testkit::Postgres) {
     }
 }
 
-fn insert_rule(pg: &testkit::Postgres, id: &str, alert_type: &str, conditions: Value) {
+fn insert_rule(pg: &testkit::Postgres, id: &str, alert_type: &str, conditions: Value, webhook: Option<&str>) {
+    let (channels, url) = match webhook {
+        Some(u) => ("[\"websocket\",\"webhook\"]", format!("'{u}'")),
+        None => ("[\"websocket\"]", "NULL".to_string()),
+    };
     psql(
         pg,
         &format!(
-            "INSERT INTO alert_rules (id, user_id, alert_type, conditions, channels, throttle_minutes) \
-             VALUES ('{id}', 'u1', '{alert_type}', '{conditions}', '[\"websocket\"]', 0)"
+            "INSERT INTO alert_rules (id, user_id, alert_type, conditions, channels, webhook_url, throttle_minutes) \
+             VALUES ('{id}', 'u1', '{alert_type}', '{conditions}', '{channels}', {url}, 0)"
         ),
     );
 }
@@ -111,6 +115,67 @@ async fn produce(p: &FutureProducer, key: &str, value: &str) {
 
 async fn price(p: &FutureProducer, coin: &str, px: f64, t: i64) {
     produce(p, coin, &json!({"coin": coin, "price": px, "timestamp": t}).to_string()).await;
+}
+
+fn venv_python() -> String {
+    std::env::var("LLAMAFLOW_MOTO_VENV")
+        .map(|v| format!("{v}/bin/python"))
+        .unwrap_or_else(|_| "python3".into())
+}
+
+/// Runs a boto3 snippet against the moto server; returns its stdout.
+fn boto3(moto: &testkit::Moto, code: &str) -> String {
+    let script = format!(
+        "import boto3, json\nsqs = boto3.client('sqs', endpoint_url='{}', region_name='us-east-1', \
+         aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}",
+        moto.endpoint()
+    );
+    let out = Command::new(venv_python())
+        .args(["-c", &script])
+        .output()
+        .expect("python runs");
+    assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Every alert in the SQS queue (received with an independent client), with its attributes.
+fn sqs_alerts(moto: &testkit::Moto, queue_url: &str) -> Vec<(String, String, String)> {
+    let out = boto3(
+        moto,
+        &format!(
+            "out = []\nfor _ in range(20):\n    r = sqs.receive_message(QueueUrl='{queue_url}', MaxNumberOfMessages=10, \
+             AttributeNames=['All'], VisibilityTimeout=300)\n    ms = r.get('Messages', [])\n    if not ms:\n        break\n    \
+             for m in ms:\n        out.append([json.loads(m['Body'])['alert_id'], m['Attributes']['MessageGroupId'], \
+             m['Attributes']['MessageDeduplicationId']])\nprint(json.dumps(out))"
+        ),
+    );
+    serde_json::from_str::<Vec<(String, String, String)>>(&out).expect("receiver output")
+}
+
+/// A local webhook receiver: the bodies it was sent, with their signature headers.
+async fn webhook_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    use axum::routing::post;
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |headers: axum::http::HeaderMap, body: String| {
+            let store = store.clone();
+            async move {
+                let sig = headers
+                    .get("x-llamaflow-signature")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                store.lock().unwrap().push((body, sig));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, got)
 }
 
 struct Job(Child);
@@ -228,17 +293,26 @@ async fn kafka_cdc_export_to_postgres_redis_kafka_exactly_once() {
     };
     migrate("applied 0001_init");
     migrate("up to date");
+    let (hook_url, hooks) = webhook_server().await;
     insert_rule(
         &pg,
         "tvl",
         "tvl_change",
         json!({"protocol_id": "182", "window": "24h", "threshold_pct": 20, "direction": "any"}),
+        None,
     );
     insert_rule(
         &pg,
         "eth",
         "price_threshold",
         json!({"coin": "coingecko:ethereum", "operator": ">", "value": 3000}),
+        Some(&hook_url),
+    );
+    psql(&pg, "INSERT INTO api_keys (key, user_id) VALUES ('k1', 'u1')");
+    let moto = testkit::Moto::start();
+    let queue_url = boto3(
+        &moto,
+        "print(sqs.create_queue(QueueName='alerts.fifo', Attributes={'FifoQueue': 'true'})['QueueUrl'])",
     );
     let redis = testkit::Redis::start(None);
 
@@ -293,11 +367,24 @@ url = "{pg}"
 
 [sinks.kafka]
 brokers = "{brokers}"
+
+[sinks.sqs]
+queue_url = "{queue_url}"
+endpoint_url = "{moto}"
+access_key_id = "testing"
+secret_access_key = "testing"
+
+[sinks.webhook]
+secret = "s3cret"
+
+[sinks.websocket]
+allow_anonymous = false
 "#,
             dead = dead.display(),
             export = dir.path().join("export").display(),
             pg = pg.url(),
             redis = redis.url(),
+            moto = moto.endpoint(),
         ),
     )
     .unwrap();
@@ -310,6 +397,46 @@ brokers = "{brokers}"
 
     let stdout1 = dir.path().join("stdout1.jsonl");
     let job = start_job(&config, &stdout1);
+    // A WebSocket client with a key that exists only in the api_keys table (CDC).
+    assert!(
+        testkit::wait_for_port(port, Duration::from_secs(30)),
+        "llamaflow listens"
+    );
+    let ws_alerts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message as Ws;
+        let url = format!("ws://127.0.0.1:{port}/ws?api_key=k1");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (mut ws, _) = loop {
+            match tokio_tungstenite::connect_async(&url).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "k1 from api_keys accepted: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        ws.send(Ws::text(
+            json!({"type": "subscribe", "channels": ["alerts"]}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let store = ws_alerts.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = ws.next().await {
+                if let Ws::Text(t) = m {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] == "alert" {
+                        store
+                            .lock()
+                            .unwrap()
+                            .push(v["data"]["alert_id"].as_str().unwrap().to_string());
+                    }
+                }
+            }
+        });
+    }
     let count = || {
         psql(&pg, "SELECT count(*) FROM alert_history")
             .parse::<usize>()
@@ -327,6 +454,7 @@ brokers = "{brokers}"
         "btc",
         "price_threshold",
         json!({"coin": "coingecko:bitcoin", "operator": "<", "value": 50000}),
+        None,
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     price(&producer, "coingecko:bitcoin", 51000.0, T0 + 120).await;
@@ -388,6 +516,55 @@ brokers = "{brokers}"
     let v: String = redis::cmd("GET").arg("price:coingecko:ethereum").query(&mut r).unwrap();
     assert_eq!(serde_json::from_str::<Value>(&v).unwrap()["price"], 3200.0);
 
+    let mut sqs = sqs_alerts(&moto, &queue_url);
+    sqs.sort();
+    assert_eq!(
+        sqs.iter().map(|(id, _, _)| id.clone()).collect::<Vec<_>>(),
+        pg_ids,
+        "SQS holds every alert once"
+    );
+    for (id, group, dedup) in &sqs {
+        assert_eq!(
+            (group.as_str(), dedup),
+            ("u1", id),
+            "FIFO group = user_id, dedup id = alert_id"
+        );
+    }
+    let hooks = hooks.lock().unwrap().clone();
+    let eth_ids: Vec<String> = psql(
+        &pg,
+        "SELECT alert_id FROM alert_history WHERE rule_id = 'eth' ORDER BY alert_id",
+    )
+    .lines()
+    .map(str::to_string)
+    .collect();
+    let mut hook_ids: Vec<String> = hooks
+        .iter()
+        .map(|(body, sig)| {
+            assert_eq!(*sig, sinks::webhook::sign(b"s3cret", body.as_bytes()), "signed body");
+            serde_json::from_str::<Value>(body).unwrap()["alert_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    hook_ids.sort();
+    assert_eq!(
+        hook_ids, eth_ids,
+        "each webhook alert delivered once, only for the webhook rule"
+    );
+    let ws = ws_alerts.lock().unwrap().clone();
+    let btc_id = psql(&pg, "SELECT alert_id FROM alert_history WHERE rule_id = 'btc'");
+    assert!(
+        ws.contains(&btc_id),
+        "the WebSocket client got the alert that fired while connected: {ws:?}"
+    );
+    let mut ws_sorted = ws.clone();
+    ws_sorted.sort();
+    ws_sorted.dedup();
+    assert_eq!(ws_sorted.len(), ws.len(), "no alert twice on the WebSocket");
+    assert!(ws.iter().all(|id| pg_ids.contains(id)));
+
     let dead_letters = std::fs::read_to_string(&dead).unwrap();
     assert!(
         dead_letters.contains("\"source\":\"prices/") && dead_letters.contains("{not json"),
@@ -426,4 +603,8 @@ brokers = "{brokers}"
         assert_eq!(v["rule_id"], "tvl", "only the re-read history may alert again: {l}");
         assert!(pg_ids.contains(&v["alert_id"].as_str().unwrap().to_string()));
     }
+    assert!(
+        sqs_alerts(&moto, &queue_url).is_empty(),
+        "FIFO dedup: nothing new in SQS after the restart"
+    );
 }

@@ -8,6 +8,10 @@
 //!   (SPEC §6), one pipelined round trip per [`OutputBatch`], retried on connection errors.
 //! - [`postgres`]: `alert_history`, `token_prices` and `protocol_tvl` (SPEC §6) as idempotent
 //!   batch upserts, one transaction per [`OutputBatch`]; and [`postgres::migrate`].
+//! - [`sqs`]: every alert as an SQS message (SPEC §6; FIFO group = user, deduplication id =
+//!   alert id), retried with backoff; alerts given up on come back for dead-lettering.
+//! - [`webhook`]: signed HTTP POSTs of alerts to their rule's `webhook_url` (SPEC §2), bounded
+//!   concurrency, retried with backoff; failed deliveries come back for dead-lettering.
 //!
 //! Every sink consumes the shapes defined in the `schemas` crate (`schemas::Event`,
 //! `schemas::Alert`); none of them defines a wire format of its own.
@@ -18,4 +22,6 @@ pub mod jsonl;
 pub mod kafka;
 pub mod postgres;
 pub mod redis;
+pub mod sqs;
+pub mod webhook;
 pub mod websocket;
