@@ -115,6 +115,12 @@ pub struct FileEntry {
     pub kind: String,
     /// JSONL or JSONL.gz file.
     pub path: PathBuf,
+    /// Tail the file as a live feed (like `tail -F`) instead of reading it once as history.
+    #[serde(default)]
+    pub follow: bool,
+    /// With `follow`: byte offset to start from (default 0).
+    #[serde(default)]
+    pub start_offset: u64,
 }
 
 /// `[sources.demo]`: the bundled feed, live-paced.
@@ -149,9 +155,14 @@ pub struct SourcesSection {
     /// History read first, in timestamp order, before live sources start.
     #[serde(default)]
     pub files: Vec<FileEntry>,
-    /// DynamoDB exports (prefix dirs or one export's dir) read first, like `files`.
+    /// DynamoDB exports read first, like `files`: a local prefix dir or one export's dir, or
+    /// `s3://bucket/prefix` (see `[sources.s3]`).
     #[serde(default)]
     pub dynamodb_export: Vec<PathBuf>,
+    /// S3 access for `s3://` exports (endpoint override, region); credentials from the AWS
+    /// provider chain.
+    #[serde(default)]
+    pub s3: sources::dynamodb_export::s3::S3Config,
     /// The bundled demo feed.
     pub demo: Option<DemoSection>,
     /// Kafka topics per record kind.
@@ -420,7 +431,7 @@ impl Config {
                     ),
                 ));
             }
-            if !f.path.exists() {
+            if !f.follow && !f.path.exists() {
                 return Err(err(
                     &format!("sources.files[{i}].path"),
                     format!("{} does not exist", f.path.display()),
@@ -428,6 +439,11 @@ impl Config {
             }
         }
         for (i, d) in self.sources.dynamodb_export.iter().enumerate() {
+            if let Some(s3) = d.to_str().filter(|d| d.starts_with("s3://")) {
+                sources::dynamodb_export::s3::S3Location::parse(s3)
+                    .map_err(|e| err(&format!("sources.dynamodb_export[{i}]"), e.to_string()))?;
+                continue;
+            }
             if !sources::dynamodb_export::is_export_dir(d) {
                 return Err(err(
                     &format!("sources.dynamodb_export[{i}]"),

@@ -341,18 +341,16 @@ impl Front {
 }
 
 /// History inputs of the config (files, exports), merged by event time.
-fn history(cfg: &Config) -> Result<Vec<Source>> {
+async fn history(cfg: &Config) -> Result<Vec<Source>> {
     let mut out: Vec<Source> = Vec::new();
-    for f in &cfg.sources.files {
+    for f in cfg.sources.files.iter().filter(|f| !f.follow) {
         let kind = parse_kind(&f.kind).unwrap_or(Kind::Price);
         out.push(Box::new(
             sources::files::open(&f.path, kind).map_err(|e| crate::UsageError(e.to_string()))?,
         ));
     }
     for d in &cfg.sources.dynamodb_export {
-        out.push(Box::new(
-            sources::dynamodb_export::open(d).map_err(|e| crate::UsageError(e.to_string()))?,
-        ));
+        out.push(crate::replay::open_export(d, &cfg.sources.s3).await?);
     }
     Ok(out)
 }
@@ -478,6 +476,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     // Live sources feed one bounded channel. Order: the CDC snapshot (rules, protocols, keys)
     // first, then the history inputs, then the live streams (Kafka, demo) are started.
     let stop = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (live_tx, live_rx) = mpsc::channel::<LiveItem>(65_536);
     let handles = Arc::new(tokio::sync::Mutex::new(SourceHandles::default()));
     let mut snapshot_len = 0;
@@ -493,10 +492,35 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     let fatal = Arc::new(Fatal::default());
     {
         let (demo, kafka) = (cfg.sources.demo.clone(), cfg.sources.kafka.clone());
+        let follows: Vec<(PathBuf, Kind, u64)> = cfg
+            .sources
+            .files
+            .iter()
+            .filter(|f| f.follow)
+            .map(|f| {
+                (
+                    f.path.clone(),
+                    parse_kind(&f.kind).unwrap_or(Kind::Price),
+                    f.start_offset,
+                )
+            })
+            .collect();
         let (handles, stop, fatal) = (handles.clone(), stop.clone(), fatal.clone());
+        let stop_rx = stop_rx.clone();
         rt.spawn(async move {
             if history_done_rx.await.is_err() {
                 return;
+            }
+            for (path, kind, offset) in follows {
+                let (tx, stop_rx, fatal) = (live_tx.clone(), stop_rx.clone(), fatal.clone());
+                tokio::spawn(async move {
+                    let name = path.display().to_string();
+                    if let Err(e) =
+                        sources::files::follow::follow(path, kind, offset, Duration::from_millis(50), tx, stop_rx).await
+                    {
+                        fatal.fail(format!("sources.files ({name}, follow): {e}"));
+                    }
+                });
             }
             if let Some(d) = demo {
                 tokio::spawn(demo_source(d, live_tx.clone(), stop));
@@ -552,7 +576,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
 
     // The ingest front: history first, then live items in batches of ≤ batch_ms.
     let front = {
-        let history = history(&cfg)?;
+        let history = rt.block_on(history(&cfg))?;
         let (batch_ms, batch_max) = (cfg.pipeline.batch_ms, cfg.pipeline.batch_max);
         let hub = hub.clone();
         let output = output.clone();
@@ -648,6 +672,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         rt.block_on(wait_for_stop(stop_after, &fatal));
     }
     stop.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
     front
         .join()
         .map_err(|_| anyhow::anyhow!("the ingest thread panicked"))??;

@@ -48,9 +48,13 @@ pub struct ReplayArgs {
     /// Alert rules: the rule set from the start; repeatable.
     #[arg(long = "rules", value_name = "F")]
     pub rules: Vec<PathBuf>,
-    /// A DynamoDB export: a prefix directory holding AWSDynamoDB/, or one export's directory.
+    /// A DynamoDB export: a prefix directory holding AWSDynamoDB/, one export's directory, or
+    /// `s3://bucket/prefix`.
     #[arg(long = "dynamodb-export", value_name = "DIR")]
     pub dynamodb_export: Vec<PathBuf>,
+    /// Endpoint of an S3-compatible service for `s3://` exports (default: AWS).
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
     /// Where to write alerts (JSONL).
     #[arg(long = "alerts-out", value_name = "F")]
     pub alerts_out: PathBuf,
@@ -213,9 +217,21 @@ fn open_sources(args: &ReplayArgs) -> Result<Vec<Source>, UsageError> {
             out.push(Box::new(src));
         }
     }
-    for dir in &args.dynamodb_export {
-        let src = sources::dynamodb_export::open(dir).map_err(|e| UsageError(format!("--dynamodb-export: {e}")))?;
-        out.push(Box::new(src));
+    if !args.dynamodb_export.is_empty() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| UsageError(format!("cannot start the runtime: {e}")))?;
+        let s3 = sources::dynamodb_export::s3::S3Config {
+            endpoint_url: args.s3_endpoint.clone(),
+            ..Default::default()
+        };
+        for dir in &args.dynamodb_export {
+            let src = rt
+                .block_on(open_export(dir, &s3))
+                .map_err(|e| UsageError(format!("--dynamodb-export: {e:#}")))?;
+            out.push(src);
+        }
     }
     if out.is_empty() {
         return Err(UsageError(
@@ -223,6 +239,19 @@ fn open_sources(args: &ReplayArgs) -> Result<Vec<Source>, UsageError> {
         ));
     }
     Ok(out)
+}
+
+/// Opens a DynamoDB export: a local directory, or `s3://bucket/prefix` (downloaded, then read
+/// like a local one).
+pub async fn open_export(dir: &std::path::Path, s3: &sources::dynamodb_export::s3::S3Config) -> Result<Source> {
+    if let Some(url) = dir.to_str().filter(|d| d.starts_with("s3://")) {
+        let loc = sources::dynamodb_export::s3::S3Location::parse(url).map_err(|e| UsageError(e.to_string()))?;
+        let src = sources::dynamodb_export::s3::open_s3(&loc, s3).await?;
+        return Ok(Box::new(src));
+    }
+    Ok(Box::new(
+        sources::dynamodb_export::open(dir).map_err(|e| UsageError(e.to_string()))?,
+    ))
 }
 
 fn flag_name(kind: Kind) -> &'static str {

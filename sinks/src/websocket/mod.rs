@@ -73,6 +73,8 @@ mod server;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_python;
 
 use std::collections::HashMap;
 use std::fmt;

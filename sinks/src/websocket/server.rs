@@ -105,7 +105,10 @@ async fn ws_handler(
         Err(rejection) => return rejection.into_response(),
     };
     let max = hub.limits().max_frame_bytes;
-    ws.max_message_size(max)
+    // Client messages are small (≤ max_frame_bytes): an 8 KiB read buffer instead of
+    // tungstenite's zero-filled 128 KiB keeps 10,000 connections around 100 MB, not 1.3 GB.
+    ws.read_buffer_size(8 * 1024)
+        .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| connection::run(hub, socket, user_id, key))
 }

@@ -22,6 +22,8 @@ use serde_json::Value;
 
 use crate::{Input, Line, SourceError, io_reason, open_lines, read_line};
 
+pub mod s3;
+
 #[cfg(test)]
 mod tests;
 

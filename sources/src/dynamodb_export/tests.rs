@@ -7,7 +7,7 @@ use serde_json::json;
 use super::*;
 
 const FULL: &str = "01717430000000-aaaaaaaa";
-const INCR: &str = "01717440000000-bbbbbbbb";
+pub(super) const INCR: &str = "01717440000000-bbbbbbbb";
 
 fn write_gz(path: &Path, lines: &[String]) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -38,7 +38,7 @@ fn summary(dir: &Path, export_type: &str, time: &str, manifest_key: &str) {
 /// one found only by the `data/<name>` fallback, the second with an `itemCount` mismatch)
 /// and an incremental export (whose keys carry an S3 prefix), listed in reverse time order
 /// by ExportId to check the summary-time ordering.
-fn export_tree() -> tempfile::TempDir {
+pub(super) fn export_tree() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join(AWS_DIR);
     // The incremental export sorts first by id but is later by exportTime.

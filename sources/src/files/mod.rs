@@ -12,6 +12,8 @@ use schemas::{DeadLetter, Kind, SourcePos, parse_record};
 
 use crate::{Input, Line, SourceError, io_reason, open_lines, read_line};
 
+pub mod follow;
+
 #[cfg(test)]
 mod tests;
 
