@@ -571,6 +571,13 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../llamaflow.example.toml"));
+        let c = Config::load(path).unwrap();
+        assert!(c.sources.demo.is_some() && c.sinks.websocket.is_some());
+    }
+
+    #[test]
     fn defaults() {
         let c = parse("[sources.demo]\n").unwrap();
         assert_eq!(c.pipeline.workers, 2);
