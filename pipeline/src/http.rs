@@ -1,10 +1,11 @@
 //! The HTTP front of `llamaflow run`: the WebSocket fanout (`GET /ws`), the live dashboard
-//! (`GET /`), Prometheus metrics (`GET /metrics`) and a health check (`GET /healthz`).
+//! (`GET /`), Prometheus metrics (`GET /metrics`), liveness (`GET /healthz`) and readiness
+//! (`GET /readyz`).
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 
@@ -14,10 +15,16 @@ const DASHBOARD: &str = include_str!("../assets/dashboard.html");
 /// Content type of the Prometheus text exposition format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4";
 
-/// The application router: `router(hub)` plus `/`, `/metrics` and `/healthz`.
+/// Renders `(ready, state JSON)` for the health endpoints.
+pub type HealthFn = Arc<dyn Fn() -> (bool, serde_json::Value) + Send + Sync>;
+
+/// The application router: `router(hub)` plus `/`, `/metrics`, `/healthz` and `/readyz`.
 ///
-/// `metrics` renders the Prometheus text exposition (e.g. a `PrometheusHandle::render`).
-pub fn app(hub: sinks::websocket::Hub, metrics: Arc<dyn Fn() -> String + Send + Sync>) -> Router {
+/// `metrics` renders the Prometheus text exposition (e.g. a `PrometheusHandle::render`);
+/// `health` the pipeline state: `/healthz` always answers 200 with it (the process is alive),
+/// `/readyz` answers 503 while not ready (starting, or a sink failing).
+pub fn app(hub: sinks::websocket::Hub, metrics: Arc<dyn Fn() -> String + Send + Sync>, health: HealthFn) -> Router {
+    let health2 = health.clone();
     sinks::websocket::router(hub)
         .route("/", get(|| async { Html(DASHBOARD) }))
         .route(
@@ -27,7 +34,25 @@ pub fn app(hub: sinks::websocket::Hub, metrics: Arc<dyn Fn() -> String + Send + 
                 async move { ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], body).into_response() }
             }),
         )
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let (_, state) = health();
+                async move { ([(header::CONTENT_TYPE, "application/json")], state.to_string()) }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let (ready, state) = health2();
+                let code = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                async move { (code, [(header::CONTENT_TYPE, "application/json")], state.to_string()) }
+            }),
+        )
 }
 
 #[cfg(test)]
@@ -56,7 +81,13 @@ mod tests {
             Arc::new(|| "llamaflow_records_in_total{kind=\"price\"} 7\n".to_string());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app(hub, metrics)).await });
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r2 = ready.clone();
+        let health: HealthFn = Arc::new(move || {
+            let ok = r2.load(std::sync::atomic::Ordering::Relaxed);
+            (ok, serde_json::json!({"status": if ok { "ok" } else { "starting" }}))
+        });
+        tokio::spawn(async move { axum::serve(listener, app(hub, metrics, health)).await });
 
         let (status, headers, body) = get_raw(addr, "/").await;
         assert!(status.contains(" 200 "), "{status}");
@@ -70,7 +101,13 @@ mod tests {
 
         let (status, _, body) = get_raw(addr, "/healthz").await;
         assert!(status.contains(" 200 "), "{status}");
-        assert_eq!(body, "ok");
+        assert_eq!(body, r#"{"status":"starting"}"#);
+        let (status, _, _) = get_raw(addr, "/readyz").await;
+        assert!(status.contains(" 503 "), "{status}");
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (status, _, body) = get_raw(addr, "/readyz").await;
+        assert!(status.contains(" 200 "), "{status}");
+        assert_eq!(body, r#"{"status":"ok"}"#);
 
         // The WebSocket route is mounted: an unknown key is refused before any upgrade.
         let (status, _, _) = get_raw(addr, "/ws?api_key=nope").await;

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod health;
 pub mod http;
 pub mod live;
 pub mod replay;

@@ -426,6 +426,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
 
     // Durable sinks run as tasks; each acknowledges epochs to the coordinator.
     let mut sinks = rt.block_on(durable_sinks(&cfg))?;
+    let health = Arc::new(crate::health::Health::default());
     let coordinator = Arc::new(Mutex::new(Coordinator {
         sinks: sinks.len().max(1),
         acked: BTreeMap::new(),
@@ -440,6 +441,8 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         to_sinks.push(tx);
         let ack_tx = ack_tx.clone();
         let dead = dead.clone();
+        let health = health.clone();
+        health.register(sink.name());
         sink_tasks.push(rt.spawn(async move {
             let name = sink.name();
             while let Some(batch) = rx.recv().await {
@@ -456,9 +459,11 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                                 })
                                 .collect();
                             write_dead(&dead, &letters);
+                            health.ok(name);
                             break;
                         }
                         Err(e) => {
+                            health.failing(name, format!("{e:#}"));
                             // Never drop: keep retrying the batch (each sink counts its failures).
                             tracing::error!("sink {name}: epoch {}: {e:#}; retrying in {backoff:?}", batch.epoch);
                             tokio::time::sleep(backoff).await;
@@ -582,6 +587,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         let output = output.clone();
         let coordinator = coordinator.clone();
         let stop = stop.clone();
+        let health_front = health.clone();
         std::thread::Builder::new()
             .name("ingest".into())
             .spawn(move || -> Result<()> {
@@ -612,6 +618,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                     }
                 }
                 let _ = history_done.send(());
+                health_front.set_started();
                 output.dead(0, &dead);
                 loop {
                     if !batch.is_empty() || acks.lsn.is_some() || !acks.kafka.is_empty() {
@@ -657,7 +664,8 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
 
     if let (Some(listener), Some(hub)) = (listener, hub.clone()) {
         let render = Arc::new(move || recorder.render());
-        let app = crate::http::app(hub.clone(), render);
+        let h = health.clone();
+        let app = crate::http::app(hub.clone(), render, Arc::new(move || h.report()));
         let stop2 = stop.clone();
         let fatal2 = fatal.clone();
         let served = rt.block_on(async move {

@@ -34,13 +34,17 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    // Logs go to stderr: human-readable, or one JSON object per line with LLAMAFLOW_LOG_FORMAT=json.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LLAMAFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LLAMAFLOW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+        .with_env_filter(filter);
+    if std::env::var("LLAMAFLOW_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let result = match cli.cmd {
         Cmd::Run(args) => run::run(args),
         Cmd::Replay(args) => replay::replay(&args).map(|s| eprintln!("{}", s.line())),

@@ -1,0 +1,103 @@
+//! A sink outage in the running job: Redis stops mid-run; the job keeps retrying, reports
+//! itself degraded (`/readyz` 503, `/healthz` names the failing sink), and recovers by itself
+//! when Redis is back, writing what it held back.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Job(Child);
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// (status code, body) of a GET.
+fn get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn wait(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn redis_get(port: u16, key: &str) -> Option<String> {
+    let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/1"))
+        .ok()?
+        .get_connection()
+        .ok()?;
+    redis::cmd("GET")
+        .arg(key)
+        .query::<Option<String>>(&mut c)
+        .ok()
+        .flatten()
+}
+
+#[test]
+fn redis_outage_degrades_then_recovers_without_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = testkit::Redis::start(None);
+    let redis_port = redis.port;
+    let port = testkit::free_port();
+    let config = dir.path().join("llamaflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipeline]\nlisten = \"127.0.0.1:{port}\"\n\n[sources.demo]\nspeed = 60.0\nwarmup_minutes = 0\n\n\
+             [sinks]\nstdout = false\n\n[sinks.redis]\nurl = \"redis://127.0.0.1:{redis_port}/1\"\n\
+             max_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n"
+        ),
+    )
+    .unwrap();
+    let _job = Job(Command::new(env!("CARGO_BIN_EXE_llamaflow"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    wait("ready", Duration::from_secs(30), || get(port, "/readyz").0 == 200);
+    wait("gas values in Redis", Duration::from_secs(30), || {
+        redis_get(redis_port, "gas:ethereum").is_some()
+    });
+
+    redis.stop();
+    wait("degraded", Duration::from_secs(30), || get(port, "/readyz").0 == 503);
+    let (code, body) = get(port, "/healthz");
+    assert_eq!(code, 200, "liveness stays up");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "degraded");
+    assert_eq!(v["sinks"]["redis"]["status"], "failing");
+    let metrics = get(port, "/metrics").1;
+    assert!(metrics.contains("llamaflow_sink_up{sink=\"redis\"} 0"), "{metrics}");
+    std::thread::sleep(Duration::from_secs(2)); // the feed keeps producing meanwhile
+
+    let _redis = testkit::Redis::start_on(redis_port, None);
+    wait("ready again", Duration::from_secs(30), || get(port, "/readyz").0 == 200);
+    // What was held back during the outage is written: the latest ETH price lands again.
+    wait("values after recovery", Duration::from_secs(30), || {
+        redis_get(redis_port, "price:coingecko:ethereum").is_some() && redis_get(redis_port, "gas:ethereum").is_some()
+    });
+    let metrics = get(port, "/metrics").1;
+    assert!(metrics.contains("llamaflow_sink_up{sink=\"redis\"} 1"), "{metrics}");
+}
