@@ -33,39 +33,6 @@ fn psql(pg: &testkit::Postgres, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Debian's server refuses output plugins not listed in `output_plugin_libraries` (when that
-/// setting exists); list wal2json as an operator would.
-fn allow_wal2json(pg: &testkit::Postgres) {
-    if psql(
-        pg,
-        "SELECT count(*) FROM pg_settings WHERE name = 'output_plugin_libraries'",
-    ) != "1"
-    {
-        return;
-    }
-    let current = psql(pg, "SHOW output_plugin_libraries");
-    if current.contains("wal2json") {
-        return;
-    }
-    let mut libs: Vec<String> = current
-        .split(',')
-        .map(|l| l.trim().trim_matches('"'))
-        .filter(|l| !l.is_empty())
-        .map(|l| format!("'{l}'"))
-        .collect();
-    libs.push("'wal2json'".into());
-    psql(
-        pg,
-        &format!("ALTER SYSTEM SET output_plugin_libraries = {}", libs.join(", ")),
-    );
-    psql(pg, "SELECT pg_reload_conf()");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !psql(pg, "SHOW output_plugin_libraries").contains("wal2json") {
-        assert!(Instant::now() < deadline, "configuration reload");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn insert_rule(pg: &testkit::Postgres, id: &str, alert_type: &str, conditions: Value, webhook: Option<&str>) {
     let (channels, url) = match webhook {
         Some(u) => ("[\"websocket\",\"webhook\"]", format!("'{u}'")),
@@ -278,7 +245,7 @@ fn high_watermarks(brokers: &str) -> BTreeMap<i32, i64> {
 async fn kafka_cdc_export_to_postgres_redis_kafka_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let pg = testkit::Postgres::start();
-    allow_wal2json(&pg);
+    pg.allow_wal2json();
     let migrate = |expect: &str| {
         let out = Command::new(env!("CARGO_BIN_EXE_llamaflow"))
             .args(["migrate", "--database-url", &pg.url()])

@@ -22,6 +22,7 @@ pub mod jsonl;
 pub mod kafka;
 pub mod postgres;
 pub mod redis;
+pub mod retry;
 pub mod sqs;
 pub mod webhook;
 pub mod websocket;

@@ -170,6 +170,62 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// Runs one SQL statement with psql (errors stop it); returns the unaligned output
+    /// (`|`-separated columns, one row per line).
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new(pg_bin_dir().join("psql"))
+            .args([
+                &self.url(),
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-tA",
+                "-F",
+                "|",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+
+    /// Debian's server builds refuse logical-decoding output plugins not listed in
+    /// `output_plugin_libraries` (when that setting exists); list wal2json, as an operator
+    /// would, and wait for the reload.
+    pub fn allow_wal2json(&self) {
+        if self.psql("SELECT count(*) FROM pg_settings WHERE name = 'output_plugin_libraries'") != "1" {
+            return;
+        }
+        let current = self.psql("SHOW output_plugin_libraries");
+        if current.split(',').any(|l| l.trim().trim_matches('"') == "wal2json") {
+            return;
+        }
+        let mut libs: Vec<String> = current
+            .split(',')
+            .map(|l| l.trim().trim_matches('"'))
+            .filter(|l| !l.is_empty())
+            .map(|l| format!("'{l}'"))
+            .collect();
+        libs.push("'wal2json'".to_string());
+        self.psql(&format!(
+            "ALTER SYSTEM SET output_plugin_libraries = {}",
+            libs.join(", ")
+        ));
+        self.psql("SELECT pg_reload_conf()");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.psql("SHOW output_plugin_libraries").contains("wal2json") {
+            assert!(Instant::now() < deadline, "configuration reload");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops the server: SIGINT (fast shutdown) to the postmaster named in `postmaster.pid`
     /// (as root the child is `runuser`, not the postmaster), then reaps the child.
     pub fn stop(&mut self) {

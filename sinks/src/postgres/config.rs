@@ -74,29 +74,14 @@ impl RetryConfig {
     /// The backoff before attempt `failed + 1`, after `failed` (≥ 1) failed attempts, without
     /// jitter: `initial · 2^(failed−1)`, capped at `max`.
     pub fn backoff(&self, failed: u32) -> Duration {
-        let exp = failed.saturating_sub(1).min(30);
-        let ms = self
-            .initial_backoff_ms
-            .saturating_mul(1u64 << exp)
-            .min(self.max_backoff_ms);
-        Duration::from_millis(ms)
+        crate::retry::backoff(self.initial_backoff_ms, self.max_backoff_ms, failed)
     }
 
     /// [`backoff`](Self::backoff) scaled by a random factor in [0.5, 1) ("equal jitter"), so
     /// writers that failed together do not retry together.
     pub fn backoff_with_jitter(&self, failed: u32) -> Duration {
-        self.backoff(failed).mul_f64(0.5 + 0.5 * random_unit())
+        crate::retry::jittered(self.backoff(failed))
     }
-}
-
-/// A random number in [0, 1) from the standard library's per-process random hash keys.
-fn random_unit() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl Default for PgSinkConfig {

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
-use std::hash::{BuildHasher, Hasher};
-use std::time::{Duration, Instant};
+
+use std::time::Instant;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, Pipeline, RedisError, ServerErrorKind};
@@ -14,6 +14,7 @@ use schemas::{Event, EventData, Millis};
 
 use super::{RedisSinkConfig, RedisSinkError};
 use crate::OutputBatch;
+use crate::retry::{jittered, timeout};
 
 const SINK: &str = "redis";
 
@@ -197,27 +198,6 @@ fn is_transient(e: &RedisError) -> bool {
                     | ServerErrorKind::ReadOnly
             )
     )
-}
-
-/// A uniformly random number in [0, 1) (std's per-instance random hasher keys; no RNG crate).
-fn random_unit() -> f64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    h.write_u32(nanos);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// "Equal jitter": uniformly random in [d/2, d].
-pub(crate) fn jittered(d: Duration) -> Duration {
-    d / 2 + d.mul_f64(random_unit() / 2.0)
-}
-
-/// `Some(ms)` for a positive timeout, `None` (no timeout) for 0.
-fn timeout(ms: u64) -> Option<Duration> {
-    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 impl RedisSink {

@@ -11,9 +11,10 @@ use testkit::Redis;
 
 use schemas::{Alert, Event, EventData, Millis};
 
-use super::sink::{build_pipeline, jittered, newest_per_key};
+use super::sink::{build_pipeline, newest_per_key};
 use super::{RedisSink, RedisSinkConfig, RedisSinkError};
 use crate::OutputBatch;
+use crate::retry::jittered;
 
 const T0: Millis = 1_717_430_400_000;
 const WAIT: Duration = Duration::from_secs(10);

@@ -1,7 +1,6 @@
 //! The sink: sends alerts in `SendMessageBatch` calls of up to 10, in retry rounds.
 
-use std::hash::{BuildHasher, Hasher};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_sqs::Client;
@@ -17,6 +16,7 @@ use schemas::Alert;
 
 use super::{SqsSinkConfig, SqsSinkError};
 use crate::OutputBatch;
+use crate::retry::{jittered, timeout};
 
 const SINK: &str = "sqs";
 
@@ -120,27 +120,6 @@ fn classify(e: &SdkError<SendMessageBatchError>) -> CallFailure {
         // Future variants: sending again is the safe side (bounded by max_attempts).
         _ => CallFailure::Transient,
     }
-}
-
-/// A uniformly random number in [0, 1) (std's per-instance random hasher keys; no RNG crate).
-fn random_unit() -> f64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    h.write_u32(nanos);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// "Equal jitter": uniformly random in [d/2, d].
-pub(crate) fn jittered(d: Duration) -> Duration {
-    d / 2 + d.mul_f64(random_unit() / 2.0)
-}
-
-/// `Some(ms)` for a positive timeout, `None` (no timeout) for 0.
-fn timeout(ms: u64) -> Option<Duration> {
-    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 /// The result of one `SendMessageBatch` call; alerts are named by their index in the batch.

@@ -20,9 +20,10 @@ use testkit::Moto;
 
 use schemas::{Alert, Event, EventData, Millis};
 
-use super::sink::{entry, jittered};
+use super::sink::entry;
 use super::{SqsSink, SqsSinkConfig, SqsSinkError};
 use crate::OutputBatch;
+use crate::retry::jittered;
 
 const T0: Millis = 1_717_430_400_000;
 

@@ -1,7 +1,6 @@
 //! The sink: signed POSTs, bounded concurrency, per-delivery retries.
 
-use std::hash::{BuildHasher, Hasher};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
@@ -13,6 +12,7 @@ use schemas::Alert;
 
 use super::{WebhookConfig, WebhookError};
 use crate::OutputBatch;
+use crate::retry::jittered;
 
 const SINK: &str = "webhook";
 
@@ -68,22 +68,6 @@ enum AttemptError {
     Transient(String),
     /// Anything else: sending again cannot help.
     Permanent(String),
-}
-
-/// A uniformly random number in [0, 1) (std's per-instance random hasher keys; no RNG crate).
-fn random_unit() -> f64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    h.write_u32(nanos);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// "Equal jitter": uniformly random in [d/2, d].
-pub(crate) fn jittered(d: Duration) -> Duration {
-    d / 2 + d.mul_f64(random_unit() / 2.0)
 }
 
 /// An error and its sources, `: `-separated (reqwest's own message alone says little).

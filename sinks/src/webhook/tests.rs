@@ -16,9 +16,9 @@ use sha2::Sha256;
 
 use schemas::{Alert, Millis};
 
-use super::sink::jittered;
 use super::{WebhookConfig, WebhookError, WebhookSink, sign, webhook_target};
 use crate::OutputBatch;
+use crate::retry::jittered;
 
 const T0: Millis = 1_717_430_400_000;
 const SECRET: &str = "whsec_test_0123456789";

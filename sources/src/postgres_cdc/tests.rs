@@ -1,7 +1,6 @@
 //! Integration tests against a private PostgreSQL (testkit) with wal2json. Changes are made
 //! with `psql` or a separate connection; slot state is read from `pg_replication_slots`.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use schemas::Record;
@@ -12,42 +11,20 @@ use crate::live::{Ack, Change, LiveItem};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn psql_url(url: &str, sql: &str) -> String {
-    let out = Command::new(testkit::pg_bin_dir().join("psql"))
-        .args([url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-tA", "-F", "|", "-c", sql])
-        .output()
-        .expect("run psql");
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
-}
-
-/// A [`testkit::Postgres`] whose drop really stops the server: when the tests run as root,
-/// testkit starts the server under `runuser` and kills only `runuser`, which leaves the
-/// postmaster running. This guard signals the postmaster itself (fast shutdown).
+/// A private server with the llamaflow tables, where wal2json may be used.
 struct Pg {
     pg: testkit::Postgres,
-    postmaster: Option<u32>,
 }
 
 impl Pg {
     /// A server with the llamaflow tables, where wal2json may be used as an output plugin.
     fn start() -> Pg {
         let pg = testkit::Postgres::start();
-        let dir = psql_url(&pg.url(), "SHOW data_directory");
-        let postmaster = std::fs::read_to_string(std::path::Path::new(&dir).join("postmaster.pid"))
-            .ok()
-            .and_then(|s| s.lines().next()?.trim().parse().ok());
-        assert!(postmaster.is_some(), "postmaster.pid in {dir}");
-        let pg = Pg { pg, postmaster };
-        allow_wal2json(&pg);
+        pg.allow_wal2json();
         for (_, sql) in schemas::migrations::ALL {
-            psql_url(&pg.url(), sql);
+            pg.psql(sql);
         }
-        pg
+        Pg { pg }
     }
 
     fn url(&self) -> String {
@@ -55,7 +32,7 @@ impl Pg {
     }
 
     fn sql(&self, sql: &str) -> String {
-        psql_url(&self.url(), sql)
+        self.pg.psql(sql)
     }
 
     fn slot_confirmed(&self, slot: &str) -> u64 {
@@ -63,45 +40,6 @@ impl Pg {
             "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"
         ));
         parse_lsn(&s).expect("slot exists")
-    }
-}
-
-impl Drop for Pg {
-    fn drop(&mut self) {
-        if let Some(pid) = self.postmaster.take() {
-            let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
-        }
-        self.pg.stop();
-    }
-}
-
-/// Servers built with `output_plugin_libraries` (this machine's Debian build) refuse output
-/// plugins not listed there; list wal2json, as an operator would.
-fn allow_wal2json(pg: &Pg) {
-    let known = pg.sql("SELECT count(*) FROM pg_settings WHERE name = 'output_plugin_libraries'");
-    if known != "1" {
-        return;
-    }
-    let current = pg.sql("SHOW output_plugin_libraries");
-    if current.split(',').any(|l| l.trim() == "wal2json") {
-        return;
-    }
-    let mut libs: Vec<String> = current
-        .split(',')
-        .map(|l| l.trim().trim_matches('"'))
-        .filter(|l| !l.is_empty())
-        .map(|l| format!("'{l}'"))
-        .collect();
-    libs.push("'wal2json'".to_string());
-    pg.sql(&format!(
-        "ALTER SYSTEM SET output_plugin_libraries = {}",
-        libs.join(", ")
-    ));
-    pg.sql("SELECT pg_reload_conf()");
-    let deadline = Instant::now() + WAIT;
-    while !pg.sql("SHOW output_plugin_libraries").contains("wal2json") {
-        assert!(Instant::now() < deadline, "configuration reload");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
