@@ -268,20 +268,6 @@ impl Default for SinksSection {
     }
 }
 
-/// Parses a record kind as written in configs and flags.
-pub fn parse_kind(s: &str) -> Option<Kind> {
-    Some(match s {
-        "prices" | "price" => Kind::Price,
-        "tvl" => Kind::Tvl,
-        "transfers" | "transfer" => Kind::Transfer,
-        "gas" => Kind::Gas,
-        "liquidations" | "liquidation" => Kind::Liquidation,
-        "protocols" | "protocol" => Kind::Protocol,
-        "rules" | "rule" => Kind::Rule,
-        _ => return None,
-    })
-}
-
 /// 1-based line and column of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -422,7 +408,7 @@ impl Config {
             return Err(err("pipeline.batch_max", "must be at least 1".into()));
         }
         for (i, f) in self.sources.files.iter().enumerate() {
-            if parse_kind(&f.kind).is_none() {
+            if Kind::parse(&f.kind).is_none() {
                 return Err(err(
                     &format!("sources.files[{i}].kind"),
                     format!(

@@ -25,7 +25,7 @@ use sources::live::{Ack, Change, LiveItem};
 use sources::{Input, demo};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, DemoSection, parse_kind};
+use crate::config::{Config, DemoSection};
 use crate::engine::{Engine, Output};
 use crate::replay::{Merge, Source};
 
@@ -344,7 +344,7 @@ impl Front {
 async fn history(cfg: &Config) -> Result<Vec<Source>> {
     let mut out: Vec<Source> = Vec::new();
     for f in cfg.sources.files.iter().filter(|f| !f.follow) {
-        let kind = parse_kind(&f.kind).unwrap_or(Kind::Price);
+        let kind = Kind::parse(&f.kind).unwrap_or(Kind::Price);
         out.push(Box::new(
             sources::files::open(&f.path, kind).map_err(|e| crate::UsageError(e.to_string()))?,
         ));
@@ -505,7 +505,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
             .map(|f| {
                 (
                     f.path.clone(),
-                    parse_kind(&f.kind).unwrap_or(Kind::Price),
+                    Kind::parse(&f.kind).unwrap_or(Kind::Price),
                     f.start_offset,
                 )
             })

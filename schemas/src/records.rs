@@ -37,6 +37,22 @@ impl Kind {
         Kind::Transfer,
     ];
 
+    /// Parses a kind as written in configs and topic maps: `prices`/`price`, `tvl`,
+    /// `transfers`/`transfer`, `gas`, `liquidations`/`liquidation`, `protocols`/`protocol`,
+    /// `rules`/`rule`.
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "prices" | "price" => Kind::Price,
+            "tvl" => Kind::Tvl,
+            "transfers" | "transfer" => Kind::Transfer,
+            "gas" => Kind::Gas,
+            "liquidations" | "liquidation" => Kind::Liquidation,
+            "protocols" | "protocol" => Kind::Protocol,
+            "rules" | "rule" => Kind::Rule,
+            _ => return None,
+        })
+    }
+
     /// Lower-case name used in metrics, CLI flags and messages.
     pub fn name(self) -> &'static str {
         match self {

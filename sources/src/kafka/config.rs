@@ -81,25 +81,11 @@ pub fn default_topics() -> BTreeMap<Kind, String> {
     .collect()
 }
 
-/// The kind named by a `topics` key.
-fn kind_by_name(name: &str) -> Option<Kind> {
-    Some(match name {
-        "prices" | "price" => Kind::Price,
-        "tvl" => Kind::Tvl,
-        "transfers" | "transfer" => Kind::Transfer,
-        "gas" => Kind::Gas,
-        "liquidations" | "liquidation" => Kind::Liquidation,
-        "protocols" | "protocol" => Kind::Protocol,
-        "rules" | "rule" => Kind::Rule,
-        _ => return None,
-    })
-}
-
 fn deserialize_topics<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<Kind, String>, D::Error> {
     let given = BTreeMap::<String, String>::deserialize(d)?;
     let mut topics = default_topics();
     for (name, topic) in given {
-        let kind = kind_by_name(&name).ok_or_else(|| {
+        let kind = Kind::parse(&name).ok_or_else(|| {
             serde::de::Error::custom(format!(
                 "unknown record kind `{name}` in `topics` (expected prices, tvl, transfers, gas, liquidations, \
                  protocols or rules)"
