@@ -75,7 +75,7 @@ fn pg_command(bin: &Path, as_postgres: bool) -> Command {
 
 /// A private PostgreSQL cluster (`wal_level=logical`, trust auth, superuser `postgres`).
 pub struct Postgres {
-    child: Child,
+    child: Option<Child>,
     /// Port on 127.0.0.1.
     pub port: u16,
     data: PathBuf,
@@ -112,12 +112,30 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = free_port();
+        let mut pg = Postgres {
+            child: None,
+            port: free_port(),
+            data,
+            _dir: dir,
+        };
+        pg.launch();
+        pg
+    }
+
+    /// Starts the server process on this cluster's data and port and waits until it answers.
+    fn launch(&mut self) {
+        let bin = pg_bin_dir();
+        let root = is_root();
+        let sockets = self
+            .data
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(std::env::temp_dir);
         let child = pg_command(&bin.join("postgres"), root)
             .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-k"])
-            .arg(dir.path())
+            .arg(&self.data)
+            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1", "-k"])
+            .arg(sockets)
             .args([
                 "-c",
                 "wal_level=logical",
@@ -138,21 +156,16 @@ impl Postgres {
             .stderr(Stdio::null())
             .spawn()
             .expect("start postgres");
-        let mut pg = Postgres {
-            child,
-            port,
-            data,
-            _dir: dir,
-        };
-        if !wait_for_port(port, Duration::from_secs(30)) {
-            kill(&mut pg.child);
-            panic!("postgres did not start on port {port}");
+        self.child = Some(child);
+        if !wait_for_port(self.port, Duration::from_secs(30)) {
+            self.stop();
+            panic!("postgres did not start on port {}", self.port);
         }
         // Accepting TCP is not quite ready for queries during recovery; wait for pg_isready.
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let ok = Command::new(bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
                 .stdout(Stdio::null())
                 .status()
                 .map(|s| s.success())
@@ -162,7 +175,12 @@ impl Postgres {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        pg
+    }
+
+    /// Starts a stopped server again on the same data and port (outage tests).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/postgres`.
@@ -239,7 +257,9 @@ impl Postgres {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        kill(&mut self.child);
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c);
+        }
     }
 }
 
@@ -365,6 +385,12 @@ mod tests {
             .output()
             .expect("psql");
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "logical");
+        pg.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (7)");
+        let mut pg = pg;
+        pg.stop();
+        assert!(TcpStream::connect(("127.0.0.1", pg.port)).is_err(), "stopped");
+        pg.restart();
+        assert_eq!(pg.psql("SELECT x FROM t"), "7", "restart keeps the data");
         let r = Redis::start(None);
         let mut s = TcpStream::connect(("127.0.0.1", r.port)).expect("redis accepts");
         use std::io::{Read, Write};
