@@ -218,9 +218,14 @@ fn alert_ids_in_topic(brokers: &str) -> Vec<String> {
 }
 
 fn committed_offsets(brokers: &str) -> BTreeMap<i32, i64> {
+    committed_offsets_of(brokers, "e2e")
+}
+
+/// Offsets the consumer group `group` committed on the 3 `prices` partitions.
+fn committed_offsets_of(brokers: &str, group: &str) -> BTreeMap<i32, i64> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", "e2e")
+        .set("group.id", group)
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
@@ -230,7 +235,7 @@ fn committed_offsets(brokers: &str) -> BTreeMap<i32, i64> {
     let got = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
     got.elements()
         .iter()
-        .filter_map(|e| e.offset().to_raw().map(|o| (e.partition(), o)))
+        .filter_map(|e| e.offset().to_raw().filter(|o| *o >= 0).map(|o| (e.partition(), o)))
         .collect()
 }
 
@@ -573,5 +578,86 @@ allow_anonymous = false
     assert!(
         sqs_alerts(&moto, &queue_url).is_empty(),
         "FIFO dedup: nothing new in SQS after the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_broker_outage_resumes_from_the_right_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = MockCluster::new(1).unwrap();
+    for t in ["prices", "tvl", "transfers", "gas", "liquidations"] {
+        cluster.create_topic(t, 3, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let rules = dir.path().join("rules.jsonl");
+    std::fs::write(
+        &rules,
+        json!({"id": "x", "user_id": "u", "alert_type": "price_threshold", "throttle_minutes": 0,
+            "conditions": {"coin": "coingecko:ethereum", "operator": ">", "value": 3000}})
+        .to_string()
+            + "\n",
+    )
+    .unwrap();
+    let alerts = dir.path().join("alerts.jsonl");
+    let config = dir.path().join("llamaflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipeline]\nlisten = \"127.0.0.1:{port}\"\n\n[[sources.files]]\nkind = \"rules\"\npath = \"{rules}\"\n\n\
+             [sources.kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"outage\"\nextra = {{ \"reconnect.backoff.max.ms\" = \"200\" }}\n\n\
+             [sinks]\nstdout = false\n\n[sinks.jsonl]\nalerts = \"{alerts}\"\n",
+            port = testkit::free_port(),
+            rules = rules.display(),
+            alerts = alerts.display()
+        ),
+    )
+    .unwrap();
+    let eth = "coingecko:ethereum";
+    let stdout = dir.path().join("stdout");
+    let job = start_job(&config, &stdout);
+    let fired = || std::fs::read_to_string(&alerts).unwrap_or_default().lines().count();
+    // Crossings alternate: every second tick crosses 3000 upwards.
+    let mut t = T0;
+    for _ in 0..3 {
+        price(&producer, eth, 2900.0, t).await;
+        price(&producer, eth, 3100.0, t + 60).await;
+        t += 120;
+    }
+    wait_until("alerts before the outage", Duration::from_secs(60), || fired() == 3);
+    cluster.broker_down(1).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.broker_up(1).unwrap();
+    for _ in 0..3 {
+        price(&producer, eth, 2900.0, t).await;
+        price(&producer, eth, 3100.0, t + 60).await;
+        t += 120;
+    }
+    wait_until("alerts after the outage", Duration::from_secs(60), || fired() == 6);
+    let mut hw = high_watermarks(&brokers);
+    hw.retain(|_, end| *end > 0); // empty partitions have nothing to commit
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = committed_offsets_of(&brokers, "outage");
+        if got == hw {
+            break;
+        }
+        assert!(Instant::now() < deadline, "committed {got:?}, end {hw:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop_job(job);
+    let times: Vec<i64> = std::fs::read_to_string(&alerts)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["triggered_at"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        times,
+        (0..6).map(|i| T0 + 60 + 120 * i).collect::<Vec<_>>(),
+        "each crossing exactly once, in order"
     );
 }
