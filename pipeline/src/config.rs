@@ -564,6 +564,29 @@ mod tests {
     }
 
     #[test]
+    fn the_compose_stack_config_is_valid() {
+        // SAFETY: only this test reads these variables.
+        unsafe {
+            for (k, v) in [
+                ("PREMIUM_DB", "postgres://llamaflow@postgres/llamaflow"),
+                ("LLAMAFLOW_WS_API_KEY", "k"),
+                ("AWS_ACCESS_KEY_ID", "testing"),
+                ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ] {
+                if std::env::var(k).is_err() {
+                    std::env::set_var(k, v);
+                }
+            }
+        }
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/llamaflow.compose.toml"));
+        let c = Config::load(path).unwrap();
+        assert!(c.sources.kafka.is_some() && c.sources.postgres_cdc.is_some());
+        assert!(
+            c.sinks.redis.is_some() && c.sinks.postgres.is_some() && c.sinks.kafka.is_some() && c.sinks.sqs.is_some()
+        );
+    }
+
+    #[test]
     fn defaults() {
         let c = parse("[sources.demo]\n").unwrap();
         assert_eq!(c.pipeline.workers, 2);
