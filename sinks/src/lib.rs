@@ -24,5 +24,7 @@ pub mod postgres;
 pub mod redis;
 pub mod retry;
 pub mod sqs;
+#[cfg(test)]
+mod test_support;
 pub mod webhook;
 pub mod websocket;

@@ -1,10 +1,12 @@
 //! Tests against real `redis-server`s (testkit), read back through separate connections.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::DebuggingRecorder;
+
+use crate::test_support::metrics_of;
 use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 use serde_json::{Value, json};
 use testkit::Redis;
@@ -133,23 +135,6 @@ fn keys(con: &mut redis::Connection) -> BTreeSet<String> {
 
 fn assert_ttl(key: &str, ttl: i64, max: i64) {
     assert!(ttl > 0 && ttl <= max, "{key}: TTL {ttl} not in (0, {max}]");
-}
-
-/// Counters (`name[labels]` → value) and histogram sample counts of a local recorder.
-fn metrics_of(snap: &Snapshotter) -> (HashMap<String, u64>, HashMap<String, usize>) {
-    let mut counters = HashMap::new();
-    let mut histograms = HashMap::new();
-    for (key, _, _, value) in snap.snapshot().into_vec() {
-        let key = key.key();
-        let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
-        let name = format!("{}{labels:?}", key.name());
-        match value {
-            DebugValue::Counter(n) => *counters.entry(name).or_insert(0) += n,
-            DebugValue::Histogram(v) => *histograms.entry(name).or_insert(0) += v.len(),
-            DebugValue::Gauge(_) => {}
-        }
-    }
-    (counters, histograms)
 }
 
 /// Starts `redis-server` again on `port` without blocking the runtime.

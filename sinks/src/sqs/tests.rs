@@ -1,7 +1,7 @@
 //! Tests against a real moto server (testkit), read back with boto3 from moto's venv — a client
 //! independent of the sink's SDK.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
@@ -14,7 +14,9 @@ use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::DebuggingRecorder;
+
+use crate::test_support::metrics_of;
 use serde_json::{Value, json};
 use testkit::Moto;
 
@@ -134,23 +136,6 @@ fn cfg(moto: &Moto, queue_url: &str) -> SqsSinkConfig {
         secret_access_key: Some("testing".to_string()),
         ..SqsSinkConfig::default()
     }
-}
-
-/// Counters (`name[labels]` → value) and histogram sample counts of a local recorder.
-fn metrics_of(snap: &Snapshotter) -> (HashMap<String, u64>, HashMap<String, usize>) {
-    let mut counters = HashMap::new();
-    let mut histograms = HashMap::new();
-    for (key, _, _, value) in snap.snapshot().into_vec() {
-        let key = key.key();
-        let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
-        let name = format!("{}{labels:?}", key.name());
-        match value {
-            DebugValue::Counter(n) => *counters.entry(name).or_insert(0) += n,
-            DebugValue::Histogram(v) => *histograms.entry(name).or_insert(0) += v.len(),
-            DebugValue::Gauge(_) => {}
-        }
-    }
-    (counters, histograms)
 }
 
 /// Current-thread runtime, so the thread-local recorder sees every metric of the sink.

@@ -11,7 +11,9 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use hmac::{Hmac, Mac};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::DebuggingRecorder;
+
+use crate::test_support::metrics_of;
 use sha2::Sha256;
 
 use schemas::{Alert, Millis};
@@ -154,23 +156,6 @@ fn cfg() -> WebhookConfig {
         timeout_ms: 2000,
         ..WebhookConfig::default()
     }
-}
-
-/// Counters (`name[labels]` → value) and histogram sample counts of a local recorder.
-fn metrics_of(snap: &Snapshotter) -> (HashMap<String, u64>, HashMap<String, usize>) {
-    let mut counters = HashMap::new();
-    let mut histograms = HashMap::new();
-    for (key, _, _, value) in snap.snapshot().into_vec() {
-        let key = key.key();
-        let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
-        let name = format!("{}{labels:?}", key.name());
-        match value {
-            DebugValue::Counter(n) => *counters.entry(name).or_insert(0) += n,
-            DebugValue::Histogram(v) => *histograms.entry(name).or_insert(0) += v.len(),
-            DebugValue::Gauge(_) => {}
-        }
-    }
-    (counters, histograms)
 }
 
 fn header<'a>(r: &'a Received, name: &str) -> &'a str {
