@@ -6,6 +6,7 @@
 //! `prod-table` and `prod-coins-table`.
 
 pub mod dynamo;
+pub mod env;
 pub mod migrations;
 pub mod output;
 pub mod parse;

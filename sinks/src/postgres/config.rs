@@ -5,20 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// The environment variables holding the database URL, in order of preference (SPEC §6).
-pub const URL_VARS: [&str; 3] = ["PREMIUM_DB", "ALERTS_DB", "DATABASE_URL"];
-
-/// The first of `PREMIUM_DB`, `ALERTS_DB`, `DATABASE_URL` that is set and not empty.
-pub fn url_from_env() -> Option<String> {
-    url_from_vars(|name| std::env::var(name).ok())
-}
-
-/// As [`url_from_env`], reading variables through `var`.
-pub fn url_from_vars(var: impl Fn(&str) -> Option<String>) -> Option<String> {
-    URL_VARS
-        .iter()
-        .find_map(|name| var(name).filter(|v| !v.trim().is_empty()))
-}
+pub use schemas::env::{URL_VARS, redact_url, url_from_env, url_from_vars};
 
 /// Where and how the Postgres sink writes.
 ///
@@ -107,18 +94,6 @@ impl fmt::Debug for PgSinkConfig {
             .field("write_tvl", &self.write_tvl)
             .field("retry", &self.retry)
             .finish()
-    }
-}
-
-/// A URL with its userinfo (user and password) replaced by `<redacted>`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "<redacted>".to_string();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
-        None => url.to_string(),
     }
 }
 

@@ -5,17 +5,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use schemas::env::{URL_VARS, redact_url, url_from_env};
+
 use super::CdcError;
-
-/// The environment variables holding the database URL, in order of preference (SPEC §6).
-pub const URL_VARS: [&str; 3] = ["PREMIUM_DB", "ALERTS_DB", "DATABASE_URL"];
-
-/// The first of `PREMIUM_DB`, `ALERTS_DB`, `DATABASE_URL` that is set and not empty.
-pub fn url_from_env() -> Option<String> {
-    URL_VARS
-        .iter()
-        .find_map(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))
-}
 
 /// A table the CDC source can read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -126,18 +118,6 @@ impl fmt::Debug for CdcConfig {
             .field("max_changes_per_poll", &self.max_changes_per_poll)
             .field("snapshot", &self.snapshot)
             .finish()
-    }
-}
-
-/// A URL with its userinfo (user and password) replaced by `<redacted>`.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "<redacted>".to_string();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
-        None => url.to_string(),
     }
 }
 
