@@ -68,13 +68,45 @@ fn push_point(h: &mut History, t: Millis, v: f64) {
     }
 }
 
+/// Arrival-order gate of a series whose records are identified by content (transfers,
+/// liquidations): older than the newest accepted is late; identical to one accepted at the
+/// newest timestamp is a duplicate.
+#[derive(Default, Debug)]
+struct SeriesGate {
+    last_ts: Option<Millis>,
+    ids_at_last_ts: Vec<String>,
+}
+
+/// What a [`SeriesGate`] says of a record.
+enum Gate {
+    Accept,
+    Late,
+    Duplicate,
+}
+
+impl SeriesGate {
+    fn admit(&mut self, ts: Millis, identity: &str) -> Gate {
+        match self.last_ts {
+            Some(last) if ts < last => return Gate::Late,
+            Some(last) if ts == last => {
+                if self.ids_at_last_ts.iter().any(|i| i == identity) {
+                    return Gate::Duplicate;
+                }
+            }
+            _ => self.ids_at_last_ts.clear(),
+        }
+        self.ids_at_last_ts.push(identity.to_string());
+        self.last_ts = Some(ts);
+        Gate::Accept
+    }
+}
+
 #[derive(Default, Debug)]
 struct CoinState {
     last_price_ts: Option<Millis>,
     history: History,
     symbol: Option<String>,
-    last_transfer_ts: Option<Millis>,
-    transfers_at_last_ts: Vec<String>,
+    transfers: SeriesGate,
 }
 
 #[derive(Debug)]
@@ -92,8 +124,7 @@ struct ProtocolState {
     total_hist: History,
     extra: BTreeMap<String, f64>,
     pending: Option<PendingTotal>,
-    last_liq_ts: Option<Millis>,
-    liqs_at_last_ts: Vec<String>,
+    liquidations: SeriesGate,
 }
 
 #[derive(Default, Debug)]
@@ -350,17 +381,11 @@ impl KeyedState {
             tr.to.as_deref().unwrap_or(""),
             tr.amount
         );
-        match st.last_transfer_ts {
-            Some(last) if tr.timestamp < last => return Self::late(pos, Record::Transfer(tr), out),
-            Some(last) if tr.timestamp == last => {
-                if st.transfers_at_last_ts.contains(&identity) {
-                    return count_ignored("duplicate");
-                }
-            }
-            _ => st.transfers_at_last_ts.clear(),
+        match st.transfers.admit(tr.timestamp, &identity) {
+            Gate::Late => return Self::late(pos, Record::Transfer(tr), out),
+            Gate::Duplicate => return count_ignored("duplicate"),
+            Gate::Accept => {}
         }
-        st.transfers_at_last_ts.push(identity.clone());
-        st.last_transfer_ts = Some(tr.timestamp);
         let Some(px) = as_of(&st.history, tr.timestamp) else {
             return;
         };
@@ -568,17 +593,11 @@ impl KeyedState {
             l.amount_usd,
             l.timestamp
         );
-        match st.last_liq_ts {
-            Some(last) if l.timestamp < last => return Self::late(pos, Record::Liquidation(l), out),
-            Some(last) if l.timestamp == last => {
-                if st.liqs_at_last_ts.contains(&identity) {
-                    return count_ignored("duplicate");
-                }
-            }
-            _ => st.liqs_at_last_ts.clear(),
+        match st.liquidations.admit(l.timestamp, &identity) {
+            Gate::Late => return Self::late(pos, Record::Liquidation(l), out),
+            Gate::Duplicate => return count_ignored("duplicate"),
+            Gate::Accept => {}
         }
-        st.liqs_at_last_ts.push(identity.clone());
-        st.last_liq_ts = Some(l.timestamp);
         let label = st.name.clone().unwrap_or_else(|| l.protocol_id.clone());
         let mut info = None;
         let rules = RuleIndex::for_key(&self.rules.protocol, &l.protocol_id)

@@ -101,7 +101,7 @@ async fn subscribe(c: &mut Client, channels: &[&str]) {
     assert_eq!(recv(c).await, json!({"type": "subscribed", "channels": channels}));
 }
 
-fn price(coin: &str, p: f64, ts: i64) -> Event {
+pub(super) fn price(coin: &str, p: f64, ts: i64) -> Event {
     Event {
         subject: coin.to_string(),
         timestamp: ts,
@@ -118,7 +118,7 @@ fn price(coin: &str, p: f64, ts: i64) -> Event {
     }
 }
 
-fn alert(user: &str, id: &str) -> Alert {
+pub(super) fn alert(user: &str, id: &str) -> Alert {
     Alert {
         alert_id: id.to_string(),
         rule_id: format!("rule-{user}"),

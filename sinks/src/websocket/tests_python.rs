@@ -3,6 +3,7 @@
 //! The interpreter is `$LLAMAFLOW_VENV/bin/python` when that is set, else `python3`; it needs
 //! `websockets` (`python3 -m venv "$LLAMAFLOW_VENV" && "$LLAMAFLOW_VENV/bin/pip" install websockets`).
 
+use super::tests::alert;
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -13,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
-use schemas::{Alert, Event, EventData};
+use schemas::{Event, EventData};
 
 use super::{Hub, WsConfig, router};
 
@@ -39,38 +40,9 @@ impl Drop for Script {
     }
 }
 
+/// The ETH tick every frame assertion below refers to.
 fn price() -> Event {
-    let ts = 1_717_430_350_000;
-    Event {
-        subject: "coingecko:ethereum".into(),
-        timestamp: ts,
-        data: EventData::PriceUpdate {
-            coin: "coingecko:ethereum".into(),
-            price: 3791.12,
-            symbol: Some("ETH".into()),
-            confidence: Some(0.99),
-            decimals: Some(18),
-            timestamp: ts,
-            change_1h: Some(-1.25),
-            change_24h: None,
-        },
-    }
-}
-
-fn alert(user: &str, id: &str) -> Alert {
-    Alert {
-        alert_id: id.to_string(),
-        rule_id: format!("rule-{user}"),
-        user_id: user.to_string(),
-        alert_type: "price_change".into(),
-        subject: "coingecko:ethereum".into(),
-        triggered_at: 1_717_430_400_000,
-        value: -5.31,
-        threshold: 5.0,
-        message: "ETH -5.31% in 1h".into(),
-        channels: vec!["websocket".into()],
-        webhook_url: None,
-    }
+    super::tests::price("coingecko:ethereum", 3791.12, 1_717_430_350_000)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
