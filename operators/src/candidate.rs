@@ -144,7 +144,7 @@ impl Candidate {
 
 /// Per-rule throttle: after a rule fires at event time t it does not fire again for records
 /// with timestamp < t + throttle. Feed matches of one rule in `seq` order.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Serialize, Deserialize)]
 pub struct Throttle {
     last_fired: HashMap<String, Millis>,
 }

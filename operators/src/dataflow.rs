@@ -20,6 +20,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::{Map, Partition};
 
 use crate::candidate::{Candidate, Throttle};
+use crate::checkpoint::{Checkpointing, Encode, Part, Snapshots};
 use crate::config::OpConfig;
 use crate::envelope::{Envelope, Item, Key, mix};
 use crate::state::{KeyedOut, KeyedState};
@@ -34,19 +35,48 @@ pub struct Outputs<'scope> {
     pub dead: StreamVec<'scope, u64, DeadLetter>,
 }
 
-/// Runs `logic` once per epoch with all of that epoch's data, after the input frontier has
-/// passed the epoch; epochs are handled in increasing order.
-fn per_epoch<'scope, D, O, P, F>(
+/// Snapshot duty of a stateful operator: where to deposit, as which part of which worker.
+struct SnapDuty {
+    snapshots: Snapshots,
+    worker: usize,
+    part: Part,
+    /// The last epoch snapshotted.
+    last: Option<u64>,
+}
+
+impl SnapDuty {
+    /// Deposits `state` for every requested epoch before `before` not yet snapshotted: the
+    /// caller has processed every epoch before `before` and none after.
+    fn take_due<S: Encode>(&mut self, before: u64, state: &S) {
+        for epoch in self.snapshots.due(self.last, before) {
+            match state.encode() {
+                Ok(bytes) => self.snapshots.deposit(epoch, self.worker, self.part, bytes),
+                // Never happens for these plain structs; the checkpoint then stays incomplete
+                // (and the pipeline reports its growing checkpoint age).
+                Err(_) => metrics::counter!("llamaflow_checkpoint_errors_total", "stage" => "encode").increment(1),
+            }
+            self.last = Some(epoch);
+        }
+    }
+}
+
+/// Runs `logic` on `state` once per epoch with all of that epoch's data, after the input
+/// frontier has passed the epoch; epochs are handled in increasing order. With a snapshot
+/// duty, the state is encoded at every requested epoch boundary.
+fn per_epoch<'scope, D, O, P, S, F>(
     stream: StreamVec<'scope, u64, D>,
     pact: P,
     name: &str,
+    mut state: S,
+    mut duty: Option<SnapDuty>,
     mut logic: F,
 ) -> StreamVec<'scope, u64, O>
 where
     D: 'static,
     O: 'static,
     P: ParallelizationContract<u64, Vec<D>>,
-    F: FnMut(Vec<D>, &mut Vec<O>) + 'static,
+    S: Encode + 'static,
+    F: FnMut(&mut S, Vec<D>, &mut Vec<O>) + 'static,
 {
     stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(pact, name, move |_cap, _info| {
         let mut stash: BTreeMap<u64, (Capability<u64>, Vec<D>)> = BTreeMap::new();
@@ -70,24 +100,49 @@ where
                 if frontier.less_equal(first.key()) {
                     break;
                 }
+                if let Some(d) = duty.as_mut() {
+                    d.take_due(*first.key(), &state);
+                }
                 let (cap, data) = first.remove();
-                logic(data, &mut out);
+                logic(&mut state, data, &mut out);
                 if !out.is_empty() {
                     output.session(&cap).give_iterator(out.drain(..));
                 }
+            }
+            if let Some(d) = duty.as_mut() {
+                // Every epoch before the frontier is processed (an empty frontier: all of them).
+                let passed = frontier.frontier().iter().min().copied().unwrap_or(u64::MAX);
+                d.take_due(passed, &state);
             }
         }
     })
 }
 
 /// Builds the dataflow on a stream of envelopes (from [`crate::Sequencer`]).
-pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig) -> Outputs<'scope> {
-    let mut state = KeyedState::new(cfg);
+///
+/// With `ckpt.restore` the operators start from restored state; with `ckpt.snapshots` they
+/// deposit their state at every requested epoch (see [`crate::checkpoint`]).
+pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckpt: Checkpointing) -> Outputs<'scope> {
+    let worker = input.scope().index();
+    let duty = |part| {
+        ckpt.snapshots.clone().map(|snapshots| SnapDuty {
+            snapshots,
+            worker,
+            part,
+            last: None,
+        })
+    };
+    let (keyed_state, throttle) = match ckpt.restore {
+        Some(r) => (r.keyed, r.throttle),
+        None => (KeyedState::new(cfg), Throttle::default()),
+    };
     let keyed = per_epoch(
         input,
         Exchange::new(|e: &Envelope| e.route),
         "Keyed",
-        move |mut batch, out| {
+        keyed_state,
+        duty(Part::Keyed),
+        move |state, mut batch, out| {
             // A rule moving between keys is deleted (same seq) before it is re-inserted.
             batch.sort_by_key(|e: &Envelope| (e.seq, !matches!(e.item, Item::DeleteRule(_))));
             for env in batch {
@@ -117,13 +172,14 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig) -> 
         KeyedOut::Dead(d) => Some(d),
         _ => None,
     });
-    let mut throttle = Throttle::default();
     let rule_route = |c: &Candidate| mix(Key::Chain(&c.rule.id).hash());
     let fired = per_epoch(
         candidates,
         Exchange::new(rule_route),
         "Throttle",
-        move |mut batch, out| {
+        throttle,
+        duty(Part::Throttle),
+        move |throttle, mut batch, out| {
             batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
             out.extend(batch.into_iter().filter(|c| throttle.admit(c)));
         },
@@ -132,7 +188,9 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig) -> 
         fired,
         Exchange::new(|_: &Candidate| 0),
         "OrderAlerts",
-        |mut batch, out| {
+        (),
+        None,
+        |_, mut batch, out| {
             batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
             out.extend(batch.into_iter().map(Candidate::into_alert));
         },

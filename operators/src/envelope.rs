@@ -90,7 +90,7 @@ pub fn rule_key(rule: &AlertRule) -> Option<Key<'_>> {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Route {
     One(u64),
     All,
@@ -98,7 +98,7 @@ enum Route {
 
 /// Stamps records with sequence numbers and routes, and keeps rules routed consistently:
 /// a rule whose key changes is deleted where it lived before being inserted where it goes.
-#[derive(Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Sequencer {
     workers: u64,
     next_seq: u64,

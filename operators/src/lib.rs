@@ -6,12 +6,14 @@
 //! sequential code the dataflow runs epoch by epoch.
 
 mod candidate;
+pub mod checkpoint;
 mod config;
 mod dataflow;
 mod envelope;
 mod format;
 mod state;
 
+pub use checkpoint::{Checkpointing, Snapshots, WorkerState};
 pub use candidate::{Candidate, Detail, RecordInfo, Throttle};
 pub use config::OpConfig;
 pub use dataflow::{Outputs, build};

@@ -13,7 +13,10 @@ use schemas::{
     SourcePos, Transfer, TvlUpdate,
 };
 
+use serde::{Deserialize, Serialize};
+
 use crate::candidate::{Candidate, Detail, RecordInfo};
+use crate::checkpoint::CheckpointError;
 use crate::config::OpConfig;
 use crate::envelope::{Envelope, Item};
 
@@ -71,7 +74,7 @@ fn push_point(h: &mut History, t: Millis, v: f64) {
 /// Arrival-order gate of a series whose records are identified by content (transfers,
 /// liquidations): older than the newest accepted is late; identical to one accepted at the
 /// newest timestamp is a duplicate.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Serialize, Deserialize)]
 struct SeriesGate {
     last_ts: Option<Millis>,
     ids_at_last_ts: Vec<String>,
@@ -101,7 +104,7 @@ impl SeriesGate {
     }
 }
 
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Serialize, Deserialize)]
 struct CoinState {
     last_price_ts: Option<Millis>,
     history: History,
@@ -109,13 +112,13 @@ struct CoinState {
     transfers: SeriesGate,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct PendingTotal {
     ts: Millis,
     seq: u64,
 }
 
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Serialize, Deserialize)]
 struct ProtocolState {
     name: Option<String>,
     last_tvl_ts: Option<Millis>,
@@ -127,7 +130,7 @@ struct ProtocolState {
     liquidations: SeriesGate,
 }
 
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Serialize, Deserialize)]
 struct ChainState {
     last: Option<(Millis, f64)>,
 }
@@ -179,6 +182,24 @@ impl RuleIndex {
     }
 }
 
+/// What [`KeyedState::save`] writes (the rule index is rebuilt from the rules on restore).
+#[derive(Serialize)]
+struct KeyedImageRef<'a> {
+    coins: &'a HashMap<String, CoinState>,
+    protocols: &'a HashMap<String, ProtocolState>,
+    chains: &'a HashMap<String, ChainState>,
+    rules: Vec<&'a AlertRule>,
+}
+
+/// What [`KeyedState::restore`] reads; the same layout as [`KeyedImageRef`].
+#[derive(Deserialize)]
+struct KeyedImage {
+    coins: HashMap<String, CoinState>,
+    protocols: HashMap<String, ProtocolState>,
+    chains: HashMap<String, ChainState>,
+    rules: Vec<AlertRule>,
+}
+
 /// All keyed state of one worker.
 #[derive(Debug)]
 pub struct KeyedState {
@@ -205,6 +226,30 @@ impl KeyedState {
             rules: RuleIndex::default(),
             pending_protocols: Vec::new(),
         }
+    }
+
+    /// Encodes the state (between batches) for a checkpoint.
+    pub fn save(&self) -> Result<Vec<u8>, CheckpointError> {
+        let image = KeyedImageRef {
+            coins: &self.coins,
+            protocols: &self.protocols,
+            chains: &self.chains,
+            rules: self.rules.by_id.values().map(|r| &**r).collect(),
+        };
+        Ok(bincode::serialize(&image)?)
+    }
+
+    /// State saved by [`KeyedState::save`], run with `cfg`.
+    pub fn restore(cfg: OpConfig, bytes: &[u8]) -> Result<Self, CheckpointError> {
+        let image: KeyedImage = bincode::deserialize(bytes)?;
+        let mut state = KeyedState::new(cfg);
+        state.coins = image.coins;
+        state.protocols = image.protocols;
+        state.chains = image.chains;
+        for rule in image.rules {
+            state.rules.upsert(rule);
+        }
+        Ok(state)
     }
 
     /// Number of rules this worker holds (a broadcast rule counts on every worker).

@@ -6,7 +6,7 @@ mod model;
 use std::sync::{Arc, Mutex};
 
 use model::{Model, ModelAlert, Op};
-use operators::{OpConfig, Sequencer};
+use operators::{Checkpointing, OpConfig, Sequencer, Snapshots, WorkerState};
 use proptest::prelude::*;
 use schemas::{
     Alert, AlertRule, DeadLetter, Event, GasTick, Liquidation, Millis, PriceTick, Record, SourcePos, Transfer,
@@ -26,15 +26,47 @@ struct Run {
 
 /// Runs the dataflow over batches (one epoch each) with `workers` threads.
 fn run(workers: usize, batches: &[Vec<Op>], cfg: OpConfig) -> Run {
+    run_resumable(workers, batches, cfg, None, 0, false).0
+}
+
+/// Where a run left off: each worker's operator state and the sequencer.
+type Resume = (Vec<WorkerState>, Sequencer);
+
+/// Runs `batches` from `resume` (or empty state), numbering positions after `first_pos`; with
+/// `snapshot`, also returns the state after the last batch.
+fn run_resumable(
+    workers: usize,
+    batches: &[Vec<Op>],
+    cfg: OpConfig,
+    resume: Option<Resume>,
+    first_pos: u64,
+    snapshot: bool,
+) -> (Run, Option<Resume>) {
     let batches = Arc::new(batches.to_vec());
     let out = Arc::new(Mutex::new(Run::default()));
     let out2 = out.clone();
+    let snapshots = Snapshots::new(workers);
+    let snaps = snapshots.clone();
+    let (states, start_seq) = match resume {
+        Some((states, seq)) => (Some(states), Some(seq)),
+        None => (None, None),
+    };
+    let last_seq = Arc::new(Mutex::new(None));
+    let last_seq2 = last_seq.clone();
+    let last_epoch = batches.len() as u64 - 1;
+    if snapshot {
+        snapshots.request(last_epoch);
+    }
     timely::execute(timely::Config::process(workers), move |worker| {
         let mut input = InputHandle::new();
         let (a, e, d) = (out2.clone(), out2.clone(), out2.clone());
         let cfg = cfg.clone();
+        let ckpt = Checkpointing {
+            snapshots: Some(snaps.clone()),
+            restore: states.as_ref().map(|s| s[worker.index()].decode(cfg.clone()).expect("decodes")),
+        };
         let probe = worker.dataflow::<u64, _, _>(|scope| {
-            let outs = operators::build(scope.input_from(&mut input), cfg);
+            let outs = operators::build(scope.input_from(&mut input), cfg, ckpt);
             outs.events.inspect(move |x| e.lock().unwrap().events.push(x.clone()));
             outs.dead.inspect(move |x| d.lock().unwrap().dead.push(x.clone()));
             outs.alerts
@@ -42,9 +74,9 @@ fn run(workers: usize, batches: &[Vec<Op>], cfg: OpConfig) -> Run {
                 .probe()
                 .0
         });
-        let mut seq = Sequencer::new(worker.peers(), 0);
+        let mut seq = start_seq.clone().unwrap_or_else(|| Sequencer::new(worker.peers(), 0));
         let src: Arc<str> = "test:".into();
-        let mut n = 0u64;
+        let mut n = first_pos;
         for (i, batch) in batches.iter().enumerate() {
             let mut envs = Vec::new();
             for op in batch {
@@ -65,10 +97,17 @@ fn run(workers: usize, batches: &[Vec<Op>], cfg: OpConfig) -> Run {
                 worker.step();
             }
         }
+        if worker.index() == 0 {
+            *last_seq2.lock().unwrap() = Some(seq);
+        }
     })
     .expect("timely runs");
-
-    out.lock().unwrap().clone()
+    let resume = snapshot.then(|| {
+        let states = snapshots.take(last_epoch).expect("every worker deposited its state");
+        (states, last_seq.lock().unwrap().take().expect("worker 0 ran"))
+    });
+    let run = out.lock().unwrap().clone();
+    (run, resume)
 }
 
 fn model(batches: &[Vec<Op>]) -> Model {
@@ -248,6 +287,38 @@ proptest! {
             }).collect();
             late.sort_unstable();
             prop_assert_eq!(late, m.late.clone(), "late records, workers={}", workers);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Stopping after any epoch, snapshotting, and going on from the snapshot in a new
+    /// dataflow gives exactly the uninterrupted run's alerts and dead letters.
+    #[test]
+    fn checkpoint_restore_equals_uninterrupted(batches in stream_strategy(), cut in 0.0..1.0f64) {
+        let k = ((batches.len() as f64 * cut) as usize).clamp(1, batches.len());
+        let (head, tail) = batches.split_at(k);
+        let first_pos_tail = head.iter().map(Vec::len).sum::<usize>() as u64;
+        for workers in [1, 2] {
+            let whole = run(workers, &batches, OpConfig::default());
+            let (first, resume) = run_resumable(workers, head, OpConfig::default(), None, 0, true);
+            let mut alerts = first.alerts;
+            let mut dead = first.dead;
+            if !tail.is_empty() {
+                let (second, _) =
+                    run_resumable(workers, tail, OpConfig::default(), resume, first_pos_tail, false);
+                alerts.extend(second.alerts);
+                dead.extend(second.dead);
+            }
+            prop_assert_eq!(as_model(&alerts), as_model(&whole.alerts), "workers={} cut after {}", workers, k);
+            let key = |d: &DeadLetter| d.source.clone();
+            let mut a: Vec<String> = dead.iter().map(key).collect();
+            let mut b: Vec<String> = whole.dead.iter().map(key).collect();
+            a.sort();
+            b.sort();
+            prop_assert_eq!(a, b, "dead letters, workers={}", workers);
         }
     }
 }

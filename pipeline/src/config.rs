@@ -49,6 +49,12 @@ pub struct PipelineSection {
     pub listen: Option<SocketAddr>,
     /// Dead letters as JSONL; default standard error.
     pub dead_letter_out: Option<PathBuf>,
+    /// Where checkpoints (operator state + source positions) are kept; a relative path is
+    /// relative to the config file. Default `llamaflow-checkpoints`; `""` saves no state
+    /// (positions are still committed at each checkpoint, a restart then starts empty).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// How often a checkpoint is taken while records flow, in ms (and once on shutdown).
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for PipelineSection {
@@ -59,6 +65,8 @@ impl Default for PipelineSection {
             batch_max: 8192,
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             dead_letter_out: None,
+            checkpoint_dir: Some(PathBuf::from("llamaflow-checkpoints")),
+            checkpoint_interval_ms: 5_000,
         }
     }
 }
@@ -361,6 +369,11 @@ impl Config {
             })
             .map_err(UsageError)?;
         let mut cfg = cfg;
+        cfg.pipeline.checkpoint_dir = match cfg.pipeline.checkpoint_dir.take() {
+            Some(d) if d.as_os_str().is_empty() => None,
+            Some(d) if d.is_relative() => Some(path.parent().unwrap_or(Path::new(".")).join(d)),
+            other => other,
+        };
         cfg.overlay_redis_env(&text, path)?;
         cfg.validate(path)?;
         Ok(cfg)

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use operators::{Envelope, OpConfig, Sequencer};
+use operators::checkpoint::Restored;
+use operators::{Checkpointing, Envelope, OpConfig, Sequencer, Snapshots, WorkerState};
 use schemas::{Alert, DeadLetter, Event};
 use timely::dataflow::operators::{Input, Inspect, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
@@ -32,6 +33,17 @@ pub trait Output: Send + Sync + 'static {
     fn epochs_done(&self, _upto: u64) {}
 }
 
+/// How an engine takes part in checkpoints.
+#[derive(Default)]
+pub struct EngineCheckpoint {
+    /// Where snapshots are requested and collected.
+    pub snapshots: Option<Snapshots>,
+    /// Operator state to start from, one per worker.
+    pub restore: Option<Vec<WorkerState>>,
+    /// The ingest front's sequencer to continue with.
+    pub sequencer: Option<Sequencer>,
+}
+
 /// A running dataflow.
 pub struct Engine {
     inputs: Vec<SyncSender<Vec<Envelope>>>,
@@ -41,9 +53,26 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts `workers` timely worker threads running the operators with `cfg`.
-    pub fn start(workers: usize, cfg: OpConfig, output: Arc<dyn Output>) -> Result<Engine> {
+    /// Starts `workers` timely worker threads running the operators with `cfg`, from empty
+    /// state or from `ckpt.restore`, taking the snapshots `ckpt.snapshots` is asked for.
+    pub fn start(workers: usize, cfg: OpConfig, output: Arc<dyn Output>, ckpt: EngineCheckpoint) -> Result<Engine> {
         let workers = workers.max(1);
+        let restored: Vec<Mutex<Option<Restored>>> = match &ckpt.restore {
+            None => Vec::new(),
+            Some(states) if states.len() != workers => anyhow::bail!(
+                "the checkpoint holds the state of {} workers but {workers} are configured: run with \
+                 `--workers {}` (or delete the checkpoint directory to start over)",
+                states.len(),
+                states.len()
+            ),
+            Some(states) => states
+                .iter()
+                .map(|s| s.decode(cfg.clone()).map(|r| Mutex::new(Some(r))))
+                .collect::<Result<_, _>>()
+                .context("cannot decode the checkpoint's operator state")?,
+        };
+        let restored = Arc::new(restored);
+        let snapshots = ckpt.snapshots;
         let mut inputs = Vec::with_capacity(workers);
         let mut receivers = Vec::with_capacity(workers);
         for _ in 0..workers {
@@ -55,13 +84,20 @@ impl Engine {
         let guards = timely::execute(timely::Config::process(workers), move |worker| {
             let rx = receivers[worker.index()].lock().ok().and_then(|mut r| r.take());
             let Some(rx) = rx else { return };
-            run_worker(worker, rx, cfg.clone(), output.clone());
+            let restore = restored
+                .get(worker.index())
+                .and_then(|r| r.lock().ok().and_then(|mut r| r.take()));
+            let ckpt = Checkpointing {
+                snapshots: snapshots.clone(),
+                restore,
+            };
+            run_worker(worker, rx, cfg.clone(), output.clone(), ckpt);
         })
         .map_err(|e| anyhow::anyhow!("cannot start timely workers: {e}"))?;
         Ok(Engine {
             inputs,
             guards,
-            sequencer: Sequencer::new(workers, 0),
+            sequencer: ckpt.sequencer.unwrap_or_else(|| Sequencer::new(workers, 0)),
             epochs: 0,
         })
     }
@@ -110,13 +146,14 @@ fn run_worker(
     rx: Receiver<Vec<Envelope>>,
     cfg: OpConfig,
     output: Arc<dyn Output>,
+    ckpt: Checkpointing,
 ) {
     let worker_index = worker.index();
     let mut input = InputHandle::<u64, timely::container::CapacityContainerBuilder<Vec<Envelope>>>::new();
     let (o1, o2, o3) = (output.clone(), output.clone(), output.clone());
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
-        let outs = operators::build(scope.input_from(&mut input), cfg);
+        let outs = operators::build(scope.input_from(&mut input), cfg, ckpt);
         outs.events
             .inspect_core(move |e| {
                 if let Ok((stamp, batch)) = e {

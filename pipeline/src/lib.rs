@@ -1,5 +1,6 @@
 //! The `llamaflow` binary's library: CLI commands, the dataflow engine and its wiring.
 
+pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod health;

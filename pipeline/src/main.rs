@@ -16,6 +16,9 @@ struct Cli {
 enum Cmd {
     /// The continuous job; with no config, the embedded demo (dashboard on http://127.0.0.1:8080).
     Run(run::RunArgs),
+    /// History (files, DynamoDB exports, Kafka from a time) into the configured sinks as fast as
+    /// possible, then the live sources from exactly where history ends.
+    Backfill(Box<run::BackfillArgs>),
     /// Deterministic batch run over files and DynamoDB exports; writes alerts as JSONL.
     Replay(Box<replay::ReplayArgs>),
     /// Checks a configuration file and prints what it would run.
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.cmd {
         Cmd::Run(args) => run::run(args),
+        Cmd::Backfill(args) => run::backfill(*args),
         Cmd::Replay(args) => replay::replay(&args).map(|s| eprintln!("{}", s.line())),
         Cmd::CheckConfig { config } => pipeline::config::Config::load(&config)
             .map(|c| println!("{}: ok — {}", config.display(), c.summary()))

@@ -295,7 +295,7 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
         emit_events: args.events_out.is_some(),
         ..OpConfig::default()
     };
-    let mut engine = Engine::start(args.workers as usize, cfg, output.clone())?;
+    let mut engine = Engine::start(args.workers as usize, cfg, output.clone(), Default::default())?;
 
     let progress = if !args.quiet && std::io::stderr().is_terminal() {
         let pb = ProgressBar::new_spinner();

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 
-use crate::config::{Config, DemoSection, WsSection};
+use schemas::Kind;
+
+use crate::config::{Config, DemoSection, FileEntry, WsSection};
 
 /// Flags of `llamaflow run`.
 #[derive(Args, Debug, Clone)]
@@ -35,11 +37,131 @@ pub struct RunArgs {
     /// Stop after this many seconds (default: until Ctrl-C / SIGTERM).
     #[arg(long)]
     pub duration_secs: Option<u64>,
+    /// Sources given on the command line (added to the config's).
+    #[command(flatten)]
+    pub sources: SourceFlags,
+}
+
+/// Source flags of `run` and `backfill`, added to (or, for Kafka and CDC, overriding) the
+/// config's `[sources]`. With any of them and no `--config`, the job runs just these.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SourceFlags {
+    /// Price ticks (JSONL/.gz) read as history before the live sources; repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub prices: Vec<PathBuf>,
+    /// TVL updates read as history; repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub tvl: Vec<PathBuf>,
+    /// Transfers read as history; repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub transfers: Vec<PathBuf>,
+    /// Gas ticks read as history; repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub gas: Vec<PathBuf>,
+    /// Liquidations read as history; repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub liquidations: Vec<PathBuf>,
+    /// Protocols read first; repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub protocols: Vec<PathBuf>,
+    /// Alert rules read first; repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub rules: Vec<PathBuf>,
+    /// A file tailed as a live feed, `KIND=PATH` (e.g. `prices=/feeds/prices.jsonl`); repeatable.
+    #[arg(long, value_name = "KIND=PATH")]
+    pub follow: Vec<String>,
+    /// A DynamoDB export read as history (local dir or `s3://bucket/prefix`); repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub dynamodb_export: Vec<PathBuf>,
+    /// Kafka bootstrap servers: consume the record topics (default topic names unless the
+    /// config's `[sources.kafka]` names them).
+    #[arg(long, value_name = "HOST:PORT,..")]
+    pub kafka_brokers: Option<String>,
+    /// Kafka consumer group [default: llamaflow].
+    #[arg(long)]
+    pub kafka_group: Option<String>,
+    /// Postgres CDC of alert_rules, protocols and api_keys from this database.
+    #[arg(long, value_name = "URL")]
+    pub cdc_url: Option<String>,
+}
+
+impl SourceFlags {
+    /// Whether any source was given.
+    pub fn any(&self) -> bool {
+        !(self.prices.is_empty()
+            && self.tvl.is_empty()
+            && self.transfers.is_empty()
+            && self.gas.is_empty()
+            && self.liquidations.is_empty()
+            && self.protocols.is_empty()
+            && self.rules.is_empty()
+            && self.follow.is_empty()
+            && self.dynamodb_export.is_empty()
+            && self.kafka_brokers.is_none()
+            && self.kafka_group.is_none()
+            && self.cdc_url.is_none())
+    }
+
+    /// Adds these sources to `cfg`.
+    pub fn apply(&self, cfg: &mut Config) -> Result<(), crate::UsageError> {
+        let history = [
+            ("prices", &self.prices),
+            ("tvl", &self.tvl),
+            ("transfers", &self.transfers),
+            ("gas", &self.gas),
+            ("liquidations", &self.liquidations),
+            ("protocols", &self.protocols),
+            ("rules", &self.rules),
+        ];
+        for (kind, paths) in history {
+            for path in paths {
+                cfg.sources.files.push(FileEntry {
+                    kind: kind.into(),
+                    path: path.clone(),
+                    follow: false,
+                    start_offset: 0,
+                });
+            }
+        }
+        for f in &self.follow {
+            let (kind, path) = f
+                .split_once('=')
+                .filter(|(k, p)| Kind::parse(k).is_some() && !p.is_empty())
+                .ok_or_else(|| {
+                    crate::UsageError(format!(
+                        "--follow {f}: expected KIND=PATH with KIND one of prices, tvl, transfers, gas, \
+                         liquidations, protocols, rules"
+                    ))
+                })?;
+            cfg.sources.files.push(FileEntry {
+                kind: kind.into(),
+                path: path.into(),
+                follow: true,
+                start_offset: 0,
+            });
+        }
+        cfg.sources.dynamodb_export.extend(self.dynamodb_export.iter().cloned());
+        if self.kafka_brokers.is_some() || self.kafka_group.is_some() {
+            let k = cfg.sources.kafka.get_or_insert_with(Default::default);
+            if let Some(b) = &self.kafka_brokers {
+                k.brokers = b.clone();
+            }
+            if let Some(g) = &self.kafka_group {
+                k.group_id = g.clone();
+            }
+        }
+        if let Some(url) = &self.cdc_url {
+            cfg.sources.postgres_cdc.get_or_insert_with(Default::default).url = Some(url.clone());
+        }
+        Ok(())
+    }
 }
 
 /// The embedded default configuration.
 pub fn embedded(args: &RunArgs) -> Config {
     let mut cfg = Config::default();
+    // The bundled feed has no positions to resume from: nothing to checkpoint.
+    cfg.pipeline.checkpoint_dir = None;
     cfg.sources.demo = Some(DemoSection {
         speed: args.speed,
         warmup_minutes: args.warmup_minutes,
@@ -62,13 +184,65 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let mut cfg = match &args.config {
         Some(path) => Config::load(path)?,
+        None if args.sources.any() => Config::default(),
         None => embedded(&args),
     };
+    args.sources.apply(&mut cfg)?;
     if let Some(l) = args.listen {
         cfg.pipeline.listen = Some(l);
     }
     if let Some(w) = args.workers {
         cfg.pipeline.workers = w;
+    }
+    crate::live::run(cfg, args.duration_secs.map(Duration::from_secs))
+}
+
+/// Flags of `llamaflow backfill`.
+#[derive(Args, Debug, Clone)]
+pub struct BackfillArgs {
+    /// Configuration file: sinks, live sources, checkpoints.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// History and live sources (added to the config's).
+    #[command(flatten)]
+    pub sources: SourceFlags,
+    /// Also replay Kafka from this time (unix ms or RFC 3339, e.g. 2024-06-01T00:00:00Z): each
+    /// partition starts at its first message at or after it, then goes on live.
+    #[arg(long, value_name = "TIME")]
+    pub kafka_from: Option<String>,
+    /// Dataflow worker threads (overrides the config).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub workers: Option<u32>,
+    /// Stop after this many seconds (default: keep running live until Ctrl-C / SIGTERM).
+    #[arg(long)]
+    pub duration_secs: Option<u64>,
+}
+
+/// `llamaflow backfill`: history through the dataflow into the configured sinks as fast as it
+/// reads (progress on stderr), then the live sources from exactly where history ends.
+pub fn backfill(args: BackfillArgs) -> Result<()> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    args.sources.apply(&mut cfg)?;
+    if let Some(w) = args.workers {
+        cfg.pipeline.workers = w;
+    }
+    if let Some(t) = &args.kafka_from {
+        let ms = schemas::time::parse_time(t)
+            .ok_or_else(|| crate::UsageError(format!("--kafka-from {t}: expected unix ms or RFC 3339")))?;
+        cfg.sources
+            .kafka
+            .as_mut()
+            .ok_or_else(|| crate::UsageError("--kafka-from needs a Kafka source (--kafka-brokers or [sources.kafka])".into()))?
+            .start_from_timestamp_ms = Some(ms);
+    }
+    if cfg.sources.files.iter().all(|f| f.follow) && cfg.sources.dynamodb_export.is_empty() && args.kafka_from.is_none() {
+        return Err(crate::UsageError(
+            "backfill needs history: --prices/--tvl/... files, --dynamodb-export, or --kafka-from".into(),
+        )
+        .into());
     }
     crate::live::run(cfg, args.duration_secs.map(Duration::from_secs))
 }

@@ -110,3 +110,56 @@ mod tests {
         assert_eq!(format_seconds(2000), serde_json::json!(2));
     }
 }
+
+/// Days from 1970-01-01 to the civil date `y-m-d` (proleptic Gregorian).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A point in time given on a command line: unix milliseconds, or UTC RFC 3339
+/// (`2024-06-01T00:00:00Z`, fractional seconds and `+00:00` accepted, also a bare date).
+pub fn parse_time(s: &str) -> Option<Millis> {
+    let s = s.trim();
+    if let Ok(ms) = s.parse::<i64>() {
+        return Some(ms);
+    }
+    let (date, time) = match s.split_once(['T', ' ']) {
+        Some((d, t)) => (d, t.strip_suffix('Z').or_else(|| t.strip_suffix("+00:00"))?),
+        None => (s, "00:00:00"),
+    };
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, mo, day) = (d.next()??, d.next()??, d.next()??);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&day) {
+        return None;
+    }
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (h, mi, sec) = (t.next()??, t.next()??, t.next()??);
+    if h > 23 || mi > 59 || sec > 60 || !frac.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let ms_frac = format!("{frac:0<3}").get(..3)?.parse::<i64>().ok()?;
+    Some(((days_from_civil(y, mo, day) * 86_400 + h * 3600 + mi * 60 + sec) * 1000) + ms_frac)
+}
+
+#[cfg(test)]
+mod parse_time_tests {
+    use super::parse_time;
+
+    #[test]
+    fn unix_ms_and_rfc3339() {
+        assert_eq!(parse_time("1717430400000"), Some(1_717_430_400_000));
+        assert_eq!(parse_time("2024-06-03T16:00:00Z"), Some(1_717_430_400_000));
+        assert_eq!(parse_time("2024-06-03T16:00:00.25+00:00"), Some(1_717_430_400_250));
+        assert_eq!(parse_time("2024-06-03"), Some(1_717_372_800_000));
+        assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_time("2024-13-01"), None);
+        assert_eq!(parse_time("2024-06-03T16:00:00+02:00"), None, "only UTC");
+        assert_eq!(parse_time("yesterday"), None);
+    }
+}

@@ -50,6 +50,11 @@ pub struct KafkaSourceConfig {
     /// `enable.auto.commit` and `enable.auto.offset.store` cannot be turned on: only what the
     /// pipeline reports as durable is ever committed.
     pub extra: BTreeMap<String, String>,
+    /// Set by the pipeline from its checkpoint (not configurable): the next offset to read per
+    /// (topic, partition). On first assignment these partitions start there, whatever the
+    /// committed offset or `start_from_timestamp_ms` say.
+    #[serde(skip)]
+    pub resume_offsets: BTreeMap<(String, i32), i64>,
 }
 
 impl Default for KafkaSourceConfig {
@@ -63,6 +68,7 @@ impl Default for KafkaSourceConfig {
             auto_offset_reset: "earliest".into(),
             start_from_timestamp_ms: None,
             extra: BTreeMap::new(),
+            resume_offsets: BTreeMap::new(),
         }
     }
 }

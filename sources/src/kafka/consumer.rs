@@ -2,7 +2,7 @@
 //! consume task (messages → [`LiveItem`]s with backpressure) and the monitor task (lag gauges,
 //! partition discovery under manual assignment).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -38,14 +38,17 @@ const REFRESH_EVERY_TICKS: u64 = 10;
 pub(crate) struct SourceContext {
     /// Backfill start (unix ms), applied to each partition's first assignment.
     start_from_ms: Option<i64>,
+    /// Checkpoint positions (next offset), applied to each partition's first assignment.
+    resume: BTreeMap<(String, i32), i64>,
     /// Partitions this process has been assigned at least once.
     seen: Mutex<HashSet<(String, i32)>>,
 }
 
 impl SourceContext {
-    pub(crate) fn new(start_from_ms: Option<i64>) -> Self {
+    pub(crate) fn new(start_from_ms: Option<i64>, resume: BTreeMap<(String, i32), i64>) -> Self {
         SourceContext {
             start_from_ms,
+            resume,
             seen: Mutex::new(HashSet::new()),
         }
     }
@@ -60,6 +63,17 @@ impl SourceContext {
             .map(|e| (e.topic().to_string(), e.partition()))
             .filter(|tp| seen.insert(tp.clone()))
             .collect();
+        let mut first = first;
+        first.retain(|(topic, partition)| {
+            let Some(&next) = self.resume.get(&(topic.clone(), *partition)) else {
+                return true;
+            };
+            match tpl.set_partition_offset(topic, *partition, Offset::Offset(next)) {
+                Ok(()) => tracing::info!("kafka source: {topic}/{partition} resumes at offset {next} (checkpoint)"),
+                Err(e) => tracing::error!("kafka source: cannot resume {topic}/{partition} at {next}: {e}"),
+            }
+            false
+        });
         let Some(ts) = self.start_from_ms else { return };
         if first.is_empty() {
             return;

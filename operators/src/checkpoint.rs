@@ -1,0 +1,171 @@
+//! Consistent snapshots of the dataflow's state at epoch boundaries, and restoring from them.
+//!
+//! The ingest side [requests](Snapshots::request) a snapshot at epoch `e` before it sends
+//! `e`. Each stateful operator of each worker encodes its state once it has processed every
+//! epoch `≤ e` and none after (its input frontier has passed `e`), and deposits it here; the
+//! snapshot is [complete](Snapshots::take) when every worker's operators have. Together with
+//! the source positions of epochs `≤ e` it is a checkpoint: restoring it and re-reading the
+//! sources from those positions continues exactly where the run left off.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde::{Deserialize, Serialize};
+
+use crate::candidate::Throttle;
+use crate::config::OpConfig;
+use crate::state::KeyedState;
+
+/// A checkpoint that cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// State could not be encoded or decoded.
+    #[error("checkpoint state encoding: {0}")]
+    Encoding(#[from] bincode::Error),
+}
+
+/// Operator state that can be encoded into a snapshot.
+pub(crate) trait Encode {
+    /// The state's bytes.
+    fn encode(&self) -> Result<Vec<u8>, CheckpointError>;
+}
+
+impl Encode for KeyedState {
+    fn encode(&self) -> Result<Vec<u8>, CheckpointError> {
+        self.save()
+    }
+}
+
+impl Encode for Throttle {
+    fn encode(&self) -> Result<Vec<u8>, CheckpointError> {
+        Ok(bincode::serialize(self)?)
+    }
+}
+
+impl Encode for () {
+    fn encode(&self) -> Result<Vec<u8>, CheckpointError> {
+        Ok(Vec::new())
+    }
+}
+
+/// The stateful operators of a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Per-key state (histories, last values, rules).
+    Keyed,
+    /// Per-rule throttle state.
+    Throttle,
+}
+
+/// One worker's encoded operator state at an epoch boundary.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerState {
+    /// [`KeyedState::save`].
+    pub keyed: Vec<u8>,
+    /// The encoded [`Throttle`].
+    pub throttle: Vec<u8>,
+}
+
+impl WorkerState {
+    /// Decodes the state for a worker that runs with `cfg`.
+    pub fn decode(&self, cfg: OpConfig) -> Result<Restored, CheckpointError> {
+        Ok(Restored {
+            keyed: KeyedState::restore(cfg, &self.keyed)?,
+            throttle: bincode::deserialize(&self.throttle)?,
+        })
+    }
+}
+
+/// Decoded state a worker starts from.
+#[derive(Debug)]
+pub struct Restored {
+    pub(crate) keyed: KeyedState,
+    pub(crate) throttle: Throttle,
+}
+
+/// How a worker's dataflow takes part in checkpoints.
+#[derive(Default)]
+pub struct Checkpointing {
+    /// Where snapshots are requested and deposited (`None`: never snapshot).
+    pub snapshots: Option<Snapshots>,
+    /// State to start from instead of empty state.
+    pub restore: Option<Restored>,
+}
+
+#[derive(Default)]
+struct Inner {
+    requested: BTreeSet<u64>,
+    parts: BTreeMap<u64, Vec<(Option<Vec<u8>>, Option<Vec<u8>>)>>,
+}
+
+/// Snapshot requests and the parts workers deposit; shared by the workers of a process.
+#[derive(Clone)]
+pub struct Snapshots {
+    workers: usize,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Snapshots {
+    /// Snapshots of a dataflow with `workers` workers.
+    pub fn new(workers: usize) -> Self {
+        Snapshots {
+            workers: workers.max(1),
+            inner: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks for the state after epoch `epoch`; call before sending that epoch.
+    pub fn request(&self, epoch: u64) {
+        self.lock().requested.insert(epoch);
+    }
+
+    /// Requested epochs in `(after, before)`, oldest first.
+    pub(crate) fn due(&self, after: Option<u64>, before: u64) -> Vec<u64> {
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        if start >= before {
+            return Vec::new();
+        }
+        self.lock().requested.range(start..before).copied().collect()
+    }
+
+    /// A worker's operator deposits its encoded state for `epoch`.
+    pub(crate) fn deposit(&self, epoch: u64, worker: usize, part: Part, bytes: Vec<u8>) {
+        let workers = self.workers;
+        let mut inner = self.lock();
+        let slots = inner.parts.entry(epoch).or_insert_with(|| vec![(None, None); workers]);
+        if let Some(slot) = slots.get_mut(worker) {
+            match part {
+                Part::Keyed => slot.0 = Some(bytes),
+                Part::Throttle => slot.1 = Some(bytes),
+            }
+        }
+    }
+
+    /// The complete snapshot of `epoch` (one state per worker), once every part is in; it is
+    /// removed with its request.
+    pub fn take(&self, epoch: u64) -> Option<Vec<WorkerState>> {
+        let mut inner = self.lock();
+        let complete = inner
+            .parts
+            .get(&epoch)
+            .is_some_and(|slots| slots.iter().all(|(k, t)| k.is_some() && t.is_some()));
+        if !complete {
+            return None;
+        }
+        inner.requested.remove(&epoch);
+        let slots = inner.parts.remove(&epoch)?;
+        Some(
+            slots
+                .into_iter()
+                .map(|(k, t)| WorkerState {
+                    keyed: k.unwrap_or_default(),
+                    throttle: t.unwrap_or_default(),
+                })
+                .collect(),
+        )
+    }
+}

@@ -1,0 +1,322 @@
+//! Checkpoints of the continuous job: the operator state at an epoch boundary together with
+//! the source positions of every epoch up to it, written once every sink has durably written
+//! the results of those epochs. See docs/ARCHITECTURE.md ("Checkpoints") for the protocol.
+//!
+//! Files: `<dir>/checkpoint-<n>.bin` (a magic header, then bincode), written to a temporary
+//! name, synced, renamed, and the directory synced; the two newest are kept.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use operators::{Sequencer, Snapshots, WorkerState};
+use serde::{Deserialize, Serialize};
+use sources::live::Ack;
+
+/// First bytes of a checkpoint file (format version 1).
+const MAGIC: &[u8; 8] = b"LLFCKPT1";
+/// Checkpoint files kept in the directory.
+const KEEP: usize = 2;
+
+/// Source positions: what has been read and processed, per source.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Positions {
+    /// Kafka: the last processed offset per (topic, partition); reading resumes after it.
+    pub kafka: BTreeMap<(String, i32), i64>,
+    /// Postgres CDC: the commit LSN of the last applied transaction.
+    pub lsn: Option<u64>,
+    /// Tailed files: bytes processed per path.
+    pub files: BTreeMap<String, u64>,
+}
+
+impl Positions {
+    /// Advances the positions past an item's acknowledgement.
+    pub fn add(&mut self, ack: &Ack) {
+        match ack {
+            Ack::Kafka {
+                topic,
+                partition,
+                offset,
+            } => {
+                let e = self.kafka.entry((topic.clone(), *partition)).or_insert(*offset);
+                *e = (*e).max(*offset);
+            }
+            Ack::Lsn(l) => self.lsn = Some(self.lsn.map_or(*l, |x| x.max(*l))),
+            Ack::File { path, offset } => {
+                let e = self.files.entry(path.clone()).or_insert(*offset);
+                *e = (*e).max(*offset);
+            }
+            Ack::None => {}
+        }
+    }
+}
+
+/// A consistent cut of the job.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Number of this checkpoint (increasing over restarts).
+    pub id: u64,
+    /// When it was taken (unix ms).
+    pub created_ms: i64,
+    /// The ingest front's sequencer after the cut.
+    pub sequencer: Sequencer,
+    /// Operator state, one per worker.
+    pub state: Vec<WorkerState>,
+    /// Source positions of everything before the cut.
+    pub positions: Positions,
+}
+
+impl Checkpoint {
+    /// Writes the checkpoint atomically into `dir` and prunes old ones; returns its size.
+    pub fn write(&self, dir: &Path) -> Result<u64> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+        let path = dir.join(format!("checkpoint-{:012}.bin", self.id));
+        let tmp = dir.join(format!(".checkpoint-{:012}.tmp", self.id));
+        let mut bytes = MAGIC.to_vec();
+        bincode::serialize_into(&mut bytes, self).context("cannot encode the checkpoint")?;
+        let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync directory {}", dir.display()))?;
+        let mut all = list(dir)?;
+        while all.len() > KEEP {
+            let (_, old) = all.remove(0);
+            if let Err(e) = std::fs::remove_file(&old) {
+                tracing::warn!("cannot remove old checkpoint {}: {e}", old.display());
+            }
+        }
+        Ok(bytes.len() as u64)
+    }
+
+    /// The newest checkpoint in `dir`, if any.
+    pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>> {
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let Some((_, path)) = list(dir)?.pop() else {
+            return Ok(None);
+        };
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        let body = bytes.strip_prefix(MAGIC.as_slice()).with_context(|| {
+            format!(
+                "{} is not a llamaflow checkpoint (version 1); move it away to start over",
+                path.display()
+            )
+        })?;
+        let ckpt = bincode::deserialize(body).with_context(|| {
+            format!("checkpoint {} is corrupt; move it away to start from the previous one", path.display())
+        })?;
+        Ok(Some(ckpt))
+    }
+}
+
+/// Checkpoint files in `dir`, oldest first.
+fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        let id = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("checkpoint-"))
+            .and_then(|n| n.strip_suffix(".bin"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(id) = id {
+            out.push((id, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// A requested checkpoint waiting for its snapshot and for the sinks.
+struct Prepared {
+    requested: Instant,
+    sequencer: Sequencer,
+    positions: Positions,
+}
+
+/// Drives checkpoints: the ingest front [prepares](Checkpointer::prepare) one at an epoch; it
+/// [completes](Checkpointer::complete) once the operators' snapshot is in and every sink has
+/// written every epoch up to it.
+pub struct Checkpointer {
+    /// Where state is saved, with the snapshots to save; `None`: positions only.
+    store: Option<(PathBuf, Snapshots)>,
+    pending: Mutex<BTreeMap<u64, Prepared>>,
+    next_id: Mutex<u64>,
+    last_done: Mutex<Instant>,
+}
+
+impl Checkpointer {
+    /// Checkpoints into `store`'s directory with its snapshots (`None`: positions are still
+    /// committed at each cut, but no state is saved), numbered after `last_id`.
+    pub fn new(store: Option<(PathBuf, Snapshots)>, last_id: u64) -> Self {
+        Checkpointer {
+            store,
+            pending: Mutex::new(BTreeMap::new()),
+            next_id: Mutex::new(last_id + 1),
+            last_done: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Requests a checkpoint after `epoch` (call before sending it) with the front's state.
+    pub fn prepare(&self, epoch: u64, sequencer: Sequencer, positions: Positions) {
+        if let Some((_, snapshots)) = &self.store {
+            snapshots.request(epoch);
+        }
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner).insert(
+            epoch,
+            Prepared {
+                requested: Instant::now(),
+                sequencer,
+                positions,
+            },
+        );
+    }
+
+    /// Whether a prepared checkpoint has not completed yet.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.lock().unwrap_or_else(PoisonError::into_inner).is_empty()
+    }
+
+    /// Seconds since the last completed checkpoint (or the start).
+    pub fn age_secs(&self) -> f64 {
+        self.last_done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
+            .as_secs_f64()
+    }
+
+    /// Completes, in order, the prepared checkpoints before `durable_upto` (every epoch below
+    /// it is written by every sink) whose snapshots are in; returns the positions of the
+    /// newest one completed, which the sources may now commit.
+    pub fn complete(&self, durable_upto: u64) -> Result<Option<Positions>> {
+        let mut done = None;
+        loop {
+            let epoch = {
+                let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                match pending.keys().next() {
+                    Some(&e) if e < durable_upto => e,
+                    _ => break,
+                }
+            };
+            let state = match &self.store {
+                Some((_, snapshots)) => match snapshots.take(epoch) {
+                    Some(state) => Some(state),
+                    None => break,
+                },
+                None => None,
+            };
+            let Some(prepared) = self
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&epoch)
+            else {
+                break;
+            };
+            if let (Some((dir, _)), Some(state)) = (&self.store, state) {
+                let id = {
+                    let mut next = self.next_id.lock().unwrap_or_else(PoisonError::into_inner);
+                    *next += 1;
+                    *next - 1
+                };
+                let ckpt = Checkpoint {
+                    id,
+                    created_ms: now_ms(),
+                    sequencer: prepared.sequencer,
+                    state,
+                    positions: prepared.positions.clone(),
+                };
+                let bytes = ckpt.write(dir)?;
+                metrics::gauge!("llamaflow_checkpoint_bytes").set(bytes as f64);
+                metrics::gauge!("llamaflow_checkpoint_id").set(id as f64);
+            }
+            metrics::counter!("llamaflow_checkpoints_total").increment(1);
+            metrics::histogram!("llamaflow_checkpoint_duration_seconds")
+                .record(prepared.requested.elapsed().as_secs_f64());
+            *self.last_done.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+            done = Some(prepared.positions);
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_only_move_forward() {
+        let mut p = Positions::default();
+        for ack in [
+            Ack::Kafka {
+                topic: "prices".into(),
+                partition: 1,
+                offset: 7,
+            },
+            Ack::Kafka {
+                topic: "prices".into(),
+                partition: 1,
+                offset: 3,
+            },
+            Ack::Lsn(90),
+            Ack::Lsn(40),
+            Ack::File {
+                path: "f".into(),
+                offset: 100,
+            },
+            Ack::None,
+        ] {
+            p.add(&ack);
+        }
+        assert_eq!(p.kafka[&("prices".to_string(), 1)], 7);
+        assert_eq!(p.lsn, Some(90));
+        assert_eq!(p.files["f"], 100);
+    }
+
+    #[test]
+    fn files_are_atomic_numbered_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Checkpoint::load_latest(dir.path()).unwrap().is_none());
+        for id in 1..=4 {
+            let mut positions = Positions::default();
+            positions.lsn = Some(id * 10);
+            Checkpoint {
+                id,
+                created_ms: 0,
+                sequencer: Sequencer::new(2, id),
+                state: vec![WorkerState::default(); 2],
+                positions,
+            }
+            .write(dir.path())
+            .unwrap();
+        }
+        let latest = Checkpoint::load_latest(dir.path()).unwrap().unwrap();
+        assert_eq!((latest.id, latest.positions.lsn, latest.sequencer.next_seq()), (4, Some(40), 4));
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), KEEP, "only the newest are kept: {names:?}");
+        std::fs::write(dir.path().join("checkpoint-000000000009.bin"), b"garbage").unwrap();
+        let err = Checkpoint::load_latest(dir.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("not a llamaflow checkpoint"), "{err:#}");
+    }
+}
