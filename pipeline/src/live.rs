@@ -281,8 +281,9 @@ async fn demo_source(d: DemoSection, tx: mpsc::Sender<LiveItem>, stop: Arc<Atomi
 /// where they are configured to (committed offsets, `start_from_timestamp_ms`, byte offsets),
 /// so nothing after the hand-over point can be missed; seeking by time first only saves reading.
 struct Handoff {
-    /// The newest event time of the history.
-    end: schemas::Millis,
+    /// The newest event time of each record kind in the history (kinds history did not have
+    /// are not covered).
+    ends: std::collections::HashMap<Kind, schemas::Millis>,
     /// Partitions / files past the hand-over point.
     passed: std::collections::HashSet<String>,
 }
@@ -291,9 +292,9 @@ impl Handoff {
     /// Whether the live item is covered by history.
     fn covered(&mut self, item: &LiveItem) -> bool {
         let Change::Record(rec) = &item.change else { return false };
-        if matches!(rec, Record::Rule(_) | Record::Protocol(_)) {
+        let Some(&end) = self.ends.get(&rec.kind()) else {
             return false;
-        }
+        };
         let stream = match &item.ack {
             Ack::Kafka { topic, partition, .. } => format!("{topic}/{partition}"),
             Ack::File { path, .. } => path.clone(),
@@ -302,7 +303,7 @@ impl Handoff {
         if self.passed.contains(&stream) {
             return false;
         }
-        if rec.timestamp() <= self.end {
+        if rec.timestamp() <= end {
             return true;
         }
         self.passed.insert(stream);
@@ -541,8 +542,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         snapshot_len = h.snapshot_len();
         rt.block_on(handles.lock()).cdc = Some(h);
     }
-    // The front reports the end of history (its newest event time, if any).
-    let (history_done, history_done_rx) = tokio::sync::oneshot::channel::<Option<schemas::Millis>>();
+    let (history_done, history_done_rx) = tokio::sync::oneshot::channel::<()>();
     // A live source that cannot start stops the job (exit 1) with its error.
     let fatal = Arc::new(Fatal::default());
     {
@@ -709,13 +709,15 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                     );
                     pb
                 });
-                let (mut n, mut end) = (0u64, None::<schemas::Millis>);
+                let mut n = 0u64;
+                let mut ends = std::collections::HashMap::<Kind, schemas::Millis>::new();
                 for item in Merge::new(history) {
                     match item {
                         Input::Record(pos, rec) => {
                             metrics::counter!("llamaflow_records_in_total", "kind" => rec.kind().name()).increment(1);
                             if !matches!(rec, Record::Rule(_) | Record::Protocol(_)) {
-                                end = end.max(Some(rec.timestamp()));
+                                let e = ends.entry(rec.kind()).or_insert(schemas::Millis::MIN);
+                                *e = (*e).max(rec.timestamp());
                             }
                             n += 1;
                             engine.sequencer().push(pos, rec, &mut batch);
@@ -738,15 +740,16 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                     eprintln!(
                         "llamaflow: history: {n} records in {secs:.1} s ({:.0} records/s){}",
                         n as f64 / secs.max(1e-9),
-                        end.map(|e| format!("; live sources take over after event time {e} ms"))
-                            .unwrap_or_default()
+                        ends.iter()
+                            .map(|(k, e)| format!("; live {} from after event time {e} ms", k.name()))
+                            .collect::<String>()
                     );
                 }
-                live.handoff = end.map(|end| Handoff {
-                    end,
+                let _ = history_done.send(());
+                live.handoff = (!ends.is_empty()).then(|| Handoff {
+                    ends,
                     passed: Default::default(),
                 });
-                let _ = history_done.send(end);
                 health_front.set_started();
                 output.dead(0, &dead);
                 let mut sent_positions = positions.clone();
