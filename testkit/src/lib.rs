@@ -400,3 +400,67 @@ mod tests {
         assert_eq!(&buf, b"+PONG\r\n");
     }
 }
+
+/// A TCP forwarder to a local port that tests can take down and bring back, to make a service
+/// unreachable without stopping it (its state survives the "outage").
+pub struct TcpProxy {
+    port: u16,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl TcpProxy {
+    /// Forwards a new loopback port to `127.0.0.1:target`.
+    pub fn start(target: u16) -> TcpProxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (down2, open2) = (down.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if down2.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let pipes = (client.try_clone(), server.try_clone());
+                let (Ok(c2), Ok(s2)) = pipes else { continue };
+                if let (Ok(a), Ok(b)) = (client.try_clone(), server.try_clone()) {
+                    let mut o = open2.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    o.push(a);
+                    o.push(b);
+                }
+                let copy = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                };
+                copy(client, s2);
+                copy(server, c2);
+            }
+        });
+        TcpProxy { port, down, open }
+    }
+
+    /// The proxy's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Takes the service down (open connections are cut, new ones refused) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for s in open.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}

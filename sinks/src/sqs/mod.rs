@@ -109,4 +109,15 @@ pub enum SqsSinkError {
         /// The error, as SQS or the SDK reported it.
         reason: String,
     },
+    /// SQS could not be reached (connection refused, timeouts, 5xx) for every attempt; the
+    /// batch is retried as a whole later (FIFO dedup ids make the resend safe).
+    #[error("SQS queue {queue_url} unavailable for epoch {epoch}: {reason}")]
+    Unavailable {
+        /// The batch's epoch.
+        epoch: u64,
+        /// The queue.
+        queue_url: String,
+        /// The last error.
+        reason: String,
+    },
 }

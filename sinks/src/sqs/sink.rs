@@ -131,6 +131,8 @@ struct ChunkResult {
     retry: Vec<(usize, String)>,
     /// Alerts given up on, with the reason.
     failed: Vec<(usize, String)>,
+    /// The whole call failed transiently (endpoint unreachable, timeout, 5xx): why.
+    unavailable: Option<String>,
 }
 
 /// The request entry of `alert` with body `body`; `id` must be unique within its call.
@@ -235,8 +237,10 @@ impl SqsSink {
         loop {
             round += 1;
             let mut retry = Vec::new();
+            let mut unavailable = None;
             for chunk in pending.chunks(MAX_BATCH_ENTRIES) {
                 let r = self.send_chunk(batch, &bodies, chunk).await?;
+                unavailable = unavailable.or(r.unavailable);
                 sent += r.sent;
                 failed.extend(r.failed);
                 if !r.retry.is_empty() && round < self.cfg.max_attempts {
@@ -248,6 +252,15 @@ impl SqsSink {
                 break;
             }
             if round >= self.cfg.max_attempts {
+                // SQS itself is out of reach: no alert is at fault, so none is dead-lettered;
+                // the write fails and the pipeline retries the batch until SQS is back.
+                if let Some(reason) = unavailable {
+                    return Err(SqsSinkError::Unavailable {
+                        epoch: batch.epoch,
+                        queue_url: self.cfg.queue_url.clone(),
+                        reason: format!("{reason} (after {round} attempt(s))"),
+                    });
+                }
                 failed.extend(
                     retry
                         .into_iter()
@@ -321,7 +334,10 @@ impl SqsSink {
                         });
                     }
                     CallFailure::Permanent => result.failed.extend(all),
-                    CallFailure::Transient => result.retry.extend(all),
+                    CallFailure::Transient => {
+                        result.retry.extend(all);
+                        result.unavailable = Some(reason);
+                    }
                 }
                 return Ok(result);
             }

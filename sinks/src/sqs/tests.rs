@@ -251,7 +251,7 @@ async fn sqs_fifo_queue_groups_by_user_and_deduplicates_by_alert_id() {
 }
 
 #[tokio::test]
-async fn sqs_unreachable_endpoint_returns_the_alerts_as_failed() {
+async fn sqs_unreachable_endpoint_fails_the_write_without_dead_lettering() {
     let recorder = DebuggingRecorder::new();
     let snap = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
@@ -274,7 +274,7 @@ async fn sqs_unreachable_endpoint_returns_the_alerts_as_failed() {
     .await
     .unwrap();
     let started = Instant::now();
-    let outcome = tokio::time::timeout(
+    let err = tokio::time::timeout(
         Duration::from_secs(20),
         sink.write(&OutputBatch {
             epoch: 3,
@@ -284,25 +284,18 @@ async fn sqs_unreachable_endpoint_returns_the_alerts_as_failed() {
     )
     .await
     .expect("write must not hang")
-    .unwrap();
+    .expect_err("an unreachable SQS fails the write: the pipeline retries the batch, nothing is dead-lettered");
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
-    assert_eq!(outcome.sent, 0);
-    let failed: Vec<&Alert> = outcome.failed.iter().map(|(a, _)| a).collect();
-    assert_eq!(failed, alerts.iter().collect::<Vec<_>>(), "every alert, in batch order");
-    for (_, reason) in &outcome.failed {
-        assert!(reason.contains("gave up after 3 attempt(s)"), "{reason}");
-        assert!(reason.contains("SendMessageBatch failed"), "{reason}");
-    }
+    let msg = err.to_string();
+    assert!(
+        matches!(err, SqsSinkError::Unavailable { epoch: 3, .. }) && msg.contains("after 3 attempt(s)"),
+        "{msg}"
+    );
     let (counters, _) = metrics_of(&snap);
-    // 2 chunks (10 + 2), each retried twice.
+    // 2 chunks (10 + 2), each retried twice, then the write gives up.
     assert_eq!(
         counters.get(r#"llamaflow_sink_retries_total["sink=sqs"]"#),
         Some(&4),
-        "{counters:?}"
-    );
-    assert_eq!(
-        counters.get(r#"llamaflow_sink_failures_total["sink=sqs"]"#),
-        Some(&12),
         "{counters:?}"
     );
     let written = counters.get(r#"llamaflow_sink_written_total["sink=sqs"]"#);
