@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the integration tests start
-# (PostgreSQL with wal2json, redis-server, a Python venv with moto, boto3 and websockets),
-# then runs `cargo test --release --workspace`. Re-runs reuse everything installed.
+# (PostgreSQL with wal2json, redis-server, headless Chromium + chromedriver for the dashboard test,
+# a Python venv with moto, boto3 and websockets), then runs `cargo test --release --workspace`.
+# Re-runs reuse everything installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llamaflow-target}"
@@ -17,6 +18,8 @@ need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v redis-server >/dev/null || need+=(redis-server)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+[ -x "${LLAMAFLOW_CHROMIUM:-/usr/bin/chromium}" ] || need+=(chromium)
+[ -x "${LLAMAFLOW_CHROMEDRIVER:-/usr/bin/chromedriver}" ] || need+=(chromium-driver)
 [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
 pgmajor=$(ls /usr/lib/postgresql | sort -n | tail -1)
 [ -f "/usr/lib/postgresql/$pgmajor/lib/wal2json.so" ] || apt_install "postgresql-$pgmajor-wal2json"

@@ -1,0 +1,423 @@
+//! The live dashboard in a real browser: the real `llamaflow run` binary on the demo feed (sped
+//! up, with a JSONL sink so `/readyz` reports a sink) and headless Chromium driven through
+//! chromedriver's W3C WebDriver HTTP API (a few JSON requests over a plain TCP socket; no
+//! WebDriver crate). The test reads the page's DOM through the hooks documented at the top of
+//! `pipeline/assets/dashboard.html` and checks that it connects, fills the price table, keeps
+//! updating, shows pipeline health (records/s, readiness, sinks) and shows an alert.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`/usr/bin/chromium`, `/usr/bin/chromedriver`;
+//! `LLAMAFLOW_CHROMIUM` / `LLAMAFLOW_CHROMEDRIVER` override the paths). Without them the test
+//! fails, saying how to install them.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const INSTALL: &str = "install them with `apt-get install chromium chromium-driver` (scripts/test.sh does)";
+
+/// Feed seconds per wall-clock second: one feed hour, whose script (minutes 3–12: ETH, BTC and SOL
+/// moves, a gas spike, a liquidation cascade) fires the demo rules, plays in a minute.
+const SPEED: u32 = 60;
+
+/// Feed minutes replayed at once on start: live data starts at minute 58, so the script's alerts
+/// come 5–14 s after start (and again a minute later).
+const WARMUP_MINUTES: u32 = 58;
+
+/// A process this test started, killed with its whole process group when dropped (chromedriver
+/// starts Chromium and its helpers in the same group).
+struct Proc {
+    child: Child,
+    group: bool,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.group {
+            // SAFETY: kill(2) on the process group of a child this test spawned as group leader.
+            unsafe {
+                libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL);
+            }
+        } else {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn binary(var: &str, default: &str, what: &str) -> PathBuf {
+    let path = std::env::var_os(var).map_or_else(|| PathBuf::from(default), PathBuf::from);
+    assert!(
+        path.is_file(),
+        "{what} not found at {} (set {var} to override): the dashboard test drives headless Chromium; {INSTALL}",
+        path.display()
+    );
+    path
+}
+
+/// One HTTP/1.1 request to chromedriver; returns (status, JSON body).
+fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to chromedriver");
+    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let (head_len, content_length) = loop {
+        let n = s.read(&mut buf).expect("read from chromedriver");
+        assert!(n > 0, "chromedriver closed the connection during {method} {path}");
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..i]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            break (i + 4, len);
+        }
+    };
+    match content_length {
+        Some(len) => {
+            while raw.len() < head_len + len {
+                let n = s.read(&mut buf).expect("read from chromedriver");
+                assert!(n > 0, "chromedriver closed the connection during {method} {path}");
+                raw.extend_from_slice(&buf[..n]);
+            }
+            raw.truncate(head_len + len);
+        }
+        None => {
+            s.read_to_end(&mut raw).expect("read from chromedriver");
+        }
+    }
+    let head = String::from_utf8_lossy(&raw[..head_len]);
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let value = serde_json::from_slice(&raw[head_len..]).unwrap_or(Value::Null);
+    (status, value)
+}
+
+/// A WebDriver session on headless Chromium; deleted (Chromium closed) when dropped, before
+/// chromedriver's process group is killed.
+struct Browser {
+    port: u16,
+    session: String,
+    _driver: Proc,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let chromium = binary("LLAMAFLOW_CHROMIUM", "/usr/bin/chromium", "Chromium");
+        let chromedriver = binary("LLAMAFLOW_CHROMEDRIVER", "/usr/bin/chromedriver", "chromedriver");
+        let port = testkit::free_port();
+        let driver = Proc {
+            child: Command::new(&chromedriver)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {}: {e}; {INSTALL}", chromedriver.display())),
+            group: true,
+        };
+        assert!(
+            testkit::wait_for_port(port, Duration::from_secs(20)),
+            "chromedriver did not listen on {port}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http(port, "GET", "/status", None).1["value"]["ready"] != json!(true) {
+            assert!(Instant::now() < deadline, "chromedriver not ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let profile = tempfile::tempdir().unwrap();
+        let args = [
+            "--headless".to_string(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--disable-quic".into(),
+            "--no-first-run".into(),
+            "--disable-background-networking".into(),
+            "--disable-component-update".into(),
+            "--disable-sync".into(),
+            "--disable-dev-shm-usage".into(),
+            "--window-size=1280,1000".into(),
+            format!("--user-data-dir={}", profile.path().display()),
+        ];
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "goog:chromeOptions": {"binary": chromium.to_str().unwrap(), "args": args},
+        }}});
+        let (status, v) = http(port, "POST", "/session", Some(&caps));
+        let session = v["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("WebDriver new session failed (HTTP {status}): {v}"))
+            .to_string();
+        Browser {
+            port,
+            session,
+            _driver: driver,
+            _profile: profile,
+        }
+    }
+
+    /// A WebDriver command of this session; panics on a WebDriver error.
+    fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = format!("/session/{}{path}", self.session);
+        let (status, v) = http(self.port, method, &url, body.as_ref());
+        assert!(status == 200, "WebDriver {method} {path} failed (HTTP {status}): {v}");
+        v["value"].clone()
+    }
+
+    fn goto(&self, url: &str) {
+        self.cmd("POST", "/url", Some(json!({ "url": url })));
+    }
+
+    /// Runs `script` (a function body) in the page and returns its result.
+    fn eval(&self, script: &str) -> Value {
+        self.cmd("POST", "/execute/sync", Some(json!({"script": script, "args": []})))
+    }
+
+    /// The rendered (visible) text of the first element matching a CSS selector.
+    fn text(&self, css: &str) -> String {
+        let el = self.cmd("POST", "/element", Some(json!({"using": "css selector", "value": css})));
+        let id = el["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {el}"))
+            .to_string();
+        self.cmd("GET", &format!("/element/{id}/text"), None)
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let path = format!("/session/{}", self.session);
+        let _ = std::panic::catch_unwind(|| http(self.port, "DELETE", &path, None));
+    }
+}
+
+/// Everything the test looks at, read from the DOM in one go.
+const SNAPSHOT: &str = r##"
+const q = (s) => document.querySelector(s);
+const num = (el) => el && el.dataset.value !== undefined ? Number(el.dataset.value) : null;
+const text = (el, s) => { const e = el.querySelector(s); return e ? e.textContent : null; };
+return {
+  status: q("#status").dataset.state,
+  status_text: q("#status").textContent,
+  events_total: num(q("#events-total")),
+  prices: [...document.querySelectorAll("#prices tbody tr[data-coin]")].map((tr) => ({
+    coin: tr.dataset.coin, symbol: text(tr, ".symbol"), text: text(tr, ".price"),
+    price: tr.dataset.price === undefined ? null : Number(tr.dataset.price),
+  })),
+  tvl_rows: document.querySelectorAll("#tvl tbody tr[data-protocol]").length,
+  alerts: [...document.querySelectorAll("#alerts li[data-alert-id]")].map((li) => ({
+    id: li.dataset.alertId, msg: text(li, ".msg"), type: text(li, ".type"),
+  })),
+  health_state: q("#health-panel").dataset.state,
+  health: Object.fromEntries([...document.querySelectorAll("#health [data-metric]")].map((e) => [
+    e.dataset.metric, { text: e.textContent, value: num(e), hidden: e.closest("[data-cell]").hidden },
+  ])),
+  readiness: q("#readiness").dataset.state,
+  ready_text: q("#ready-status").textContent,
+  sinks: [...document.querySelectorAll("#sinks li[data-sink]")].map((li) => ({
+    name: li.dataset.sink, status: li.dataset.status, text: li.textContent,
+  })),
+};
+"##;
+
+/// Polls the page until `ok` holds for a snapshot; fails with the last snapshot.
+fn wait_for(browser: &Browser, what: &str, within: Duration, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let snap = browser.eval(SNAPSHOT);
+        if ok(&snap) {
+            return snap;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dashboard: no {what} within {within:?}; page state: {snap:#}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `$1,234.56` / `$0.9981` → the number.
+fn shown_number(text: &str) -> Option<f64> {
+    text.trim().trim_start_matches('$').replace(',', "").parse().ok()
+}
+
+fn numeric_prices(snap: &Value) -> Vec<(String, f64)> {
+    snap["prices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let shown = shown_number(p["text"].as_str()?)?;
+            let price = p["price"].as_f64()?;
+            (shown > 0.0 && price > 0.0).then(|| (p["coin"].as_str().unwrap_or("").to_string(), price))
+        })
+        .collect()
+}
+
+fn metric(snap: &Value, key: &str) -> Option<f64> {
+    snap["health"][key]["value"].as_f64()
+}
+
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn start_llamaflow(dir: &Path, port: u16) -> Proc {
+    let config = dir.join("llamaflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipeline]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [sources.demo]\nspeed = {SPEED}.0\nwarmup_minutes = {WARMUP_MINUTES}\nseed = 42\nrules = true\n\n\
+             [sinks]\nstdout = false\n\n\
+             [sinks.websocket]\nallow_anonymous = true\n\n[sinks.websocket.api_keys]\ndemo = \"demo\"\n\n\
+             [sinks.jsonl]\nalerts = \"{}\"\nevents = \"{}\"\n",
+            dir.join("alerts.jsonl").display(),
+            dir.join("events.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("llamaflow.log")).unwrap();
+    Proc {
+        child: Command::new(env!("CARGO_BIN_EXE_llamaflow"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+        group: false,
+    }
+}
+
+#[test]
+fn dashboard_shows_live_data_and_pipeline_health_in_headless_chromium() {
+    // Fail first, and clearly, when the browser is missing.
+    binary("LLAMAFLOW_CHROMIUM", "/usr/bin/chromium", "Chromium");
+    binary("LLAMAFLOW_CHROMEDRIVER", "/usr/bin/chromedriver", "chromedriver");
+
+    // The browser first (a few seconds), so the page is there as soon as the job listens.
+    let t0 = Instant::now();
+    let browser = Browser::start();
+    eprintln!("Chromium session up after {:?}", t0.elapsed());
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = testkit::free_port();
+    let _llamaflow = start_llamaflow(dir.path(), port);
+    let started = Instant::now();
+    let log = || std::fs::read_to_string(dir.path().join("llamaflow.log")).unwrap_or_default();
+    assert!(
+        testkit::wait_for_port(port, Duration::from_secs(30)),
+        "llamaflow run did not listen on {port}; log:\n{}",
+        log()
+    );
+    browser.goto(&format!("http://127.0.0.1:{port}/"));
+
+    // 1. Connected, and the price table shows coins with numeric prices.
+    let first = wait_for(
+        &browser,
+        "connection and numeric prices",
+        Duration::from_secs(30),
+        |s| s["status"] == "connected" && numeric_prices(s).len() >= 5,
+    );
+    let status = browser.text("#status");
+    assert!(status.starts_with("connected"), "visible status: {status:?}");
+    eprintln!(
+        "page connected with {} priced coins {:?} after the job started",
+        numeric_prices(&first).len(),
+        started.elapsed()
+    );
+
+    // 2. It keeps updating: read again a few seconds later.
+    std::thread::sleep(Duration::from_secs(4));
+    let second = browser.eval(SNAPSHOT);
+    let before: std::collections::BTreeMap<_, _> = numeric_prices(&first).into_iter().collect();
+    let changed = numeric_prices(&second)
+        .iter()
+        .filter(|(coin, p)| before.get(coin).is_some_and(|b| b != p))
+        .count();
+    let (e1, e2) = (first["events_total"].as_f64(), second["events_total"].as_f64());
+    assert!(
+        changed > 0 || e2 > e1,
+        "the page did not change in 4 s: events {e1:?} -> {e2:?}, no price changed; page: {second:#}"
+    );
+    assert!(second["tvl_rows"].as_u64() > Some(0), "TVL table empty: {second:#}");
+    eprintln!("after 4 s: {changed} prices changed, events {e1:?} -> {e2:?}");
+
+    // 3. Pipeline health: records/s > 0 from /metrics, readiness and the sink from /readyz.
+    let health = wait_for(&browser, "pipeline health", Duration::from_secs(30), |s| {
+        metric(s, "records_in_rate").is_some_and(|r| r > 0.0)
+            && metric(s, "records_in_total").is_some_and(|r| r > 0.0)
+            && s["health_state"] == "ok"
+            && s["readiness"] == "ok"
+            && s["sinks"].as_array().is_some_and(|v| !v.is_empty())
+    });
+    assert!(
+        shown_number(health["health"]["records_in_rate"]["text"].as_str().unwrap_or("")).is_some_and(|r| r > 0.0),
+        "records/s as shown: {:#}",
+        health["health"]["records_in_rate"]
+    );
+    assert_eq!(metric(&health, "dead_letters_total"), Some(0.0), "{health:#}");
+    assert_eq!(metric(&health, "sink_failures_total"), Some(0.0), "{health:#}");
+    assert!(
+        health["ready_text"].as_str().unwrap_or("").contains("ready"),
+        "{health:#}"
+    );
+    let sinks: Vec<(&str, &str)> = health["sinks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| (s["name"].as_str().unwrap_or(""), s["status"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(sinks, [("jsonl", "ok")], "sinks as /readyz reports them: {health:#}");
+    for lag in ["kafka_lag", "cdc_lag_bytes"] {
+        assert_eq!(
+            health["health"][lag]["hidden"], true,
+            "no {lag} without that source: {health:#}"
+        );
+    }
+    let (code, readyz) = http_get(port, "/readyz");
+    assert_eq!(code, 200, "{readyz}");
+
+    // 4. An alert of user `demo` appears in the alerts panel, and the alert counters follow.
+    // The feed's hourly script fires the demo rules once a minute at this speed.
+    let alerted = wait_for(&browser, "alert in the alerts panel", Duration::from_secs(90), |s| {
+        s["alerts"].as_array().is_some_and(|a| !a.is_empty())
+    });
+    let alert = &alerted["alerts"][0];
+    assert_eq!(alert["id"].as_str().map(str::len), Some(32), "{alert}");
+    assert!(!alert["msg"].as_str().unwrap_or("").is_empty(), "{alert}");
+    eprintln!(
+        "alert shown {:?} after the job started: {}",
+        started.elapsed(),
+        alert["msg"]
+    );
+    let counted = wait_for(&browser, "alerts counted in health", Duration::from_secs(10), |s| {
+        metric(s, "alerts_total").is_some_and(|n| n > 0.0)
+    });
+    assert!(metric(&counted, "alerts_rate").is_some(), "{counted:#}");
+    assert_eq!(browser.eval("return document.title;"), json!("llamaflow · live"));
+}
