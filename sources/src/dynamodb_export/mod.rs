@@ -10,6 +10,15 @@
 //! `redirect` and no `price` take the redirect target's latest price at or before their own
 //! time. Dead letters found while reading (invalid lines, `itemCount` mismatches, read errors)
 //! come first; unresolvable redirects come at their place in time.
+//!
+//! Memory stays flat however large the export: the ordering is an external sort. Decoded items
+//! are numbered in export, manifest and line order and collected in compact binary runs of at
+//! most [`ExportOptions::run_records`] items; a full run is sorted by (timestamp, number) and
+//! spilled to a file in a temporary directory, and iteration merges the runs lazily with a
+//! heap (the last run stays in memory; an export that fits in one run is never spilled). Only
+//! small per-coin state is kept besides: interned coin ids and symbols and each coin's latest
+//! price, for redirects, which are resolved as the merged records are taken. Dead letters
+//! found while reading are buffered the same way (at most [`DEAD_BUFFER`] in memory).
 
 use std::collections::HashMap;
 use std::fs;
@@ -17,19 +26,56 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use schemas::dynamo::{DynamoRecord, ExportLine, PriceItem, decode_item, parse_export_line};
-use schemas::{DeadLetter, Millis, PriceTick, Record, SourcePos, TvlUpdate, format_seconds};
+use schemas::{DeadLetter, Millis, PriceTick, Record, SourcePos, format_seconds};
 use serde_json::Value;
 
 use crate::{Input, Line, SourceError, io_reason, open_lines, read_line};
+use spill::{Body, DeadLetters, DeadSink, Entry, Merge, Price, Sorter, SpillDir};
 
 pub mod s3;
+mod spill;
 
 #[cfg(test)]
 mod tests;
 
+/// At most this many dead letters found while reading are held in memory (more are spilled).
+pub const DEAD_BUFFER: usize = 4096;
+
 const AWS_DIR: &str = "AWSDynamoDB";
 const SUMMARY: &str = "manifest-summary.json";
 const MANIFEST: &str = "manifest-files.json";
+
+/// Default [`ExportOptions::run_records`].
+pub const DEFAULT_RUN_RECORDS: usize = 200_000;
+
+/// Default [`ExportOptions::merge_fan_in`].
+pub const DEFAULT_MERGE_FAN_IN: usize = 64;
+
+/// How an export is read: the external sort's run size and merge width, and where runs spill.
+/// Every choice yields the same records in the same order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// Items held in memory at once: runs of this many decoded items are sorted and, when more
+    /// follow, spilled to a temporary file. Also bounds the dead letters held in memory (at
+    /// most [`DEAD_BUFFER`] either way). Default [`DEFAULT_RUN_RECORDS`].
+    pub run_records: usize,
+    /// Runs merged at once (at least 2); more runs are first merged in passes. Default
+    /// [`DEFAULT_MERGE_FAN_IN`].
+    pub merge_fan_in: usize,
+    /// Directory in which the temporary spill directory is created (default: the system's
+    /// temporary directory).
+    pub spill_dir: Option<PathBuf>,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            run_records: DEFAULT_RUN_RECORDS,
+            merge_fan_in: DEFAULT_MERGE_FAN_IN,
+            spill_dir: None,
+        }
+    }
+}
 
 /// Counts of what an export source read and skipped.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -62,14 +108,20 @@ pub fn is_export_dir(dir: &Path) -> bool {
     dir.join(SUMMARY).is_file() || list_exports(dir).is_ok_and(|v| !v.is_empty())
 }
 
-/// Opens a DynamoDB export: `dir` is a prefix directory holding `AWSDynamoDB/<ExportId>/…`
-/// (every export under it is read, ordered by `exportTime`/`startTime`, then ExportId), or
-/// one export's own directory.
+/// Opens a DynamoDB export with the default [`ExportOptions`]: `dir` is a prefix directory
+/// holding `AWSDynamoDB/<ExportId>/…` (every export under it is read, ordered by
+/// `exportTime`/`startTime`, then ExportId), or one export's own directory.
 ///
-/// Everything is read here; missing or malformed manifests and missing data files are errors,
-/// bad lines and `itemCount` mismatches are dead letters. Export directories without a
+/// Every data file is read here (into sorted runs, spilled to disk beyond one run); missing
+/// or malformed manifests, missing data files and spill I/O failures are errors, bad lines and
+/// `itemCount` mismatches are dead letters. Export directories without a
 /// `manifest-summary.json` (unfinished exports) are skipped.
 pub fn open(dir: &Path) -> Result<ExportSource, SourceError> {
+    open_with(dir, &ExportOptions::default())
+}
+
+/// [`open`] with explicit [`ExportOptions`].
+pub fn open_with(dir: &Path, opts: &ExportOptions) -> Result<ExportSource, SourceError> {
     let exports = if dir.join(SUMMARY).is_file() {
         let parent = dir.parent();
         let prefix = parent
@@ -87,46 +139,73 @@ pub fn open(dir: &Path) -> Result<ExportSource, SourceError> {
         exports.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
         exports
     };
-    let mut loader = Loader::default();
+    let mut loader = Loader::new(opts);
     for export in &exports {
         loader.load_export(export)?;
     }
-    loader.entries.sort_by_key(|e| e.ts);
     let Loader {
         stats,
+        mut spill,
         dead,
-        entries,
+        sorter,
         names,
         files,
         ..
     } = loader;
+    let remaining = usize::try_from(dead.count() + sorter.count()).unwrap_or(usize::MAX);
+    let dead = dead.finish()?;
+    let merge = sorter.finish(&mut spill)?;
+    tracing::debug!(
+        items = stats.items,
+        runs = merge.runs(),
+        spill_files = spill.files(),
+        "DynamoDB export read; merging its sorted runs"
+    );
     Ok(ExportSource {
         last_price: vec![None; names.len()],
         stats,
-        dead: dead.into_iter(),
-        entries: entries.into_iter(),
+        dead,
+        merge,
         names,
         files,
+        relabel: None,
+        remaining,
+        exact: true,
+        _spill: spill,
     })
 }
 
-/// The records of one or more exports in timestamp order; see [`open`].
+/// The records of one or more exports in timestamp order, merged lazily from sorted runs;
+/// see [`open`].
 pub struct ExportSource {
     stats: ExportStats,
-    dead: std::vec::IntoIter<DeadLetter>,
-    entries: std::vec::IntoIter<Entry>,
+    dead: DeadLetters,
+    merge: Merge,
     /// Interned coin ids and symbols.
     names: Vec<String>,
     /// `"<data file>:"` per data file.
     files: Vec<Arc<str>>,
     /// Latest price per interned coin id, in timestamp order so far.
     last_price: Vec<Option<f64>>,
+    /// `(local, remote)`: dead-letter sources starting with `local` are renamed (S3 exports).
+    relabel: Option<(String, String)>,
+    /// Items not yet taken.
+    remaining: usize,
+    /// `false` once a spill file could not be read back (the count is then unknown).
+    exact: bool,
+    /// The spill directory, removed when the source is dropped (after the readers above).
+    _spill: SpillDir,
 }
 
 impl ExportSource {
     /// What was read and skipped (redirect counts grow as records are taken).
     pub fn stats(&self) -> &ExportStats {
         &self.stats
+    }
+
+    /// Temporary files the external sort wrote (0: the export fit in one run).
+    pub fn spill_files(&self) -> u64 {
+        self._spill.files()
     }
 
     fn name(&self, id: u32) -> &str {
@@ -172,10 +251,23 @@ impl Iterator for ExportSource {
     type Item = Input;
 
     fn next(&mut self) -> Option<Input> {
-        if let Some(d) = self.dead.next() {
+        if let Some(mut d) = self.dead.next() {
+            self.remaining = self.remaining.saturating_sub(1);
+            if let Some((local, remote)) = &self.relabel
+                && let Some(rest) = d.source.strip_prefix(local.as_str())
+            {
+                d.source = format!("{remote}{rest}");
+            }
             return Some(Input::Dead(d));
         }
-        let e = self.entries.next()?;
+        let e = match self.merge.next_entry()? {
+            Ok(e) => e,
+            Err(d) => {
+                self.exact = false;
+                return Some(Input::Dead(d));
+            }
+        };
+        self.remaining = self.remaining.saturating_sub(1);
         let source = self
             .files
             .get(e.file as usize)
@@ -183,38 +275,18 @@ impl Iterator for ExportSource {
             .unwrap_or_else(|| Arc::from(""));
         let pos = SourcePos::new(source, e.line);
         Some(match e.body {
-            Body::Tvl(t) => Input::Record(pos, Record::Tvl(*t)),
+            Body::Tvl(t) => Input::Record(pos, Record::Tvl(t)),
             Body::Price(p) => self.price_record(pos, e.ts, p),
         })
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = self.dead.len() + self.entries.len();
-        (n, Some(n))
+        if self.exact {
+            (self.remaining, Some(self.remaining))
+        } else {
+            (0, None)
+        }
     }
-}
-
-/// One decoded item, kept compact until it is taken.
-struct Entry {
-    ts: Millis,
-    file: u32,
-    line: u64,
-    body: Body,
-}
-
-enum Body {
-    Tvl(Box<TvlUpdate>),
-    Price(Price),
-}
-
-/// A price item with interned strings.
-struct Price {
-    coin: u32,
-    price: Option<f64>,
-    symbol: Option<u32>,
-    confidence: Option<f64>,
-    decimals: Option<u32>,
-    redirect: Option<u32>,
 }
 
 /// One export's directory and summary.
@@ -371,13 +443,13 @@ fn resolve(key: &str, export: &Export, sub: Option<&str>) -> Result<PathBuf, Vec
     }
 }
 
-/// Reads exports into compact entries, interning coin ids and symbols (few distinct
-/// strings, many items).
-#[derive(Default)]
+/// Reads exports into sorted runs, interning coin ids and symbols (few distinct strings, many
+/// items).
 struct Loader {
     stats: ExportStats,
-    dead: Vec<DeadLetter>,
-    entries: Vec<Entry>,
+    spill: SpillDir,
+    dead: DeadSink,
+    sorter: Sorter,
     names: Vec<String>,
     ids: HashMap<String, u32>,
     files: Vec<Arc<str>>,
@@ -385,6 +457,23 @@ struct Loader {
 }
 
 impl Loader {
+    fn new(opts: &ExportOptions) -> Self {
+        Loader {
+            stats: ExportStats::default(),
+            spill: SpillDir::new(opts.spill_dir.clone()),
+            dead: DeadSink::new(opts.run_records.min(DEAD_BUFFER)),
+            sorter: Sorter::new(opts.run_records, opts.merge_fan_in),
+            names: Vec::new(),
+            ids: HashMap::new(),
+            files: Vec::new(),
+            buf: Vec::new(),
+        }
+    }
+
+    fn dead(&mut self, d: DeadLetter) -> Result<(), SourceError> {
+        self.dead.push(&mut self.spill, d)
+    }
+
     fn intern(&mut self, s: String) -> u32 {
         if let Some(&id) = self.ids.get(&s) {
             return id;
@@ -430,16 +519,18 @@ impl Loader {
         let mut buf = std::mem::take(&mut self.buf);
         let (mut line_no, mut lines) = (0u64, 0u64);
         loop {
-            let pos = SourcePos::new(source.clone(), line_no + 1);
             let text = match read_line(&mut *reader, &mut buf) {
                 Line::Eof => break,
                 Line::Err(e) => {
                     // A read error makes the count meaningless: no itemCount check for this file.
-                    let raw = String::from_utf8_lossy(&buf);
-                    self.dead
-                        .push(DeadLetter::new(pos, format!("read error: {}", io_reason(&e)), &raw));
+                    let pos = SourcePos::new(source.clone(), line_no + 1);
+                    let d = DeadLetter::new(
+                        pos,
+                        format!("read error: {}", io_reason(&e)),
+                        &String::from_utf8_lossy(&buf),
+                    );
                     self.buf = buf;
-                    return Ok(());
+                    return self.dead(d);
                 }
                 Line::Text(text) => text,
             };
@@ -449,11 +540,9 @@ impl Loader {
                 Err(e) => {
                     lines += 1;
                     self.stats.invalid_lines += 1;
-                    self.dead.push(DeadLetter::new(
-                        pos,
-                        format!("invalid UTF-8: {e}"),
-                        &String::from_utf8_lossy(&buf),
-                    ));
+                    let pos = SourcePos::new(source.clone(), line_no);
+                    let d = DeadLetter::new(pos, format!("invalid UTF-8: {e}"), &String::from_utf8_lossy(&buf));
+                    self.dead(d)?;
                     continue;
                 }
             };
@@ -461,9 +550,14 @@ impl Loader {
                 continue;
             }
             lines += 1;
-            if let Err(reason) = self.load_line(line, file, line_no) {
-                self.stats.invalid_lines += 1;
-                self.dead.push(DeadLetter::new(pos, reason, line));
+            match self.load_line(line, file, line_no) {
+                Ok(Some(entry)) => self.sorter.push(&mut self.spill, &entry)?,
+                Ok(None) => {}
+                Err(reason) => {
+                    self.stats.invalid_lines += 1;
+                    let d = DeadLetter::new(SourcePos::new(source.clone(), line_no), reason, line);
+                    self.dead(d)?;
+                }
             }
         }
         self.buf = buf;
@@ -471,25 +565,26 @@ impl Loader {
         if let Some(n) = item_count.filter(|&n| n != lines) {
             self.stats.item_count_mismatches += 1;
             let reason = format!("itemCount mismatch: manifest says {n}, file has {lines}");
-            self.dead.push(DeadLetter::new(path.display(), reason, manifest_line));
+            self.dead(DeadLetter::new(path.display(), reason, manifest_line))?;
         }
         Ok(())
     }
 
-    fn load_line(&mut self, line: &str, file: u32, line_no: u64) -> Result<(), String> {
+    /// Decodes one line: `Ok(None)` for deletions and items of other kinds.
+    fn load_line(&mut self, line: &str, file: u32, line_no: u64) -> Result<Option<Entry>, String> {
         let item = match parse_export_line(line).map_err(|e| e.0)? {
             ExportLine::Upsert(item) => item,
             ExportLine::Delete(_) => {
                 self.stats.deletions += 1;
-                return Ok(());
+                return Ok(None);
             }
         };
         let (ts, body) = match decode_item(&item).map_err(|e| e.0)? {
             None => {
                 self.stats.skipped_items += 1;
-                return Ok(());
+                return Ok(None);
             }
-            Some(DynamoRecord::Tvl(t)) => (t.timestamp, Body::Tvl(Box::new(t))),
+            Some(DynamoRecord::Tvl(t)) => (t.timestamp, Body::Tvl(t)),
             Some(DynamoRecord::Price(p)) => {
                 let PriceItem {
                     coin,
@@ -513,12 +608,11 @@ impl Loader {
             }
         };
         self.stats.items += 1;
-        self.entries.push(Entry {
+        Ok(Some(Entry {
             ts,
             file,
             line: line_no,
             body,
-        });
-        Ok(())
+        }))
     }
 }

@@ -8,9 +8,10 @@
 //! reader [`open`](super::open). Every check of the local reader (manifests, `itemCount`,
 //! timestamp ordering, redirects, unfinished exports skipped) therefore applies unchanged.
 //!
-//! The local reader loads everything while opening, so the temporary directory is removed
-//! before [`open_s3`] returns; positions and dead letters name the S3 objects
-//! (`s3://bucket/<key>:<line>`), not the temporary files.
+//! The local reader reads every data file while opening (into sorted runs, spilled to its own
+//! temporary directory beyond one run; see [the module docs](super)), so the download
+//! directory is removed before [`open_s3`] returns; positions and dead letters name the S3
+//! objects (`s3://bucket/<key>:<line>`), not the temporary files.
 //!
 //! # Credentials and region
 //!
@@ -33,7 +34,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 
-use super::{AWS_DIR, ExportSource, SUMMARY};
+use super::{AWS_DIR, ExportOptions, ExportSource, SUMMARY};
 use crate::SourceError;
 
 #[cfg(test)]
@@ -189,6 +190,15 @@ pub async fn open_s3(loc: &S3Location, cfg: &S3Config) -> Result<ExportSource, S
 
 /// [`open_s3`] with a given client.
 pub async fn open_s3_with(client: &Client, loc: &S3Location) -> Result<ExportSource, SourceError> {
+    open_s3_with_options(client, loc, &ExportOptions::default()).await
+}
+
+/// [`open_s3`] with a given client and [`ExportOptions`] for the local reader.
+pub async fn open_s3_with_options(
+    client: &Client,
+    loc: &S3Location,
+    opts: &ExportOptions,
+) -> Result<ExportSource, SourceError> {
     let keys = list(client, loc).await?;
     let wanted = export_objects(loc, &keys)?;
     let tmp = tempfile::Builder::new()
@@ -199,7 +209,8 @@ pub async fn open_s3_with(client: &Client, loc: &S3Location) -> Result<ExportSou
     download_all(client, loc, &root, wanted).await?;
     tracing::info!(location = %loc, "DynamoDB export downloaded; reading it");
     let local = root.join(&loc.prefix);
-    let opened = tokio::task::spawn_blocking(move || super::open(&local))
+    let opts = opts.clone();
+    let opened = tokio::task::spawn_blocking(move || super::open_with(&local, &opts))
         .await
         .map_err(|e| SourceError::io("read", &root, io::Error::other(e.to_string())))?;
     let relabel = Relabel {
@@ -366,14 +377,7 @@ impl Relabel {
                 *file = Arc::from(s);
             }
         }
-        let dead: Vec<_> = std::mem::take(&mut source.dead)
-            .map(|mut d| {
-                if let Some(s) = self.text(&d.source) {
-                    d.source = s;
-                }
-                d
-            })
-            .collect();
-        source.dead = dead.into_iter();
+        // Dead letters found while reading may be spilled to disk: renamed as they are taken.
+        source.relabel = Some((self.local.clone(), self.remote.clone()));
     }
 }

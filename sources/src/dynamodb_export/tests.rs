@@ -274,3 +274,277 @@ fn iso_times() {
     assert_eq!(parse_iso8601("2024-13-03T16:00:00Z"), None);
     assert_eq!(parse_time(&json!(1717430400)), Some(1_717_430_400_000));
 }
+
+/// Tiny runs and merge widths that force spills and merge passes.
+fn tiny(run_records: usize, merge_fan_in: usize) -> ExportOptions {
+    ExportOptions {
+        run_records,
+        merge_fan_in,
+        spill_dir: None,
+    }
+}
+
+/// Every item and the final stats of a source.
+fn read_all(dir: &Path, opts: &ExportOptions) -> (Vec<Input>, ExportStats, u64) {
+    let mut src = open_with(dir, opts).unwrap();
+    let spill_files = src.spill_files();
+    let (n, hint) = (src.size_hint().0, src.size_hint().1);
+    let items: Vec<Input> = src.by_ref().collect();
+    assert_eq!((n, hint), (items.len(), Some(items.len())));
+    assert_eq!(src.size_hint(), (0, Some(0)));
+    (items, src.stats().clone(), spill_files)
+}
+
+#[test]
+fn spilled_runs_read_like_one_run() {
+    let tmp = export_tree();
+    let (want, want_stats, spills) = read_all(tmp.path(), &ExportOptions::default());
+    assert_eq!(spills, 0, "an export that fits in one run is not spilled");
+    assert_eq!(want.len(), 12);
+    for (run_records, fan_in) in [(1, 2), (1, 64), (2, 2), (3, 2), (3, 3), (4, 64), (9, 2), (10, 2)] {
+        let (items, stats, spills) = read_all(tmp.path(), &tiny(run_records, fan_in));
+        assert_eq!(items, want, "run_records {run_records}, fan-in {fan_in}");
+        assert_eq!(stats, want_stats);
+        // 10 items: 10 per run fit in one run, which is never spilled.
+        assert_eq!(
+            spills > 0,
+            run_records < 10,
+            "run_records {run_records}: {spills} spill files"
+        );
+    }
+    // run_records 1 also spills dead letters (one held in memory): same order, same sources.
+    let (items, _, _) = read_all(tmp.path(), &tiny(1, 2));
+    let d = describe(&items);
+    assert_eq!(
+        d[..2],
+        [
+            "dead a.json.gz:4 bad JSON: EOF while parsing a value at line 1 column 14",
+            "dead a.json.gz itemCount mismatch: manifest says 5, file has 6",
+        ]
+    );
+}
+
+#[test]
+fn spill_dir_option_and_cleanup() {
+    let tmp = export_tree();
+    let spill = tempfile::tempdir().unwrap();
+    let opts = ExportOptions {
+        spill_dir: Some(spill.path().to_path_buf()),
+        ..tiny(2, 2)
+    };
+    let src = open_with(tmp.path(), &opts).unwrap();
+    let dirs: Vec<_> = fs::read_dir(spill.path()).unwrap().collect();
+    assert_eq!(dirs.len(), 1, "one spill directory");
+    drop(src);
+    assert_eq!(fs::read_dir(spill.path()).unwrap().count(), 0, "removed on drop");
+
+    let e = open_with(
+        tmp.path(),
+        &ExportOptions {
+            spill_dir: Some(tmp.path().join("no-such-dir")),
+            ..tiny(2, 2)
+        },
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(
+        e.starts_with("cannot create a spill directory in ") && e.contains("no-such-dir"),
+        "{e}"
+    );
+}
+
+/// A deterministic generator (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One random data-file line: prices (history, current and redirect rows), TVL items,
+/// items of other kinds and, now and then, a malformed line. Timestamps collide often.
+fn random_line(rng: &mut Rng, incremental: bool) -> String {
+    let ts = 1_717_430_000 + rng.below(40) * 60;
+    let coin = [
+        "coingecko#ethereum",
+        "coingecko#usd-coin",
+        "asset#ethereum:0xabc",
+        "coingecko#tether",
+    ][rng.below(4) as usize];
+    let v = match rng.below(20) {
+        0 => return "{\"Item\":{\"PK\":{\"S\":\"coingecko#broken\"}".to_string(),
+        1 => json!({"PK":{"S":"config#x"},"SK":{"N":"0"}}),
+        2 | 3 => json!({"PK":{"S":"asset#polygon:0xdef"},"SK":{"N":ts.to_string()},"redirect":{"S":coin}}),
+        4 => json!({"PK":{"S":coin},"SK":{"N":"0"},"price":{"N":format!("{}", 1 + rng.below(5000))},
+            "timestamp":{"N":ts.to_string()},"symbol":{"S":"SYM"},"decimals":{"N":"6"}}),
+        5..=9 => json!({"PK":{"S":format!("hourlyTvl#{}", rng.below(3))},"SK":{"N":ts.to_string()},
+            "ethereum":{"N":format!("{}", rng.below(1000))},"arbitrum":{"N":"5"},"ethereum-staking":{"N":"1"}}),
+        _ => price(coin, ts as i64, (1 + rng.below(5000)) as f64 / 7.0),
+    };
+    if !incremental {
+        return item(v);
+    }
+    let keys = json!({"PK": v["PK"].clone(), "SK": v["SK"].clone()});
+    if rng.below(10) == 0 {
+        json!({"Metadata":{},"Keys":keys,"OldImage":v}).to_string()
+    } else {
+        json!({"Metadata":{},"Keys":keys,"NewImage":v}).to_string()
+    }
+}
+
+/// A prefix directory with a full export of `full_files` data files and an incremental one
+/// of two, `lines` random lines each (one file's `itemCount` is off by one).
+fn generated_tree(seed: u64, full_files: usize, lines: usize) -> tempfile::TempDir {
+    let mut rng = Rng(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join(AWS_DIR);
+    for (id, files, kind, time) in [
+        (FULL, full_files, "FULL_EXPORT", "2024-06-03T17:00:00Z"),
+        (INCR, 2, "INCREMENTAL_EXPORT", "2024-06-03T18:00:00Z"),
+    ] {
+        let dir = root.join(id);
+        summary(&dir, kind, time, &format!("{AWS_DIR}/{id}/{MANIFEST}"));
+        let mut manifest = String::new();
+        for f in 0..files {
+            let data: Vec<String> = (0..lines)
+                .map(|_| random_line(&mut rng, kind != "FULL_EXPORT"))
+                .collect();
+            let name = format!("f{f}.json.gz");
+            write_gz(&dir.join("data").join(&name), &data);
+            let count = if f == 1 { lines + 1 } else { lines };
+            manifest += &format!(
+                "{}\n",
+                json!({"itemCount":count,"dataFileS3Key":format!("{AWS_DIR}/{id}/data/{name}")})
+            );
+        }
+        fs::write(dir.join(MANIFEST), manifest).unwrap();
+    }
+    tmp
+}
+
+/// The event time of an input (dead letters: none).
+fn ts_of(i: &Input) -> Option<Millis> {
+    match i {
+        Input::Record(_, Record::Price(p)) => Some(p.timestamp),
+        Input::Record(_, Record::Tvl(t)) => Some(t.timestamp),
+        _ => None,
+    }
+}
+
+/// `(export, file, line)` of a position, as a sequence key.
+fn seq_of(pos: &str, dir: &Path) -> (bool, String, u64) {
+    let rel = pos.strip_prefix(&format!("{}/", dir.display())).unwrap_or(pos);
+    let (file, line) = rel.rsplit_once(':').unwrap();
+    let file = file.trim_end_matches(".json.gz");
+    (
+        file.contains(INCR),
+        format!("{:>8}", file.rsplit('f').next().unwrap()),
+        line.parse().unwrap(),
+    )
+}
+
+#[test]
+fn generated_exports_stream_the_same_with_many_spills() {
+    let tmp = generated_tree(42, 5, 60);
+    let (want, want_stats, spills) = read_all(tmp.path(), &ExportOptions::default());
+    assert_eq!(spills, 0);
+    assert_eq!(want_stats.data_files, 7);
+    assert!(want_stats.invalid_lines > 0 && want_stats.deletions > 0 && want_stats.redirects_resolved > 0);
+    assert_eq!(want_stats.item_count_mismatches, 2);
+    for (run_records, fan_in) in [(3, 2), (3, 64), (7, 3), (50, 2)] {
+        let (items, stats, spills) = read_all(tmp.path(), &tiny(run_records, fan_in));
+        assert!(spills > 1);
+        assert_eq!(items, want, "run_records {run_records}, fan-in {fan_in}");
+        assert_eq!(stats, want_stats);
+    }
+    // Dead letters found while reading first (malformed lines with their position), then
+    // records in (timestamp, export/file/line) order.
+    let found = want_stats.invalid_lines + want_stats.item_count_mismatches;
+    for d in &want[..found as usize] {
+        let Input::Dead(d) = d else { panic!("{d:?}") };
+        assert!(
+            d.reason.starts_with("bad JSON")
+                && d.source.rsplit_once(':').is_some_and(|(_, l)| l.parse::<u64>().is_ok())
+                || d.reason.starts_with("itemCount mismatch"),
+            "{d:?}"
+        );
+    }
+    let keys: Vec<(Millis, (bool, String, u64))> = want[found as usize..]
+        .iter()
+        .map(|i| match i {
+            Input::Record(pos, _) => (ts_of(i).unwrap(), seq_of(&pos.to_string(), tmp.path())),
+            Input::Dead(d) => {
+                assert!(d.reason.starts_with("redirect target"), "{d:?}");
+                let ts = serde_json::from_str::<Value>(&d.raw).unwrap()["timestamp"]
+                    .as_i64()
+                    .unwrap()
+                    * 1000;
+                (ts, seq_of(&d.source, tmp.path()))
+            }
+        })
+        .collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "not in (timestamp, sequence) order"
+    );
+}
+
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Random price items in random files: the streamed order is the stable sort by
+        /// timestamp of the export/file/line order, whatever the run size and merge width.
+        #[test]
+        fn streamed_order_is_the_stable_sort(
+            files in prop::collection::vec(prop::collection::vec((0u8..6, 0u64..8), 0..25), 1..5),
+            run_records in 1usize..12,
+            fan_in in 2usize..5,
+        ) {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join(AWS_DIR).join(FULL);
+            summary(&dir, "FULL_EXPORT", "2024-06-03T17:00:00Z", &format!("{AWS_DIR}/{FULL}/{MANIFEST}"));
+            let mut manifest = String::new();
+            let mut expected = Vec::new();
+            for (f, lines) in files.iter().enumerate() {
+                let name = format!("f{f}.json.gz");
+                let data: Vec<String> = lines
+                    .iter()
+                    .enumerate()
+                    .map(|(l, &(coin, t))| {
+                        let ts = 1_717_430_000 + t as i64;
+                        expected.push((ts * 1000, expected.len(), format!("{name}:{}", l + 1)));
+                        item(price(&format!("coingecko#c{coin}"), ts, 1.0 + l as f64))
+                    })
+                    .collect();
+                write_gz(&dir.join("data").join(&name), &data);
+                manifest += &format!("{}\n", json!({"dataFileS3Key": format!("data/{name}")}));
+            }
+            fs::write(dir.join(MANIFEST), manifest).unwrap();
+            expected.sort_by_key(|&(ts, seq, _)| (ts, seq));
+            let got: Vec<(Millis, String)> = open_with(&dir, &tiny(run_records, fan_in))
+                .unwrap()
+                .map(|i| match &i {
+                    Input::Record(pos, _) => (ts_of(&i).unwrap(), file_pos(&pos.to_string())),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            let want: Vec<(Millis, String)> = expected.into_iter().map(|(ts, _, p)| (ts, p)).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+}

@@ -109,6 +109,17 @@ async fn s3_export_reads_like_the_local_tree() {
         d.source
     );
 
+    // Tiny runs (spilled runs and dead letters, merge passes): the same items, same names.
+    let tiny = ExportOptions {
+        run_records: 1,
+        merge_fan_in: 2,
+        spill_dir: None,
+    };
+    let mut spilled = open_s3_with_options(&client, &loc, &tiny).await.unwrap();
+    assert!(spilled.spill_files() > 10);
+    assert_eq!(spilled.by_ref().collect::<Vec<Input>>(), remote_items);
+    assert_eq!(spilled.stats(), remote.stats());
+
     // One export's own prefix.
     let one = format!("AWSDynamoDB/{}", super::super::tests::INCR);
     let loc = S3Location::parse(&format!("s3://{BUCKET}/s3prefix/{one}")).unwrap();
