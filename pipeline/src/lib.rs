@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod export;
 pub mod health;
 pub mod http;
 pub mod live;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pipeline::{UsageError, replay, run};
+use pipeline::{UsageError, export, replay, run};
 
 #[derive(Parser)]
 #[command(name = "llamaflow", version, about = "Real-time DeFi analytics: prices, TVL, alerts")]
@@ -18,6 +18,8 @@ enum Cmd {
     Run(run::RunArgs),
     /// Deterministic batch run over files and DynamoDB exports; writes alerts as JSONL.
     Replay(Box<replay::ReplayArgs>),
+    /// Writes the inputs of a replay, and its events and alerts, as a Parquet dataset (SPEC §7).
+    Export(Box<export::ExportArgs>),
     /// Checks a configuration file and prints what it would run.
     CheckConfig {
         /// The file.
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run(args) => run::run(args),
         Cmd::Replay(args) => replay::replay(&args).map(|s| eprintln!("{}", s.line())),
+        Cmd::Export(args) => export::export(&args).map(|s| eprintln!("{}", s.line())),
         Cmd::CheckConfig { config } => pipeline::config::Config::load(&config)
             .map(|c| println!("{}: ok — {}", config.display(), c.summary()))
             .map_err(Into::into),

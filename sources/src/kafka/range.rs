@@ -15,7 +15,7 @@
 //! partition's last message is at or after it, as librdkafka's mock cluster does) is read from
 //! the partition's start, filtering by timestamp.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use schemas::{Kind, Millis, SourcePos};
 
@@ -261,14 +261,36 @@ pub fn open_range(cfg: &KafkaRangeConfig) -> Result<KafkaRange, KafkaSourceError
         consumer
             .assign(&tpl)
             .map_err(|e| KafkaSourceError::kafka("assign the partitions", e))?;
+        let mut queues = Vec::new();
         for r in ranges.iter().filter(|r| r.start < r.end) {
             let queue = consumer.split_partition_queue(&r.topic, r.partition).ok_or_else(|| {
                 KafkaSourceError::Range(format!("cannot read {}/{} on its own queue", r.topic, r.partition))
             })?;
+            queues.push((r, queue));
+        }
+        // Messages fetched between the assignment and the split wait on the main queue; they
+        // precede everything on the partition's own queue.
+        let early: Stash = Arc::default();
+        {
+            let mut stash = early.lock().unwrap_or_else(PoisonError::into_inner);
+            while let Some(m) = consumer.poll(Duration::ZERO) {
+                match m {
+                    Ok(m) => stash
+                        .entry((m.topic().to_string(), m.partition()))
+                        .or_default()
+                        .push_back(m.detach()),
+                    Err(e) => tracing::debug!("kafka range: {e}"),
+                }
+            }
+        }
+        for (r, queue) in queues {
             let kind = kinds.get(&r.topic).copied().unwrap_or(Kind::Price);
             sources.push(RangeSource {
                 consumer: consumer.clone(),
                 queue,
+                early: early.clone(),
+                key: (r.topic.clone(), r.partition),
+                last: r.start - 1,
                 kind,
                 name: Arc::from(format!("{}/{}@", r.topic, r.partition)),
                 end: r.end,
@@ -367,6 +389,11 @@ fn last_timestamps(
 pub struct RangeSource {
     consumer: Arc<RangeConsumer>,
     queue: rdkafka::consumer::base_consumer::PartitionQueue<RangeContext>,
+    /// Messages that reached the main queue (before the partitions' queues were split off).
+    early: Stash,
+    key: (String, i32),
+    /// Offset of the last message taken.
+    last: i64,
     kind: Kind,
     name: Arc<str>,
     end: i64,
@@ -377,6 +404,16 @@ pub struct RangeSource {
     status: Arc<RangeStatus>,
 }
 
+/// Messages per partition that arrived on the consumer's main queue.
+type Stash = Arc<Mutex<BTreeMap<(String, i32), VecDeque<OwnedMessage>>>>;
+
+/// What one message gives.
+enum Step {
+    Emit(Input),
+    Skip,
+    End,
+}
+
 impl RangeSource {
     fn stop(&mut self, error: Option<String>) -> Option<Input> {
         self.done = true;
@@ -384,6 +421,42 @@ impl RangeSource {
             self.status.fail(format!("{}: {e}", self.name.trim_end_matches('@')));
         }
         None
+    }
+
+    /// Decodes one message of the partition (see the module docs for what is skipped).
+    fn take(&mut self, msg: &impl Message) -> Step {
+        let offset = msg.offset();
+        if offset <= self.last {
+            self.status.fail(format!(
+                "{}: offset {offset} arrived after {} (out of order)",
+                self.name.trim_end_matches('@'),
+                self.last
+            ));
+            return Step::End;
+        }
+        self.last = offset;
+        if offset >= self.end {
+            return Step::End;
+        }
+        if offset + 1 >= self.end {
+            self.done = true;
+        }
+        self.status.messages.fetch_add(1, Ordering::Relaxed);
+        let ts = msg.timestamp().to_millis();
+        let inside = ts.is_none_or(|t| self.from.is_none_or(|f| t >= f) && self.to.is_none_or(|to| t < to));
+        if !inside {
+            self.status.skipped.fetch_add(1, Ordering::Relaxed);
+            return Step::Skip;
+        }
+        let pos = SourcePos::new(self.name.clone(), u64::try_from(offset).unwrap_or_default());
+        match decode(self.kind, &pos, msg.key(), msg.payload()) {
+            Ok(Change::Record(r)) => Step::Emit(Input::Record(pos, r)),
+            Ok(Change::Dead(d)) => Step::Emit(Input::Dead(d)),
+            Ok(_) | Err(_) => {
+                self.status.skipped.fetch_add(1, Ordering::Relaxed);
+                Step::Skip
+            }
+        }
     }
 }
 
@@ -393,21 +466,33 @@ impl Iterator for RangeSource {
     fn next(&mut self) -> Option<Input> {
         let mut idle_since = Instant::now();
         while !self.done {
-            // Serve the main queue (errors, logs); every assigned partition has its own queue.
+            let early = {
+                let mut stash = self.early.lock().unwrap_or_else(PoisonError::into_inner);
+                stash.get_mut(&self.key).and_then(VecDeque::pop_front)
+            };
+            if let Some(m) = early {
+                match self.take(&m) {
+                    Step::Emit(i) => return Some(i),
+                    Step::Skip => continue,
+                    Step::End => return self.stop(None),
+                }
+            }
+            // Serve the main queue (errors, logs); a message still found there goes to the
+            // stash of its partition.
             match self.consumer.poll(Duration::ZERO) {
                 Some(Ok(m)) => {
-                    let e = format!(
-                        "unexpected message of {}/{} on the main queue",
-                        m.topic(),
-                        m.partition()
-                    );
-                    drop(m);
-                    return self.stop(Some(e));
+                    let m = m.detach();
+                    let mut stash = self.early.lock().unwrap_or_else(PoisonError::into_inner);
+                    stash
+                        .entry((m.topic().to_string(), m.partition()))
+                        .or_default()
+                        .push_back(m);
+                    continue;
                 }
                 Some(Err(e)) => tracing::warn!("kafka range: {e}"),
                 None => {}
             }
-            let msg = match self.queue.poll(POLL) {
+            let step = match self.queue.poll(POLL) {
                 None => {
                     if idle_since.elapsed() > self.idle_timeout {
                         let e = format!("no message for {:?} before offset {}", self.idle_timeout, self.end);
@@ -416,36 +501,21 @@ impl Iterator for RangeSource {
                     continue;
                 }
                 // The end of the log: everything before `end` (≤ the high watermark) was read.
-                Some(Err(KafkaError::PartitionEOF(_))) => return self.stop(None),
+                Some(Err(KafkaError::PartitionEOF(_))) => Step::End,
                 Some(Err(e)) => {
                     tracing::warn!("kafka range: {}: {e}", self.name.trim_end_matches('@'));
                     continue;
                 }
-                Some(Ok(m)) => m,
+                Some(Ok(m)) => {
+                    let m = m.detach();
+                    self.take(&m)
+                }
             };
             idle_since = Instant::now();
-            let offset = msg.offset();
-            if offset >= self.end {
-                drop(msg);
-                return self.stop(None);
-            }
-            if offset + 1 >= self.end {
-                self.done = true;
-            }
-            self.status.messages.fetch_add(1, Ordering::Relaxed);
-            let ts = msg.timestamp().to_millis();
-            let inside = ts.is_none_or(|t| self.from.is_none_or(|f| t >= f) && self.to.is_none_or(|to| t < to));
-            if !inside {
-                self.status.skipped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let pos = SourcePos::new(self.name.clone(), u64::try_from(offset).unwrap_or_default());
-            match decode(self.kind, &pos, msg.key(), msg.payload()) {
-                Ok(Change::Record(r)) => return Some(Input::Record(pos, r)),
-                Ok(Change::Dead(d)) => return Some(Input::Dead(d)),
-                Ok(_) | Err(_) => {
-                    self.status.skipped.fetch_add(1, Ordering::Relaxed);
-                }
+            match step {
+                Step::Emit(i) => return Some(i),
+                Step::Skip => {}
+                Step::End => return self.stop(None),
             }
         }
         None
