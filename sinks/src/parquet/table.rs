@@ -143,6 +143,7 @@ fn map_builder() -> MapBuilder<StringBuilder, Float64Builder> {
 }
 
 /// Builders of one table's columns; rows are appended, then taken as a [`RecordBatch`].
+#[allow(clippy::large_enum_variant, reason = "one per open part file")]
 pub(crate) enum Columns {
     Prices {
         coin: StringBuilder,
