@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the integration tests start
 # (PostgreSQL with wal2json, redis-server, headless Chromium + chromedriver for the dashboard test,
-# a Python venv with moto, boto3 and websockets), then runs `cargo test --release --workspace`.
-# Re-runs reuse everything installed.
+# a Python venv with moto, boto3, websockets, and pyarrow and duckdb as independent Parquet
+# readers), then runs `cargo test --release --workspace`. Re-runs reuse everything installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llamaflow-target}"
@@ -25,9 +25,9 @@ pgmajor=$(ls /usr/lib/postgresql | sort -n | tail -1)
 [ -f "/usr/lib/postgresql/$pgmajor/lib/wal2json.so" ] || apt_install "postgresql-$pgmajor-wal2json"
 
 venv="${LLAMAFLOW_VENV:-$HOME/.cache/llamaflow-venv}"
-if ! "$venv/bin/python" -c 'import moto, boto3, websockets' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import moto, boto3, websockets, pyarrow, duckdb' 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q 'moto[server]' boto3 websockets
+  "$venv/bin/pip" install -q 'moto[server]' boto3 websockets pyarrow duckdb
 fi
 export LLAMAFLOW_VENV="$venv" LLAMAFLOW_MOTO_VENV="$venv"
 

@@ -259,6 +259,8 @@ pub struct SinksSection {
     pub sqs: Option<sinks::sqs::SqsSinkConfig>,
     /// Webhook delivery for rules with the `webhook` channel.
     pub webhook: Option<sinks::webhook::WebhookConfig>,
+    /// Parquet dataset (`dir`, `rollover`), one part file per kind and period.
+    pub parquet: Option<sinks::parquet::ParquetSinkConfig>,
 }
 
 impl Default for SinksSection {
@@ -272,6 +274,7 @@ impl Default for SinksSection {
             kafka: None,
             sqs: None,
             webhook: None,
+            parquet: None,
         }
     }
 }
@@ -510,6 +513,7 @@ impl Config {
             (self.sinks.kafka.is_some(), "kafka"),
             (self.sinks.sqs.is_some(), "sqs"),
             (self.sinks.webhook.is_some(), "webhook"),
+            (self.sinks.parquet.is_some(), "parquet"),
         ] {
             if on {
                 snk.push(name);

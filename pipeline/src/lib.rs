@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
+pub mod export;
 pub mod health;
 pub mod http;
 pub mod live;

@@ -48,6 +48,8 @@ enum DurableSink {
     Sqs(Box<sinks::sqs::SqsSink>),
     /// Webhook deliveries of alerts with the `webhook` channel.
     Webhook(Box<sinks::webhook::WebhookSink>),
+    /// Parquet dataset: rows spooled (fsynced) per batch, part files closed per rollover.
+    Parquet(Box<sinks::parquet::ParquetSink>),
 }
 
 impl DurableSink {
@@ -59,6 +61,7 @@ impl DurableSink {
             DurableSink::Kafka(_) => "kafka",
             DurableSink::Sqs(_) => "sqs",
             DurableSink::Webhook(_) => "webhook",
+            DurableSink::Parquet(_) => "parquet",
         }
     }
 
@@ -70,6 +73,7 @@ impl DurableSink {
             DurableSink::Kafka(s) => s.write(batch).await.map(|()| Vec::new()).map_err(Into::into),
             DurableSink::Sqs(s) => Ok(s.write(batch).await?.failed),
             DurableSink::Webhook(s) => Ok(s.write(batch).await?.failed),
+            DurableSink::Parquet(s) => s.write(batch).await.map(|()| Vec::new()).map_err(Into::into),
             DurableSink::Jsonl { alerts, events } => {
                 if let Some(w) = alerts {
                     for a in &batch.alerts {
@@ -398,6 +402,10 @@ async fn durable_sinks(cfg: &Config) -> Result<Vec<DurableSink>> {
     if let Some(c) = &cfg.sinks.webhook {
         let s = sinks::webhook::WebhookSink::new(c.clone()).context("sinks.webhook")?;
         out.push(DurableSink::Webhook(Box::new(s)));
+    }
+    if let Some(c) = &cfg.sinks.parquet {
+        let s = sinks::parquet::ParquetSink::open(c.clone()).context("sinks.parquet")?;
+        out.push(DurableSink::Parquet(Box::new(s)));
     }
     if let Some(j) = &cfg.sinks.jsonl {
         let open = |p: &Option<PathBuf>| -> Result<Option<JsonlWriter>> {

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pipeline::{UsageError, replay, run};
+use pipeline::{UsageError, export, replay, run};
 
 #[derive(Parser)]
 #[command(name = "llamaflow", version, about = "Real-time DeFi analytics: prices, TVL, alerts")]
@@ -21,6 +21,8 @@ enum Cmd {
     Backfill(Box<run::BackfillArgs>),
     /// Deterministic batch run over files and DynamoDB exports; writes alerts as JSONL.
     Replay(Box<replay::ReplayArgs>),
+    /// Writes the inputs of a replay, and its events and alerts, as a Parquet dataset (SPEC §7).
+    Export(Box<export::ExportArgs>),
     /// Checks a configuration file and prints what it would run.
     CheckConfig {
         /// The file.
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run::run(args),
         Cmd::Backfill(args) => run::backfill(*args),
         Cmd::Replay(args) => replay::replay(&args).map(|s| eprintln!("{}", s.line())),
+        Cmd::Export(args) => export::export(&args).map(|s| eprintln!("{}", s.line())),
         Cmd::CheckConfig { config } => pipeline::config::Config::load(&config)
             .map(|c| println!("{}: ok — {}", config.display(), c.summary()))
             .map_err(Into::into),

@@ -24,9 +24,9 @@ use sources::Input;
 use crate::UsageError;
 use crate::engine::{Engine, Output};
 
-/// Flags of `llamaflow replay`.
-#[derive(Args, Debug, Clone)]
-pub struct ReplayArgs {
+/// The input flags shared by `llamaflow replay` and `llamaflow export`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct InputArgs {
     /// Price ticks (JSONL or JSONL.gz); repeatable.
     #[arg(long = "prices", value_name = "F")]
     pub prices: Vec<PathBuf>,
@@ -55,6 +55,31 @@ pub struct ReplayArgs {
     /// Endpoint of an S3-compatible service for `s3://` exports (default: AWS).
     #[arg(long, value_name = "URL")]
     pub s3_endpoint: Option<String>,
+    /// Kafka brokers to read a time range of the record topics from (history, nothing committed).
+    #[arg(long, value_name = "HOSTS")]
+    pub kafka_brokers: Option<String>,
+    /// Start of the Kafka range (message timestamps, inclusive): RFC 3339 or unix ms.
+    #[arg(long, value_name = "TIME", value_parser = parse_time, requires = "kafka_brokers")]
+    pub kafka_from: Option<i64>,
+    /// End of the Kafka range (exclusive): RFC 3339 or unix ms [default: the end of each partition].
+    #[arg(long, value_name = "TIME", value_parser = parse_time, requires = "kafka_brokers")]
+    pub kafka_to: Option<i64>,
+    /// Topic of a record kind, `KIND=TOPIC` (repeatable; defaults: prices, tvl, transfers, gas,
+    /// liquidations; an empty topic drops the kind).
+    #[arg(long = "kafka-topic", value_name = "KIND=TOPIC", requires = "kafka_brokers")]
+    pub kafka_topic: Vec<String>,
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    schemas::parse_time_ms(s).ok_or_else(|| format!("`{s}` is neither RFC 3339 (2024-06-03T16:00:00Z) nor unix ms"))
+}
+
+/// Flags of `llamaflow replay`.
+#[derive(Args, Debug, Clone)]
+pub struct ReplayArgs {
+    /// Inputs.
+    #[command(flatten)]
+    pub inputs: InputArgs,
     /// Where to write alerts (JSONL).
     #[arg(long = "alerts-out", value_name = "F")]
     pub alerts_out: PathBuf,
@@ -200,7 +225,25 @@ impl Iterator for Merge {
     }
 }
 
-fn open_sources(args: &ReplayArgs) -> Result<Vec<Source>, UsageError> {
+/// The opened inputs of a batch run: history sources, and the status of a Kafka range read.
+pub struct Inputs {
+    /// Sources to merge by event time.
+    pub sources: Vec<Source>,
+    kafka: Option<Arc<sources::kafka::range::RangeStatus>>,
+}
+
+impl Inputs {
+    /// `Err` when a Kafka range could not be read to its end (call after draining).
+    pub fn check(&self) -> Result<()> {
+        if let Some(k) = &self.kafka {
+            k.result()?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens every input of `args`: files, DynamoDB exports and a Kafka time range.
+pub fn open_inputs(args: &InputArgs) -> Result<Inputs> {
     let mut out: Vec<Source> = Vec::new();
     let groups = [
         (Kind::Rule, &args.rules),
@@ -233,12 +276,114 @@ fn open_sources(args: &ReplayArgs) -> Result<Vec<Source>, UsageError> {
             out.push(src);
         }
     }
-    if out.is_empty() {
-        return Err(UsageError(
-            "no inputs: give at least one of --prices, --tvl, --transfers, --gas, --liquidations, --protocols, --rules, --dynamodb-export".into(),
-        ));
+    let mut kafka = None;
+    if let Some(brokers) = &args.kafka_brokers {
+        let mut cfg = sources::kafka::range::KafkaRangeConfig::new(brokers.clone(), args.kafka_from, args.kafka_to);
+        for t in &args.kafka_topic {
+            let (kind, topic) = t
+                .split_once('=')
+                .and_then(|(k, v)| Some((Kind::parse(k.trim())?, v.trim())))
+                .ok_or_else(|| {
+                    UsageError(format!(
+                        "--kafka-topic `{t}`: expected KIND=TOPIC, e.g. prices=defillama-prices"
+                    ))
+                })?;
+            if topic.is_empty() {
+                cfg.topics.remove(&kind);
+            } else {
+                cfg.topics.insert(kind, topic.to_string());
+            }
+        }
+        if let (Some(f), Some(t)) = (args.kafka_from, args.kafka_to)
+            && f >= t
+        {
+            return Err(UsageError(format!("--kafka-from ({f} ms) must be before --kafka-to ({t} ms)")).into());
+        }
+        let range = sources::kafka::range::open_range(&cfg)?;
+        tracing::info!(
+            "kafka range: {} partitions, {} messages in range",
+            range.partitions.len(),
+            range.partitions.iter().map(|p| p.end - p.start).sum::<i64>()
+        );
+        out.extend(range.sources.into_iter().map(|s| Box::new(s) as Source));
+        kafka = Some(range.status);
     }
-    Ok(out)
+    if out.is_empty() && kafka.is_none() {
+        return Err(UsageError(
+            "no inputs: give at least one of --prices, --tvl, --transfers, --gas, --liquidations, --protocols, --rules, --dynamodb-export, --kafka-brokers".into(),
+        )
+        .into());
+    }
+    Ok(Inputs { sources: out, kafka })
+}
+
+/// What [`feed`] hands to its callbacks.
+pub trait Feed {
+    /// Every valid record, before it enters the dataflow.
+    fn record(&mut self, _rec: &schemas::Record) -> Result<()> {
+        Ok(())
+    }
+    /// Dead letters of the sources (bad input), in batches.
+    fn dead(&mut self, dead: &[DeadLetter]);
+    /// After each epoch sent, with the records read so far.
+    fn progress(&mut self, _records_in: u64) {}
+}
+
+/// Merges `inputs` by event time and feeds them to `engine` in epochs of about `batch_size`
+/// records (never cut between equal timestamps); without an engine only `feed` sees them.
+/// Returns the valid records read.
+pub fn feed(inputs: Inputs, mut engine: Option<&mut Engine>, batch_size: usize, feed: &mut dyn Feed) -> Result<u64> {
+    let mut records_in = 0u64;
+    let mut batch = Vec::with_capacity(batch_size + 16);
+    let mut source_dead = Vec::new();
+    let mut last_ts = Millis::MIN;
+    let mut since_progress = 0usize;
+    let Inputs { sources, kafka } = inputs;
+    for item in Merge::new(sources) {
+        match item {
+            Input::Dead(d) => {
+                source_dead.push(d);
+                if source_dead.len() >= 1024 {
+                    feed.dead(&source_dead);
+                    source_dead.clear();
+                }
+            }
+            Input::Record(pos, rec) => {
+                let ts = rec.timestamp();
+                feed.record(&rec)?;
+                records_in += 1;
+                match engine.as_deref_mut() {
+                    Some(engine) => {
+                        if batch.len() >= batch_size && ts != last_ts {
+                            engine.send(std::mem::take(&mut batch))?;
+                            feed.progress(records_in);
+                        }
+                        engine.sequencer().push(pos, rec, &mut batch);
+                    }
+                    None => {
+                        since_progress += 1;
+                        if since_progress >= batch_size {
+                            since_progress = 0;
+                            feed.progress(records_in);
+                        }
+                    }
+                }
+                last_ts = ts;
+            }
+        }
+    }
+    feed.dead(&source_dead);
+    if let Some(engine) = engine
+        && !batch.is_empty()
+    {
+        engine.send(batch)?;
+    }
+    Inputs {
+        sources: Vec::new(),
+        kafka,
+    }
+    .check()?;
+    Ok(records_in)
 }
 
 /// Opens a DynamoDB export: a local directory, or `s3://bucket/prefix` (downloaded, then read
@@ -273,10 +418,47 @@ pub fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The progress bar of a batch run: a spinner on a terminal, hidden otherwise or with `quiet`.
+pub fn progress_bar(quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb
+}
+
+/// Replay's view of the ingest loop: progress and source dead letters.
+struct ReplayFeed<'a> {
+    output: &'a FileOutput,
+    progress: ProgressBar,
+    started: Instant,
+}
+
+impl Feed for ReplayFeed<'_> {
+    fn dead(&mut self, dead: &[DeadLetter]) {
+        self.output.dead(0, dead);
+    }
+    fn progress(&mut self, records_in: u64) {
+        if self.progress.is_hidden() {
+            return;
+        }
+        let rate = records_in as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        self.progress.set_message(format!(
+            "{records_in} records · {rate:.0} records/s · {} alerts",
+            self.output.counts[0].load(Ordering::Relaxed)
+        ));
+        self.progress.tick();
+    }
+}
+
 /// Runs a replay to completion.
 pub fn replay(args: &ReplayArgs) -> Result<Summary> {
     let started = Instant::now();
-    let sources = open_sources(args)?;
+    let inputs = open_inputs(&args.inputs)?;
     let create = |p: &PathBuf, flag: &str| JsonlWriter::create(p).map_err(|e| UsageError(format!("--{flag}: {e}")));
     let output = Arc::new(FileOutput {
         alerts: Mutex::new(create(&args.alerts_out, "alerts-out")?),
@@ -296,58 +478,15 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
         ..OpConfig::default()
     };
     let mut engine = Engine::start(args.workers as usize, cfg, output.clone(), Default::default())?;
-
-    let progress = if !args.quiet && std::io::stderr().is_terminal() {
-        let pb = ProgressBar::new_spinner();
-        pb.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
-        Some(pb)
-    } else {
-        None
+    let mut f = ReplayFeed {
+        output: &output,
+        progress: progress_bar(args.quiet),
+        started,
     };
-
-    let mut records_in = 0u64;
-    let mut batch = Vec::with_capacity(args.batch_size + 16);
-    let mut source_dead = Vec::new();
-    let mut last_ts = Millis::MIN;
-    for item in Merge::new(sources) {
-        match item {
-            Input::Dead(d) => {
-                source_dead.push(d);
-                if source_dead.len() >= 1024 {
-                    output.dead(0, &source_dead);
-                    source_dead.clear();
-                }
-            }
-            Input::Record(pos, rec) => {
-                let ts = rec.timestamp();
-                if batch.len() >= args.batch_size && ts != last_ts {
-                    engine.send(std::mem::take(&mut batch))?;
-                    if let Some(pb) = &progress {
-                        let rate = records_in as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                        pb.set_message(format!(
-                            "{records_in} records · {rate:.0} records/s · {} alerts",
-                            output.counts[0].load(Ordering::Relaxed)
-                        ));
-                        pb.tick();
-                    }
-                }
-                last_ts = ts;
-                records_in += 1;
-                engine.sequencer().push(pos, rec, &mut batch);
-            }
-        }
-    }
-    output.dead(0, &source_dead);
-    if !batch.is_empty() {
-        engine.send(batch)?;
-    }
+    let records_in = feed(inputs, Some(&mut engine), args.batch_size, &mut f)?;
     engine.finish()?;
-    if let Some(pb) = progress {
-        pb.finish_and_clear();
-    }
+    f.progress.finish_and_clear();
+    drop(f);
     let output =
         Arc::try_unwrap(output).map_err(|_| anyhow::anyhow!("outputs still in use after the dataflow stopped"))?;
     if let Some(e) = output.error.lock().ok().and_then(|mut e| e.take()) {

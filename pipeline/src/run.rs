@@ -230,7 +230,7 @@ pub fn backfill(args: BackfillArgs) -> Result<()> {
         cfg.pipeline.workers = w;
     }
     if let Some(t) = &args.kafka_from {
-        let ms = schemas::time::parse_time(t)
+        let ms = schemas::time::parse_time_ms(t)
             .ok_or_else(|| crate::UsageError(format!("--kafka-from {t}: expected unix ms or RFC 3339")))?;
         cfg.sources
             .kafka

@@ -18,4 +18,4 @@ pub use output::{Alert, DeadLetter, Event, EventData, SourcePos, alert_id, trunc
 pub use parse::{InvalidRecord, parse_record, parse_rule, parse_rule_value};
 pub use records::{GasTick, Kind, Liquidation, PriceTick, Protocol, Record, Transfer, TvlUpdate};
 pub use rule::{AlertRule, AlertType, Conditions, Direction, Operator, RuleError};
-pub use time::{Millis, format_seconds, parse_window};
+pub use time::{Millis, format_seconds, parse_time_ms, parse_window, utc_date};

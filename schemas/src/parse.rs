@@ -361,6 +361,18 @@ mod tests {
     }
 
     #[test]
+    fn doubles_are_parsed_exactly() {
+        // Without serde_json's `float_roundtrip` this reads as 147.17139364252645.
+        let r = parse_record(
+            Kind::Price,
+            r#"{"coin":"coingecko:coin-0","price":147.17139364252643,"timestamp":1717000562.698}"#,
+        )
+        .unwrap();
+        let Record::Price(p) = r else { panic!() };
+        assert_eq!(p.price.to_bits(), 147.171_393_642_526_43_f64.to_bits());
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             (

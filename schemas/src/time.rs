@@ -81,6 +81,94 @@ pub fn window_label(ms: Millis) -> String {
     }
 }
 
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
+pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The UTC calendar date `(year, month, day)` of a time in unix milliseconds.
+pub fn utc_date(ms: Millis) -> (i64, u32, u32) {
+    let z = ms.div_euclid(86_400_000) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Parses a time given as unix milliseconds (`1717430400000`) or RFC 3339
+/// (`2024-06-03T16:00:00Z`, `2024-06-03T18:00:00.250+02:00`, `2024-06-03` for midnight UTC).
+pub fn parse_time_ms(s: &str) -> Option<Millis> {
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().ok();
+    }
+    let num = |t: &str| -> Option<u32> {
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        t.parse().ok()
+    };
+    let (date, rest) = match s.find(['T', 't', ' ']) {
+        Some(i) => (&s[..i], Some(&s[i + 1..])),
+        None => (s, None),
+    };
+    let mut d = date.split('-');
+    let (year, month, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    if d.next().is_some() || !(1..=12).contains(&month) || !(1..=31).contains(&day) || date.len() != 10 {
+        return None;
+    }
+    let days = days_from_civil(i64::from(year), month, day);
+    if utc_date(days * 86_400_000) != (i64::from(year), month, day) {
+        return None; // e.g. 2023-02-30
+    }
+    let Some(rest) = rest else {
+        return Some(days * 86_400_000);
+    };
+    let (clock, offset_ms) = if let Some(c) = rest.strip_suffix(['Z', 'z']) {
+        (c, 0)
+    } else {
+        let i = rest.rfind(['+', '-'])?;
+        let (c, off) = rest.split_at(i);
+        let (h, m) = off[1..].split_once(':')?;
+        let (h, m) = (num(h)?, num(m)?);
+        if h > 23 || m > 59 {
+            return None;
+        }
+        let ms = (i64::from(h) * 60 + i64::from(m)) * 60_000;
+        (c, if off.starts_with('-') { -ms } else { ms })
+    };
+    let (hms, frac) = match clock.split_once('.') {
+        Some((a, f)) => (a, Some(f)),
+        None => (clock, None),
+    };
+    let mut t = hms.split(':');
+    let (h, m, sec) = (num(t.next()?)?, num(t.next()?)?, num(t.next()?)?);
+    if t.next().is_some() || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    let frac_ms = match frac {
+        None => 0,
+        Some(f) => {
+            num(f)?;
+            let digits: String = f.chars().chain("000".chars()).take(3).collect();
+            i64::from(num(&digits)?)
+        }
+    };
+    let local = days * 86_400_000 + ((i64::from(h) * 60 + i64::from(m)) * 60 + i64::from(sec)) * 1000 + frac_ms;
+    Some(local - offset_ms)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,57 +197,33 @@ mod tests {
         assert_eq!(format_seconds(1500), serde_json::json!(1.5));
         assert_eq!(format_seconds(2000), serde_json::json!(2));
     }
-}
-
-/// Days from 1970-01-01 to the civil date `y-m-d` (proleptic Gregorian).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// A point in time given on a command line: unix milliseconds, or UTC RFC 3339
-/// (`2024-06-01T00:00:00Z`, fractional seconds and `+00:00` accepted, also a bare date).
-pub fn parse_time(s: &str) -> Option<Millis> {
-    let s = s.trim();
-    if let Ok(ms) = s.parse::<i64>() {
-        return Some(ms);
-    }
-    let (date, time) = match s.split_once(['T', ' ']) {
-        Some((d, t)) => (d, t.strip_suffix('Z').or_else(|| t.strip_suffix("+00:00"))?),
-        None => (s, "00:00:00"),
-    };
-    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (y, mo, day) = (d.next()??, d.next()??, d.next()??);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&day) {
-        return None;
-    }
-    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
-    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
-    let (h, mi, sec) = (t.next()??, t.next()??, t.next()??);
-    if h > 23 || mi > 59 || sec > 60 || !frac.chars().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    let ms_frac = format!("{frac:0<3}").get(..3)?.parse::<i64>().ok()?;
-    Some(((days_from_civil(y, mo, day) * 86_400 + h * 3600 + mi * 60 + sec) * 1000) + ms_frac)
-}
-
-#[cfg(test)]
-mod parse_time_tests {
-    use super::parse_time;
 
     #[test]
-    fn unix_ms_and_rfc3339() {
-        assert_eq!(parse_time("1717430400000"), Some(1_717_430_400_000));
-        assert_eq!(parse_time("2024-06-03T16:00:00Z"), Some(1_717_430_400_000));
-        assert_eq!(parse_time("2024-06-03T16:00:00.25+00:00"), Some(1_717_430_400_250));
-        assert_eq!(parse_time("2024-06-03"), Some(1_717_372_800_000));
-        assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_time("2024-13-01"), None);
-        assert_eq!(parse_time("2024-06-03T16:00:00+02:00"), None, "only UTC");
-        assert_eq!(parse_time("yesterday"), None);
+    fn calendar_and_rfc3339() {
+        assert_eq!(utc_date(0), (1970, 1, 1));
+        assert_eq!(utc_date(1_717_430_350_000), (2024, 6, 3));
+        assert_eq!(utc_date(951_782_400_000), (2000, 2, 29));
+        assert_eq!(utc_date(-1), (1969, 12, 31));
+        for days in [-800_000i64, -1, 0, 59, 11_016, 19_877, 2_932_896] {
+            let (y, m, d) = utc_date(days * 86_400_000 + 5);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+        assert_eq!(parse_time_ms("1717430400000"), Some(1_717_430_400_000));
+        assert_eq!(parse_time_ms("2024-06-03T16:00:00Z"), Some(1_717_430_400_000));
+        assert_eq!(parse_time_ms("2024-06-03T18:00:00.25+02:00"), Some(1_717_430_400_250));
+        assert_eq!(parse_time_ms("2024-06-03T15:30:00-00:30"), Some(1_717_430_400_000));
+        assert_eq!(parse_time_ms("2024-06-03"), Some(1_717_372_800_000));
+        for bad in [
+            "",
+            "yesterday",
+            "2024-13-01T00:00:00Z",
+            "2023-02-30",
+            "2024-06-03T16:00:00",
+            "2024-06-03T25:00:00Z",
+            "-5",
+        ] {
+            assert_eq!(parse_time_ms(bad), None, "{bad}");
+        }
     }
 }
+

@@ -12,6 +12,8 @@
 //!   alert id), retried with backoff; alerts given up on come back for dead-lettering.
 //! - [`webhook`]: signed HTTP POSTs of alerts to their rule's `webhook_url` (SPEC §2), bounded
 //!   concurrency, retried with backoff; failed deliveries come back for dead-lettering.
+//! - [`parquet`]: Parquet datasets (SPEC §7) — the partitioned writer of `llamaflow export`
+//!   and the hourly-rolling, spooled sink of the continuous job.
 //!
 //! Every sink consumes the shapes defined in the `schemas` crate (`schemas::Event`,
 //! `schemas::Alert`); none of them defines a wire format of its own.
@@ -20,6 +22,7 @@ pub mod batch;
 pub use batch::OutputBatch;
 pub mod jsonl;
 pub mod kafka;
+pub mod parquet;
 pub mod postgres;
 pub mod redis;
 pub mod retry;

@@ -29,6 +29,8 @@
 //!   management. With `assignment = [index, count]` it assigns itself the partitions `p` with
 //!   `p % count == index` of every topic (partitions added later are picked up within 10 s)
 //!   and starts each from the group's committed offset.
+//! - **History.** [`range::open_range`] reads a time range of the same topics as bounded
+//!   history (one source per partition, nothing committed): `export` / `replay --kafka-*`.
 //! - **Metrics.** `llamaflow_records_in_total{source="kafka",topic}` per message;
 //!   `llamaflow_kafka_lag{topic,partition}` = high watermark − position, every second.
 
@@ -46,6 +48,9 @@ use crate::live::{Ack, LiveItem};
 mod config;
 mod consumer;
 mod decode;
+pub mod range;
+#[cfg(test)]
+mod range_tests;
 #[cfg(test)]
 mod tests;
 
@@ -70,6 +75,9 @@ pub enum KafkaSourceError {
     /// A background task of the source panicked or was cancelled.
     #[error("kafka source: {0}")]
     Task(String),
+    /// A bounded read of a time range could not be completed.
+    #[error("kafka range read: {0}")]
+    Range(String),
 }
 
 impl KafkaSourceError {

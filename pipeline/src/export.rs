@@ -1,0 +1,309 @@
+//! `llamaflow export --parquet DIR` (SPEC §7): the inputs of a replay as a Parquet dataset.
+//!
+//! `prices` and `tvl` are the valid input records (files, DynamoDB exports, a Kafka time
+//! range), written from the ingest loop; `events` and `alerts` come from running the same
+//! dataflow as `replay` over them. Layout, columns and atomic file creation are
+//! `sinks::parquet`'s: `<dir>/<kind>/date=YYYY-MM-DD/part-<run>-<n>.parquet`, one part per
+//! kind and UTC date (event time; alerts by `triggered_at`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::ProgressBar;
+use operators::OpConfig;
+use schemas::{Alert, DeadLetter, Event, Record};
+use sinks::jsonl::JsonlWriter;
+use sinks::parquet::{PartitionedWriter, Table, WriteStats, WriterOptions};
+
+use crate::UsageError;
+use crate::engine::{Engine, Output};
+use crate::replay::{Feed, InputArgs, feed, open_inputs, peak_rss_kib, progress_bar};
+
+/// Flags of `llamaflow export`.
+#[derive(Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// Dataset directory: `<DIR>/<kind>/date=YYYY-MM-DD/part-*.parquet`.
+    #[arg(long = "parquet", value_name = "DIR")]
+    pub parquet: PathBuf,
+    /// Inputs (the same flags as `replay`, plus a Kafka time range).
+    #[command(flatten)]
+    pub inputs: InputArgs,
+    /// Kinds to write.
+    #[arg(long, value_delimiter = ',', default_value = "prices,tvl,events,alerts", value_parser = parse_table)]
+    pub kinds: Vec<Table>,
+    /// Add part files to a directory that already holds an export (default: refuse, so a
+    /// second run cannot silently double the rows).
+    #[arg(long)]
+    pub append: bool,
+    /// Most rows per row group.
+    #[arg(long, default_value_t = sinks::parquet::DEFAULT_ROW_GROUP_ROWS)]
+    pub row_group_rows: usize,
+    /// Where to write dead letters (JSONL); default: standard error.
+    #[arg(long = "dead-letter-out", value_name = "F")]
+    pub dead_letter_out: Option<PathBuf>,
+    /// Dataflow worker threads (events and alerts).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub workers: u32,
+    /// Records per ingest batch (epoch).
+    #[arg(long, default_value_t = 8192, hide = true)]
+    pub batch_size: usize,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn parse_table(s: &str) -> Result<Table, String> {
+    Table::parse(s).ok_or_else(|| format!("unknown kind `{s}` (prices, tvl, events, alerts)"))
+}
+
+/// What an export did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportSummary {
+    /// Valid records read.
+    pub records_in: u64,
+    /// Rows, files and bytes written.
+    pub written: WriteStats,
+    /// Dead letters (invalid input, and late records when the dataflow ran).
+    pub dead_letters: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Peak resident memory in KiB (Linux), when known.
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl ExportSummary {
+    /// The one-line summary printed at the end.
+    pub fn line(&self) -> String {
+        let w = &self.written;
+        let mb = w.bytes as f64 / 1e6;
+        let rate = if self.seconds > 0.0 { mb / self.seconds } else { 0.0 };
+        let rss = self
+            .peak_rss_kib
+            .map(|k| format!(", peak RSS {:.1} MiB", k as f64 / 1024.0))
+            .unwrap_or_default();
+        format!(
+            "export: {} records in; rows: {} prices, {} tvl, {} events, {} alerts; {} files, {mb:.2} MB written in {:.2} s ({rate:.1} MB/s{rss}); {} dead letters",
+            self.records_in,
+            w.rows_of(Table::Prices),
+            w.rows_of(Table::Tvl),
+            w.rows_of(Table::Events),
+            w.rows_of(Table::Alerts),
+            w.files,
+            self.seconds,
+            self.dead_letters
+        )
+    }
+}
+
+/// The dataflow's outputs into Parquet (events, alerts) and JSONL (dead letters).
+struct ParquetOutput {
+    writer: Mutex<PartitionedWriter>,
+    events: bool,
+    alerts: bool,
+    dead: Mutex<JsonlWriter>,
+    dead_count: AtomicU64,
+    error: Mutex<Option<String>>,
+}
+
+impl ParquetOutput {
+    fn record_error(&self, e: impl std::fmt::Display) {
+        if let Ok(mut slot) = self.error.lock() {
+            slot.get_or_insert(e.to_string());
+        }
+    }
+}
+
+impl Output for ParquetOutput {
+    fn alerts(&self, _epoch: u64, alerts: &[Alert]) {
+        if !self.alerts {
+            return;
+        }
+        let Ok(mut w) = self.writer.lock() else { return };
+        for a in alerts {
+            if let Err(e) = w.alert(a) {
+                self.record_error(e);
+                return;
+            }
+        }
+    }
+
+    fn events(&self, _epoch: u64, events: &[Event]) {
+        if !self.events {
+            return;
+        }
+        let Ok(mut w) = self.writer.lock() else { return };
+        for e in events {
+            if let Err(err) = w.event(e) {
+                self.record_error(err);
+                return;
+            }
+        }
+    }
+
+    fn dead(&self, _epoch: u64, dead: &[DeadLetter]) {
+        let Ok(mut w) = self.dead.lock() else { return };
+        for d in dead {
+            if let Err(e) = w.write(d) {
+                self.record_error(e);
+                return;
+            }
+        }
+        self.dead_count.fetch_add(dead.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The ingest side: input prices and TVL into Parquet, progress.
+struct ExportFeed<'a> {
+    records: PartitionedWriter,
+    prices: bool,
+    tvl: bool,
+    output: &'a ParquetOutput,
+    progress: ProgressBar,
+    started: Instant,
+}
+
+impl Feed for ExportFeed<'_> {
+    fn record(&mut self, rec: &Record) -> Result<()> {
+        match rec {
+            Record::Price(p) if self.prices => self.records.price(p)?,
+            Record::Tvl(t) if self.tvl => self.records.tvl(t)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn dead(&mut self, dead: &[DeadLetter]) {
+        self.output.dead(0, dead);
+    }
+
+    fn progress(&mut self, records_in: u64) {
+        if self.progress.is_hidden() {
+            return;
+        }
+        let mut stats = self.records.stats().clone();
+        if let Ok(w) = self.output.writer.lock() {
+            stats.add(w.stats());
+        }
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        self.progress.set_message(format!(
+            "{records_in} records ({:.0}/s) · {} rows · {} files, {:.1} MB",
+            records_in as f64 / secs,
+            stats.total_rows(),
+            stats.files,
+            stats.bytes as f64 / 1e6
+        ));
+        self.progress.tick();
+    }
+}
+
+/// Whether `dir/<kind>/` of any of `tables` already holds part files.
+fn existing_export(dir: &Path, tables: &[Table]) -> Option<PathBuf> {
+    for t in tables {
+        let Ok(dates) = std::fs::read_dir(dir.join(t.name())) else {
+            continue;
+        };
+        for d in dates.flatten() {
+            let Ok(files) = std::fs::read_dir(d.path()) else {
+                continue;
+            };
+            if files.flatten().any(|f| {
+                f.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with("part-") && n.ends_with(".parquet"))
+            }) {
+                return Some(d.path());
+            }
+        }
+    }
+    None
+}
+
+/// Runs an export to completion.
+pub fn export(args: &ExportArgs) -> Result<ExportSummary> {
+    let started = Instant::now();
+    let on = |t: Table| args.kinds.contains(&t);
+    if args.row_group_rows == 0 {
+        return Err(UsageError("--row-group-rows must be at least 1".into()).into());
+    }
+    if !args.append
+        && let Some(found) = existing_export(&args.parquet, &args.kinds)
+    {
+        return Err(UsageError(format!(
+            "--parquet: {} already holds an export ({}); choose a new directory or pass --append",
+            args.parquet.display(),
+            found.display()
+        ))
+        .into());
+    }
+    let inputs = open_inputs(&args.inputs)?;
+    let opts = WriterOptions {
+        row_group_rows: args.row_group_rows,
+        ..WriterOptions::export(&args.parquet)
+    };
+    let new_writer =
+        || PartitionedWriter::new(opts.clone()).map_err(|e| anyhow::Error::new(UsageError(format!("--parquet: {e}"))));
+    let output = Arc::new(ParquetOutput {
+        writer: Mutex::new(new_writer()?),
+        events: on(Table::Events),
+        alerts: on(Table::Alerts),
+        dead: Mutex::new(match &args.dead_letter_out {
+            Some(p) => JsonlWriter::create(p).map_err(|e| UsageError(format!("--dead-letter-out: {e}")))?,
+            None => JsonlWriter::stderr(),
+        }),
+        dead_count: AtomicU64::new(0),
+        error: Mutex::new(None),
+    });
+    // The dataflow runs only when its outputs are wanted.
+    let mut engine = if on(Table::Events) || on(Table::Alerts) {
+        let cfg = OpConfig {
+            emit_events: on(Table::Events),
+            ..OpConfig::default()
+        };
+        Some(Engine::start(args.workers as usize, cfg, output.clone(), Default::default())?)
+    } else {
+        None
+    };
+    let mut f = ExportFeed {
+        records: new_writer()?,
+        prices: on(Table::Prices),
+        tvl: on(Table::Tvl),
+        output: &output,
+        progress: progress_bar(args.quiet),
+        started,
+    };
+    let records_in = feed(inputs, engine.as_mut(), args.batch_size, &mut f)?;
+    if let Some(engine) = engine {
+        engine.finish()?;
+    }
+    f.records.close_all().context("writing prices/tvl")?;
+    let mut written = f.records.stats().clone();
+    f.progress.finish_and_clear();
+    drop(f);
+    let output =
+        Arc::try_unwrap(output).map_err(|_| anyhow::anyhow!("outputs still in use after the dataflow stopped"))?;
+    if let Some(e) = output.error.lock().ok().and_then(|mut e| e.take()) {
+        anyhow::bail!(e);
+    }
+    let mut w = output
+        .writer
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("parquet writer poisoned"))?;
+    w.close_all().context("writing events/alerts")?;
+    written.add(w.stats());
+    output
+        .dead
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("dead-letter writer poisoned"))?
+        .finish()?;
+    Ok(ExportSummary {
+        records_in,
+        written,
+        dead_letters: output.dead_count.load(Ordering::Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+        peak_rss_kib: peak_rss_kib(),
+    })
+}
