@@ -4,7 +4,7 @@
 #
 # Usage: benches/pathway.sh [prices|mixed|all] [DATA_DIR]
 #   env RUNS=N             runs of each configuration, best (fastest) kept (default 2)
-#   env PATHWAY_VARIANT    udf (default) or asof (benches/pathway/alerts.py --variant)
+#   env PATHWAY_VARIANT    fused (default), udf or asof (benches/pathway/alerts.py --variant)
 #   env PATHWAY_VENV       Pathway's venv (default ~/.cache/llamaflow-pathway-venv; made on first use)
 #
 # Builds the binaries and generates the inputs like benches/replay.sh (same data dir), then per
@@ -19,7 +19,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llamaflow-target}"
 which="${1:-all}"
 data="${2:-$CARGO_TARGET_DIR/bench-data}"
 runs="${RUNS:-2}"
-variant="${PATHWAY_VARIANT:-udf}"
+variant="${PATHWAY_VARIANT:-fused}"
 venv="${PATHWAY_VENV:-$HOME/.cache/llamaflow-pathway-venv}"
 pathway_version="0.33.0"
 case "$which" in
@@ -36,13 +36,15 @@ fi
 py="$venv/bin/python"
 
 cargo build --release -q -p pipeline --bins
-bin="$CARGO_TARGET_DIR/release"
+out="$data/pathway-bench"
+mkdir -p "$out/bin"
+# A private copy: the shared target dir's binaries may be rebuilt from another tree meanwhile.
+cp "$CARGO_TARGET_DIR/release/llamaflow" "$CARGO_TARGET_DIR/release/llamaflow-bench" "$out/bin/"
+bin="$out/bin"
 for w in "${workloads[@]}"; do
   [ -f "$data/$w/rules.jsonl" ] || "$bin/llamaflow-bench" --workload "$w" --out "$data/$w"
 done
 
-out="$data/pathway-bench"
-mkdir -p "$out"
 results="$out/results.tsv"
 : >"$results"
 

@@ -7,21 +7,26 @@ present, tvl/transfers/gas/liquidations.jsonl) with Pathway's static JSONL reade
 alerts in one Pathway dataflow and writes them as JSONL (pw.io.jsonlines.write, which adds
 Pathway's `time` and `diff` columns; benches/pathway/compare.py ignores them).
 
-Two ways to find the *_change reference, `--variant`:
+Three formulations, `--variant`:
 
-* `udf` (default, the faster): each key's points gathered by `pw.reducers.sorted_tuple`, joined
-  to the key's rules, and a Python UDF per rule scans the history (what llamaflow's keyed state
-  does). Whale valuation looks the price up in the same per-coin history.
-* `asof`: Pathway's temporal table API. (rule, tick) pairs from a join of rules and ticks on the
-  key; the reference is `asof_join_left` (backward, ties included: the latest tick with time
-  <= t - window) of each pair against the key's ticks. Whale valuation is an asof join too.
+* `fused` (default, the fastest and leanest): every rule of the workloads watches one key (coin,
+  protocol or chain), so each key's records are gathered in time order by
+  `pw.reducers.sorted_tuple`, joined to the key's rules, and one Python UDF call per rule scans
+  the history, detects matches (lookback, crossing, whale valuation, filters) and applies the
+  throttle; only alerts that fire leave the UDF. Pathway does the reading, parsing, dedup,
+  grouping, joins, flattening, the alert records and the output.
+* `udf`: the same per-key histories, but a UDF per rule only finds the *_change matches;
+  crossings are `Table.sort` prev pointers and native filter expressions, whale valuation a UDF
+  price lookup, and every match (≈7M on mixed, mostly gas crossings) goes through the throttle:
+  a UDF over `pw.reducers.sorted_tuple` of each rule's matches.
+* `asof`: as `udf`, but the *_change reference and the whale price come from Pathway's temporal
+  API: `asof_join_left` (backward, ties included: the latest tick with time <= t - window) of
+  (rule, tick) pairs against the key's ticks.
 
-In both, the per-rule throttle (SPEC §2: after firing at t, silent for records with timestamp
-< t + throttle) is a sequential scan over the rule's matches in time order: a UDF over
-`pw.reducers.sorted_tuple` grouped by rule. Crossings (price_threshold, depeg, gas_price) use
-`Table.sort` prev pointers and native expressions; the TVL total series (sum over chains of
-each chain's latest value) is a UDF over each protocol's sorted updates. Messages and alert ids
-are made (Python UDFs) only for the matches that fire.
+The throttle (SPEC §2: after firing at t, silent for records with timestamp < t + throttle) is a
+sequential scan over a rule's matches in time order, so it is Python in every variant. The TVL
+total series (sum over chains of each chain's latest value) is a UDF over each protocol's sorted
+updates. Messages and alert ids (Python UDFs) are made only for the alerts that fire.
 
 Scope: the fixed-seed bench workloads (llamaflow-bench). They have no late, duplicate or
 low-confidence records and every record has a distinct timestamp, so arrival order (which
@@ -35,7 +40,9 @@ import argparse
 import bisect
 import hashlib
 import json
+import functools
 import math
+import operator
 import os
 import struct
 import sys
@@ -444,14 +451,19 @@ def channels_or_default(ch: pw.Json | None) -> pw.Json:
     return ch
 
 
-def alerts(cands: pw.Table, rules: pw.Table) -> pw.Table:
+def throttled(cands: pw.Table, rules: pw.Table) -> pw.Table:
+    """The matches that fire: per rule, the throttle UDF over the rule's matches in time order."""
     per_rule = cands.groupby(cands.rule_id).reduce(
         cands.rule_id, ms=pw.reducers.sorted_tuple(pw.make_tuple(cands.t, cands.id))
     )
     per_rule = per_rule.join(rules, per_rule.rule_id == rules.rule_id).select(per_rule.ms, rules.throttle_ms)
     fired = per_rule.select(cid=admit(pw.this.ms, pw.this.throttle_ms)).flatten(pw.this.cid)
     fired = fired.select(cid=pw.declare_type(pw.Pointer, pw.this.cid))
-    f = fired.select(*[cands.ix(fired.cid)[c] for c in CAND])
+    return fired.select(*[cands.ix(fired.cid)[c] for c in CAND])
+
+
+def alerts(f: pw.Table, rules: pw.Table) -> pw.Table:
+    """Alert records (SPEC §2) of the matches that fired."""
     f = f.join(rules, f.rule_id == rules.rule_id).select(
         *[f[c] for c in CAND],
         rules.user_id, rules.alert_type, rules.threshold, rules.channels, rules.webhook_url,
@@ -479,6 +491,40 @@ def alerts(cands: pw.Table, rules: pw.Table) -> pw.Table:
 # The dataflow
 
 
+def tvl_totals(data: str) -> pw.Table:
+    """Each protocol's total TVL series (key, t, v, label)."""
+    tv = read(data, "tvl.jsonl", TvlSchema)
+    tv = dedup(tv.select(key=tv.protocol_id, chain=tv.chain, tvl=tv.tvl, t=ms(tv.timestamp)), "key", "chain", "t")
+
+    @pw.udf(deterministic=True)
+    def totals(h: tuple) -> tuple:
+        # One point per timestamp: the sum over chains of each chain's latest value, summed
+        # in chain order like llamaflow's BTreeMap<chain, tvl> (plain f64 additions).
+        latest: dict[str, float] = {}
+        out = []
+        i = 0
+        while i < len(h):
+            t = h[i][0]
+            while i < len(h) and h[i][0] == t:
+                latest[h[i][1]] = h[i][2]
+                i += 1
+            total = 0.0
+            for chain in sorted(latest):
+                total += latest[chain]
+            out.append((t, total))
+        return tuple(out)
+
+    per = tv.groupby(tv.key).reduce(tv.key, h=pw.reducers.sorted_tuple(pw.make_tuple(tv.t, tv.chain, tv.tvl)))
+    tot = per.select(pw.this.key, p=totals(pw.this.h)).flatten(pw.this.p)
+    tot = tot.select(
+        key=pw.this.key,
+        t=pw.declare_type(int, pw.this.p[0]),
+        v=pw.declare_type(float, pw.this.p[1]),
+        label=pw.this.key,
+    )
+    return tot
+
+
 def rule_types(data: str) -> set[str]:
     types = set()
     with open(os.path.join(data, "rules.jsonl")) as f:
@@ -493,6 +539,8 @@ def rule_types(data: str) -> set[str]:
 def build(data: str, variant: str) -> tuple[pw.Table, list[str]]:
     """The alerts table, and the input files it reads. The dataflow has a branch per rule type
     present in the rules file, as a Pathway user would write it for their rule set."""
+    if variant == "fused":
+        return build_fused(data)
     rules = rule_table(data)
     types = rule_types(data)
     has = lambda name: os.path.exists(os.path.join(data, f"{name}.jsonl"))  # noqa: E731
@@ -601,35 +649,7 @@ def build(data: str, variant: str) -> tuple[pw.Table, list[str]]:
 
     if "tvl_change" in types and has("tvl"):
         inputs.append("tvl.jsonl")
-        tv = read(data, "tvl.jsonl", TvlSchema)
-        tv = dedup(tv.select(key=tv.protocol_id, chain=tv.chain, tvl=tv.tvl, t=ms(tv.timestamp)), "key", "chain", "t")
-
-        @pw.udf(deterministic=True)
-        def totals(h: tuple) -> tuple:
-            # One point per timestamp: the sum over chains of each chain's latest value, summed
-            # in chain order like llamaflow's BTreeMap<chain, tvl> (plain f64 additions).
-            latest: dict[str, float] = {}
-            out = []
-            i = 0
-            while i < len(h):
-                t = h[i][0]
-                while i < len(h) and h[i][0] == t:
-                    latest[h[i][1]] = h[i][2]
-                    i += 1
-                total = 0.0
-                for chain in sorted(latest):
-                    total += latest[chain]
-                out.append((t, total))
-            return tuple(out)
-
-        per = tv.groupby(tv.key).reduce(tv.key, h=pw.reducers.sorted_tuple(pw.make_tuple(tv.t, tv.chain, tv.tvl)))
-        tot = per.select(pw.this.key, p=totals(pw.this.h)).flatten(pw.this.p)
-        tot = tot.select(
-            key=pw.this.key,
-            t=pw.declare_type(int, pw.this.p[0]),
-            v=pw.declare_type(float, pw.this.p[1]),
-            label=pw.this.key,
-        )
+        tot = tvl_totals(data)
         # The workload's tvl_change rules have no `chain`: they watch the protocol's total.
         tr_rules = rules.filter((pw.this.alert_type == "tvl_change") & (pw.this.chain == ""))
         parts.append(
@@ -637,14 +657,176 @@ def build(data: str, variant: str) -> tuple[pw.Table, list[str]]:
         )
 
     cands = pw.Table.concat_reindex(*parts) if len(parts) > 1 else parts[0]
-    return alerts(cands, rules), inputs
+    return alerts(throttled(cands, rules), rules), inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Variant `fused`: every rule of the workloads watches one key (coin, protocol or chain), so all
+# its matches come from that key's series: one UDF call per rule scans the key's sorted history,
+# detects the matches and applies the throttle, and only the alerts that fire leave it.
+
+
+@pw.udf(deterministic=True)
+def detect(
+    alert_type: str, h: tuple, prices: tuple | None, window: int, threshold: float, direction: str,
+    op: str, peg: float, rchain: str, throttle_ms: int,
+) -> tuple:
+    """Fired (t, value, label, chain, a, b, identity) of one rule over its key's history `h`:
+    (t, v, label) points for prices/gas/TVL totals, (t, amount, chain, identity) transfers,
+    (t, usd, chain, identity) liquidations; `prices` is the coin's price history for whales."""
+    out = []
+    last = None
+
+    def fire(t, *rest):
+        nonlocal last
+        if last is not None and t < last + throttle_ms:
+            return
+        last = t
+        out.append((t, *rest))
+
+    if alert_type in ("price_change", "tvl_change"):
+        times = [x[0] for x in h]
+        for i, (t, v, label) in enumerate(h):
+            j = bisect.bisect_right(times, t - window, 0, i)
+            if j == 0:
+                continue
+            r = h[j - 1][1]
+            if r == 0.0:
+                continue
+            pct = (v - r) / r * 100.0
+            if matches(direction, pct, threshold):
+                fire(t, pct, label, "", r, v, "")
+    elif alert_type in ("price_threshold", "gas_price", "depeg"):
+        if alert_type == "depeg":
+            def hit(x):
+                return abs(x / peg - 1.0) * 100.0 >= threshold
+        else:
+            def hit(x):
+                return holds(op, x, threshold)
+        prev = None
+        for t, v, label in h:
+            now = hit(v)
+            if prev is not None and now and not prev:
+                fire(t, v, label, label if alert_type == "gas_price" else "", 0.0, 0.0, "")
+            prev = now
+    elif alert_type == "whale_movement":
+        for t, amount, chain, identity in h:
+            if rchain and rchain != chain or not prices:
+                continue
+            i = bisect.bisect_right(prices, (t, math.inf))
+            if i == 0:
+                continue
+            usd = amount * prices[i - 1][1]
+            if usd >= threshold:
+                fire(t, usd, prices[i - 1][2], chain, amount, 0.0, identity)
+    elif alert_type == "liquidation":
+        for t, usd, chain, identity in h:
+            if (not rchain or rchain == chain) and usd >= threshold:
+                fire(t, usd, "", chain, 0.0, 0.0, identity)
+    return tuple(out)
+
+
+def build_fused(data: str) -> tuple[pw.Table, list[str]]:
+    rules = rule_table(data)
+    types = rule_types(data)
+    has = lambda name: os.path.exists(os.path.join(data, f"{name}.jsonl"))  # noqa: E731
+    inputs = ["rules.jsonl", "prices.jsonl"]
+    # (rule type, key's history table with columns key, h; optional price history for whales)
+    series: list[tuple[tuple[str, ...], pw.Table, pw.Table | None]] = []
+
+    p = read(data, "prices.jsonl", PriceSchema)
+    p = p.filter(pw.coalesce(p.confidence, 1.0) > 0.3)
+    prices = dedup(
+        p.select(key=p.coin, t=ms(p.timestamp), v=p.price, label=pw.coalesce(p.symbol, p.coin)), "key", "t"
+    )
+    price_hist = history(prices)
+    series.append((("price_change", "price_threshold", "depeg"), price_hist, None))
+
+    if "gas_price" in types and has("gas"):
+        inputs.append("gas.jsonl")
+        g = read(data, "gas.jsonl", GasSchema)
+        g = dedup(g.select(key=g.chain, t=ms(g.timestamp), v=g.gwei, label=g.chain), "key", "t")
+        series.append((("gas_price",), history(g), None))
+
+    if "whale_movement" in types and has("transfers"):
+        inputs.append("transfers.jsonl")
+        tr = read(data, "transfers.jsonl", TransferSchema)
+        tr = tr.select(
+            key=tr.coin, chain=tr.chain, amount=tr.amount, t=ms(tr.timestamp),
+            identity=det(
+                lambda ch, h, c, f, to, a: f"transfer|{ch}|{h}|{c}|{f or ''}|{to or ''}|{rust_f64(a)}",
+                str, tr.chain, tr.tx_hash, tr.coin, tr["from"], tr["to"], tr.amount,
+            ),
+        )
+        tr = dedup(tr, "key", "t", "identity")
+        th = tr.groupby(tr.key).reduce(
+            tr.key, h=pw.reducers.sorted_tuple(pw.make_tuple(tr.t, tr.amount, tr.chain, tr.identity))
+        )
+        series.append((("whale_movement",), th, price_hist))
+
+    if "liquidation" in types and has("liquidations"):
+        inputs.append("liquidations.jsonl")
+        lq = read(data, "liquidations.jsonl", LiquidationSchema)
+        lq = lq.select(key=lq.protocol_id, chain=lq.chain, usd=lq.amount_usd, t=ms(lq.timestamp), account=lq.account)
+        lq = lq.with_columns(
+            identity=det(
+                lambda p, c, a, u, t: f"liquidation|{p}|{c}|{a or ''}|{rust_f64(u)}|{t}",
+                str, lq.key, lq.chain, lq.account, lq.usd, lq.t,
+            )
+        )
+        lq = dedup(lq, "key", "t", "identity")
+        lh = lq.groupby(lq.key).reduce(
+            lq.key, h=pw.reducers.sorted_tuple(pw.make_tuple(lq.t, lq.usd, lq.chain, lq.identity))
+        )
+        series.append((("liquidation",), lh, None))
+
+    if "tvl_change" in types and has("tvl"):
+        inputs.append("tvl.jsonl")
+        series.append((("tvl_change",), history(tvl_totals(data)), None))
+
+    fired = []
+    for kinds, hist, ph in series:
+        if not set(kinds) & types:
+            continue
+        r = rules.filter(functools.reduce(operator.or_, [pw.this.alert_type == k for k in kinds]))
+        if kinds == ("tvl_change",):
+            r = r.filter(pw.this.chain == "")  # the workload's tvl_change rules watch the total
+        j = r.join(hist, r.key == hist.key)
+        cols = [r.rule_id, r.key, r.alert_type, hist.h, r.window, r.threshold, r.direction, r.op, r.peg, r.chain, r.throttle_ms]
+        if ph is not None:
+            j = j.select(*cols)
+            j = j.join_left(ph, j.key == ph.key).select(*[j[c] for c in j.column_names()], ph_h=ph.h)
+        else:
+            j = j.select(*cols, ph_h=None)
+        f = j.select(
+            pw.this.rule_id, pw.this.key,
+            m=detect(
+                pw.this.alert_type, pw.this.h, pw.this.ph_h, pw.this.window, pw.this.threshold, pw.this.direction,
+                pw.this.op, pw.this.peg, pw.this.chain, pw.this.throttle_ms,
+            ),
+        ).flatten(pw.this.m)
+        fired.append(
+            f.select(
+                pw.this.rule_id,
+                t=pw.declare_type(int, pw.this.m[0]),
+                value=pw.declare_type(float, pw.this.m[1]),
+                subject=pw.this.key,
+                identity=pw.declare_type(str, pw.this.m[6]),
+                label=pw.if_else(pw.declare_type(str, pw.this.m[2]) == "", pw.this.key, pw.declare_type(str, pw.this.m[2])),
+                chain=pw.declare_type(str, pw.this.m[3]),
+                a=pw.declare_type(float, pw.this.m[4]),
+                b=pw.declare_type(float, pw.this.m[5]),
+            )
+        )
+    f = pw.Table.concat_reindex(*fired) if len(fired) > 1 else fired[0]
+    return alerts(f, rules), inputs
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="workload dir (prices.jsonl, rules.jsonl, …)")
     ap.add_argument("--out", required=True, help="alerts JSONL")
-    ap.add_argument("--variant", choices=["asof", "udf"], default="udf")
+    ap.add_argument("--variant", choices=["fused", "udf", "asof"], default="fused")
     a = ap.parse_args()
     started = time.monotonic()
     out, inputs = build(a.data, a.variant)
