@@ -306,9 +306,10 @@ CAND = ("rule_id", "t", "value", "subject", "identity", "label", "chain", "a", "
 
 
 def cand(t: pw.Table, **cols) -> pw.Table:
-    base = {"identity": "", "label": cols["subject"], "chain": "", "a": 0.0, "b": 0.0}
-    base.update(cols)
-    return t.select(pw.this.rule_id, pw.this.t, **{k: base[k] for k in ("value", "subject")}, **{k: base[k] for k in CAND[4:]})
+    """A matches table with the CAND columns: rule_id and t from `t`, `value` and `subject`
+    given, the rest given or defaulted (label = the subject)."""
+    cols = {"identity": "", "label": cols["subject"], "chain": "", "a": 0.0, "b": 0.0, **cols}
+    return t.select(pw.this.rule_id, pw.this.t, **{k: cols[k] for k in CAND[2:]})
 
 
 def dedup(t: pw.Table, *keys: str) -> pw.Table:
