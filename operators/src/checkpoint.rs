@@ -92,10 +92,13 @@ pub struct Checkpointing {
     pub restore: Option<Restored>,
 }
 
+/// A worker's deposited parts of one snapshot: (keyed, throttle).
+type Slot = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 #[derive(Default)]
 struct Inner {
     requested: BTreeSet<u64>,
-    parts: BTreeMap<u64, Vec<(Option<Vec<u8>>, Option<Vec<u8>>)>>,
+    parts: BTreeMap<u64, Vec<Slot>>,
 }
 
 /// Snapshot requests and the parts workers deposit; shared by the workers of a process.

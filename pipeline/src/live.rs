@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 use crate::checkpoint::{Checkpoint, Checkpointer, Positions};
 use crate::config::{Config, DemoSection};
 use crate::engine::{Engine, EngineCheckpoint, Output};
-use operators::Snapshots;
 use crate::replay::{Merge, Source};
+use operators::Snapshots;
 
 /// A sink that must acknowledge durable writes before positions are committed.
 enum DurableSink {
@@ -295,7 +295,9 @@ struct Handoff {
 impl Handoff {
     /// Whether the live item is covered by history.
     fn covered(&mut self, item: &LiveItem) -> bool {
-        let Change::Record(rec) = &item.change else { return false };
+        let Change::Record(rec) = &item.change else {
+            return false;
+        };
         let Some(&end) = self.ends.get(&rec.kind()) else {
             return false;
         };

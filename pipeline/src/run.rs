@@ -235,10 +235,13 @@ pub fn backfill(args: BackfillArgs) -> Result<()> {
         cfg.sources
             .kafka
             .as_mut()
-            .ok_or_else(|| crate::UsageError("--kafka-from needs a Kafka source (--kafka-brokers or [sources.kafka])".into()))?
+            .ok_or_else(|| {
+                crate::UsageError("--kafka-from needs a Kafka source (--kafka-brokers or [sources.kafka])".into())
+            })?
             .start_from_timestamp_ms = Some(ms);
     }
-    if cfg.sources.files.iter().all(|f| f.follow) && cfg.sources.dynamodb_export.is_empty() && args.kafka_from.is_none() {
+    if cfg.sources.files.iter().all(|f| f.follow) && cfg.sources.dynamodb_export.is_empty() && args.kafka_from.is_none()
+    {
         return Err(crate::UsageError(
             "backfill needs history: --prices/--tvl/... files, --dynamodb-export, or --kafka-from".into(),
         )
