@@ -97,6 +97,8 @@ impl DurableSink {
 struct Coordinator {
     sinks: usize,
     acked: BTreeMap<u64, usize>,
+    /// When the first live item of each epoch in flight reached the ingest front.
+    ingested: BTreeMap<u64, Instant>,
     /// Every epoch below this is written by every sink.
     durable_upto: u64,
 }
@@ -106,6 +108,7 @@ impl Coordinator {
         Coordinator {
             sinks: sinks.max(1),
             acked: BTreeMap::new(),
+            ingested: BTreeMap::new(),
             durable_upto: 0,
         }
     }
@@ -115,6 +118,10 @@ impl Coordinator {
         *self.acked.entry(epoch).or_default() += 1;
         while self.acked.get(&self.durable_upto).is_some_and(|n| *n >= self.sinks) {
             self.acked.remove(&self.durable_upto);
+            // End-to-end latency: ingest of the epoch's first live item → every sink wrote it.
+            if let Some(t) = self.ingested.remove(&self.durable_upto) {
+                metrics::histogram!("llamaflow_e2e_latency_seconds").record(t.elapsed().as_secs_f64());
+            }
             self.durable_upto += 1;
         }
         self.durable_upto
@@ -688,6 +695,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         let hub = hub.clone();
         let output = output.clone();
         let stop = stop.clone();
+        let coordinator = coordinator.clone();
         let health_front = health.clone();
         std::thread::Builder::new()
             .name("ingest".into())
@@ -763,6 +771,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                 health_front.set_started();
                 output.dead(0, &dead);
                 let mut sent_positions = positions.clone();
+                let mut first_arrival: Option<Instant> = None;
                 loop {
                     let stopping = stop.load(Ordering::Relaxed);
                     let moved = positions != sent_positions;
@@ -774,6 +783,9 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                             checkpointer.prepare(engine.epochs(), engine.sequencer().clone(), positions.clone());
                             dirty = false;
                             last_ckpt = Instant::now();
+                        }
+                        if let (Some(t), Ok(mut c)) = (first_arrival.take(), coordinator.lock()) {
+                            c.ingested.insert(engine.epochs(), t);
                         }
                         engine.send(std::mem::take(&mut batch))?;
                         sent_positions = positions.clone();
@@ -792,6 +804,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                         }
                         Err(mpsc::error::TryRecvError::Disconnected) => break,
                     };
+                    first_arrival.get_or_insert_with(Instant::now);
                     let deadline = Instant::now() + Duration::from_millis(batch_ms);
                     let mut next = Some(first);
                     while let Some(item) = next.take() {

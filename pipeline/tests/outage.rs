@@ -64,7 +64,7 @@ fn redis_outage_degrades_then_recovers_without_loss() {
     std::fs::write(
         &config,
         format!(
-            "[pipeline]\nlisten = \"127.0.0.1:{port}\"\n\n[sources.demo]\nspeed = 60.0\nwarmup_minutes = 0\n\n\
+            "[pipeline]\nlisten = \"127.0.0.1:{port}\"\ncheckpoint_interval_ms = 500\n\n[sources.demo]\nspeed = 60.0\nwarmup_minutes = 0\n\n\
              [sinks]\nstdout = false\n\n[sinks.redis]\nurl = \"redis://127.0.0.1:{redis_port}/1\"\n\
              max_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n"
         ),
@@ -100,6 +100,15 @@ fn redis_outage_degrades_then_recovers_without_loss() {
     });
     let metrics = get(port, "/metrics").1;
     assert!(metrics.contains("llamaflow_sink_up{sink=\"redis\"} 1"), "{metrics}");
+    // End-to-end latency (ingest → every sink wrote) and checkpoint metrics are exported.
+    for name in [
+        "llamaflow_e2e_latency_seconds_count",
+        "llamaflow_checkpoints_total",
+        "llamaflow_checkpoint_age_seconds",
+        "llamaflow_checkpoint_duration_seconds_count",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+    }
 }
 
 #[test]
