@@ -96,10 +96,35 @@ pub struct ExportStats {
     pub invalid_lines: u64,
     /// Data files whose line count differs from the manifest's `itemCount`.
     pub item_count_mismatches: u64,
+    /// Data files whose MD5 differs from the manifest's `md5Checksum`.
+    pub md5_mismatches: u64,
     /// Redirect items given their target's price (so far).
     pub redirects_resolved: u64,
     /// Redirect items whose target had no earlier price (so far; dead-lettered).
     pub redirects_unresolved: u64,
+}
+
+/// Checks a data file against its manifest `md5Checksum` (AWS writes the base64 MD5 of the
+/// object; hex is accepted too); returns the mismatch, if any.
+fn md5_mismatch(path: &Path, want: &str) -> Result<Option<String>, SourceError> {
+    use base64::Engine;
+    use md5::{Digest, Md5};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| SourceError::io("read", path, e))?;
+    let mut hasher = Md5::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| SourceError::io("read", path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let digest = hasher.finalize();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(digest.as_slice());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Ok((want != b64 && !want.eq_ignore_ascii_case(&hex))
+        .then(|| format!("md5Checksum mismatch: manifest says {want}, file has {b64}")))
 }
 
 /// `true` when `dir` is one export's directory (holding `manifest-summary.json`) or a prefix
@@ -505,6 +530,12 @@ impl Loader {
                 let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
                 bad(format!("data file {key} not found (looked for {})", tried.join(", ")))
             })?;
+            if let Some(want) = v.get("md5Checksum").and_then(Value::as_str)
+                && let Some(reason) = md5_mismatch(&data, want)?
+            {
+                self.stats.md5_mismatches += 1;
+                self.dead(DeadLetter::new(data.display(), reason, line))?;
+            }
             self.load_data_file(&data, v.get("itemCount").and_then(Value::as_u64), line)?;
         }
         Ok(())

@@ -18,6 +18,17 @@ fn write_gz(path: &Path, lines: &[String]) {
     fs::write(path, enc.finish().unwrap()).unwrap();
 }
 
+/// (base64, hex) MD5 of a file.
+fn md5_of(path: &Path) -> (String, String) {
+    use base64::Engine;
+    use md5::{Digest, Md5};
+    let d = Md5::digest(fs::read(path).unwrap());
+    (
+        base64::engine::general_purpose::STANDARD.encode(d.as_slice()),
+        d.iter().map(|b| format!("{b:02x}")).collect(),
+    )
+}
+
 fn item(v: Value) -> String {
     json!({ "Item": v }).to_string()
 }
@@ -119,6 +130,20 @@ pub(super) fn export_tree() -> tempfile::TempDir {
             .to_string(),
         ],
     );
+    // The manifest's checksums: b's as AWS writes it (base64), a's in hex.
+    let manifest = fs::read_to_string(full.join(MANIFEST)).unwrap();
+    let manifest = manifest
+        .replacen(
+            "\"md5Checksum\":\"x\"",
+            &format!("\"md5Checksum\":\"{}\"", md5_of(&full.join("data/b.json.gz")).0),
+            1,
+        )
+        .replacen(
+            "\"md5Checksum\":\"x\"",
+            &format!("\"md5Checksum\":\"{}\"", md5_of(&full.join("data/a.json.gz")).1),
+            1,
+        );
+    fs::write(full.join(MANIFEST), manifest).unwrap();
     tmp
 }
 
@@ -200,10 +225,43 @@ fn prefix_dir_reads_all_exports_in_timestamp_order() {
             deletions: 1,
             invalid_lines: 1,
             item_count_mismatches: 1,
+            md5_mismatches: 0,
             redirects_resolved: 1,
             redirects_unresolved: 1,
         }
     );
+}
+
+#[test]
+fn md5_checksums_are_checked() {
+    let tmp = export_tree();
+    let mut src = open(tmp.path()).unwrap();
+    assert!(
+        src.by_ref()
+            .all(|i| !matches!(&i, Input::Dead(d) if d.reason.contains("md5"))),
+        "both checksums match"
+    );
+    assert_eq!(src.stats().md5_mismatches, 0);
+    // A data file that changed after the export (or a corrupted copy) is reported.
+    let full = tmp.path().join(AWS_DIR).join(format!("9{FULL}"));
+    write_gz(
+        &full.join("data/a.json.gz"),
+        &[item(price("coingecko#ethereum", 1_717_430_000, 1.0))],
+    );
+    let mut src = open(tmp.path()).unwrap();
+    let dead: Vec<String> = src
+        .by_ref()
+        .filter_map(|i| match i {
+            Input::Dead(d) if d.reason.contains("md5") => Some(format!("{} {}", file_pos(&d.source), d.reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0].starts_with("a.json.gz md5Checksum mismatch: manifest says ") && dead[0].contains("file has "),
+        "{dead:?}"
+    );
+    assert_eq!(src.stats().md5_mismatches, 1);
 }
 
 #[test]
