@@ -105,7 +105,8 @@ fn boto3(moto: &testkit::Moto, code: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Every alert in the SQS queue (received with an independent client), with its attributes.
+/// Every alert in the SQS queue (received with an independent client and deleted, as a
+/// consumer would: a FIFO group's next message is handed out once the previous is deleted).
 fn sqs_alerts(moto: &testkit::Moto, queue_url: &str) -> Vec<(String, String, String)> {
     let out = boto3(
         moto,
@@ -113,7 +114,8 @@ fn sqs_alerts(moto: &testkit::Moto, queue_url: &str) -> Vec<(String, String, Str
             "out = []\nfor _ in range(20):\n    r = sqs.receive_message(QueueUrl='{queue_url}', MaxNumberOfMessages=10, \
              AttributeNames=['All'], VisibilityTimeout=300)\n    ms = r.get('Messages', [])\n    if not ms:\n        break\n    \
              for m in ms:\n        out.append([json.loads(m['Body'])['alert_id'], m['Attributes']['MessageGroupId'], \
-             m['Attributes']['MessageDeduplicationId']])\nprint(json.dumps(out))"
+             m['Attributes']['MessageDeduplicationId']])\n        \
+             sqs.delete_message(QueueUrl='{queue_url}', ReceiptHandle=m['ReceiptHandle'])\nprint(json.dumps(out))"
         ),
     );
     serde_json::from_str::<Vec<(String, String, String)>>(&out).expect("receiver output")
@@ -544,9 +546,18 @@ allow_anonymous = false
         "{dead_letters}"
     );
 
-    // Restart: the checkpoint (state + offsets + slot position) means nothing is read or
-    // alerted again.
-    price(&producer, eth, 3300.0, T0 + 360).await; // no crossing (3200 → 3300)
+    // Restart from the checkpoint (state + offsets + slot position): a rule created while the
+    // job was down arrives through the slot (no re-snapshot), and the crossing it watches spans
+    // the restart (ETH was last 3200 before it, 3300 after), so it fires once; nothing else is
+    // read or alerted again.
+    insert_rule(
+        &pg,
+        "eth2",
+        "price_threshold",
+        json!({"coin": "coingecko:ethereum", "operator": ">", "value": 3250}),
+        None,
+    );
+    price(&producer, eth, 3300.0, T0 + 360).await; // crosses 3250 only (3200 → 3300)
     price(&producer, "coingecko:bitcoin", 48000.0, T0 + 420).await; // no crossing
     let stdout2 = dir.path().join("stdout2.jsonl");
     let job = start_job(&config, &stdout2);
@@ -556,30 +567,48 @@ allow_anonymous = false
         Duration::from_secs(60),
         || committed_offsets(&brokers) == hw,
     );
+    wait_until("the new rule's alert", Duration::from_secs(30), || count() == 5);
     stop_job(job);
+    let after: Vec<(String, String)> = psql(
+        &pg,
+        "SELECT rule_id, alert_id FROM alert_history ORDER BY triggered_at, rule_id",
+    )
+    .lines()
+    .map(|l| {
+        let (r, id) = l.split_once('|').unwrap();
+        (r.to_string(), id.to_string())
+    })
+    .collect();
+    let rules_after: Vec<&str> = after.iter().map(|(r, _)| r.as_str()).collect();
     assert_eq!(
-        count(),
-        4,
-        "nothing re-alerted after the restart: {}",
-        psql(
-            &pg,
-            "SELECT rule_id, subject, extract(epoch from triggered_at), value FROM alert_history ORDER BY triggered_at"
-        )
+        rules_after,
+        vec!["tvl", "eth", "btc", "eth", "eth2"],
+        "only the new rule fired after the restart"
     );
-    // The restart resumed from the checkpoint: the history (the export) is not read again and
-    // nothing at all is alerted again, on any output.
+    let new_id = after.last().unwrap().1.clone();
+    let out2: Vec<String> = std::fs::read_to_string(&stdout2)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["alert_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        out2,
+        vec![new_id.clone()],
+        "the history is not read again; nothing old is alerted again"
+    );
+    let mut all_ids = pg_ids.clone();
+    all_ids.push(new_id.clone());
+    all_ids.sort();
     let mut again = alert_ids_in_topic(&brokers);
     again.sort();
-    assert_eq!(again, pg_ids, "no alert published again after the restart");
-    assert_eq!(
-        std::fs::read_to_string(&stdout2).unwrap(),
-        "",
-        "no alert again on stdout"
-    );
-    assert!(
-        sqs_alerts(&moto, &queue_url).is_empty(),
-        "FIFO dedup: nothing new in SQS after the restart"
-    );
+    assert_eq!(again, all_ids, "defi-alerts: each alert once");
+    let sqs_new: Vec<String> = sqs_alerts(&moto, &queue_url).into_iter().map(|(id, _, _)| id).collect();
+    assert_eq!(sqs_new, vec![new_id], "SQS: only the new alert");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
