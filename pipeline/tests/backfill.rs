@@ -13,6 +13,10 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
+mod common;
+
+use common::{http_get, sigterm};
+
 const T0: i64 = 1_717_430_400;
 
 fn alerts_by_id(path: &std::path::Path) -> BTreeMap<String, Value> {
@@ -43,20 +47,6 @@ fn committed_is_high(brokers: &str) -> bool {
             .unwrap();
         high == 0 || e.offset().to_raw() == Some(high)
     })
-}
-
-fn metrics(port: u16) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return "unreachable".into();
-    };
-    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.lines()
-        .filter(|l| l.starts_with("llamaflow"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,18 +189,11 @@ alerts = "{alerts}"
             Instant::now() < deadline,
             "Kafka consumed and committed to the end; log:\n{}\nmetrics:\n{}",
             std::fs::read_to_string(&log).unwrap(),
-            metrics(port)
+            http_get(port, "/metrics").1
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &job.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = job.wait().unwrap();
+    let status = sigterm(&mut job);
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{status:?}\n{log_text}");
     let history_records = ticks

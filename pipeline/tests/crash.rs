@@ -16,6 +16,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 
+mod common;
+
+use common::{boto3, psql, sigterm, sqs_alert_ids};
+
 const T0: i64 = 1_717_430_400;
 const COINS: usize = 8;
 const TICKS: usize = 400;
@@ -36,55 +40,6 @@ impl Lcg {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-fn psql(pg: &testkit::Postgres, sql: &str) -> String {
-    let out = Command::new(testkit::pg_bin_dir().join("psql"))
-        .args([&pg.url(), "-v", "ON_ERROR_STOP=1", "-tAc", sql])
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn venv_python() -> String {
-    std::env::var("LLAMAFLOW_MOTO_VENV")
-        .map(|v| format!("{v}/bin/python"))
-        .unwrap_or_else(|_| "python3".into())
-}
-
-fn boto3(moto: &testkit::Moto, code: &str) -> String {
-    let script = format!(
-        "import boto3, json\nsqs = boto3.client('sqs', endpoint_url='{}', region_name='us-east-1', \
-         aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}",
-        moto.endpoint()
-    );
-    let out = Command::new(venv_python())
-        .args(["-c", &script])
-        .output()
-        .expect("python runs");
-    assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Every message body's alert_id in the queue, each received and deleted (a FIFO queue hands
-/// out a group's next message only once the previous one is deleted).
-fn sqs_ids(moto: &testkit::Moto, queue_url: &str) -> Vec<String> {
-    let out = boto3(
-        moto,
-        &format!(
-            "out = []\nempty = 0\nwhile empty < 3:\n    r = sqs.receive_message(QueueUrl='{queue_url}', \
-             MaxNumberOfMessages=10, VisibilityTimeout=60)\n    ms = r.get('Messages', [])\n    \
-             empty = empty + 1 if not ms else 0\n    out += [json.loads(m['Body'])['alert_id'] for m in ms]\n    \
-             for m in ms:\n        sqs.delete_message(QueueUrl='{queue_url}', ReceiptHandle=m['ReceiptHandle'])\n\
-             print(json.dumps(out))"
-        ),
-    );
-    serde_json::from_str(&out).expect("receiver output")
 }
 
 /// Every alert_id on `defi-alerts` (1 partition), duplicates included.
@@ -354,14 +309,7 @@ secret_access_key = "testing"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &job.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = job.wait().unwrap();
+    let status = sigterm(&mut job);
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "graceful stop exits 0: {status:?}\n{log_text}");
     assert!(
@@ -383,7 +331,7 @@ secret_access_key = "testing"
         extra.len()
     );
 
-    let sqs = sqs_ids(&moto, &queue_url);
+    let sqs = sqs_alert_ids(&moto, &queue_url);
     let sqs_set: BTreeSet<String> = sqs.iter().cloned().collect();
     assert_eq!(
         sqs.len(),

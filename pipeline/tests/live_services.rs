@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flate2::Compression;
@@ -18,20 +18,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 
-const T0: i64 = 1_717_430_400;
+mod common;
 
-fn psql(pg: &testkit::Postgres, sql: &str) -> String {
-    let out = Command::new(testkit::pg_bin_dir().join("psql"))
-        .args([&pg.url(), "-v", "ON_ERROR_STOP=1", "-tAc", sql])
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
+use common::{Job, boto3, psql, sqs_alerts, wait_until};
+
+const T0: i64 = 1_717_430_400;
 
 fn insert_rule(pg: &testkit::Postgres, id: &str, alert_type: &str, conditions: Value, webhook: Option<&str>) {
     let (channels, url) = match webhook {
@@ -84,43 +75,6 @@ async fn price(p: &FutureProducer, coin: &str, px: f64, t: i64) {
     produce(p, coin, &json!({"coin": coin, "price": px, "timestamp": t}).to_string()).await;
 }
 
-fn venv_python() -> String {
-    std::env::var("LLAMAFLOW_MOTO_VENV")
-        .map(|v| format!("{v}/bin/python"))
-        .unwrap_or_else(|_| "python3".into())
-}
-
-/// Runs a boto3 snippet against the moto server; returns its stdout.
-fn boto3(moto: &testkit::Moto, code: &str) -> String {
-    let script = format!(
-        "import boto3, json\nsqs = boto3.client('sqs', endpoint_url='{}', region_name='us-east-1', \
-         aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}",
-        moto.endpoint()
-    );
-    let out = Command::new(venv_python())
-        .args(["-c", &script])
-        .output()
-        .expect("python runs");
-    assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Every alert in the SQS queue (received with an independent client and deleted, as a
-/// consumer would: a FIFO group's next message is handed out once the previous is deleted).
-fn sqs_alerts(moto: &testkit::Moto, queue_url: &str) -> Vec<(String, String, String)> {
-    let out = boto3(
-        moto,
-        &format!(
-            "out = []\nfor _ in range(20):\n    r = sqs.receive_message(QueueUrl='{queue_url}', MaxNumberOfMessages=10, \
-             AttributeNames=['All'], VisibilityTimeout=300)\n    ms = r.get('Messages', [])\n    if not ms:\n        break\n    \
-             for m in ms:\n        out.append([json.loads(m['Body'])['alert_id'], m['Attributes']['MessageGroupId'], \
-             m['Attributes']['MessageDeduplicationId']])\n        \
-             sqs.delete_message(QueueUrl='{queue_url}', ReceiptHandle=m['ReceiptHandle'])\nprint(json.dumps(out))"
-        ),
-    );
-    serde_json::from_str::<Vec<(String, String, String)>>(&out).expect("receiver output")
-}
-
 /// A local webhook receiver: the bodies it was sent, with their signature headers.
 async fn webhook_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>) {
     use axum::routing::post;
@@ -147,15 +101,6 @@ async fn webhook_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(Strin
     (url, got)
 }
 
-struct Job(Child);
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start_job(config: &Path, stdout: &Path) -> Job {
     let child = Command::new(env!("CARGO_BIN_EXE_llamaflow"))
         .args(["run", "--config", config.to_str().unwrap()])
@@ -168,28 +113,8 @@ fn start_job(config: &Path, stdout: &Path) -> Job {
 }
 
 fn stop_job(mut job: Job) {
-    let pid = job.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(s) = job.0.try_wait().unwrap() {
-            assert!(s.success(), "llamaflow exit status {s:?}");
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "llamaflow did not stop within 30 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let s = job.terminate();
+    assert!(s.success(), "llamaflow exit status {s:?}");
 }
 
 fn alert_ids_in_topic(brokers: &str) -> Vec<String> {

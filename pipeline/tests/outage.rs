@@ -2,45 +2,14 @@
 //! itself degraded (`/readyz` 503, `/healthz` names the failing sink), and recovers by itself
 //! when Redis is back, writing what it held back.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
-struct Job(Child);
+mod common;
 
-impl Drop for Job {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// (status code, body) of a GET.
-fn get(port: u16, path: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
-}
-
-fn wait(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use common::{Job, boto3, http_get, wait_until};
 
 fn redis_get(port: u16, key: &str) -> Option<String> {
     let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/1"))
@@ -76,29 +45,33 @@ fn redis_outage_degrades_then_recovers_without_loss() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap());
-    wait("ready", Duration::from_secs(30), || get(port, "/readyz").0 == 200);
-    wait("gas values in Redis", Duration::from_secs(30), || {
+    wait_until("ready", Duration::from_secs(30), || http_get(port, "/readyz").0 == 200);
+    wait_until("gas values in Redis", Duration::from_secs(30), || {
         redis_get(redis_port, "gas:ethereum").is_some()
     });
 
     redis.stop();
-    wait("degraded", Duration::from_secs(30), || get(port, "/readyz").0 == 503);
-    let (code, body) = get(port, "/healthz");
+    wait_until("degraded", Duration::from_secs(30), || {
+        http_get(port, "/readyz").0 == 503
+    });
+    let (code, body) = http_get(port, "/healthz");
     assert_eq!(code, 200, "liveness stays up");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["status"], "degraded");
     assert_eq!(v["sinks"]["redis"]["status"], "failing");
-    let metrics = get(port, "/metrics").1;
+    let metrics = http_get(port, "/metrics").1;
     assert!(metrics.contains("llamaflow_sink_up{sink=\"redis\"} 0"), "{metrics}");
     std::thread::sleep(Duration::from_secs(2)); // the feed keeps producing meanwhile
 
     let _redis = testkit::Redis::start_on(redis_port, None);
-    wait("ready again", Duration::from_secs(30), || get(port, "/readyz").0 == 200);
+    wait_until("ready again", Duration::from_secs(30), || {
+        http_get(port, "/readyz").0 == 200
+    });
     // What was held back during the outage is written: the latest ETH price lands again.
-    wait("values after recovery", Duration::from_secs(30), || {
+    wait_until("values after recovery", Duration::from_secs(30), || {
         redis_get(redis_port, "price:coingecko:ethereum").is_some() && redis_get(redis_port, "gas:ethereum").is_some()
     });
-    let metrics = get(port, "/metrics").1;
+    let metrics = http_get(port, "/metrics").1;
     assert!(metrics.contains("llamaflow_sink_up{sink=\"redis\"} 1"), "{metrics}");
     // End-to-end latency (ingest → every sink wrote) and checkpoint metrics are exported.
     for name in [
@@ -143,25 +116,18 @@ fn postgres_outage_holds_back_then_writes_every_alert_once() {
             .parse::<usize>()
             .unwrap_or(0)
     };
-    wait("alerts in Postgres", Duration::from_secs(60), || count(&pg) > 0);
+    wait_until("alerts in Postgres", Duration::from_secs(60), || count(&pg) > 0);
     pg.stop();
-    wait("degraded", Duration::from_secs(30), || get(port, "/readyz").0 == 503);
+    wait_until("degraded", Duration::from_secs(30), || {
+        http_get(port, "/readyz").0 == 503
+    });
     std::thread::sleep(Duration::from_secs(3)); // the feed goes on: alerts fire meanwhile
     pg.restart();
-    wait("ready again", Duration::from_secs(60), || get(port, "/readyz").0 == 200);
+    wait_until("ready again", Duration::from_secs(60), || {
+        http_get(port, "/readyz").0 == 200
+    });
     std::thread::sleep(Duration::from_secs(1));
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &job.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while job.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "stops after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    job.terminate();
     // The jsonl sink and Postgres were fed the same epochs: every alert is in both, once.
     let mut from_file: Vec<String> = std::fs::read_to_string(&alerts)
         .unwrap()
@@ -181,23 +147,6 @@ fn postgres_outage_holds_back_then_writes_every_alert_once() {
         .collect();
     assert!(from_file.len() > 3, "alerts fired: {}", from_file.len());
     assert_eq!(in_pg, from_file, "nothing lost or doubled across the outage");
-}
-
-fn boto3(moto: &testkit::Moto, code: &str) -> String {
-    let python = std::env::var("LLAMAFLOW_MOTO_VENV")
-        .map(|v| format!("{v}/bin/python"))
-        .unwrap_or_else(|_| "python3".into());
-    let script = format!(
-        "import boto3, json\nsqs = boto3.client('sqs', endpoint_url='{}', region_name='us-east-1', \
-         aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}",
-        moto.endpoint()
-    );
-    let out = Command::new(python)
-        .args(["-c", &script])
-        .output()
-        .expect("python runs");
-    assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]
@@ -234,10 +183,12 @@ fn sqs_unreachable_for_30_s_then_every_alert_delivered_once() {
         .spawn()
         .unwrap());
     let written = || std::fs::read_to_string(&alerts).map(|s| s.lines().count()).unwrap_or(0);
-    wait("alerts written", Duration::from_secs(60), || written() > 0);
+    wait_until("alerts written", Duration::from_secs(60), || written() > 0);
     proxy.set_down(true);
-    wait("degraded", Duration::from_secs(30), || get(port, "/readyz").0 == 503);
-    let (_, health) = get(port, "/healthz");
+    wait_until("degraded", Duration::from_secs(30), || {
+        http_get(port, "/readyz").0 == 503
+    });
+    let (_, health) = http_get(port, "/healthz");
     assert!(health.contains("sqs"), "health names the failing sink: {health}");
     let before = written();
     std::thread::sleep(Duration::from_secs(30)); // SQS unreachable for 30 s; the feed goes on
@@ -245,20 +196,11 @@ fn sqs_unreachable_for_30_s_then_every_alert_delivered_once() {
     // than the bounded queues.
     let during = written();
     proxy.set_down(false);
-    wait("ready again", Duration::from_secs(60), || get(port, "/readyz").0 == 200);
-    wait("alerts flowing again", Duration::from_secs(60), || written() > during);
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &job.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while job.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "stops after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("ready again", Duration::from_secs(60), || {
+        http_get(port, "/readyz").0 == 200
+    });
+    wait_until("alerts flowing again", Duration::from_secs(60), || written() > during);
+    job.terminate();
     let from_file: Vec<String> = std::fs::read_to_string(&alerts)
         .unwrap()
         .lines()

@@ -1,0 +1,125 @@
+//! Helpers shared by the integration tests that run the real `llamaflow` binary against real
+//! services (each test file uses a subset).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+/// A running `llamaflow` process, killed when dropped (a failing test leaves nothing behind).
+pub struct Job(pub Child);
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Job {
+    /// Sends SIGTERM and waits (≤ 30 s) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        sigterm(&mut self.0)
+    }
+}
+
+/// Sends SIGTERM to `child` and waits (≤ 30 s) for its exit status.
+pub fn sigterm(child: &mut Child) -> ExitStatus {
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "llamaflow did not stop within 30 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `ok` until it holds, failing the test after `within`.
+pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// (status code, body) of a GET on loopback; `(0, "")` when nothing listens.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// Runs SQL through `psql` on the test's Postgres; returns the unaligned output.
+pub fn psql(pg: &testkit::Postgres, sql: &str) -> String {
+    let out = Command::new(testkit::pg_bin_dir().join("psql"))
+        .args([&pg.url(), "-v", "ON_ERROR_STOP=1", "-tAc", sql])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Runs a boto3 snippet (with `sqs` bound to a client of the moto server); returns its stdout.
+pub fn boto3(moto: &testkit::Moto, code: &str) -> String {
+    let python = std::env::var("LLAMAFLOW_MOTO_VENV")
+        .map(|v| format!("{v}/bin/python"))
+        .unwrap_or_else(|_| "python3".into());
+    let script = format!(
+        "import boto3, json\nsqs = boto3.client('sqs', endpoint_url='{}', region_name='us-east-1', \
+         aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}",
+        moto.endpoint()
+    );
+    let out = Command::new(python)
+        .args(["-c", &script])
+        .output()
+        .expect("python runs");
+    assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Every message in the queue as (alert_id, MessageGroupId, MessageDeduplicationId), each
+/// received and deleted as a consumer would (a FIFO group hands out its next message only
+/// once the previous one is deleted).
+pub fn sqs_alerts(moto: &testkit::Moto, queue_url: &str) -> Vec<(String, String, String)> {
+    let out = boto3(
+        moto,
+        &format!(
+            "out = []\nempty = 0\nwhile empty < 3:\n    r = sqs.receive_message(QueueUrl='{queue_url}', \
+             MaxNumberOfMessages=10, AttributeNames=['All'], VisibilityTimeout=60)\n    ms = r.get('Messages', [])\n    \
+             empty = empty + 1 if not ms else 0\n    for m in ms:\n        out.append([json.loads(m['Body'])['alert_id'], \
+             m['Attributes'].get('MessageGroupId', ''), m['Attributes'].get('MessageDeduplicationId', '')])\n        \
+             sqs.delete_message(QueueUrl='{queue_url}', ReceiptHandle=m['ReceiptHandle'])\nprint(json.dumps(out))"
+        ),
+    );
+    serde_json::from_str(&out).expect("receiver output")
+}
+
+/// Just the alert ids of [`sqs_alerts`].
+pub fn sqs_alert_ids(moto: &testkit::Moto, queue_url: &str) -> Vec<String> {
+    sqs_alerts(moto, queue_url).into_iter().map(|(id, _, _)| id).collect()
+}
