@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, TopicPartitionList};
 use serde_json::{Value, json};
 
 mod common;
 
-use common::{boto3, psql, sigterm, sqs_alert_ids};
+use common::{alert_ids_in_topic, boto3, psql, sigterm, sqs_alert_ids};
 
 const T0: i64 = 1_717_430_400;
 const COINS: usize = 8;
@@ -40,30 +40,6 @@ impl Lcg {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-/// Every alert_id on `defi-alerts` (1 partition), duplicates included.
-fn topic_ids(brokers: &str) -> Vec<String> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "crash-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset("defi-alerts", 0, Offset::Beginning).unwrap();
-    c.assign(&tpl).unwrap();
-    let (_, high) = c.fetch_watermarks("defi-alerts", 0, Duration::from_secs(5)).unwrap();
-    let mut ids = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while (ids.len() as i64) < high && Instant::now() < deadline {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            ids.push(v["alert_id"].as_str().unwrap().to_string());
-        }
-    }
-    assert_eq!(ids.len() as i64, high, "read all of defi-alerts");
-    ids
 }
 
 fn watermarks_and_commits(brokers: &str) -> (BTreeMap<i32, i64>, BTreeMap<i32, i64>) {
@@ -343,7 +319,7 @@ secret_access_key = "testing"
         "the SQS queue holds exactly the uninterrupted run's alerts"
     );
 
-    let topic = topic_ids(&brokers);
+    let topic = alert_ids_in_topic(&brokers);
     let topic_set: BTreeSet<String> = topic.iter().cloned().collect();
     assert_eq!(
         topic_set, expected,

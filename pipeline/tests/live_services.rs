@@ -15,12 +15,12 @@ use flate2::write::GzEncoder;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, TopicPartitionList};
 use serde_json::{Value, json};
 
 mod common;
 
-use common::{Job, boto3, psql, sqs_alerts, wait_until};
+use common::{Job, alert_ids_in_topic, boto3, psql, sqs_alerts, wait_until};
 
 const T0: i64 = 1_717_430_400;
 
@@ -115,33 +115,6 @@ fn start_job(config: &Path, stdout: &Path) -> Job {
 fn stop_job(mut job: Job) {
     let s = job.terminate();
     assert!(s.success(), "llamaflow exit status {s:?}");
-}
-
-fn alert_ids_in_topic(brokers: &str) -> Vec<String> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "e2e-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset("defi-alerts", 0, Offset::Beginning).unwrap();
-    c.assign(&tpl).unwrap();
-    let (_, high) = c.fetch_watermarks("defi-alerts", 0, Duration::from_secs(5)).unwrap();
-    let mut ids = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while (ids.len() as i64) < high && Instant::now() < deadline {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            assert_eq!(
-                m.key(),
-                Some(v["user_id"].as_str().unwrap().as_bytes()),
-                "defi-alerts key = user_id"
-            );
-            ids.push(v["alert_id"].as_str().unwrap().to_string());
-        }
-    }
-    ids
 }
 
 fn committed_offsets(brokers: &str) -> BTreeMap<i32, i64> {

@@ -123,3 +123,35 @@ pub fn sqs_alerts(moto: &testkit::Moto, queue_url: &str) -> Vec<(String, String,
 pub fn sqs_alert_ids(moto: &testkit::Moto, queue_url: &str) -> Vec<String> {
     sqs_alerts(moto, queue_url).into_iter().map(|(id, _, _)| id).collect()
 }
+
+/// Every alert_id on the 1-partition `defi-alerts` topic, duplicates included; checks that each
+/// message's key is its alert's user_id and that the whole topic was read.
+pub fn alert_ids_in_topic(brokers: &str) -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("defi-alerts", 0, Offset::Beginning).unwrap();
+    c.assign(&tpl).unwrap();
+    let (_, high) = c.fetch_watermarks("defi-alerts", 0, Duration::from_secs(5)).unwrap();
+    let mut ids = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (ids.len() as i64) < high && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            assert_eq!(
+                m.key(),
+                Some(v["user_id"].as_str().unwrap().as_bytes()),
+                "defi-alerts key = user_id"
+            );
+            ids.push(v["alert_id"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(ids.len() as i64, high, "read all of defi-alerts");
+    ids
+}
