@@ -50,7 +50,8 @@ pub struct PipelineSection {
     /// Dead letters as JSONL; default standard error.
     pub dead_letter_out: Option<PathBuf>,
     /// Where checkpoints (operator state + source positions) are kept; a relative path is
-    /// relative to the config file. Default `llamaflow-checkpoints`; `""` saves no state
+    /// relative to the config file (the working directory without one). Default
+    /// `llamaflow-checkpoints`; `""` saves no state
     /// (positions are still committed at each checkpoint, a restart then starts empty).
     pub checkpoint_dir: Option<PathBuf>,
     /// How often a checkpoint is taken while records flow, in ms (and once on shutdown).
