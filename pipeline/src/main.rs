@@ -15,7 +15,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// The continuous job; with no config, the embedded demo (dashboard on http://127.0.0.1:8080).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// History (files, DynamoDB exports, Kafka from a time) into the configured sinks as fast as
     /// possible, then the live sources from exactly where history ends.
     Backfill(Box<run::BackfillArgs>),
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         logs.init();
     }
     let result = match cli.cmd {
-        Cmd::Run(args) => run::run(args),
+        Cmd::Run(args) => run::run(*args),
         Cmd::Backfill(args) => run::backfill(*args),
         Cmd::Replay(args) => replay::replay(&args).map(|s| eprintln!("{}", s.line())),
         Cmd::Export(args) => export::export(&args).map(|s| eprintln!("{}", s.line())),
