@@ -545,10 +545,7 @@ impl Config {
             }
         }
         let processes = if self.pipeline.processes > 1 {
-            format!(
-                "; process {} of {}",
-                self.pipeline.process_id, self.pipeline.processes
-            )
+            format!("; process {} of {}", self.pipeline.process_id, self.pipeline.processes)
         } else {
             String::new()
         };
@@ -638,10 +635,8 @@ mod tests {
 
     #[test]
     fn cluster_settings_are_checked() {
-        let c = parse(
-            "[pipeline]\nprocesses = 2\nprocess_id = 1\nhosts = [\"a:2101\", \"b:2101\"]\n[sources.demo]\n",
-        )
-        .unwrap();
+        let c = parse("[pipeline]\nprocesses = 2\nprocess_id = 1\nhosts = [\"a:2101\", \"b:2101\"]\n[sources.demo]\n")
+            .unwrap();
         assert_eq!(c.cluster().processes, 2);
         assert!(c.summary().contains("process 1 of 2"), "{}", c.summary());
         let e = parse("[pipeline]\nprocesses = 2\nprocess_id = 2\nhosts = [\"a:1\", \"b:1\"]\n[sources.demo]\n")

@@ -319,14 +319,26 @@ impl Engine {
         let worker_bus = bus.clone();
         let guards = timely::execute(config, move |worker| {
             let local = worker.index().wrapping_sub(first_worker);
-            let rx = receivers.get(local).and_then(|r| r.lock().ok().and_then(|mut r| r.take()));
+            let rx = receivers
+                .get(local)
+                .and_then(|r| r.lock().ok().and_then(|mut r| r.take()));
             let Some(rx) = rx else { return };
-            let restore = restored.get(local).and_then(|r| r.lock().ok().and_then(|mut r| r.take()));
+            let restore = restored
+                .get(local)
+                .and_then(|r| r.lock().ok().and_then(|mut r| r.take()));
             let ckpt = Checkpointing {
                 snapshots: snapshots.clone(),
                 restore,
             };
-            run_worker(worker, local == 0, rx, cfg.clone(), output.clone(), worker_bus.clone(), ckpt);
+            run_worker(
+                worker,
+                local == 0,
+                rx,
+                cfg.clone(),
+                output.clone(),
+                worker_bus.clone(),
+                ckpt,
+            );
         })
         .map_err(|e| anyhow::anyhow!("cannot start timely workers: {e}"))?;
         Ok(Engine {

@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 use crate::checkpoint::{Checkpoint, Checkpointer, Positions};
 use crate::config::{Config, DemoSection};
 use crate::engine::{ClusterBus, Engine, EngineCheckpoint, Output};
-use operators::Snapshots;
 use crate::replay::{Merge, Source};
+use operators::Snapshots;
 
 /// A sink that must acknowledge durable writes before positions are committed.
 enum DurableSink {
@@ -295,7 +295,9 @@ struct Handoff {
 impl Handoff {
     /// Whether the live item is covered by history.
     fn covered(&mut self, item: &LiveItem) -> bool {
-        let Change::Record(rec) = &item.change else { return false };
+        let Change::Record(rec) = &item.change else {
+            return false;
+        };
         let Some(&end) = self.ends.get(&rec.kind()) else {
             return false;
         };
@@ -946,7 +948,8 @@ fn scale_out(cfg: &mut Config) -> Result<()> {
     }
     if process != 0 {
         let s = &mut cfg.sources;
-        let skipped = !s.files.is_empty() || !s.dynamodb_export.is_empty() || s.demo.is_some() || s.postgres_cdc.is_some();
+        let skipped =
+            !s.files.is_empty() || !s.dynamodb_export.is_empty() || s.demo.is_some() || s.postgres_cdc.is_some();
         s.files.clear();
         s.dynamodb_export.clear();
         s.demo = None;

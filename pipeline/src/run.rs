@@ -288,7 +288,9 @@ pub fn backfill(args: BackfillArgs) -> Result<()> {
         cfg.sources
             .kafka
             .as_mut()
-            .ok_or_else(|| crate::UsageError("--kafka-from needs a Kafka source (--kafka-brokers or [sources.kafka])".into()))?
+            .ok_or_else(|| {
+                crate::UsageError("--kafka-from needs a Kafka source (--kafka-brokers or [sources.kafka])".into())
+            })?
             .start_from_timestamp_ms = Some(ms);
     }
     // Only process 0 reads history; the others take part with their Kafka partitions.

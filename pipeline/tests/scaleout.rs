@@ -8,14 +8,14 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
+use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::TopicPartitionList;
 use serde_json::{Value, json};
 
 const T0: i64 = 1_717_430_400;
@@ -79,7 +79,9 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// Price records this process took in (`llamaflow_records_in_total{kind="price"}`).
 fn prices_in(port: u16) -> u64 {
-    let Some(body) = http_get(port, "/metrics") else { return 0 };
+    let Some(body) = http_get(port, "/metrics") else {
+        return 0;
+    };
     body.lines()
         .filter(|l| l.starts_with("llamaflow_records_in_total") && l.contains("kind=\"price\""))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
@@ -165,16 +167,15 @@ async fn produce_workload(brokers: &str) -> usize {
     let mut n = 0;
     for t in 0..TICKS {
         for (i, p) in prices.iter_mut().enumerate() {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             let step = ((state >> 33) as f64 / (1u64 << 31) as f64 - 0.5) * 2.4;
             *p = (*p * (1.0 + step / 100.0)).max(1.0);
             let c = coin(i);
             let v = json!({"coin": c, "price": *p, "timestamp": T0 + 60 * t as i64}).to_string();
             producer
-                .send(
-                    FutureRecord::to("prices").key(&c).payload(&v),
-                    Duration::from_secs(10),
-                )
+                .send(FutureRecord::to("prices").key(&c).payload(&v), Duration::from_secs(10))
                 .await
                 .expect("produced");
             n += 1;
@@ -263,9 +264,11 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
     // One process, two workers.
     let (cfg, one) = config(dir.path(), "one", &brokers, "single", 2, &rules);
     let job = start(&cfg, &[], &one.log);
-    wait_until("the single process to commit every partition", Duration::from_secs(90), || {
-        committed(&brokers, "single") == hw
-    });
+    wait_until(
+        "the single process to commit every partition",
+        Duration::from_secs(90),
+        || committed(&brokers, "single") == hw,
+    );
     assert_eq!(prices_in(one.port) as usize, total);
     terminate(&job);
     wait_exit(job, &one.log);
@@ -302,8 +305,15 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
         committed(&brokers, "cluster") == hw
     });
     let ins: Vec<u64> = runs.iter().map(|r| prices_in(r.port)).collect();
-    assert_eq!(ins.iter().sum::<u64>() as usize, total, "every record read once: {ins:?}");
-    assert!(ins.iter().all(|n| *n > 0), "both processes consumed partitions: {ins:?}");
+    assert_eq!(
+        ins.iter().sum::<u64>() as usize,
+        total,
+        "every record read once: {ins:?}"
+    );
+    assert!(
+        ins.iter().all(|n| *n > 0),
+        "both processes consumed partitions: {ins:?}"
+    );
     for j in &jobs {
         terminate(j);
     }
