@@ -13,8 +13,8 @@ mod envelope;
 mod format;
 mod state;
 
-pub use candidate::{Candidate, Detail, RecordInfo, Throttle};
 pub use checkpoint::{Checkpointing, Snapshots, WorkerState};
+pub use candidate::{Candidate, Detail, RecordInfo, Throttle};
 pub use config::OpConfig;
 pub use dataflow::{Outputs, build};
 pub use envelope::{Envelope, Item, Key, Sequencer, record_key, rule_key};

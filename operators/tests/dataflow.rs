@@ -63,9 +63,7 @@ fn run_resumable(
         let cfg = cfg.clone();
         let ckpt = Checkpointing {
             snapshots: Some(snaps.clone()),
-            restore: states
-                .as_ref()
-                .map(|s| s[worker.index()].decode(cfg.clone()).expect("decodes")),
+            restore: states.as_ref().map(|s| s[worker.index()].decode(cfg.clone()).expect("decodes")),
         };
         let probe = worker.dataflow::<u64, _, _>(|scope| {
             let outs = operators::build(scope.input_from(&mut input), cfg, ckpt);

@@ -73,8 +73,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Writes the checkpoint atomically into `dir` and prunes old ones; returns its size.
     pub fn write(&self, dir: &Path) -> Result<u64> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
         let path = dir.join(format!("checkpoint-{:012}.bin", self.id));
         let tmp = dir.join(format!(".checkpoint-{:012}.tmp", self.id));
         let mut bytes = MAGIC.to_vec();
@@ -113,10 +112,7 @@ impl Checkpoint {
             )
         })?;
         let ckpt = bincode::deserialize(body).with_context(|| {
-            format!(
-                "checkpoint {} is corrupt; move it away to start from the previous one",
-                path.display()
-            )
+            format!("checkpoint {} is corrupt; move it away to start from the previous one", path.display())
         })?;
         Ok(Some(ckpt))
     }
@@ -313,10 +309,7 @@ mod tests {
             .unwrap();
         }
         let latest = Checkpoint::load_latest(dir.path()).unwrap().unwrap();
-        assert_eq!(
-            (latest.id, latest.positions.lsn, latest.sequencer.next_seq()),
-            (4, Some(40), 4)
-        );
+        assert_eq!((latest.id, latest.positions.lsn, latest.sequencer.next_seq()), (4, Some(40), 4));
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

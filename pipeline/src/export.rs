@@ -263,12 +263,7 @@ pub fn export(args: &ExportArgs) -> Result<ExportSummary> {
             emit_events: on(Table::Events),
             ..OpConfig::default()
         };
-        Some(Engine::start(
-            args.workers as usize,
-            cfg,
-            output.clone(),
-            Default::default(),
-        )?)
+        Some(Engine::start(args.workers as usize, cfg, output.clone(), Default::default())?)
     } else {
         None
     };

@@ -7,10 +7,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
-use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::TopicPartitionList;
 use serde_json::{Value, json};
 
 const T0: i64 = 1_717_430_400;
@@ -38,9 +38,7 @@ fn committed_is_high(brokers: &str) -> bool {
     }
     let committed = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
     committed.elements().iter().all(|e| {
-        let (_, high) = c
-            .fetch_watermarks("prices", e.partition(), Duration::from_secs(5))
-            .unwrap();
+        let (_, high) = c.fetch_watermarks("prices", e.partition(), Duration::from_secs(5)).unwrap();
         high == 0 || e.offset().to_raw() == Some(high)
     })
 }
@@ -53,10 +51,7 @@ fn metrics(port: u16) -> String {
     let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
-    body.lines()
-        .filter(|l| l.starts_with("llamaflow"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    body.lines().filter(|l| l.starts_with("llamaflow")).collect::<Vec<_>>().join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,24 +62,18 @@ async fn backfill_then_live_equals_one_replay() {
     let mut rules = Vec::new();
     for c in 0..6 {
         let coin = format!("coingecko:c{c}");
-        rules.push(
-            json!({"id": format!("chg{c}"), "user_id": "u1", "alert_type": "price_change",
+        rules.push(json!({"id": format!("chg{c}"), "user_id": "u1", "alert_type": "price_change",
             "conditions": {"coin": coin, "window": if c % 2 == 0 { "5m" } else { "15m" }, "threshold_pct": 1.0,
-            "direction": "any"}, "throttle_minutes": 3}),
-        );
-        rules.push(
-            json!({"id": format!("x{c}"), "user_id": "u2", "alert_type": "price_threshold",
-            "conditions": {"coin": coin, "operator": ">", "value": 100.0}}),
-        );
+            "direction": "any"}, "throttle_minutes": 3}));
+        rules.push(json!({"id": format!("x{c}"), "user_id": "u2", "alert_type": "price_threshold",
+            "conditions": {"coin": coin, "operator": ">", "value": 100.0}}));
     }
     let mut ticks = Vec::new();
     let mut state = 12345u64;
     let mut px = [100.0f64; 6];
     for i in 0..240 {
         for (c, p) in px.iter_mut().enumerate() {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             *p = ((*p * (1.0 + ((state >> 33) % 1001) as f64 / 50_000.0 - 0.01)) * 1e4).round() / 1e4;
             ticks.push(json!({"coin": format!("coingecko:c{c}"), "price": *p, "timestamp": T0 + 30 * i}));
         }
@@ -203,21 +192,11 @@ alerts = "{alerts}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &job.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &job.id().to_string()]).status().unwrap().success());
     let status = job.wait().unwrap();
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{status:?}\n{log_text}");
-    let history_records = ticks
-        .iter()
-        .filter(|t| t["timestamp"].as_i64().unwrap() <= seam)
-        .count()
-        + rules.len();
+    let history_records = ticks.iter().filter(|t| t["timestamp"].as_i64().unwrap() <= seam).count() + rules.len();
     assert!(
         log_text.contains(&format!("history: {history_records} records")),
         "progress summary on stderr:\n{log_text}"
@@ -228,9 +207,6 @@ alerts = "{alerts}"
     assert_eq!(lines, got.len(), "no alert written twice");
     let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
     let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "missing {missing:?}, extra {extra:?}"
-    );
+    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, extra {extra:?}");
     assert_eq!(got, expected, "the same alerts, field for field");
 }

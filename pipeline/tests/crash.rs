@@ -26,10 +26,7 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         self.0 >> 33
     }
 
@@ -43,11 +40,7 @@ fn psql(pg: &testkit::Postgres, sql: &str) -> String {
         .args([&pg.url(), "-v", "ON_ERROR_STOP=1", "-tAc", sql])
         .output()
         .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -63,10 +56,7 @@ fn boto3(moto: &testkit::Moto, code: &str) -> String {
          aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}",
         moto.endpoint()
     );
-    let out = Command::new(venv_python())
-        .args(["-c", &script])
-        .output()
-        .expect("python runs");
+    let out = Command::new(venv_python()).args(["-c", &script]).output().expect("python runs");
     assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
@@ -141,7 +131,13 @@ fn start(config: &Path, log: &Path) -> Child {
         .args(["run", "--config", config.to_str().unwrap()])
         .env("LLAMAFLOW_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
         .spawn()
         .expect("llamaflow starts")
 }
@@ -152,19 +148,13 @@ fn workload(rng: &mut Lcg) -> (Vec<Value>, Vec<Value>) {
     let mut rules = Vec::new();
     for c in 0..COINS {
         let coin = format!("coingecko:coin{c}");
-        rules.push(
-            json!({"id": format!("up{c}"), "user_id": format!("u{}", c % 3), "alert_type": "price_threshold",
-            "conditions": {"coin": coin, "operator": ">", "value": 101.0}, "throttle_minutes": 0}),
-        );
-        rules.push(
-            json!({"id": format!("down{c}"), "user_id": format!("u{}", c % 3), "alert_type": "price_threshold",
-            "conditions": {"coin": coin, "operator": "<", "value": 99.0}, "throttle_minutes": 0}),
-        );
-        rules.push(
-            json!({"id": format!("chg{c}"), "user_id": format!("u{}", c % 3), "alert_type": "price_change",
+        rules.push(json!({"id": format!("up{c}"), "user_id": format!("u{}", c % 3), "alert_type": "price_threshold",
+            "conditions": {"coin": coin, "operator": ">", "value": 101.0}, "throttle_minutes": 0}));
+        rules.push(json!({"id": format!("down{c}"), "user_id": format!("u{}", c % 3), "alert_type": "price_threshold",
+            "conditions": {"coin": coin, "operator": "<", "value": 99.0}, "throttle_minutes": 0}));
+        rules.push(json!({"id": format!("chg{c}"), "user_id": format!("u{}", c % 3), "alert_type": "price_change",
             "conditions": {"coin": coin, "window": "5m", "threshold_pct": 1.5, "direction": "any"},
-            "throttle_minutes": 2}),
-        );
+            "throttle_minutes": 2}));
     }
     let mut prices = vec![100.0f64; COINS];
     let mut ticks = Vec::new();
@@ -215,12 +205,7 @@ async fn killed_at_random_moments_every_alert_exactly_once() {
     let expected: BTreeSet<String> = std::fs::read_to_string(&expected_file)
         .unwrap()
         .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["alert_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["alert_id"].as_str().unwrap().to_string())
         .collect();
     assert!(expected.len() > 50, "the workload alerts often: {}", expected.len());
 
@@ -325,18 +310,10 @@ secret_access_key = "testing"
     let mut job = start(&config, &log);
     for kill in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(400 + rng.below(1400))).await;
-        assert!(
-            job.try_wait().unwrap().is_none(),
-            "llamaflow exited early; log:\n{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
+        assert!(job.try_wait().unwrap().is_none(), "llamaflow exited early; log:\n{}", std::fs::read_to_string(&log).unwrap());
         job.kill().unwrap(); // SIGKILL
         job.wait().unwrap();
-        eprintln!(
-            "kill {} of {KILLS}: {} alerts in Postgres so far",
-            kill + 1,
-            psql(&pg, "SELECT count(*) FROM alert_history")
-        );
+        eprintln!("kill {} of {KILLS}: {} alerts in Postgres so far", kill + 1, psql(&pg, "SELECT count(*) FROM alert_history"));
         job = start(&config, &log);
     }
     feed.await.unwrap();
@@ -348,26 +325,14 @@ secret_access_key = "testing"
         if committed == high {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "offsets committed up to {high:?}: {committed:?}"
-        );
+        assert!(Instant::now() < deadline, "offsets committed up to {high:?}: {committed:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &job.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &job.id().to_string()]).status().unwrap().success());
     let status = job.wait().unwrap();
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "graceful stop exits 0: {status:?}\n{log_text}");
-    assert!(
-        log_text.contains("resuming from checkpoint"),
-        "restarts resumed from checkpoints:\n{log_text}"
-    );
+    assert!(log_text.contains("resuming from checkpoint"), "restarts resumed from checkpoints:\n{log_text}");
 
     let pg_ids: Vec<String> = psql(&pg, "SELECT alert_id FROM alert_history ORDER BY alert_id")
         .lines()
@@ -385,22 +350,12 @@ secret_access_key = "testing"
 
     let sqs = sqs_ids(&moto, &queue_url);
     let sqs_set: BTreeSet<String> = sqs.iter().cloned().collect();
-    assert_eq!(
-        sqs.len(),
-        sqs_set.len(),
-        "no alert twice in the FIFO queue (dedup id = alert_id)"
-    );
-    assert_eq!(
-        sqs_set, expected,
-        "the SQS queue holds exactly the uninterrupted run's alerts"
-    );
+    assert_eq!(sqs.len(), sqs_set.len(), "no alert twice in the FIFO queue (dedup id = alert_id)");
+    assert_eq!(sqs_set, expected, "the SQS queue holds exactly the uninterrupted run's alerts");
 
     let topic = topic_ids(&brokers);
     let topic_set: BTreeSet<String> = topic.iter().cloned().collect();
-    assert_eq!(
-        topic_set, expected,
-        "defi-alerts holds exactly the uninterrupted run's alert ids"
-    );
+    assert_eq!(topic_set, expected, "defi-alerts holds exactly the uninterrupted run's alert ids");
     eprintln!(
         "{} alerts; defi-alerts has {} messages ({} re-published after kills, deduped by alert_id)",
         expected.len(),
@@ -409,10 +364,7 @@ secret_access_key = "testing"
     );
 
     // Redis holds each coin's last price.
-    let mut r = redis::Client::open(format!("{}/3", redis.url()))
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut r = redis::Client::open(format!("{}/3", redis.url())).unwrap().get_connection().unwrap();
     let last: Value = serde_json::from_str(
         &redis::cmd("GET")
             .arg("price:coingecko:coin0")

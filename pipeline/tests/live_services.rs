@@ -571,11 +571,7 @@ allow_anonymous = false
     let mut again = alert_ids_in_topic(&brokers);
     again.sort();
     assert_eq!(again, pg_ids, "no alert published again after the restart");
-    assert_eq!(
-        std::fs::read_to_string(&stdout2).unwrap(),
-        "",
-        "no alert again on stdout"
-    );
+    assert_eq!(std::fs::read_to_string(&stdout2).unwrap(), "", "no alert again on stdout");
     assert!(
         sqs_alerts(&moto, &queue_url).is_empty(),
         "FIFO dedup: nothing new in SQS after the restart"

@@ -183,10 +183,7 @@ fn boto3(moto: &testkit::Moto, code: &str) -> String {
          aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}",
         moto.endpoint()
     );
-    let out = Command::new(python)
-        .args(["-c", &script])
-        .output()
-        .expect("python runs");
+    let out = Command::new(python).args(["-c", &script]).output().expect("python runs");
     assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
@@ -253,12 +250,7 @@ fn sqs_unreachable_for_30_s_then_every_alert_delivered_once() {
     let from_file: Vec<String> = std::fs::read_to_string(&alerts)
         .unwrap()
         .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["alert_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["alert_id"].as_str().unwrap().to_string())
         .collect();
     let in_sqs: Vec<String> = serde_json::from_str(&boto3(
         &moto,
@@ -275,10 +267,6 @@ fn sqs_unreachable_for_30_s_then_every_alert_delivered_once() {
     let mut b = in_sqs.clone();
     a.sort();
     b.sort();
-    assert!(
-        a.len() > before,
-        "alerts fired across the outage: {before} → {}",
-        a.len()
-    );
+    assert!(a.len() > before, "alerts fired across the outage: {before} → {}", a.len());
     assert_eq!(b, a, "every alert in SQS exactly once, none dead-lettered or doubled");
 }

@@ -98,10 +98,7 @@ pub async fn start(cfg: &KafkaSourceConfig, tx: mpsc::Sender<LiveItem>) -> Resul
     let by_topic = cfg.validate()?;
     let consumer: KafkaConsumer = cfg
         .client_config()
-        .create_with_context(SourceContext::new(
-            cfg.start_from_timestamp_ms,
-            cfg.resume_offsets.clone(),
-        ))
+        .create_with_context(SourceContext::new(cfg.start_from_timestamp_ms, cfg.resume_offsets.clone()))
         .map_err(|e| KafkaSourceError::kafka("create the consumer", e))?;
     let consumer = Arc::new(consumer);
     let mut topics: Vec<String> = by_topic.keys().cloned().collect();
