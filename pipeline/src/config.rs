@@ -433,7 +433,11 @@ impl Config {
                 format!("must be 1..=64, got {}", self.pipeline.workers),
             ));
         }
-        if let Err(e) = self.cluster().validate() {
+        // The hosts may still come from `--hosts`: only a list given here is counted.
+        let cluster = self.cluster();
+        if let Err(e) = cluster.validate()
+            && (!cluster.hosts.is_empty() || !e.contains("host:port"))
+        {
             return Err(err("pipeline.processes", e));
         }
         if self.pipeline.batch_max == 0 {
