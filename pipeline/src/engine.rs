@@ -526,3 +526,56 @@ fn run_worker(
     drop(control);
     while worker.step_or_park(Some(Duration::from_millis(1))) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two(process: usize) -> Cluster {
+        Cluster {
+            processes: 2,
+            process,
+            hosts: vec!["127.0.0.1:2101".into(), "127.0.0.1:2102".into()],
+        }
+    }
+
+    #[test]
+    fn durable_is_the_minimum_over_processes() {
+        let bus = ClusterBus::new(&two(1));
+        assert_eq!(bus.set_durable(5), 0, "process 0 has reported nothing yet");
+        assert_eq!(bus.take_outbox(), vec![Control::Durable { process: 1, upto: 5 }]);
+        bus.receive(&Control::Durable { process: 0, upto: 3 });
+        assert_eq!(bus.durable(), 3);
+        bus.receive(&Control::Durable { process: 0, upto: 9 });
+        bus.receive(&Control::Durable { process: 0, upto: 4 });
+        assert_eq!(bus.durable(), 5, "reports only move forward");
+        assert_eq!(bus.set_durable(5), 5);
+        assert!(bus.take_outbox().is_empty(), "nothing new, nothing sent");
+        assert_eq!(bus.history(), None);
+        let ends = vec![("price".to_string(), 7)];
+        bus.receive(&Control::HistoryDone {
+            epoch: 4,
+            ends: ends.clone(),
+        });
+        assert_eq!(bus.history(), Some((4, ends)));
+    }
+
+    #[test]
+    fn one_process_sends_nothing() {
+        let bus = ClusterBus::new(&Cluster::single());
+        assert_eq!(bus.set_durable(3), 3);
+        bus.announce_history(2, Vec::new());
+        assert!(bus.take_outbox().is_empty());
+        assert_eq!(bus.history(), Some((2, Vec::new())));
+    }
+
+    #[test]
+    fn cluster_is_checked() {
+        assert!(two(1).validate().is_ok());
+        assert!(two(2).validate().unwrap_err().contains("out of range"));
+        let mut c = two(0);
+        c.hosts.pop();
+        assert!(c.validate().unwrap_err().contains("2 host:port"));
+        assert!(Cluster::single().validate().is_ok());
+    }
+}

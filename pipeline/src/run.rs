@@ -306,3 +306,14 @@ pub fn backfill(args: BackfillArgs) -> Result<()> {
     }
     crate::live::run(cfg, args.duration_secs.map(Duration::from_secs))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_files_skip_blanks_and_comments() {
+        let hosts = parse_hosts("# cluster\n10.0.0.1:2101\n\n  10.0.0.2:2101  # second\n");
+        assert_eq!(hosts, vec!["10.0.0.1:2101", "10.0.0.2:2101"]);
+    }
+}
