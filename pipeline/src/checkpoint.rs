@@ -296,8 +296,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(Checkpoint::load_latest(dir.path()).unwrap().is_none());
         for id in 1..=4 {
-            let mut positions = Positions::default();
-            positions.lsn = Some(id * 10);
+            let positions = Positions {
+                lsn: Some(id * 10),
+                ..Default::default()
+            };
             Checkpoint {
                 id,
                 created_ms: 0,

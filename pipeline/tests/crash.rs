@@ -156,7 +156,7 @@ fn workload(rng: &mut Lcg) -> (Vec<Value>, Vec<Value>) {
             "conditions": {"coin": coin, "window": "5m", "threshold_pct": 1.5, "direction": "any"},
             "throttle_minutes": 2}));
     }
-    let mut prices = vec![100.0f64; COINS];
+    let mut prices = [100.0f64; COINS];
     let mut ticks = Vec::new();
     for i in 0..TICKS {
         for (c, p) in prices.iter_mut().enumerate() {

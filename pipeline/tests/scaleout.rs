@@ -163,7 +163,7 @@ fn write_rules(path: &Path) {
 async fn produce_workload(brokers: &str) -> usize {
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut prices = vec![100.0f64; COINS];
+    let mut prices = [100.0f64; COINS];
     let mut n = 0;
     for t in 0..TICKS {
         for (i, p) in prices.iter_mut().enumerate() {

@@ -373,34 +373,6 @@ impl Drop for Moto {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn postgres_and_redis_start_and_answer() {
-        let pg = Postgres::start();
-        let out = Command::new(pg_bin_dir().join("psql"))
-            .args([&pg.url(), "-tAc", "show wal_level"])
-            .output()
-            .expect("psql");
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "logical");
-        pg.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (7)");
-        let mut pg = pg;
-        pg.stop();
-        assert!(TcpStream::connect(("127.0.0.1", pg.port)).is_err(), "stopped");
-        pg.restart();
-        assert_eq!(pg.psql("SELECT x FROM t"), "7", "restart keeps the data");
-        let r = Redis::start(None);
-        let mut s = TcpStream::connect(("127.0.0.1", r.port)).expect("redis accepts");
-        use std::io::{Read, Write};
-        s.write_all(b"PING\r\n").expect("write");
-        let mut buf = [0u8; 7];
-        s.read_exact(&mut buf).expect("read");
-        assert_eq!(&buf, b"+PONG\r\n");
-    }
-}
-
 /// A TCP forwarder to a local port that tests can take down and bring back, to make a service
 /// unreachable without stopping it (its state survives the "outage").
 pub struct TcpProxy {
@@ -462,5 +434,33 @@ impl TcpProxy {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_and_redis_start_and_answer() {
+        let pg = Postgres::start();
+        let out = Command::new(pg_bin_dir().join("psql"))
+            .args([&pg.url(), "-tAc", "show wal_level"])
+            .output()
+            .expect("psql");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "logical");
+        pg.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (7)");
+        let mut pg = pg;
+        pg.stop();
+        assert!(TcpStream::connect(("127.0.0.1", pg.port)).is_err(), "stopped");
+        pg.restart();
+        assert_eq!(pg.psql("SELECT x FROM t"), "7", "restart keeps the data");
+        let r = Redis::start(None);
+        let mut s = TcpStream::connect(("127.0.0.1", r.port)).expect("redis accepts");
+        use std::io::{Read, Write};
+        s.write_all(b"PING\r\n").expect("write");
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).expect("read");
+        assert_eq!(&buf, b"+PONG\r\n");
     }
 }
