@@ -105,14 +105,24 @@ struct Inner {
 #[derive(Clone)]
 pub struct Snapshots {
     workers: usize,
+    /// Index of the process's first worker (timely numbers the workers of a cluster
+    /// `process × threads + local index`).
+    first_worker: usize,
     inner: Arc<Mutex<Inner>>,
 }
 
 impl Snapshots {
     /// Snapshots of a dataflow with `workers` workers.
     pub fn new(workers: usize) -> Self {
+        Self::for_process(workers, 0)
+    }
+
+    /// Snapshots of one process's `workers` workers of a cluster, the first of which has the
+    /// worker index `first_worker`; a snapshot then holds this process's workers only.
+    pub fn for_process(workers: usize, first_worker: usize) -> Self {
         Snapshots {
             workers: workers.max(1),
+            first_worker,
             inner: Arc::default(),
         }
     }
@@ -138,6 +148,9 @@ impl Snapshots {
     /// A worker's operator deposits its encoded state for `epoch`.
     pub(crate) fn deposit(&self, epoch: u64, worker: usize, part: Part, bytes: Vec<u8>) {
         let workers = self.workers;
+        let Some(worker) = worker.checked_sub(self.first_worker) else {
+            return;
+        };
         let mut inner = self.lock();
         let slots = inner.parts.entry(epoch).or_insert_with(|| vec![(None, None); workers]);
         if let Some(slot) = slots.get_mut(worker) {

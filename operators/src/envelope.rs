@@ -115,6 +115,11 @@ impl Sequencer {
         }
     }
 
+    /// The number of workers routes are spread over (every worker of every process).
+    pub fn workers(&self) -> usize {
+        self.workers as usize
+    }
+
     /// The sequence number the next record gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq

@@ -56,6 +56,16 @@ pub struct PipelineSection {
     pub checkpoint_dir: Option<PathBuf>,
     /// How often a checkpoint is taken while records flow, in ms (and once on shutdown).
     pub checkpoint_interval_ms: u64,
+    /// Scale-out: the number of `llamaflow` processes forming one timely cluster (default 1).
+    /// Every process runs `workers` worker threads and reads its share of the Kafka
+    /// partitions; see docs/ARCHITECTURE.md, "Scale-out".
+    pub processes: u32,
+    /// Scale-out: this process's index, `0..processes` (process 0 also reads history, the CDC
+    /// source and tailed files, and writes the alerts).
+    pub process_id: u32,
+    /// Scale-out: `host:port` of every process in process order, where the processes connect
+    /// to each other (each process listens on its own entry).
+    pub hosts: Vec<String>,
 }
 
 impl Default for PipelineSection {
@@ -68,6 +78,9 @@ impl Default for PipelineSection {
             dead_letter_out: None,
             checkpoint_dir: Some(PathBuf::from("llamaflow-checkpoints")),
             checkpoint_interval_ms: 5_000,
+            processes: 1,
+            process_id: 0,
+            hosts: Vec::new(),
         }
     }
 }
@@ -421,6 +434,13 @@ impl Config {
                 format!("must be 1..=64, got {}", self.pipeline.workers),
             ));
         }
+        // The hosts may still come from `--hosts`: only a list given here is counted.
+        let cluster = self.cluster();
+        if let Err(e) = cluster.validate()
+            && (!cluster.hosts.is_empty() || !e.contains("host:port"))
+        {
+            return Err(err("pipeline.processes", e));
+        }
         if self.pipeline.batch_max == 0 {
             return Err(err("pipeline.batch_max", "must be at least 1".into()));
         }
@@ -469,6 +489,15 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// The timely cluster this process is part of (`[pipeline] processes/process_id/hosts`).
+    pub fn cluster(&self) -> crate::engine::Cluster {
+        crate::engine::Cluster {
+            processes: self.pipeline.processes as usize,
+            process: self.pipeline.process_id as usize,
+            hosts: self.pipeline.hosts.clone(),
+        }
     }
 
     /// Whether any input is configured.
@@ -520,8 +549,13 @@ impl Config {
                 snk.push(name);
             }
         }
+        let processes = if self.pipeline.processes > 1 {
+            format!("; process {} of {}", self.pipeline.process_id, self.pipeline.processes)
+        } else {
+            String::new()
+        };
         format!(
-            "sources: {}; sinks: {}; workers: {}; listen: {}",
+            "sources: {}; sinks: {}; workers: {}{processes}; listen: {}",
             src.join(", "),
             if snk.is_empty() {
                 "none".to_string()
@@ -602,6 +636,19 @@ mod tests {
         assert!(
             c.sinks.redis.is_some() && c.sinks.postgres.is_some() && c.sinks.kafka.is_some() && c.sinks.sqs.is_some()
         );
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let c = parse("[pipeline]\nprocesses = 2\nprocess_id = 1\nhosts = [\"a:2101\", \"b:2101\"]\n[sources.demo]\n")
+            .unwrap();
+        assert_eq!(c.cluster().processes, 2);
+        assert!(c.summary().contains("process 1 of 2"), "{}", c.summary());
+        let e = parse("[pipeline]\nprocesses = 2\nprocess_id = 2\nhosts = [\"a:1\", \"b:1\"]\n[sources.demo]\n")
+            .unwrap_err();
+        assert!(e.contains("pipeline.processes") && e.contains("out of range"), "{e}");
+        let e = parse("[pipeline]\nprocesses = 3\nhosts = [\"a:1\"]\n[sources.demo]\n").unwrap_err();
+        assert!(e.contains("3 host:port"), "{e}");
     }
 
     #[test]

@@ -5,15 +5,27 @@
 //! bounded channels. Workers drain their channel, advance their input to the next epoch and
 //! step the dataflow, keeping at most [`MAX_EPOCHS_IN_FLIGHT`] epochs unfinished, so a slow
 //! dataflow slows the ingest side instead of growing memory.
+//!
+//! **Scale-out.** With a [`Cluster`] of several processes (timely's cluster mode, TCP between
+//! the processes) every process runs its own ingest front and `threads` workers; the dataflow
+//! spans all `threads × processes` workers, so keys, rules and their state are spread over
+//! all of them. Epochs are the same timely timestamps in every process: epoch `e` is complete
+//! once every process has sent its `e`-th batch. The processes talk through a small control
+//! stream (see [`ClusterBus`]): where the history of process 0 ends, and how far each
+//! process's sinks have written.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use operators::checkpoint::Restored;
 use operators::{Checkpointing, Envelope, OpConfig, Sequencer, Snapshots, WorkerState};
 use schemas::{Alert, DeadLetter, Event};
+use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Input, Inspect, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
@@ -22,15 +34,192 @@ pub const MAX_EPOCHS_IN_FLIGHT: u64 = 8;
 
 /// Where the dataflow's results go. Called from worker threads.
 pub trait Output: Send + Sync + 'static {
-    /// Alerts of an epoch, in order (worker 0 only; an epoch may come in several calls).
+    /// Alerts of an epoch, in order (worker 0 only — in a cluster, the first worker of
+    /// process 0; an epoch may come in several calls).
     fn alerts(&self, epoch: u64, alerts: &[Alert]);
     /// Market events of an epoch from one worker.
     fn events(&self, epoch: u64, events: &[Event]);
     /// Dead letters from inside the dataflow.
     fn dead(&self, epoch: u64, dead: &[DeadLetter]);
-    /// Every output of all epochs `< upto` has been delivered (called by worker 0, in
-    /// increasing order).
+    /// Every output of all epochs `< upto` has been delivered to this process's [`Output`]
+    /// (called by the process's first worker, in increasing order).
     fn epochs_done(&self, _upto: u64) {}
+}
+
+/// Where an engine runs: one process alone, or one process of a timely cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// Number of processes (1: no cluster).
+    pub processes: usize,
+    /// This process's index, `0..processes`.
+    pub process: usize,
+    /// `host:port` of every process, in process order (timely's TCP mesh); empty for one
+    /// process.
+    pub hosts: Vec<String>,
+}
+
+impl Cluster {
+    /// One process, no networking.
+    pub fn single() -> Self {
+        Cluster {
+            processes: 1,
+            process: 0,
+            hosts: Vec::new(),
+        }
+    }
+
+    /// Whether several processes take part.
+    pub fn is_multi(&self) -> bool {
+        self.processes > 1
+    }
+
+    /// Checks the process index and the host list.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.processes == 0 {
+            return Err("processes must be at least 1".into());
+        }
+        if self.process >= self.processes {
+            return Err(format!(
+                "process id {} is out of range for {} processes (0..{})",
+                self.process, self.processes, self.processes
+            ));
+        }
+        if self.is_multi() && self.hosts.len() != self.processes {
+            return Err(format!(
+                "{} processes need {} host:port addresses, {} given",
+                self.processes,
+                self.processes,
+                self.hosts.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A message between the processes of a cluster, broadcast to every worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Control {
+    /// Process 0 has sent its history (and CDC snapshot) in the epochs before `epoch`; the
+    /// other processes start their live sources from that epoch on. `ends` is the newest
+    /// event time (ms) of each record kind in the history (the hand-over point of live
+    /// streams), by kind name.
+    HistoryDone {
+        /// First epoch after the history.
+        epoch: u64,
+        /// (kind name, newest event time in ms).
+        ends: Vec<(String, i64)>,
+    },
+    /// Every sink of `process` has durably written every epoch below `upto`.
+    Durable {
+        /// The process.
+        process: usize,
+        /// Epochs below this are durable there.
+        upto: u64,
+    },
+}
+
+#[derive(Default)]
+struct BusState {
+    outbox: Vec<Control>,
+    history: Option<(u64, Vec<(String, i64)>)>,
+    durable: Vec<u64>,
+    local_durable: u64,
+}
+
+/// The processes' shared knowledge, exchanged through the dataflow's control stream: the
+/// front and the committer of a process post messages here, the process's first worker sends
+/// them into the stream, and every worker records what arrives.
+pub struct ClusterBus {
+    processes: usize,
+    process: usize,
+    state: Mutex<BusState>,
+    /// The largest epoch + 1 any output of this process has carried.
+    seen: AtomicU64,
+}
+
+impl ClusterBus {
+    /// The bus of one process of `cluster`.
+    pub fn new(cluster: &Cluster) -> Arc<Self> {
+        Arc::new(ClusterBus {
+            processes: cluster.processes.max(1),
+            process: cluster.process,
+            state: Mutex::new(BusState {
+                durable: vec![0; cluster.processes.max(1)],
+                ..Default::default()
+            }),
+            seen: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BusState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Process 0: its history ends before `epoch` (see [`Control::HistoryDone`]).
+    pub fn announce_history(&self, epoch: u64, ends: Vec<(String, i64)>) {
+        let mut s = self.lock();
+        s.history = Some((epoch, ends.clone()));
+        if self.processes > 1 {
+            s.outbox.push(Control::HistoryDone { epoch, ends });
+        }
+    }
+
+    /// Where process 0's history ends, once known.
+    pub fn history(&self) -> Option<(u64, Vec<(String, i64)>)> {
+        self.lock().history.clone()
+    }
+
+    /// This process's sinks have written every epoch below `upto`; returns the epochs
+    /// durable in every process (see [`ClusterBus::durable`]).
+    pub fn set_durable(&self, upto: u64) -> u64 {
+        let mut s = self.lock();
+        if upto > s.local_durable {
+            s.local_durable = upto;
+            if self.processes > 1 {
+                s.outbox.push(Control::Durable {
+                    process: self.process,
+                    upto,
+                });
+            }
+        }
+        drop(s);
+        self.durable()
+    }
+
+    /// Every epoch below this is durably written by every sink of every process: what a
+    /// process may commit (its own sinks alone are not enough, since its records cause
+    /// outputs in other processes).
+    pub fn durable(&self) -> u64 {
+        let s = self.lock();
+        s.durable
+            .iter()
+            .enumerate()
+            .map(|(p, d)| if p == self.process { s.local_durable } else { *d })
+            .min()
+            .unwrap_or(s.local_durable)
+    }
+
+    fn take_outbox(&self) -> Vec<Control> {
+        std::mem::take(&mut self.lock().outbox)
+    }
+
+    fn receive(&self, msg: &Control) {
+        let mut s = self.lock();
+        match msg {
+            Control::HistoryDone { epoch, ends } => {
+                s.history.get_or_insert_with(|| (*epoch, ends.clone()));
+            }
+            Control::Durable { process, upto } => {
+                if let Some(d) = s.durable.get_mut(*process) {
+                    *d = (*d).max(*upto);
+                }
+            }
+        }
+    }
+
+    fn saw(&self, epoch: u64) {
+        self.seen.fetch_max(epoch.saturating_add(1), Ordering::Relaxed);
+    }
 }
 
 /// How an engine takes part in checkpoints.
@@ -50,13 +239,45 @@ pub struct Engine {
     guards: timely::communication::WorkerGuards<()>,
     sequencer: Sequencer,
     epochs: u64,
+    cluster: Cluster,
+    bus: Arc<ClusterBus>,
 }
 
 impl Engine {
     /// Starts `workers` timely worker threads running the operators with `cfg`, from empty
     /// state or from `ckpt.restore`, taking the snapshots `ckpt.snapshots` is asked for.
     pub fn start(workers: usize, cfg: OpConfig, output: Arc<dyn Output>, ckpt: EngineCheckpoint) -> Result<Engine> {
+        let cluster = Cluster::single();
+        let bus = ClusterBus::new(&cluster);
+        Self::start_cluster(workers, &cluster, bus, cfg, output, ckpt)
+    }
+
+    /// Like [`Engine::start`], as process `cluster.process` of a cluster: `workers` threads
+    /// here, `workers × cluster.processes` in the dataflow. Blocks until every process of the
+    /// cluster is connected. `ckpt.restore` holds this process's workers' state.
+    pub fn start_cluster(
+        workers: usize,
+        cluster: &Cluster,
+        bus: Arc<ClusterBus>,
+        cfg: OpConfig,
+        output: Arc<dyn Output>,
+        ckpt: EngineCheckpoint,
+    ) -> Result<Engine> {
+        cluster.validate().map_err(|e| anyhow::anyhow!(e))?;
         let workers = workers.max(1);
+        let total = workers * cluster.processes;
+        let first_worker = cluster.process * workers;
+        if let Some(seq) = &ckpt.sequencer
+            && seq.workers() != total
+        {
+            anyhow::bail!(
+                "the checkpoint was taken with {} workers in all but {total} are configured ({workers} × {} \
+                 processes): run with the same workers and processes (or delete the checkpoint directory to \
+                 start over)",
+                seq.workers(),
+                cluster.processes
+            );
+        }
         let restored: Vec<Mutex<Option<Restored>>> = match &ckpt.restore {
             None => Vec::new(),
             Some(states) if states.len() != workers => anyhow::bail!(
@@ -81,25 +302,63 @@ impl Engine {
             receivers.push(Mutex::new(Some(rx)));
         }
         let receivers = Arc::new(receivers);
-        let guards = timely::execute(timely::Config::process(workers), move |worker| {
-            let rx = receivers[worker.index()].lock().ok().and_then(|mut r| r.take());
+        let config = if cluster.is_multi() {
+            timely::Config {
+                communication: timely::CommunicationConfig::Cluster {
+                    threads: workers,
+                    process: cluster.process,
+                    addresses: cluster.hosts.clone(),
+                    report: false,
+                    zerocopy: false,
+                },
+                worker: timely::WorkerConfig::default(),
+            }
+        } else {
+            timely::Config::process(workers)
+        };
+        let worker_bus = bus.clone();
+        let guards = timely::execute(config, move |worker| {
+            let local = worker.index().wrapping_sub(first_worker);
+            let rx = receivers
+                .get(local)
+                .and_then(|r| r.lock().ok().and_then(|mut r| r.take()));
             let Some(rx) = rx else { return };
             let restore = restored
-                .get(worker.index())
+                .get(local)
                 .and_then(|r| r.lock().ok().and_then(|mut r| r.take()));
             let ckpt = Checkpointing {
                 snapshots: snapshots.clone(),
                 restore,
             };
-            run_worker(worker, rx, cfg.clone(), output.clone(), ckpt);
+            run_worker(
+                worker,
+                local == 0,
+                rx,
+                cfg.clone(),
+                output.clone(),
+                worker_bus.clone(),
+                ckpt,
+            );
         })
         .map_err(|e| anyhow::anyhow!("cannot start timely workers: {e}"))?;
         Ok(Engine {
             inputs,
             guards,
-            sequencer: ckpt.sequencer.unwrap_or_else(|| Sequencer::new(workers, 0)),
+            sequencer: ckpt.sequencer.unwrap_or_else(|| Sequencer::new(total, 0)),
             epochs: 0,
+            cluster: cluster.clone(),
+            bus,
         })
+    }
+
+    /// The cluster this engine is part of.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// What the processes of the cluster tell each other.
+    pub fn bus(&self) -> &Arc<ClusterBus> {
+        &self.bus
     }
 
     /// The stamping front: push records and rule deletions here, then [`Engine::send`].
@@ -115,7 +374,17 @@ impl Engine {
     /// Sends one epoch: the envelopes are split evenly over the workers (the dataflow's
     /// exchange routes each to the worker owning its key). Blocks while the dataflow is
     /// [`MAX_EPOCHS_IN_FLIGHT`] epochs behind.
+    ///
+    /// In a cluster, sequence numbers are made unique across processes: the sequencer's
+    /// number `s` becomes `s × processes + process` (order within a process is kept, and a
+    /// key's records all come from one process).
     pub fn send(&mut self, mut envelopes: Vec<Envelope>) -> Result<()> {
+        if self.cluster.is_multi() {
+            let (n, p) = (self.cluster.processes as u64, self.cluster.process as u64);
+            for e in &mut envelopes {
+                e.seq = e.seq.wrapping_mul(n).wrapping_add(p);
+            }
+        }
         let n = self.inputs.len();
         let chunk = envelopes.len().div_ceil(n).max(1);
         let mut parts: Vec<Vec<Envelope>> = Vec::with_capacity(n);
@@ -131,7 +400,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Closes the inputs and waits until every epoch is processed and output.
+    /// Closes the inputs and waits until every epoch is processed and output (in a cluster:
+    /// until every process has closed its inputs).
     pub fn finish(self) -> Result<()> {
         drop(self.inputs);
         for r in self.guards.join() {
@@ -143,50 +413,82 @@ impl Engine {
 
 fn run_worker(
     worker: &mut timely::worker::Worker,
+    first_local: bool,
     rx: Receiver<Vec<Envelope>>,
     cfg: OpConfig,
     output: Arc<dyn Output>,
+    bus: Arc<ClusterBus>,
     ckpt: Checkpointing,
 ) {
-    let worker_index = worker.index();
-    let mut input = InputHandle::<u64, timely::container::CapacityContainerBuilder<Vec<Envelope>>>::new();
+    let mut input = InputHandle::<u64, CapacityContainerBuilder<Vec<Envelope>>>::new();
+    let mut control = InputHandle::<u64, CapacityContainerBuilder<Vec<Control>>>::new();
     let (o1, o2, o3) = (output.clone(), output.clone(), output.clone());
+    let (b1, b2, b3, b4) = (bus.clone(), bus.clone(), bus.clone(), bus.clone());
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
         let outs = operators::build(scope.input_from(&mut input), cfg, ckpt);
         outs.events
             .inspect_core(move |e| {
                 if let Ok((stamp, batch)) = e {
-                    o2.events(stamp.least().copied().unwrap_or_default(), batch);
+                    let epoch = stamp.least().copied().unwrap_or_default();
+                    b1.saw(epoch);
+                    o2.events(epoch, batch);
                 }
             })
             .probe_with(&probe);
         outs.dead
             .inspect_core(move |e| {
                 if let Ok((stamp, batch)) = e {
-                    o3.dead(stamp.least().copied().unwrap_or_default(), batch);
+                    let epoch = stamp.least().copied().unwrap_or_default();
+                    b2.saw(epoch);
+                    o3.dead(epoch, batch);
                 }
             })
             .probe_with(&probe);
         outs.alerts
             .inspect_core(move |e| {
                 if let Ok((stamp, batch)) = e {
-                    o1.alerts(stamp.least().copied().unwrap_or_default(), batch);
+                    let epoch = stamp.least().copied().unwrap_or_default();
+                    b3.saw(epoch);
+                    o1.alerts(epoch, batch);
                 }
             })
             .probe_with(&probe);
+        // The control stream: not probed, so it never holds outputs back.
+        scope
+            .input_from(&mut control)
+            .broadcast()
+            .inspect(move |m| b4.receive(m));
     });
-    // Worker 0 reports completed epochs: the probe covers every output stream of every worker.
+    // The first worker of each process reports completed epochs and sends the process's
+    // control messages: the probe covers every output stream of every worker.
     let mut done = 0u64;
     let mut report = |probe: &ProbeHandle<u64>, sent: u64| {
-        if worker_index != 0 {
+        if !first_local {
             return;
         }
-        // An empty frontier (input closed, all done) means every epoch sent is complete.
-        let upto = probe.with_frontier(|f| f.first().copied().unwrap_or(sent)).min(sent);
+        // An empty frontier (every input closed, all done) means every epoch is complete: the
+        // ones this process sent and any later one another process sent and this one output.
+        let upto = probe.with_frontier(|f| {
+            f.first()
+                .copied()
+                .unwrap_or_else(|| sent.max(bus.seen.load(Ordering::Relaxed)))
+        });
         if upto > done {
             done = upto;
             output.epochs_done(upto);
+        }
+    };
+    let forward = |control: &mut InputHandle<u64, CapacityContainerBuilder<Vec<Control>>>| {
+        if !first_local {
+            return;
+        }
+        let msgs = bus.take_outbox();
+        if !msgs.is_empty() {
+            for m in msgs {
+                control.send(m);
+            }
+            control.flush();
         }
     };
     loop {
@@ -198,6 +500,7 @@ fn run_worker(
                 while probe.less_than(&input.time().saturating_sub(MAX_EPOCHS_IN_FLIGHT)) {
                     worker.step();
                     report(&probe, *input.time());
+                    forward(&mut control);
                 }
                 worker.step();
             }
@@ -207,11 +510,72 @@ fn run_worker(
             Err(TryRecvError::Disconnected) => break,
         }
         report(&probe, *input.time());
+        forward(&mut control);
     }
     let sent = *input.time();
     drop(input);
-    while worker.step() {
+    // Other processes may still be sending: keep stepping (and talking) until every output
+    // is complete, then close the control stream too.
+    while !probe.done() {
+        worker.step_or_park(Some(Duration::from_millis(1)));
         report(&probe, sent);
+        forward(&mut control);
     }
     report(&probe, sent);
+    forward(&mut control);
+    drop(control);
+    while worker.step_or_park(Some(Duration::from_millis(1))) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two(process: usize) -> Cluster {
+        Cluster {
+            processes: 2,
+            process,
+            hosts: vec!["127.0.0.1:2101".into(), "127.0.0.1:2102".into()],
+        }
+    }
+
+    #[test]
+    fn durable_is_the_minimum_over_processes() {
+        let bus = ClusterBus::new(&two(1));
+        assert_eq!(bus.set_durable(5), 0, "process 0 has reported nothing yet");
+        assert_eq!(bus.take_outbox(), vec![Control::Durable { process: 1, upto: 5 }]);
+        bus.receive(&Control::Durable { process: 0, upto: 3 });
+        assert_eq!(bus.durable(), 3);
+        bus.receive(&Control::Durable { process: 0, upto: 9 });
+        bus.receive(&Control::Durable { process: 0, upto: 4 });
+        assert_eq!(bus.durable(), 5, "reports only move forward");
+        assert_eq!(bus.set_durable(5), 5);
+        assert!(bus.take_outbox().is_empty(), "nothing new, nothing sent");
+        assert_eq!(bus.history(), None);
+        let ends = vec![("price".to_string(), 7)];
+        bus.receive(&Control::HistoryDone {
+            epoch: 4,
+            ends: ends.clone(),
+        });
+        assert_eq!(bus.history(), Some((4, ends)));
+    }
+
+    #[test]
+    fn one_process_sends_nothing() {
+        let bus = ClusterBus::new(&Cluster::single());
+        assert_eq!(bus.set_durable(3), 3);
+        bus.announce_history(2, Vec::new());
+        assert!(bus.take_outbox().is_empty());
+        assert_eq!(bus.history(), Some((2, Vec::new())));
+    }
+
+    #[test]
+    fn cluster_is_checked() {
+        assert!(two(1).validate().is_ok());
+        assert!(two(2).validate().unwrap_err().contains("out of range"));
+        let mut c = two(0);
+        c.hosts.pop();
+        assert!(c.validate().unwrap_err().contains("2 host:port"));
+        assert!(Cluster::single().validate().is_ok());
+    }
 }

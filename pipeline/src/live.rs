@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::checkpoint::{Checkpoint, Checkpointer, Positions};
 use crate::config::{Config, DemoSection};
-use crate::engine::{Engine, EngineCheckpoint, Output};
+use crate::engine::{ClusterBus, Engine, EngineCheckpoint, Output};
 use crate::replay::{Merge, Source};
 use operators::Snapshots;
 
@@ -433,6 +433,16 @@ async fn durable_sinks(cfg: &Config) -> Result<Vec<DurableSink>> {
 /// Runs the continuous job until SIGTERM / Ctrl-C (or `stop_after`), then drains: stops the
 /// sources, finishes the dataflow, waits for every sink, commits, and returns.
 pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
+    let cluster = cfg.cluster();
+    cluster
+        .validate()
+        .map_err(|e| crate::UsageError(format!("pipeline.processes: {e}")))?;
+    let mut cfg = cfg;
+    if cluster.is_multi() {
+        scale_out(&mut cfg)?;
+    }
+    let cfg = cfg;
+    let bus = ClusterBus::new(&cluster);
     let recorder = PrometheusBuilder::new()
         .install_recorder()
         .context("cannot install the Prometheus metrics recorder")?;
@@ -507,13 +517,18 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
 
     // Checkpoints: resume from the newest one, if any.
     let workers = cfg.pipeline.workers.max(1) as usize;
+    let first_worker = cluster.process * workers;
     let restored = match &cfg.pipeline.checkpoint_dir {
         Some(dir) => Checkpoint::load_latest(dir)?,
         None => None,
     };
     let mut cfg = cfg;
     let mut engine_ckpt = EngineCheckpoint {
-        snapshots: cfg.pipeline.checkpoint_dir.as_ref().map(|_| Snapshots::new(workers)),
+        snapshots: cfg
+            .pipeline
+            .checkpoint_dir
+            .as_ref()
+            .map(|_| Snapshots::for_process(workers, first_worker)),
         ..Default::default()
     };
     let (resume_positions, last_id) = match restored {
@@ -616,17 +631,25 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         let handles = handles.clone();
         let checkpointer = checkpointer.clone();
         let fatal = fatal.clone();
+        let bus = bus.clone();
         rt.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(50));
-            let mut durable = 0;
+            let mut durable;
             loop {
                 tokio::select! {
                     epoch = ack_rx.recv() => match epoch {
-                        Some(e) => durable = coordinator.lock().map(|mut c| c.ack(e)).unwrap_or(durable),
+                        Some(e) => {
+                            if let Ok(mut c) = coordinator.lock() {
+                                bus.set_durable(c.ack(e));
+                            }
+                        }
                         None => break,
                     },
                     _ = tick.tick() => {}
                 }
+                // In a cluster an epoch counts as durable once every process's sinks wrote it:
+                // this process's records cause outputs in the others.
+                durable = bus.durable();
                 metrics::gauge!("llamaflow_checkpoint_age_seconds").set(checkpointer.age_secs());
                 let ck = checkpointer.clone();
                 match tokio::task::spawn_blocking(move || ck.complete(durable)).await {
@@ -636,8 +659,10 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                     Err(e) => fatal.fail(format!("checkpoint task failed: {e}")),
                 }
             }
-            // The final checkpoint (prepared at shutdown) completes once its snapshot is in.
+            // The final checkpoint (prepared at shutdown) completes once its snapshot is in
+            // (and, in a cluster, once the other processes reported the epoch written).
             for _ in 0..100 {
+                let durable = bus.durable();
                 match checkpointer.complete(durable) {
                     Ok(Some(positions)) => {
                         handles.lock().await.commit(&positions).await;
@@ -665,7 +690,22 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         dead,
         self_ack,
     });
-    let mut engine = Engine::start(workers, cfg.operators.op_config(), output.clone(), engine_ckpt)?;
+    if cluster.is_multi() {
+        eprintln!(
+            "llamaflow: process {} of {}: connecting to {}",
+            cluster.process,
+            cluster.processes,
+            cluster.hosts.join(", ")
+        );
+    }
+    let mut engine = Engine::start_cluster(
+        workers,
+        &cluster,
+        bus.clone(),
+        cfg.operators.op_config(),
+        output.clone(),
+        engine_ckpt,
+    )?;
 
     let listener = match cfg.pipeline.listen {
         Some(addr) => Some(
@@ -692,6 +732,9 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         let checkpointer = checkpointer.clone();
         let interval = Duration::from_millis(cfg.pipeline.checkpoint_interval_ms.max(1));
         let (batch_ms, batch_max) = (cfg.pipeline.batch_ms, cfg.pipeline.batch_max);
+        let idle_epoch = Duration::from_millis(batch_ms.max(1));
+        let multi = cluster.is_multi();
+        let process = cluster.process;
         let hub = hub.clone();
         let output = output.clone();
         let stop = stop.clone();
@@ -763,6 +806,38 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                             .collect::<String>()
                     );
                 }
+                if multi && process == 0 {
+                    // Everything read so far goes out before the epoch announced as the end of
+                    // history: the other processes' live records come after it.
+                    if !batch.is_empty() {
+                        dirty = true;
+                        engine.send(std::mem::take(&mut batch))?;
+                    }
+                    let named = ends.iter().map(|(k, e)| (k.name().to_string(), *e)).collect();
+                    engine.bus().announce_history(engine.epochs(), named);
+                } else if multi {
+                    // Wait for process 0's history, sending empty epochs meanwhile (the
+                    // dataflow's epochs only complete once every process has sent them).
+                    loop {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        match engine.bus().history() {
+                            Some((epoch, _)) if engine.epochs() < epoch => engine.send(Vec::new())?,
+                            Some((_, named)) => {
+                                ends = named
+                                    .into_iter()
+                                    .filter_map(|(k, e)| Kind::parse(&k).map(|k| (k, e)))
+                                    .collect();
+                                break;
+                            }
+                            None => {
+                                engine.send(Vec::new())?;
+                                std::thread::sleep(idle_epoch);
+                            }
+                        }
+                    }
+                }
                 let _ = history_done.send(());
                 live.handoff = (!ends.is_empty()).then(|| Handoff {
                     ends,
@@ -772,6 +847,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                 output.dead(0, &dead);
                 let mut sent_positions = positions.clone();
                 let mut first_arrival: Option<Instant> = None;
+                let mut last_send = Instant::now();
                 loop {
                     let stopping = stop.load(Ordering::Relaxed);
                     let moved = positions != sent_positions;
@@ -789,6 +865,11 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                         }
                         engine.send(std::mem::take(&mut batch))?;
                         sent_positions = positions.clone();
+                        last_send = Instant::now();
+                    } else if multi && last_send.elapsed() >= idle_epoch {
+                        // An idle process still advances its epochs, or the cluster stalls.
+                        engine.send(Vec::new())?;
+                        last_send = Instant::now();
                     }
                     // On stop, items still queued are not processed and so never committed: the
                     // sources deliver them again after a restart.
@@ -859,6 +940,40 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         Some(e) => Err(anyhow::anyhow!(e)),
         None => Ok(()),
     }
+}
+
+/// Prepares the config of one process of a cluster: process 0 alone reads history, the CDC
+/// source, tailed files and the demo feed; every process reads its share of the Kafka
+/// partitions (`assignment = [process_id, processes]` unless configured).
+fn scale_out(cfg: &mut Config) -> Result<()> {
+    let (process, processes) = (cfg.pipeline.process_id, cfg.pipeline.processes);
+    if cfg.pipeline.checkpoint_dir.is_some() {
+        return Err(crate::UsageError(format!(
+            "pipeline.checkpoint_dir: operator-state checkpoints are not supported with {processes} processes yet; \
+             set `checkpoint_dir = \"\"` (positions are still committed once every process has written an epoch)"
+        ))
+        .into());
+    }
+    if let Some(k) = cfg.sources.kafka.as_mut()
+        && k.assignment.is_none()
+    {
+        k.assignment = Some((process, processes));
+    }
+    if process != 0 {
+        let s = &mut cfg.sources;
+        let skipped =
+            !s.files.is_empty() || !s.dynamodb_export.is_empty() || s.demo.is_some() || s.postgres_cdc.is_some();
+        s.files.clear();
+        s.dynamodb_export.clear();
+        s.demo = None;
+        s.postgres_cdc = None;
+        if skipped {
+            eprintln!(
+                "llamaflow: process {process}: files, DynamoDB exports, the demo feed and CDC are read by process 0"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A fatal error raised by a background task.

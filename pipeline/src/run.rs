@@ -37,9 +37,57 @@ pub struct RunArgs {
     /// Stop after this many seconds (default: until Ctrl-C / SIGTERM).
     #[arg(long)]
     pub duration_secs: Option<u64>,
+    /// Scale-out over several processes (override the config).
+    #[command(flatten)]
+    pub cluster: ClusterFlags,
     /// Sources given on the command line (added to the config's).
     #[command(flatten)]
     pub sources: SourceFlags,
+}
+
+/// Scale-out flags of `run` and `backfill` (timely's cluster mode): start the same command
+/// with `--process-id 0..N` on every host.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClusterFlags {
+    /// Number of llamaflow processes forming one dataflow (overrides `pipeline.processes`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub processes: Option<u32>,
+    /// This process's index, 0..processes (overrides `pipeline.process_id`).
+    #[arg(long)]
+    pub process_id: Option<u32>,
+    /// A file with one `host:port` per line, process 0 first, where the processes connect to
+    /// each other (overrides `pipeline.hosts`; blank lines and `#` comments are skipped).
+    #[arg(long, value_name = "FILE")]
+    pub hosts: Option<PathBuf>,
+}
+
+impl ClusterFlags {
+    /// Applies the flags to `cfg` and checks the resulting cluster.
+    pub fn apply(&self, cfg: &mut Config) -> Result<(), crate::UsageError> {
+        if let Some(n) = self.processes {
+            cfg.pipeline.processes = n;
+        }
+        if let Some(i) = self.process_id {
+            cfg.pipeline.process_id = i;
+        }
+        if let Some(path) = &self.hosts {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| crate::UsageError(format!("--hosts {}: {e}", path.display())))?;
+            cfg.pipeline.hosts = parse_hosts(&text);
+        }
+        cfg.cluster()
+            .validate()
+            .map_err(|e| crate::UsageError(format!("--processes/--process-id/--hosts: {e}")))
+    }
+}
+
+/// The `host:port` lines of a hosts file.
+pub fn parse_hosts(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Source flags of `run` and `backfill`, added to (or, for Kafka and CDC, overriding) the
@@ -194,6 +242,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some(w) = args.workers {
         cfg.pipeline.workers = w;
     }
+    args.cluster.apply(&mut cfg)?;
     crate::live::run(cfg, args.duration_secs.map(Duration::from_secs))
 }
 
@@ -216,6 +265,9 @@ pub struct BackfillArgs {
     /// Stop after this many seconds (default: keep running live until Ctrl-C / SIGTERM).
     #[arg(long)]
     pub duration_secs: Option<u64>,
+    /// Scale-out over several processes (override the config).
+    #[command(flatten)]
+    pub cluster: ClusterFlags,
 }
 
 /// `llamaflow backfill`: history through the dataflow into the configured sinks as fast as it
@@ -229,6 +281,7 @@ pub fn backfill(args: BackfillArgs) -> Result<()> {
     if let Some(w) = args.workers {
         cfg.pipeline.workers = w;
     }
+    args.cluster.apply(&mut cfg)?;
     if let Some(t) = &args.kafka_from {
         let ms = schemas::time::parse_time_ms(t)
             .ok_or_else(|| crate::UsageError(format!("--kafka-from {t}: expected unix ms or RFC 3339")))?;
@@ -240,7 +293,11 @@ pub fn backfill(args: BackfillArgs) -> Result<()> {
             })?
             .start_from_timestamp_ms = Some(ms);
     }
-    if cfg.sources.files.iter().all(|f| f.follow) && cfg.sources.dynamodb_export.is_empty() && args.kafka_from.is_none()
+    // Only process 0 reads history; the others take part with their Kafka partitions.
+    if cfg.pipeline.process_id == 0
+        && cfg.sources.files.iter().all(|f| f.follow)
+        && cfg.sources.dynamodb_export.is_empty()
+        && args.kafka_from.is_none()
     {
         return Err(crate::UsageError(
             "backfill needs history: --prices/--tvl/... files, --dynamodb-export, or --kafka-from".into(),
@@ -248,4 +305,15 @@ pub fn backfill(args: BackfillArgs) -> Result<()> {
         .into());
     }
     crate::live::run(cfg, args.duration_secs.map(Duration::from_secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_files_skip_blanks_and_comments() {
+        let hosts = parse_hosts("# cluster\n10.0.0.1:2101\n\n  10.0.0.2:2101  # second\n");
+        assert_eq!(hosts, vec!["10.0.0.1:2101", "10.0.0.2:2101"]);
+    }
 }

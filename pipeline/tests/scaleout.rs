@@ -1,0 +1,349 @@
+//! Scale-out: two `llamaflow run` processes on loopback, one timely cluster, consuming the same
+//! Kafka topics (librdkafka's mock cluster, real wire protocol) produce exactly the alerts and
+//! market events of one process — same `alert_id`s, nothing twice — both read partitions,
+//! each commits its own partitions only once the cluster has written them, and both stop
+//! cleanly on SIGTERM.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+
+const T0: i64 = 1_717_430_400;
+const PARTITIONS: i32 = 4;
+const COINS: usize = 8;
+const TICKS: usize = 150;
+
+struct Job(Child);
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(config: &Path, extra: &[&str], log: &Path) -> Job {
+    let child = Command::new(env!("CARGO_BIN_EXE_llamaflow"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .args(extra)
+        .env("LLAMAFLOW_LOG", "warn")
+        .stdout(std::fs::File::create(log.with_extension("out")).unwrap())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("llamaflow starts");
+    Job(child)
+}
+
+fn terminate(job: &Job) {
+    let pid = job.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+}
+
+fn wait_exit(mut job: Job, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(s) = job.0.try_wait().unwrap() {
+            assert!(
+                s.success(),
+                "llamaflow exit status {s:?}; stderr:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "llamaflow did not stop within 40 s of SIGTERM; stderr:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// Price records this process took in (`llamaflow_records_in_total{kind="price"}`).
+fn prices_in(port: u16) -> u64 {
+    let Some(body) = http_get(port, "/metrics") else {
+        return 0;
+    };
+    body.lines()
+        .filter(|l| l.starts_with("llamaflow_records_in_total") && l.contains("kind=\"price\""))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
+fn high_watermarks(brokers: &str) -> BTreeMap<i32, i64> {
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    (0..PARTITIONS)
+        .map(|p| (p, c.fetch_watermarks("prices", p, Duration::from_secs(5)).unwrap().1))
+        .collect()
+}
+
+fn committed(brokers: &str, group: &str) -> BTreeMap<i32, i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition("prices", p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
+    got.elements()
+        .iter()
+        .filter_map(|e| e.offset().to_raw().filter(|o| *o >= 0).map(|o| (e.partition(), o)))
+        .collect()
+}
+
+fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+fn coin(i: usize) -> String {
+    format!("coingecko:coin-{i}")
+}
+
+/// Two rules per coin (a throttled 5-minute change, an unthrottled crossing), plus a depeg
+/// rule on one coin: every rule watches one key, so its alerts do not depend on how records
+/// of different partitions interleave.
+fn write_rules(path: &Path) {
+    let mut out = String::new();
+    for i in 0..COINS {
+        let c = coin(i);
+        for r in [
+            json!({"id": format!("chg-{i}"), "user_id": format!("u{}", i % 3), "alert_type": "price_change",
+                   "conditions": {"coin": c, "window": "5m", "threshold_pct": 1.5, "direction": "any"},
+                   "throttle_minutes": 5}),
+            json!({"id": format!("thr-{i}"), "user_id": "u9", "alert_type": "price_threshold",
+                   "conditions": {"coin": c, "operator": ">", "value": 100.0}, "throttle_minutes": 0}),
+        ] {
+            out.push_str(&r.to_string());
+            out.push('\n');
+        }
+    }
+    out.push_str(
+        &json!({"id": "peg", "user_id": "u1", "alert_type": "depeg",
+                "conditions": {"coin": coin(0), "peg": 100.0, "deviation_pct": 2.0}, "throttle_minutes": 0})
+        .to_string(),
+    );
+    out.push('\n');
+    std::fs::write(path, out).unwrap();
+}
+
+/// A deterministic random walk around 100 per coin, one tick a minute.
+async fn produce_workload(brokers: &str) -> usize {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut prices = [100.0f64; COINS];
+    let mut n = 0;
+    for t in 0..TICKS {
+        for (i, p) in prices.iter_mut().enumerate() {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let step = ((state >> 33) as f64 / (1u64 << 31) as f64 - 0.5) * 2.4;
+            *p = (*p * (1.0 + step / 100.0)).max(1.0);
+            let c = coin(i);
+            let v = json!({"coin": c, "price": *p, "timestamp": T0 + 60 * t as i64}).to_string();
+            producer
+                .send(FutureRecord::to("prices").key(&c).payload(&v), Duration::from_secs(10))
+                .await
+                .expect("produced");
+            n += 1;
+        }
+    }
+    n
+}
+
+struct Run {
+    alerts: PathBuf,
+    events: PathBuf,
+    log: PathBuf,
+    port: u16,
+}
+
+fn config(dir: &Path, name: &str, brokers: &str, group: &str, workers: u32, rules: &Path) -> (PathBuf, Run) {
+    let port = testkit::free_port();
+    let run = Run {
+        alerts: dir.join(format!("{name}-alerts.jsonl")),
+        events: dir.join(format!("{name}-events.jsonl")),
+        log: dir.join(format!("{name}.log")),
+        port,
+    };
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[pipeline]
+workers = {workers}
+listen = "127.0.0.1:{port}"
+checkpoint_dir = ""
+checkpoint_interval_ms = 200
+dead_letter_out = "{dead}"
+
+[[sources.files]]
+kind = "rules"
+path = "{rules}"
+
+[sources.kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+
+[sinks]
+stdout = false
+
+[sinks.jsonl]
+alerts = "{alerts}"
+events = "{events}"
+"#,
+            dead = dir.join(format!("{name}-dead.jsonl")).display(),
+            rules = rules.display(),
+            alerts = run.alerts.display(),
+            events = run.events.display(),
+        ),
+    )
+    .unwrap();
+    (path, run)
+}
+
+fn sorted_strings(values: impl IntoIterator<Item = Value>) -> Vec<String> {
+    let mut v: Vec<String> = values.into_iter().map(|v| v.to_string()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_produce_exactly_the_alerts_of_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("prices", PARTITIONS, 1).unwrap();
+    for t in ["tvl", "transfers", "gas", "liquidations"] {
+        cluster.create_topic(t, 1, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    let rules = dir.path().join("rules.jsonl");
+    write_rules(&rules);
+    let total = produce_workload(&brokers).await;
+    let hw = high_watermarks(&brokers);
+    assert_eq!(hw.values().sum::<i64>() as usize, total);
+    assert!(
+        hw.values().filter(|n| **n > 0).count() >= 2,
+        "the coins spread over several partitions: {hw:?}"
+    );
+
+    // One process, two workers.
+    let (cfg, one) = config(dir.path(), "one", &brokers, "single", 2, &rules);
+    let job = start(&cfg, &[], &one.log);
+    wait_until(
+        "the single process to commit every partition",
+        Duration::from_secs(90),
+        || committed(&brokers, "single") == hw,
+    );
+    assert_eq!(prices_in(one.port) as usize, total);
+    terminate(&job);
+    wait_exit(job, &one.log);
+    let expected = lines(&one.alerts);
+    let expected_events = lines(&one.events);
+    assert!(expected.len() >= 50, "a meaningful workload: {} alerts", expected.len());
+    assert_eq!(expected_events.len(), total, "a price_update per tick");
+
+    // Two processes of two workers each, a fresh consumer group, the same topics.
+    let hosts = dir.path().join("hosts.txt");
+    std::fs::write(
+        &hosts,
+        format!(
+            "# process 0, then process 1\n127.0.0.1:{}\n127.0.0.1:{}\n",
+            testkit::free_port(),
+            testkit::free_port()
+        ),
+    )
+    .unwrap();
+    let hosts = hosts.to_str().unwrap().to_string();
+    let mut runs = Vec::new();
+    let mut jobs = Vec::new();
+    for p in 0..2 {
+        let (cfg, run) = config(dir.path(), &format!("p{p}"), &brokers, "cluster", 2, &rules);
+        let id = p.to_string();
+        jobs.push(start(
+            &cfg,
+            &["--processes", "2", "--process-id", &id, "--hosts", &hosts],
+            &run.log,
+        ));
+        runs.push(run);
+    }
+    wait_until("the cluster to commit every partition", Duration::from_secs(90), || {
+        committed(&brokers, "cluster") == hw
+    });
+    let ins: Vec<u64> = runs.iter().map(|r| prices_in(r.port)).collect();
+    assert_eq!(
+        ins.iter().sum::<u64>() as usize,
+        total,
+        "every record read once: {ins:?}"
+    );
+    assert!(
+        ins.iter().all(|n| *n > 0),
+        "both processes consumed partitions: {ins:?}"
+    );
+    for j in &jobs {
+        terminate(j);
+    }
+    for (j, r) in jobs.into_iter().zip(&runs) {
+        wait_exit(j, &r.log);
+    }
+
+    let got: Vec<Value> = runs.iter().flat_map(|r| lines(&r.alerts)).collect();
+    let ids = |v: &[Value]| {
+        let mut ids: Vec<String> = v.iter().map(|a| a["alert_id"].as_str().unwrap().to_string()).collect();
+        ids.sort();
+        ids
+    };
+    let mut unique = ids(&got);
+    unique.dedup();
+    assert_eq!(unique.len(), got.len(), "no alert written twice");
+    assert_eq!(ids(&got), ids(&expected), "the same alert ids");
+    assert_eq!(
+        sorted_strings(got),
+        sorted_strings(expected),
+        "the same alerts, field for field"
+    );
+    let events: Vec<Value> = runs.iter().flat_map(|r| lines(&r.events)).collect();
+    assert_eq!(
+        sorted_strings(events),
+        sorted_strings(expected_events),
+        "the same market events"
+    );
+    for r in &runs {
+        let log = std::fs::read_to_string(&r.log).unwrap();
+        assert!(!log.contains("ERROR"), "{log}");
+    }
+}
