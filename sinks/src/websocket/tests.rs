@@ -427,7 +427,7 @@ async fn subscription_limit_is_enforced() {
 async fn pings_are_answered_and_the_server_pings() {
     let (_hub, addr) = start(WsConfig {
         allow_anonymous: true,
-        ping_interval: Duration::from_millis(100),
+        ping_interval: Duration::from_millis(200),
         ..WsConfig::default()
     })
     .await;
@@ -461,7 +461,7 @@ async fn pings_are_answered_and_the_server_pings() {
     }
     // A client that answers pings (tungstenite does while reading) stays connected for well
     // over the three silent intervals after which a connection is dropped.
-    let until = Instant::now() + Duration::from_millis(600);
+    let until = Instant::now() + Duration::from_millis(1200);
     let mut pings = 0;
     while let Ok(msg) = tokio::time::timeout_at(until, c.next()).await {
         assert!(matches!(msg, Some(Ok(Message::Ping(_)))), "{msg:?}");
@@ -680,8 +680,12 @@ async fn shutdown_closes_connections_with_1001() {
         assert!(timeout(WAIT, c.next()).await.unwrap().is_none());
     }
     timeout(WAIT, server).await.unwrap().unwrap().unwrap();
-    // Completed handshakes end the server at once, not after the closing timeout.
-    assert!(stopped.elapsed() < Duration::from_secs(2), "{:?}", stopped.elapsed());
+    // Completed handshakes end the server without waiting out the closing timeout (5 s).
+    assert!(
+        stopped.elapsed() < Duration::from_millis(4500),
+        "{:?}",
+        stopped.elapsed()
+    );
     assert_eq!(hub.connections(), 0);
     assert!(connect_async(url(addr, None)).await.is_err());
 }
