@@ -26,6 +26,9 @@ pub enum Item {
     Record(Record),
     /// Removes a rule.
     DeleteRule(String),
+    /// Comes with a rule arriving from another route (a key change, or re-created after a
+    /// delete): it may have fired elsewhere, so only the throttle stage may throttle it.
+    ForeignRule(String),
 }
 
 /// The key a record or rule is partitioned by: all state of one key lives on one worker.
@@ -103,6 +106,8 @@ pub struct Sequencer {
     workers: u64,
     next_seq: u64,
     rule_routes: HashMap<String, Route>,
+    /// Where deleted rules lived: a rule re-created under another key may have fired there.
+    retired: HashMap<String, Route>,
 }
 
 impl Sequencer {
@@ -112,6 +117,7 @@ impl Sequencer {
             workers: workers.max(1) as u64,
             next_seq: first_seq,
             rule_routes: HashMap::new(),
+            retired: HashMap::new(),
         }
     }
 
@@ -152,10 +158,17 @@ impl Sequencer {
         self.next_seq += 1;
         if let Record::Rule(rule) = &record {
             let route = rule_key(rule).map_or(Route::All, |k| Route::One(k.hash()));
-            if let Some(old) = self.rule_routes.insert(rule.id.clone(), route)
-                && old != route
-            {
-                self.emit(old, seq, &pos, Item::DeleteRule(rule.id.clone()), out);
+            let before = match self.rule_routes.insert(rule.id.clone(), route) {
+                Some(old) => {
+                    if old != route {
+                        self.emit(old, seq, &pos, Item::DeleteRule(rule.id.clone()), out);
+                    }
+                    Some(old)
+                }
+                None => self.retired.remove(&rule.id),
+            };
+            if matches!(route, Route::One(_)) && before.is_some_and(|old| old != route) {
+                self.emit(route, seq, &pos, Item::ForeignRule(rule.id.clone()), out);
             }
             self.emit(route, seq, &pos, Item::Record(record), out);
             return;
@@ -175,6 +188,7 @@ impl Sequencer {
         self.next_seq += 1;
         if let Some(route) = self.rule_routes.remove(rule_id) {
             self.emit(route, seq, &pos, Item::DeleteRule(rule_id.to_string()), out);
+            self.retired.insert(rule_id.to_string(), route);
         }
     }
 }
@@ -208,16 +222,39 @@ mod tests {
             "conditions":{"coin":"coingecko:bitcoin","min_usd":1}})),
             &mut out,
         );
-        assert_eq!(out.len(), 5, "deleted everywhere, then inserted under its coin");
+        assert_eq!(
+            out.len(),
+            6,
+            "deleted everywhere, then inserted under its coin, marked as foreign"
+        );
         assert!(out[..4].iter().all(|e| matches!(e.item, Item::DeleteRule(_))));
-        assert_eq!(out[4].route, Key::Coin("coingecko:bitcoin").hash());
+        assert!(matches!(out[4].item, Item::ForeignRule(_)));
+        assert!(matches!(out[5].item, Item::Record(_)));
+        assert!(
+            out[4..]
+                .iter()
+                .all(|e| e.route == Key::Coin("coingecko:bitcoin").hash())
+        );
         assert!(out.iter().all(|e| e.seq == 1));
         out.clear();
         s.delete_rule(pos.clone(), "r", &mut out);
         assert_eq!(out.len(), 1);
         out.clear();
-        s.delete_rule(pos, "r", &mut out);
+        s.delete_rule(pos.clone(), "r", &mut out);
         assert!(out.is_empty());
+        // Re-created under the same key: nothing foreign; under another key: foreign.
+        let bitcoin = json!({"id":"r","user_id":"u","alert_type":"whale_movement",
+            "conditions":{"coin":"coingecko:bitcoin","min_usd":1}});
+        s.push(pos.clone(), rule(bitcoin.clone()), &mut out);
+        assert_eq!(out.len(), 1);
+        out.clear();
+        s.delete_rule(pos.clone(), "r", &mut out);
+        out.clear();
+        let mut eth = bitcoin;
+        eth["conditions"]["coin"] = json!("coingecko:ethereum");
+        s.push(pos, rule(eth), &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(matches!(out[0].item, Item::ForeignRule(_)));
     }
 
     #[test]

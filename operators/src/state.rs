@@ -135,6 +135,59 @@ struct ChainState {
     last: Option<(Millis, f64)>,
 }
 
+/// The throttle applied where rules match, before their matches leave the worker.
+///
+/// A keyed rule's matches all come from the worker of its key, in `seq` order, so applying
+/// the throttle here gives exactly the decisions of the dataflow's throttle stage (which still
+/// runs, and passes every match admitted here) while most matches of a busy rule never cross
+/// the exchange. Rules that arrived from another route may have fired there
+/// ([`Item::ForeignRule`]); those, and filter-less rules (on every worker), are left to the
+/// throttle stage.
+#[derive(Default, Debug, Serialize, Deserialize)]
+struct EarlyThrottle {
+    rules: HashMap<String, Early>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+enum Early {
+    /// May have fired on another worker: not throttled here.
+    Foreign,
+    /// Fired last at this event time.
+    Fired(Millis),
+}
+
+impl EarlyThrottle {
+    /// Whether a match of `rule` at `t` is passed on; records the firing.
+    fn admit(&mut self, rule: &AlertRule, t: Millis) -> bool {
+        if crate::envelope::rule_key(rule).is_none() {
+            return true;
+        }
+        match self.rules.get_mut(&rule.id) {
+            Some(Early::Foreign) => true,
+            Some(Early::Fired(last)) if t < last.saturating_add(rule.throttle_ms()) => false,
+            Some(Early::Fired(last)) => {
+                *last = t;
+                true
+            }
+            None => {
+                self.rules.insert(rule.id.clone(), Early::Fired(t));
+                true
+            }
+        }
+    }
+
+    fn foreign(&mut self, id: String) {
+        self.rules.insert(id, Early::Foreign);
+    }
+}
+
+/// Passes a match on unless the early throttle drops it.
+fn emit(early: &mut EarlyThrottle, c: Candidate, out: &mut Vec<KeyedOut>) {
+    if early.admit(&c.rule, c.triggered_at) {
+        out.push(KeyedOut::Candidate(c));
+    }
+}
+
 /// Rules held by this worker, indexed by the key they watch.
 #[derive(Default, Debug)]
 struct RuleIndex {
@@ -189,6 +242,7 @@ struct KeyedImageRef<'a> {
     protocols: &'a HashMap<String, ProtocolState>,
     chains: &'a HashMap<String, ChainState>,
     rules: Vec<&'a AlertRule>,
+    early: &'a EarlyThrottle,
 }
 
 /// What [`KeyedState::restore`] reads; the same layout as [`KeyedImageRef`].
@@ -198,6 +252,7 @@ struct KeyedImage {
     protocols: HashMap<String, ProtocolState>,
     chains: HashMap<String, ChainState>,
     rules: Vec<AlertRule>,
+    early: EarlyThrottle,
 }
 
 /// All keyed state of one worker.
@@ -208,6 +263,7 @@ pub struct KeyedState {
     protocols: HashMap<String, ProtocolState>,
     chains: HashMap<String, ChainState>,
     rules: RuleIndex,
+    early: EarlyThrottle,
     pending_protocols: Vec<String>,
 }
 
@@ -224,6 +280,7 @@ impl KeyedState {
             protocols: HashMap::new(),
             chains: HashMap::new(),
             rules: RuleIndex::default(),
+            early: EarlyThrottle::default(),
             pending_protocols: Vec::new(),
         }
     }
@@ -235,6 +292,7 @@ impl KeyedState {
             protocols: &self.protocols,
             chains: &self.chains,
             rules: self.rules.by_id.values().map(|r| &**r).collect(),
+            early: &self.early,
         };
         Ok(bincode::serialize(&image)?)
     }
@@ -246,6 +304,7 @@ impl KeyedState {
         state.coins = image.coins;
         state.protocols = image.protocols;
         state.chains = image.chains;
+        state.early = image.early;
         for rule in image.rules {
             state.rules.upsert(rule);
         }
@@ -272,6 +331,7 @@ impl KeyedState {
         let Envelope { seq, pos, item, .. } = env;
         match item {
             Item::DeleteRule(id) => self.rules.remove(&id),
+            Item::ForeignRule(id) => self.early.foreign(id),
             Item::Record(Record::Rule(rule)) => self.rules.upsert(rule),
             Item::Record(Record::Protocol(p)) => self.protocol(p),
             Item::Record(Record::Price(p)) => self.price(seq, &pos, p, out),
@@ -360,14 +420,18 @@ impl KeyedState {
                 label: st.symbol.clone().unwrap_or_else(|| p.coin.clone()),
                 chain: None,
             });
-            out.push(KeyedOut::Candidate(Candidate {
-                seq,
-                rule: rule.clone(),
-                info,
-                triggered_at: t,
-                value,
-                detail,
-            }));
+            emit(
+                &mut self.early,
+                Candidate {
+                    seq,
+                    rule: rule.clone(),
+                    info,
+                    triggered_at: t,
+                    value,
+                    detail,
+                },
+                out,
+            );
         }
         if self.cfg.emit_events {
             let stable = self.cfg.is_stablecoin(&p.coin, st.symbol.as_deref());
@@ -452,14 +516,18 @@ impl KeyedState {
                 label: st.symbol.clone().unwrap_or_else(|| tr.coin.clone()),
                 chain: Some(tr.chain.clone()),
             });
-            out.push(KeyedOut::Candidate(Candidate {
-                seq,
-                rule: rule.clone(),
-                info,
-                triggered_at: tr.timestamp,
-                value,
-                detail: Detail::Whale { amount: tr.amount },
-            }));
+            emit(
+                &mut self.early,
+                Candidate {
+                    seq,
+                    rule: rule.clone(),
+                    info,
+                    triggered_at: tr.timestamp,
+                    value,
+                    detail: Detail::Whale { amount: tr.amount },
+                },
+                out,
+            );
         }
         if self.cfg.emit_events && value >= self.cfg.whale_event_usd {
             out.push(KeyedOut::Event(Event {
@@ -537,14 +605,18 @@ impl KeyedState {
                     label: label.clone(),
                     chain: Some(chain.clone()),
                 });
-                out.push(KeyedOut::Candidate(Candidate {
-                    seq,
-                    rule: rule.clone(),
-                    info,
-                    triggered_at: t,
-                    value: pct,
-                    detail: Detail::Change { from: r, to: *tvl },
-                }));
+                emit(
+                    &mut self.early,
+                    Candidate {
+                        seq,
+                        rule: rule.clone(),
+                        info,
+                        triggered_at: t,
+                        value: pct,
+                        detail: Detail::Change { from: r, to: *tvl },
+                    },
+                    out,
+                );
             }
             hist.push_back((t, *tvl));
             prune(hist, t, retention);
@@ -598,14 +670,18 @@ impl KeyedState {
                 label: label.clone(),
                 chain: None,
             });
-            out.push(KeyedOut::Candidate(Candidate {
-                seq,
-                rule: rule.clone(),
-                info,
-                triggered_at: t,
-                value: pct,
-                detail: Detail::Change { from: r, to: total },
-            }));
+            emit(
+                &mut self.early,
+                Candidate {
+                    seq,
+                    rule: rule.clone(),
+                    info,
+                    triggered_at: t,
+                    value: pct,
+                    detail: Detail::Change { from: r, to: total },
+                },
+                out,
+            );
         }
         if self.cfg.emit_events {
             out.push(KeyedOut::Event(Event {
@@ -661,14 +737,18 @@ impl KeyedState {
                 label: label.clone(),
                 chain: Some(l.chain.clone()),
             });
-            out.push(KeyedOut::Candidate(Candidate {
-                seq,
-                rule: rule.clone(),
-                info,
-                triggered_at: l.timestamp,
-                value: l.amount_usd,
-                detail: Detail::Plain,
-            }));
+            emit(
+                &mut self.early,
+                Candidate {
+                    seq,
+                    rule: rule.clone(),
+                    info,
+                    triggered_at: l.timestamp,
+                    value: l.amount_usd,
+                    detail: Detail::Plain,
+                },
+                out,
+            );
         }
         if self.cfg.emit_events {
             out.push(KeyedOut::Event(Event {
@@ -708,14 +788,18 @@ impl KeyedState {
                 label: g.chain.clone(),
                 chain: Some(g.chain.clone()),
             });
-            out.push(KeyedOut::Candidate(Candidate {
-                seq,
-                rule: rule.clone(),
-                info,
-                triggered_at: g.timestamp,
-                value: g.gwei,
-                detail: Detail::Plain,
-            }));
+            emit(
+                &mut self.early,
+                Candidate {
+                    seq,
+                    rule: rule.clone(),
+                    info,
+                    triggered_at: g.timestamp,
+                    value: g.gwei,
+                    detail: Detail::Plain,
+                },
+                out,
+            );
         }
         st.last = Some((g.timestamp, g.gwei));
         if self.cfg.emit_events {

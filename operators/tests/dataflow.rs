@@ -614,3 +614,48 @@ fn history_is_bounded_by_the_largest_window() {
     }
     assert!(state.history_len() <= 24 * 6 + 2, "kept {}", state.history_len());
 }
+
+#[test]
+fn throttle_holds_when_a_rule_moves_between_workers() {
+    // A gas rule fires on ethereum, moves to arbitrum, is deleted and re-created on ethereum.
+    // Its throttle (1 min) spans the moves: matches at 4 s and 65 s are throttled by the
+    // firings at 2 s and 63 s made under the other chain, and 63 s and 124 s fire.
+    let gas = |chain: &str, g: f64, t: i64| {
+        Op::Rec(Record::Gas(GasTick {
+            chain: chain.into(),
+            gwei: g,
+            timestamp: t * 1000,
+        }))
+    };
+    let g = |chain: &str| {
+        rule(
+            json!({"id":"g","user_id":"u","alert_type":"gas_price","throttle_minutes":1,
+            "conditions":{"chain":chain,"operator":">","gwei":50}}),
+        )
+    };
+    let batches = vec![
+        vec![g("ethereum"), gas("ethereum", 40.0, 1), gas("ethereum", 60.0, 2)],
+        vec![g("arbitrum"), gas("arbitrum", 40.0, 3), gas("arbitrum", 60.0, 4)],
+        vec![gas("arbitrum", 40.0, 30), gas("arbitrum", 60.0, 63)],
+        vec![Op::Del("g".into()), g("ethereum"), gas("ethereum", 40.0, 64)],
+        vec![
+            gas("ethereum", 60.0, 65),
+            gas("ethereum", 40.0, 100),
+            gas("ethereum", 60.0, 124),
+        ],
+    ];
+    let expected = model(&batches).alerts;
+    assert_eq!(
+        expected.iter().map(|a| a.3 / 1000).collect::<Vec<_>>(),
+        vec![2, 63, 124]
+    );
+    let worker = |chain: &str, w: u64| operators::Key::Chain(chain).hash() % w;
+    assert!(
+        (2..=4).any(|w| worker("ethereum", w) != worker("arbitrum", w)),
+        "the chains must land on different workers for some worker count"
+    );
+    for workers in 1..=4 {
+        let got = as_model(&run(workers, &batches, OpConfig::default()).alerts);
+        assert_eq!(got, expected, "{workers} workers");
+    }
+}

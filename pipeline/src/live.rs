@@ -738,171 +738,193 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         let hub = hub.clone();
         let output = output.clone();
         let stop = stop.clone();
+        let rt_handle = rt.handle().clone();
         let coordinator = coordinator.clone();
         let health_front = health.clone();
+        let fatal_front = fatal.clone();
         std::thread::Builder::new()
             .name("ingest".into())
             .spawn(move || -> Result<()> {
-                let mut batch = Vec::new();
-                let mut dead = Vec::new();
-                let mut live_rx = live_rx;
-                // Whether anything was sent since the last checkpoint, and when that was.
-                let mut dirty = false;
-                let mut last_ckpt = Instant::now();
-                let mut live = Front {
-                    hub: hub.clone(),
-                    output: output.clone(),
-                    handoff: None,
-                };
-                for _ in 0..snapshot_len {
-                    match live_rx.blocking_recv() {
-                        Some(item) => live.apply(item, &mut engine, &mut batch, &mut positions),
-                        None => break,
+                // The job stops (exit 1) when the ingest thread fails, rather than serving on
+                // without input.
+                let _guard = PanicIsFatal(fatal_front.clone());
+                let ingest = move || -> Result<()> {
+                    let mut batch = Vec::new();
+                    let mut dead = Vec::new();
+                    let mut live_rx = live_rx;
+                    // Whether anything was sent since the last checkpoint, and when that was.
+                    let mut dirty = false;
+                    let mut last_ckpt = Instant::now();
+                    let mut live = Front {
+                        hub: hub.clone(),
+                        output: output.clone(),
+                        handoff: None,
+                    };
+                    for _ in 0..snapshot_len {
+                        match live_rx.blocking_recv() {
+                            Some(item) => live.apply(item, &mut engine, &mut batch, &mut positions),
+                            None => break,
+                        }
                     }
-                }
-                let read_history = !history.is_empty();
-                let started = Instant::now();
-                let progress = (read_history && std::io::stderr().is_terminal()).then(|| {
-                    let pb = indicatif::ProgressBar::new_spinner();
-                    pb.set_style(
-                        indicatif::ProgressStyle::with_template("{spinner} history {elapsed_precise} {msg}")
-                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-                    );
-                    pb
-                });
-                let mut n = 0u64;
-                let mut ends = std::collections::HashMap::<Kind, schemas::Millis>::new();
-                for item in Merge::new(history) {
-                    match item {
-                        Input::Record(pos, rec) => {
-                            metrics::counter!("llamaflow_records_in_total", "kind" => rec.kind().name()).increment(1);
-                            if !matches!(rec, Record::Rule(_) | Record::Protocol(_)) {
-                                let e = ends.entry(rec.kind()).or_insert(schemas::Millis::MIN);
-                                *e = (*e).max(rec.timestamp());
+                    let read_history = !history.is_empty();
+                    let started = Instant::now();
+                    let progress = (read_history && std::io::stderr().is_terminal()).then(|| {
+                        let pb = indicatif::ProgressBar::new_spinner();
+                        pb.set_style(
+                            indicatif::ProgressStyle::with_template("{spinner} history {elapsed_precise} {msg}")
+                                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                        );
+                        pb
+                    });
+                    let mut n = 0u64;
+                    let mut ends = std::collections::HashMap::<Kind, schemas::Millis>::new();
+                    for item in Merge::new(history) {
+                        match item {
+                            Input::Record(pos, rec) => {
+                                metrics::counter!("llamaflow_records_in_total", "kind" => rec.kind().name())
+                                    .increment(1);
+                                if !matches!(rec, Record::Rule(_) | Record::Protocol(_)) {
+                                    let e = ends.entry(rec.kind()).or_insert(schemas::Millis::MIN);
+                                    *e = (*e).max(rec.timestamp());
+                                }
+                                n += 1;
+                                engine.sequencer().push(pos, rec, &mut batch);
                             }
-                            n += 1;
-                            engine.sequencer().push(pos, rec, &mut batch);
+                            Input::Dead(d) => dead.push(d),
                         }
-                        Input::Dead(d) => dead.push(d),
-                    }
-                    if batch.len() >= batch_max {
-                        engine.send(std::mem::take(&mut batch))?;
-                        if let Some(pb) = &progress {
-                            let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                            pb.set_message(format!("{n} records · {rate:.0} records/s"));
+                        if batch.len() >= batch_max {
+                            engine.send(std::mem::take(&mut batch))?;
+                            if let Some(pb) = &progress {
+                                let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                                pb.set_message(format!("{n} records · {rate:.0} records/s"));
+                            }
                         }
                     }
-                }
-                if let Some(pb) = progress {
-                    pb.finish_and_clear();
-                }
-                if read_history {
-                    let secs = started.elapsed().as_secs_f64();
-                    eprintln!(
-                        "llamaflow: history: {n} records in {secs:.1} s ({:.0} records/s){}",
-                        n as f64 / secs.max(1e-9),
-                        ends.iter()
-                            .map(|(k, e)| format!("; live {} from after event time {e} ms", k.name()))
-                            .collect::<String>()
-                    );
-                }
-                if multi && process == 0 {
-                    // Everything read so far goes out before the epoch announced as the end of
-                    // history: the other processes' live records come after it.
-                    if !batch.is_empty() {
-                        dirty = true;
-                        engine.send(std::mem::take(&mut batch))?;
+                    if let Some(pb) = progress {
+                        pb.finish_and_clear();
                     }
-                    let named = ends.iter().map(|(k, e)| (k.name().to_string(), *e)).collect();
-                    engine.bus().announce_history(engine.epochs(), named);
-                } else if multi {
-                    // Wait for process 0's history, sending empty epochs meanwhile (the
-                    // dataflow's epochs only complete once every process has sent them).
-                    loop {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
+                    if read_history {
+                        let secs = started.elapsed().as_secs_f64();
+                        eprintln!(
+                            "llamaflow: history: {n} records in {secs:.1} s ({:.0} records/s){}",
+                            n as f64 / secs.max(1e-9),
+                            ends.iter()
+                                .map(|(k, e)| format!("; live {} from after event time {e} ms", k.name()))
+                                .collect::<String>()
+                        );
+                    }
+                    if multi && process == 0 {
+                        // Everything read so far goes out before the epoch announced as the end of
+                        // history: the other processes' live records come after it.
+                        if !batch.is_empty() {
+                            dirty = true;
+                            engine.send(std::mem::take(&mut batch))?;
                         }
-                        match engine.bus().history() {
-                            Some((epoch, _)) if engine.epochs() < epoch => engine.send(Vec::new())?,
-                            Some((_, named)) => {
-                                ends = named
-                                    .into_iter()
-                                    .filter_map(|(k, e)| Kind::parse(&k).map(|k| (k, e)))
-                                    .collect();
+                        let named = ends.iter().map(|(k, e)| (k.name().to_string(), *e)).collect();
+                        engine.bus().announce_history(engine.epochs(), named);
+                    } else if multi {
+                        // Wait for process 0's history, sending empty epochs meanwhile (the
+                        // dataflow's epochs only complete once every process has sent them).
+                        loop {
+                            if stop.load(Ordering::Relaxed) {
                                 break;
                             }
-                            None => {
-                                engine.send(Vec::new())?;
-                                std::thread::sleep(idle_epoch);
+                            match engine.bus().history() {
+                                Some((epoch, _)) if engine.epochs() < epoch => engine.send(Vec::new())?,
+                                Some((_, named)) => {
+                                    ends = named
+                                        .into_iter()
+                                        .filter_map(|(k, e)| Kind::parse(&k).map(|k| (k, e)))
+                                        .collect();
+                                    break;
+                                }
+                                None => {
+                                    engine.send(Vec::new())?;
+                                    std::thread::sleep(idle_epoch);
+                                }
                             }
                         }
                     }
-                }
-                let _ = history_done.send(());
-                live.handoff = (!ends.is_empty()).then(|| Handoff {
-                    ends,
-                    passed: Default::default(),
-                });
-                health_front.set_started();
-                output.dead(0, &dead);
-                let mut sent_positions = positions.clone();
-                let mut first_arrival: Option<Instant> = None;
-                let mut last_send = Instant::now();
-                loop {
-                    let stopping = stop.load(Ordering::Relaxed);
-                    let moved = positions != sent_positions;
-                    dirty |= !batch.is_empty() || moved;
-                    // A checkpoint every `interval` while records flow, and a final one on stop.
-                    let checkpoint = dirty && (stopping || last_ckpt.elapsed() >= interval);
-                    if !batch.is_empty() || moved || checkpoint {
-                        if checkpoint {
-                            checkpointer.prepare(engine.epochs(), engine.sequencer().clone(), positions.clone());
-                            dirty = false;
-                            last_ckpt = Instant::now();
+                    let _ = history_done.send(());
+                    live.handoff = (!ends.is_empty()).then(|| Handoff {
+                        ends,
+                        passed: Default::default(),
+                    });
+                    health_front.set_started();
+                    output.dead(0, &dead);
+                    let mut sent_positions = positions.clone();
+                    let mut first_arrival: Option<Instant> = None;
+                    let mut last_send = Instant::now();
+                    loop {
+                        let stopping = stop.load(Ordering::Relaxed);
+                        let moved = positions != sent_positions;
+                        dirty |= !batch.is_empty() || moved;
+                        // A checkpoint every `interval` while records flow, and a final one on stop.
+                        let checkpoint = dirty && (stopping || last_ckpt.elapsed() >= interval);
+                        if !batch.is_empty() || moved || checkpoint {
+                            if checkpoint {
+                                checkpointer.prepare(engine.epochs(), engine.sequencer().clone(), positions.clone());
+                                dirty = false;
+                                last_ckpt = Instant::now();
+                            }
+                            if let (Some(t), Ok(mut c)) = (first_arrival.take(), coordinator.lock()) {
+                                c.ingested.insert(engine.epochs(), t);
+                            }
+                            engine.send(std::mem::take(&mut batch))?;
+                            sent_positions = positions.clone();
+                            last_send = Instant::now();
+                        } else if multi && last_send.elapsed() >= idle_epoch {
+                            // An idle process still advances its epochs, or the cluster stalls.
+                            engine.send(Vec::new())?;
+                            last_send = Instant::now();
                         }
-                        if let (Some(t), Ok(mut c)) = (first_arrival.take(), coordinator.lock()) {
-                            c.ingested.insert(engine.epochs(), t);
-                        }
-                        engine.send(std::mem::take(&mut batch))?;
-                        sent_positions = positions.clone();
-                        last_send = Instant::now();
-                    } else if multi && last_send.elapsed() >= idle_epoch {
-                        // An idle process still advances its epochs, or the cluster stalls.
-                        engine.send(Vec::new())?;
-                        last_send = Instant::now();
-                    }
-                    // On stop, items still queued are not processed and so never committed: the
-                    // sources deliver them again after a restart.
-                    if stopping {
-                        break;
-                    }
-                    // Wait for the first item, then gather for at most batch_ms.
-                    let first = match live_rx.try_recv() {
-                        Ok(i) => i,
-                        Err(mpsc::error::TryRecvError::Empty) => {
-                            std::thread::sleep(Duration::from_millis(1));
-                            continue;
-                        }
-                        Err(mpsc::error::TryRecvError::Disconnected) => break,
-                    };
-                    first_arrival.get_or_insert_with(Instant::now);
-                    let deadline = Instant::now() + Duration::from_millis(batch_ms);
-                    let mut next = Some(first);
-                    while let Some(item) = next.take() {
-                        live.apply(item, &mut engine, &mut batch, &mut positions);
-                        if batch.len() >= batch_max {
+                        // On stop, items still queued are not processed and so never committed: the
+                        // sources deliver them again after a restart.
+                        if stopping {
                             break;
                         }
-                        while next.is_none() && Instant::now() < deadline {
-                            match live_rx.try_recv() {
-                                Ok(i) => next = Some(i),
-                                Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_micros(200)),
-                                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                        // Wait for the first item, then gather for at most batch_ms.
+                        // Idle, it blocks on the channel (for ≤ 1 ms, to notice stops and checkpoints),
+                        // so the first item of a quiet stream goes in at once.
+                        let first = match live_rx.try_recv() {
+                            Ok(i) => i,
+                            Err(mpsc::error::TryRecvError::Empty) => {
+                                let wait =
+                                    async { tokio::time::timeout(Duration::from_millis(1), live_rx.recv()).await };
+                                match rt_handle.block_on(wait) {
+                                    Ok(Some(i)) => i,
+                                    Ok(None) => break,
+                                    Err(_) => continue,
+                                }
+                            }
+                            Err(mpsc::error::TryRecvError::Disconnected) => break,
+                        };
+                        first_arrival.get_or_insert_with(Instant::now);
+                        let deadline = Instant::now() + Duration::from_millis(batch_ms);
+                        let mut next = Some(first);
+                        while let Some(item) = next.take() {
+                            live.apply(item, &mut engine, &mut batch, &mut positions);
+                            if batch.len() >= batch_max {
+                                break;
+                            }
+                            while next.is_none() && Instant::now() < deadline {
+                                match live_rx.try_recv() {
+                                    Ok(i) => next = Some(i),
+                                    Err(mpsc::error::TryRecvError::Empty) => {
+                                        std::thread::sleep(Duration::from_micros(200))
+                                    }
+                                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                                }
                             }
                         }
                     }
+                    engine.finish()
+                };
+                let result = ingest();
+                if let Err(e) = &result {
+                    fatal_front.fail(format!("ingest: {e:#}"));
                 }
-                engine.finish()
+                result
             })?
     };
 
@@ -974,6 +996,20 @@ fn scale_out(cfg: &mut Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Raises a fatal error when the thread holding it panics.
+struct PanicIsFatal(Arc<Fatal>);
+
+impl Drop for PanicIsFatal {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail(format!(
+                "the {} thread panicked (see above)",
+                std::thread::current().name().unwrap_or("unnamed")
+            ));
+        }
+    }
 }
 
 /// A fatal error raised by a background task.

@@ -189,9 +189,33 @@ pub struct Merge {
     heap: BinaryHeap<Reverse<(Millis, u8, usize)>>,
 }
 
+/// Items a prefetching source hands over at once.
+const PREFETCH_CHUNK: usize = 1024;
+
+/// Reads and parses `src` on its own thread, a few chunks ahead of the consumer: with several
+/// sources (and the dataflow's workers) the parsing runs in parallel. Order is kept.
+fn prefetch(mut src: Source) -> Source {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Input>>(4);
+    // Failing to start a thread is a broken machine, not bad input: fail loudly.
+    std::thread::Builder::new()
+        .name("read".into())
+        .spawn(move || {
+            loop {
+                let chunk: Vec<Input> = src.by_ref().take(PREFETCH_CHUNK).collect();
+                let last = chunk.len() < PREFETCH_CHUNK;
+                if tx.send(chunk).is_err() || last {
+                    break;
+                }
+            }
+        })
+        .expect("cannot start a reader thread");
+    Box::new(rx.into_iter().flatten())
+}
+
 impl Merge {
-    /// Merges `sources`; equal keys keep source order.
+    /// Merges `sources`, each read ahead on its own thread; equal keys keep source order.
     pub fn new(sources: Vec<Source>) -> Self {
+        let sources: Vec<Source> = sources.into_iter().map(prefetch).collect();
         let mut m = Merge {
             heads: (0..sources.len()).map(|_| None).collect(),
             sources,
