@@ -5,7 +5,7 @@
 //! calls [`KeyedState::end_of_batch`]. All state of a key lives on the worker its key routes
 //! to, so every worker count computes the same results.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use schemas::{
@@ -15,7 +15,7 @@ use schemas::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::candidate::{Candidate, Detail, RecordInfo};
+use crate::candidate::{Candidate, Detail, FastMap, RecordInfo};
 use crate::checkpoint::CheckpointError;
 use crate::config::OpConfig;
 use crate::envelope::{Envelope, Item};
@@ -123,7 +123,7 @@ struct ProtocolState {
     name: Option<String>,
     last_tvl_ts: Option<Millis>,
     chain_latest: BTreeMap<String, f64>,
-    chain_hist: HashMap<String, History>,
+    chain_hist: FastMap<String, History>,
     total_hist: History,
     extra: BTreeMap<String, f64>,
     pending: Option<PendingTotal>,
@@ -145,7 +145,7 @@ struct ChainState {
 /// throttle stage.
 #[derive(Default, Debug, Serialize, Deserialize)]
 struct EarlyThrottle {
-    rules: HashMap<String, Early>,
+    rules: FastMap<String, Early>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -191,10 +191,10 @@ fn emit(early: &mut EarlyThrottle, c: Candidate, out: &mut Vec<KeyedOut>) {
 /// Rules held by this worker, indexed by the key they watch.
 #[derive(Default, Debug)]
 struct RuleIndex {
-    by_id: HashMap<String, Arc<AlertRule>>,
-    coin: HashMap<String, Vec<Arc<AlertRule>>>,
-    protocol: HashMap<String, Vec<Arc<AlertRule>>>,
-    chain: HashMap<String, Vec<Arc<AlertRule>>>,
+    by_id: FastMap<String, Arc<AlertRule>>,
+    coin: FastMap<String, Vec<Arc<AlertRule>>>,
+    protocol: FastMap<String, Vec<Arc<AlertRule>>>,
+    chain: FastMap<String, Vec<Arc<AlertRule>>>,
     any_key: Vec<Arc<AlertRule>>,
 }
 
@@ -230,7 +230,7 @@ impl RuleIndex {
         self.by_id.insert(rule.id.clone(), rule);
     }
 
-    fn for_key<'a>(map: &'a HashMap<String, Vec<Arc<AlertRule>>>, key: &str) -> &'a [Arc<AlertRule>] {
+    fn for_key<'a>(map: &'a FastMap<String, Vec<Arc<AlertRule>>>, key: &str) -> &'a [Arc<AlertRule>] {
         map.get(key).map_or(&[], Vec::as_slice)
     }
 }
@@ -238,9 +238,9 @@ impl RuleIndex {
 /// What [`KeyedState::save`] writes (the rule index is rebuilt from the rules on restore).
 #[derive(Serialize)]
 struct KeyedImageRef<'a> {
-    coins: &'a HashMap<String, CoinState>,
-    protocols: &'a HashMap<String, ProtocolState>,
-    chains: &'a HashMap<String, ChainState>,
+    coins: &'a FastMap<String, CoinState>,
+    protocols: &'a FastMap<String, ProtocolState>,
+    chains: &'a FastMap<String, ChainState>,
     rules: Vec<&'a AlertRule>,
     early: &'a EarlyThrottle,
 }
@@ -248,9 +248,9 @@ struct KeyedImageRef<'a> {
 /// What [`KeyedState::restore`] reads; the same layout as [`KeyedImageRef`].
 #[derive(Deserialize)]
 struct KeyedImage {
-    coins: HashMap<String, CoinState>,
-    protocols: HashMap<String, ProtocolState>,
-    chains: HashMap<String, ChainState>,
+    coins: FastMap<String, CoinState>,
+    protocols: FastMap<String, ProtocolState>,
+    chains: FastMap<String, ChainState>,
     rules: Vec<AlertRule>,
     early: EarlyThrottle,
 }
@@ -259,9 +259,9 @@ struct KeyedImage {
 #[derive(Debug)]
 pub struct KeyedState {
     cfg: OpConfig,
-    coins: HashMap<String, CoinState>,
-    protocols: HashMap<String, ProtocolState>,
-    chains: HashMap<String, ChainState>,
+    coins: FastMap<String, CoinState>,
+    protocols: FastMap<String, ProtocolState>,
+    chains: FastMap<String, ChainState>,
     rules: RuleIndex,
     early: EarlyThrottle,
     pending_protocols: Vec<String>,
@@ -276,9 +276,9 @@ impl KeyedState {
     pub fn new(cfg: OpConfig) -> Self {
         KeyedState {
             cfg,
-            coins: HashMap::new(),
-            protocols: HashMap::new(),
-            chains: HashMap::new(),
+            coins: FastMap::default(),
+            protocols: FastMap::default(),
+            chains: FastMap::default(),
             rules: RuleIndex::default(),
             early: EarlyThrottle::default(),
             pending_protocols: Vec::new(),

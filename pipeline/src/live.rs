@@ -140,6 +140,18 @@ struct LiveOutput {
     has_durable: bool,
     /// With no durable sink, completed epochs are acknowledged here directly.
     self_ack: Option<mpsc::UnboundedSender<u64>>,
+    /// When the first live item of each epoch in flight reached the ingest front (for the
+    /// publish latency).
+    arrivals: Mutex<BTreeMap<u64, Instant>>,
+}
+
+impl LiveOutput {
+    /// Notes when the first live item of `epoch` reached the ingest front.
+    fn arrived(&self, epoch: u64, at: Instant) {
+        if let Ok(mut a) = self.arrivals.lock() {
+            a.insert(epoch, at);
+        }
+    }
 }
 
 impl Output for LiveOutput {
@@ -172,6 +184,13 @@ impl Output for LiveOutput {
     }
 
     fn events(&self, epoch: u64, events: &[Event]) {
+        // Publish latency: the epoch's first live item reached the ingest front → its first
+        // events go out to WebSocket subscribers (and stdout).
+        if !events.is_empty()
+            && let Some(t) = self.arrivals.lock().ok().and_then(|mut a| a.remove(&epoch))
+        {
+            metrics::histogram!("llamaflow_publish_latency_seconds").record(t.elapsed().as_secs_f64());
+        }
         for e in events {
             metrics::counter!("llamaflow_events_total", "type" => e.data.type_name()).increment(1);
             if let Some(h) = &self.hub {
@@ -196,6 +215,10 @@ impl Output for LiveOutput {
     }
 
     fn epochs_done(&self, upto: u64) {
+        if let Ok(mut a) = self.arrivals.lock() {
+            // Epochs without events.
+            *a = a.split_off(&upto);
+        }
         let Ok(mut done) = self.done.lock() else { return };
         let ready: Vec<OutputBatch> = match self.batches.lock() {
             Ok(mut b) => {
@@ -685,6 +708,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         stdout: cfg.sinks.stdout,
         batches: Mutex::new(BTreeMap::new()),
         done: Mutex::new(0),
+        arrivals: Mutex::new(BTreeMap::new()),
         has_durable: !to_sinks.is_empty(),
         to_sinks,
         dead,
@@ -867,8 +891,11 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                                 dirty = false;
                                 last_ckpt = Instant::now();
                             }
-                            if let (Some(t), Ok(mut c)) = (first_arrival.take(), coordinator.lock()) {
-                                c.ingested.insert(engine.epochs(), t);
+                            if let Some(t) = first_arrival.take() {
+                                output.arrived(engine.epochs(), t);
+                                if let Ok(mut c) = coordinator.lock() {
+                                    c.ingested.insert(engine.epochs(), t);
+                                }
                             }
                             engine.send(std::mem::take(&mut batch))?;
                             sent_positions = positions.clone();
