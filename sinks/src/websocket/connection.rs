@@ -314,10 +314,15 @@ async fn write_loop(
     let mut ping = interval_at(tokio::time::Instant::now() + period, period);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let silence_limit = u64::try_from(period.saturating_mul(PING_TIMEOUT_INTERVALS).as_millis()).unwrap_or(u64::MAX);
+    // Created once: a fresh `kicked()` per frame would register and deregister a `Notify`
+    // waiter (two lock round trips) for every frame written.
+    let kicked = conn.kicked();
+    tokio::pin!(kicked);
+    let frames_sent = metrics::counter!("llamaflow_ws_frames_sent_total");
     loop {
         let next = tokio::select! {
             biased;
-            code = conn.kicked() => return End::Kicked(code),
+            code = &mut kicked => return End::Kicked(code),
             Some(f) = ctrl_rx.recv() => Next::Frame(f),
             Some(f) = data_rx.recv() => Next::Frame(f),
             _ = ping.tick() => Next::Ping,
@@ -330,20 +335,20 @@ async fn write_loop(
                 }
                 tokio::select! {
                     biased;
-                    code = conn.kicked() => return End::Kicked(code),
+                    code = &mut kicked => return End::Kicked(code),
                     r = sink.send(Message::Ping(Default::default())) => r.map(|()| 0),
                 }
             }
             Next::Frame(first) => tokio::select! {
                 biased;
-                code = conn.kicked() => return End::Kicked(code),
+                code = &mut kicked => return End::Kicked(code),
                 r = send_batch(sink, first, &mut ctrl_rx, &mut data_rx) => r,
             },
         };
         match sent {
             Ok(n) => {
                 if n > 0 {
-                    metrics::counter!("llamaflow_ws_frames_sent_total").increment(n);
+                    frames_sent.increment(n);
                 }
             }
             Err(_) => return End::Lost,
