@@ -179,20 +179,6 @@ fn now_us() -> u64 {
     .expect("time fits u64")
 }
 
-/// Raises the soft open-file limit to the hard one (children inherit it); returns it.
-fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain libc calls on a valid, initialised struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
-    lim.rlim_cur
-}
 
 // ---------------------------------------------------------------------------------------
 // The bench (parent process)
@@ -357,15 +343,6 @@ fn machine_cpu() -> [u64; 3] {
     [total - at(3) - at(4) - steal, steal, total]
 }
 
-/// A `/proc/<pid>/status` value in KiB.
-fn status_kib(pid: u32, key: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
 
 /// Sum of the Prometheus samples of `/metrics` whose line starts with `prefix` (0 when there
 /// is none); NaN when the server did not answer.
@@ -706,7 +683,7 @@ fn run_config(
         .sum::<f64>();
     out.server_hwm_mib = servers
         .iter()
-        .map(|s| status_kib(s.proc.0.id(), "VmHWM:") as f64 / 1024.0)
+        .map(|s| testkit::status_kib(s.proc.0.id(), "VmHWM:") as f64 / 1024.0)
         .collect();
 
     println!(
@@ -776,7 +753,7 @@ fn run_config(
 }
 
 fn bench(args: BenchArgs) {
-    let nofile = raise_nofile();
+    let nofile = testkit::raise_nofile();
     let llamaflow = args.llamaflow.clone().unwrap_or_else(|| {
         let exe = std::env::current_exe().expect("own path");
         exe.parent()
@@ -1194,7 +1171,7 @@ async fn client_conn(
 }
 
 fn client_main(a: ClientArgs) {
-    let nofile = raise_nofile();
+    let nofile = testkit::raise_nofile();
     assert!(
         (a.clients as u64) + FD_RESERVE <= nofile,
         "{} connections need more file descriptors than RLIMIT_NOFILE {nofile}",

@@ -13,20 +13,6 @@ use tokio_tungstenite::tungstenite::Message;
 const CLIENTS: usize = 10_000;
 const FRAMES_EACH: usize = 3;
 
-/// Raises the soft open-file limit to the hard one; children inherit it.
-fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain libc calls on a valid, initialised struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
-    lim.rlim_cur
-}
 
 struct Job(Child);
 
@@ -39,7 +25,7 @@ impl Drop for Job {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_clients_receive_live_events() {
-    let limit = raise_nofile();
+    let limit = testkit::raise_nofile();
     assert!(
         limit >= (CLIENTS + 1000) as u64,
         "needs {} open files per process, the hard limit is {limit}: raise it (ulimit -Hn)",
