@@ -179,7 +179,6 @@ fn now_us() -> u64 {
     .expect("time fits u64")
 }
 
-
 // ---------------------------------------------------------------------------------------
 // The bench (parent process)
 // ---------------------------------------------------------------------------------------
@@ -342,7 +341,6 @@ fn machine_cpu() -> [u64; 3] {
     let steal = at(7);
     [total - at(3) - at(4) - steal, steal, total]
 }
-
 
 /// Sum of the Prometheus samples of `/metrics` whose line starts with `prefix` (0 when there
 /// is none); NaN when the server did not answer.

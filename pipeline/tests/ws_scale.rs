@@ -13,7 +13,6 @@ use tokio_tungstenite::tungstenite::Message;
 const CLIENTS: usize = 10_000;
 const FRAMES_EACH: usize = 3;
 
-
 struct Job(Child);
 
 impl Drop for Job {
