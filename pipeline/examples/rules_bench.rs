@@ -510,16 +510,10 @@ impl Drop for Job {
 
 /// `VmHWM` and `VmRSS` of a process, in MiB.
 fn rss_mib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |kib| kib / 1024)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
+    (
+        testkit::status_kib(pid, "VmHWM:") / 1024,
+        testkit::status_kib(pid, "VmRSS:") / 1024,
+    )
 }
 
 /// The last lines of a log file.
