@@ -318,18 +318,6 @@ struct ClientProc {
     stdin: ChildStdin,
 }
 
-/// utime + stime of a process, seconds (user, system).
-fn cpu_secs(pid: u32) -> (f64, f64) {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / hz;
-    // After the command: state is field 3, utime 14, stime 15.
-    (get(11), get(12))
-}
-
 /// Jiffies of the whole machine: [busy, steal, total].
 fn machine_cpu() -> [u64; 3] {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -611,13 +599,13 @@ fn run_config(
     let sample = |servers: &[Server], children: &[ClientProc]| {
         let sum = |pids: Vec<u32>| {
             pids.into_iter()
-                .map(cpu_secs)
+                .map(testkit::cpu_secs)
                 .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
         };
         let (srv, cli, own, machine, at) = (
             sum(servers.iter().map(|s| s.proc.0.id()).collect()),
             sum(children.iter().map(|c| c.proc.0.id()).collect()),
-            cpu_secs(std::process::id()),
+            testkit::cpu_secs(std::process::id()),
             machine_cpu(),
             Instant::now(),
         );

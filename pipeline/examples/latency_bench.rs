@@ -19,7 +19,7 @@
 //! frames, and the CPU share and peak RSS of the `llamaflow` process.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -102,30 +102,6 @@ fn parse_args() -> Args {
         usage()
     }
     a
-}
-
-/// The `llamaflow run` child; killed on drop.
-struct Job(Child);
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// User + system CPU seconds and peak RSS (KiB) of a process, from /proc.
-fn proc_usage(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let cpu = (ticks(11) + ticks(12)) / hz;
-    let hwm = testkit::status_kib(pid, "VmHWM:");
-    (cpu, hwm)
 }
 
 /// Per-tick produce and receive instants (ns since the bench started).
@@ -329,14 +305,16 @@ send_queue = 100000
     )
     .expect("config written");
     let log = dir.path().join("llamaflow.log");
-    let job = Job(Command::new(&args.llamaflow)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("llamaflow starts"));
+    let job = testkit::KillOnDrop(
+        Command::new(&args.llamaflow)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("llamaflow starts"),
+    );
     let pid = job.0.id();
     assert!(
         testkit::wait_for_port(port, Duration::from_secs(60)),
@@ -410,11 +388,15 @@ send_queue = 100000
     let n = rate * args.secs;
     let warm = rate * args.warmup;
     produce(&producer, &topic, &clock, args.coins, rate, seq, seq + warm);
-    let (cpu1, _) = proc_usage(pid);
+    let cpu = |pid| {
+        let (user, system) = testkit::cpu_secs(pid);
+        user + system
+    };
+    let cpu1 = cpu(pid);
     let t1 = Instant::now();
     produce(&producer, &topic, &clock, args.coins, rate, seq + warm, seq + n);
     let measured_secs = t1.elapsed().as_secs_f64();
-    let (cpu2, hwm) = proc_usage(pid);
+    let (cpu2, hwm) = (cpu(pid), testkit::status_kib(pid, "VmHWM:"));
     let _ = producer.flush(Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(3));
     print!("offered {:>6.0}/s  ", (n - warm) as f64 / measured_secs);

@@ -50,7 +50,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -498,16 +498,6 @@ async fn ws_client(port: u16, channel: &'static str, obs: Arc<Observed>, stop: A
     }
 }
 
-/// The `llamaflow run` child; killed on drop.
-struct Job(Child);
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `VmHWM` and `VmRSS` of a process, in MiB.
 fn rss_mib(pid: u32) -> (u64, u64) {
     (
@@ -554,13 +544,8 @@ fn loadavg() -> String {
 
 /// User + system CPU seconds of a process.
 fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
+    let (user, system) = testkit::cpu_secs(pid);
+    user + system
 }
 
 /// A sample of llamaflow's `/metrics` (the first line starting with `series`), if the server
@@ -703,14 +688,16 @@ send_queue = 100000
         );
 
         let spawned = Instant::now();
-        let mut job = Job(Command::new(&self.args.llamaflow)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("LLAMAFLOW_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("llamaflow starts"));
+        let mut job = testkit::KillOnDrop(
+            Command::new(&self.args.llamaflow)
+                .args(["run", "--config"])
+                .arg(&config)
+                .env("LLAMAFLOW_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("llamaflow starts"),
+        );
         let pid = job.0.id();
         let stdout = job.0.stdout.take().expect("piped stdout");
         let obs2 = obs.clone();
