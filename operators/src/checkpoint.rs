@@ -24,27 +24,34 @@ pub enum CheckpointError {
     Encoding(#[from] bincode::Error),
 }
 
-/// Operator state that can be encoded into a snapshot.
+/// A snapshot part captured at a cut: finishing it produces the part's bytes. Capturing is
+/// cheap (what is large and immutable, like the shared rules, is only referenced), so the
+/// costly encoding runs on the thread that [takes](Snapshots::take) the snapshot, not in
+/// the dataflow.
+pub(crate) type Captured = Box<dyn FnOnce() -> Result<Vec<u8>, CheckpointError> + Send>;
+
+/// Operator state that can be captured into a snapshot.
 pub(crate) trait Encode {
-    /// The state's bytes.
-    fn encode(&self) -> Result<Vec<u8>, CheckpointError>;
+    /// The state as it is now, to be encoded later.
+    fn capture(&self) -> Result<Captured, CheckpointError>;
 }
 
 impl Encode for KeyedState {
-    fn encode(&self) -> Result<Vec<u8>, CheckpointError> {
-        self.save()
+    fn capture(&self) -> Result<Captured, CheckpointError> {
+        self.capture()
     }
 }
 
 impl Encode for Throttle {
-    fn encode(&self) -> Result<Vec<u8>, CheckpointError> {
-        Ok(bincode::serialize(self)?)
+    fn capture(&self) -> Result<Captured, CheckpointError> {
+        let bytes = bincode::serialize(self)?;
+        Ok(Box::new(move || Ok(bytes)))
     }
 }
 
 impl Encode for () {
-    fn encode(&self) -> Result<Vec<u8>, CheckpointError> {
-        Ok(Vec::new())
+    fn capture(&self) -> Result<Captured, CheckpointError> {
+        Ok(Box::new(|| Ok(Vec::new())))
     }
 }
 
@@ -60,9 +67,11 @@ pub enum Part {
 /// One worker's encoded operator state at an epoch boundary.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct WorkerState {
-    /// [`KeyedState::save`].
+    /// [`KeyedState::capture`], encoded.
+    #[serde(with = "serde_bytes")]
     pub keyed: Vec<u8>,
     /// The encoded [`Throttle`].
+    #[serde(with = "serde_bytes")]
     pub throttle: Vec<u8>,
 }
 
@@ -93,7 +102,7 @@ pub struct Checkpointing {
 }
 
 /// A worker's deposited parts of one snapshot: (keyed, throttle).
-type Slot = (Option<Vec<u8>>, Option<Vec<u8>>);
+type Slot = (Option<Captured>, Option<Captured>);
 
 #[derive(Default)]
 struct Inner {
@@ -145,41 +154,49 @@ impl Snapshots {
         self.lock().requested.range(start..before).copied().collect()
     }
 
-    /// A worker's operator deposits its encoded state for `epoch`.
-    pub(crate) fn deposit(&self, epoch: u64, worker: usize, part: Part, bytes: Vec<u8>) {
+    /// A worker's operator deposits its captured state for `epoch`.
+    pub(crate) fn deposit(&self, epoch: u64, worker: usize, part: Part, captured: Captured) {
         let workers = self.workers;
         let Some(worker) = worker.checked_sub(self.first_worker) else {
             return;
         };
         let mut inner = self.lock();
-        let slots = inner.parts.entry(epoch).or_insert_with(|| vec![(None, None); workers]);
+        let slots = inner
+            .parts
+            .entry(epoch)
+            .or_insert_with(|| (0..workers).map(|_| (None, None)).collect());
         if let Some(slot) = slots.get_mut(worker) {
             match part {
-                Part::Keyed => slot.0 = Some(bytes),
-                Part::Throttle => slot.1 = Some(bytes),
+                Part::Keyed => slot.0 = Some(captured),
+                Part::Throttle => slot.1 = Some(captured),
             }
         }
     }
 
     /// The complete snapshot of `epoch` (one state per worker), once every part is in; it is
-    /// removed with its request.
-    pub fn take(&self, epoch: u64) -> Option<Vec<WorkerState>> {
-        let mut inner = self.lock();
-        let complete = inner
-            .parts
-            .get(&epoch)
-            .is_some_and(|slots| slots.iter().all(|(k, t)| k.is_some() && t.is_some()));
-        if !complete {
-            return None;
-        }
-        inner.requested.remove(&epoch);
-        let slots = inner.parts.remove(&epoch)?;
+    /// removed with its request and encoded on the calling thread.
+    pub fn take(&self, epoch: u64) -> Option<Result<Vec<WorkerState>, CheckpointError>> {
+        let slots = {
+            let mut inner = self.lock();
+            let complete = inner
+                .parts
+                .get(&epoch)
+                .is_some_and(|slots| slots.iter().all(|(k, t)| k.is_some() && t.is_some()));
+            if !complete {
+                return None;
+            }
+            inner.requested.remove(&epoch);
+            inner.parts.remove(&epoch)?
+        };
+        let finish = |part: Option<Captured>| part.map_or(Ok(Vec::new()), |f| f());
         Some(
             slots
                 .into_iter()
-                .map(|(k, t)| WorkerState {
-                    keyed: k.unwrap_or_default(),
-                    throttle: t.unwrap_or_default(),
+                .map(|(k, t)| {
+                    Ok(WorkerState {
+                        keyed: finish(k)?,
+                        throttle: finish(t)?,
+                    })
                 })
                 .collect(),
         )

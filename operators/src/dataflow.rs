@@ -49,8 +49,8 @@ impl SnapDuty {
     /// caller has processed every epoch before `before` and none after.
     fn take_due<S: Encode>(&mut self, before: u64, state: &S) {
         for epoch in self.snapshots.due(self.last, before) {
-            match state.encode() {
-                Ok(bytes) => self.snapshots.deposit(epoch, self.worker, self.part, bytes),
+            match state.capture() {
+                Ok(captured) => self.snapshots.deposit(epoch, self.worker, self.part, captured),
                 // Never happens for these plain structs; the checkpoint then stays incomplete
                 // (and the pipeline reports its growing checkpoint age).
                 Err(_) => metrics::counter!("llamaflow_checkpoint_errors_total", "stage" => "encode").increment(1),
@@ -62,7 +62,7 @@ impl SnapDuty {
 
 /// Runs `logic` on `state` once per epoch with all of that epoch's data, after the input
 /// frontier has passed the epoch; epochs are handled in increasing order. With a snapshot
-/// duty, the state is encoded at every requested epoch boundary.
+/// duty, the state is captured at every requested epoch boundary.
 fn per_epoch<'scope, D, O, P, S, F>(
     stream: StreamVec<'scope, u64, D>,
     pact: P,

@@ -1,8 +1,6 @@
 //! What enters the dataflow: records stamped with a global ingest sequence number and a
 //! route, produced by the single-threaded [`Sequencer`] in front of the workers.
 
-use std::collections::HashMap;
-
 use schemas::{AlertRule, Conditions, Record, SourcePos};
 use serde::{Deserialize, Serialize};
 
@@ -101,13 +99,16 @@ enum Route {
 
 /// Stamps records with sequence numbers and routes, and keeps rules routed consistently:
 /// a rule whose key changes is deleted where it lived before being inserted where it goes.
+///
+/// Its maps are persistent (structurally shared), so the copy a checkpoint cut takes costs
+/// O(1) however many rules there are, not a stall of the ingest front.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Sequencer {
     workers: u64,
     next_seq: u64,
-    rule_routes: HashMap<String, Route>,
+    rule_routes: imbl::HashMap<String, Route>,
     /// Where deleted rules lived: a rule re-created under another key may have fired there.
-    retired: HashMap<String, Route>,
+    retired: imbl::HashMap<String, Route>,
 }
 
 impl Sequencer {
@@ -116,8 +117,8 @@ impl Sequencer {
         Sequencer {
             workers: workers.max(1) as u64,
             next_seq: first_seq,
-            rule_routes: HashMap::new(),
-            retired: HashMap::new(),
+            rule_routes: imbl::HashMap::new(),
+            retired: imbl::HashMap::new(),
         }
     }
 

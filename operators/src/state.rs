@@ -16,7 +16,7 @@ use schemas::{
 use serde::{Deserialize, Serialize};
 
 use crate::candidate::{Candidate, Detail, FastMap, RecordInfo};
-use crate::checkpoint::CheckpointError;
+use crate::checkpoint::{Captured, CheckpointError};
 use crate::config::OpConfig;
 use crate::envelope::{Envelope, Item};
 
@@ -235,17 +235,7 @@ impl RuleIndex {
     }
 }
 
-/// What [`KeyedState::save`] writes (the rule index is rebuilt from the rules on restore).
-#[derive(Serialize)]
-struct KeyedImageRef<'a> {
-    coins: &'a FastMap<String, CoinState>,
-    protocols: &'a FastMap<String, ProtocolState>,
-    chains: &'a FastMap<String, ChainState>,
-    rules: Vec<&'a AlertRule>,
-    early: &'a EarlyThrottle,
-}
-
-/// What [`KeyedState::restore`] reads; the same layout as [`KeyedImageRef`].
+/// A worker's keyed state as [`KeyedState::capture`] writes it and [`KeyedState::restore`] reads it.
 #[derive(Deserialize)]
 struct KeyedImage {
     coins: FastMap<String, CoinState>,
@@ -285,19 +275,25 @@ impl KeyedState {
         }
     }
 
-    /// Encodes the state (between batches) for a checkpoint.
-    pub fn save(&self) -> Result<Vec<u8>, CheckpointError> {
-        let image = KeyedImageRef {
-            coins: &self.coins,
-            protocols: &self.protocols,
-            chains: &self.chains,
-            rules: self.rules.by_id.values().map(|r| &**r).collect(),
-            early: &self.early,
-        };
-        Ok(bincode::serialize(&image)?)
+    /// Captures the state (between batches) for a checkpoint: the per-key values are encoded
+    /// now, the rules (immutable and shared) only referenced; the returned closure encodes
+    /// them, off the dataflow's thread, into a [`KeyedImage`].
+    pub(crate) fn capture(&self) -> Result<Captured, CheckpointError> {
+        // bincode writes a struct as its fields one after another, so the image is the
+        // concatenation of its fields' encodings.
+        let mut bytes = bincode::serialize(&(&self.coins, &self.protocols, &self.chains))?;
+        let rules: Vec<Arc<AlertRule>> = self.rules.by_id.values().cloned().collect();
+        let early = bincode::serialize(&self.early)?;
+        Ok(Box::new(move || {
+            let size = bincode::serialized_size(&rules)? + early.len() as u64;
+            bytes.reserve(usize::try_from(size).unwrap_or(0));
+            bincode::serialize_into(&mut bytes, &rules)?;
+            bytes.extend_from_slice(&early);
+            Ok(bytes)
+        }))
     }
 
-    /// State saved by [`KeyedState::save`], run with `cfg`.
+    /// State captured by [`KeyedState::capture`], run with `cfg`.
     pub fn restore(cfg: OpConfig, bytes: &[u8]) -> Result<Self, CheckpointError> {
         let image: KeyedImage = bincode::deserialize(bytes)?;
         let mut state = KeyedState::new(cfg);

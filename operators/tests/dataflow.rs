@@ -105,7 +105,10 @@ fn run_resumable(
     })
     .expect("timely runs");
     let resume = snapshot.then(|| {
-        let states = snapshots.take(last_epoch).expect("every worker deposited its state");
+        let states = snapshots
+            .take(last_epoch)
+            .expect("every worker deposited its state")
+            .expect("the state encodes");
         (states, last_seq.lock().unwrap().take().expect("worker 0 ran"))
     });
     let run = out.lock().unwrap().clone();

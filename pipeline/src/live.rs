@@ -25,7 +25,7 @@ use sources::live::{Ack, Change, LiveItem};
 use sources::{Input, demo};
 use tokio::sync::mpsc;
 
-use crate::checkpoint::{Checkpoint, Checkpointer, Positions};
+use crate::checkpoint::{Checkpoint, Checkpointer, Completer, Positions};
 use crate::config::{Config, DemoSection};
 use crate::engine::{ClusterBus, Engine, EngineCheckpoint, Output};
 use crate::replay::{Merge, Source};
@@ -650,6 +650,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     // Commits: once every sink has written the epochs up to a prepared checkpoint and its
     // snapshot is in, the checkpoint is written and its positions committed to the sources.
     let committer = {
+        let completer = Completer::start(checkpointer.clone())?;
         let coordinator = coordinator.clone();
         let handles = handles.clone();
         let checkpointer = checkpointer.clone();
@@ -674,19 +675,17 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                 // this process's records cause outputs in the others.
                 durable = bus.durable();
                 metrics::gauge!("llamaflow_checkpoint_age_seconds").set(checkpointer.age_secs());
-                let ck = checkpointer.clone();
-                match tokio::task::spawn_blocking(move || ck.complete(durable)).await {
-                    Ok(Ok(Some(positions))) => handles.lock().await.commit(&positions).await,
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => fatal.fail(format!("checkpoint failed: {e:#}")),
-                    Err(e) => fatal.fail(format!("checkpoint task failed: {e}")),
+                match completer.complete(durable).await {
+                    Ok(Some(positions)) => handles.lock().await.commit(&positions).await,
+                    Ok(None) => {}
+                    Err(e) => fatal.fail(format!("checkpoint failed: {e:#}")),
                 }
             }
             // The final checkpoint (prepared at shutdown) completes once its snapshot is in
             // (and, in a cluster, once the other processes reported the epoch written).
             for _ in 0..100 {
                 let durable = bus.durable();
-                match checkpointer.complete(durable) {
+                match completer.complete(durable).await {
                     Ok(Some(positions)) => {
                         handles.lock().await.commit(&positions).await;
                         break;
