@@ -8,8 +8,9 @@ use crate::format::{fmt_amount, fmt_pct, fmt_price, fmt_usd};
 use serde::{Deserialize, Serialize};
 
 /// The hash map of the operators' state: foldhash (seeded per process) instead of SipHash,
-/// which showed up in profiles of rule matching.
-pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// which showed up in profiles of rule matching; hashbrown's, for `entry_ref` (a record's key
+/// is cloned into the map only when it is new).
+pub type FastMap<K, V> = hashbrown::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Facts about the triggering record shared by every rule it matches.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

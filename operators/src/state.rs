@@ -181,13 +181,6 @@ impl EarlyThrottle {
     }
 }
 
-/// Passes a match on unless the early throttle drops it.
-fn emit(early: &mut EarlyThrottle, c: Candidate, out: &mut Vec<KeyedOut>) {
-    if early.admit(&c.rule, c.triggered_at) {
-        out.push(KeyedOut::Candidate(c));
-    }
-}
-
 /// Rules held by this worker, indexed by the key they watch.
 #[derive(Default, Debug)]
 struct RuleIndex {
@@ -204,13 +197,13 @@ impl RuleIndex {
             Conditions::PriceChange { coin, .. }
             | Conditions::PriceThreshold { coin, .. }
             | Conditions::Depeg { coin, .. }
-            | Conditions::WhaleMovement { coin: Some(coin), .. } => self.coin.entry(coin.clone()).or_default(),
+            | Conditions::WhaleMovement { coin: Some(coin), .. } => self.coin.entry_ref(coin.as_str()).or_default(),
             Conditions::TvlChange { protocol_id, .. }
             | Conditions::Liquidation {
                 protocol_id: Some(protocol_id),
                 ..
-            } => self.protocol.entry(protocol_id.clone()).or_default(),
-            Conditions::GasPrice { chain, .. } => self.chain.entry(chain.clone()).or_default(),
+            } => self.protocol.entry_ref(protocol_id.as_str()).or_default(),
+            Conditions::GasPrice { chain, .. } => self.chain.entry_ref(chain.as_str()).or_default(),
             Conditions::WhaleMovement { coin: None, .. } | Conditions::Liquidation { protocol_id: None, .. } => {
                 &mut self.any_key
             }
@@ -361,7 +354,7 @@ impl KeyedState {
             count_ignored("low_confidence");
             return;
         }
-        let st = self.coins.entry(p.coin.clone()).or_default();
+        let st = self.coins.entry_ref(p.coin.as_str()).or_default();
         match st.last_price_ts {
             Some(last) if p.timestamp < last => return Self::late(pos, Record::Price(p), out),
             Some(last) if p.timestamp == last => return count_ignored("duplicate"),
@@ -410,24 +403,23 @@ impl KeyedState {
                 }
                 _ => continue,
             };
+            if !self.early.admit(rule, t) {
+                continue;
+            }
             let info = shared(&mut info, || RecordInfo {
                 subject: p.coin.clone(),
                 identity: format!("price|{}|{t}", p.coin),
                 label: st.symbol.clone().unwrap_or_else(|| p.coin.clone()),
                 chain: None,
             });
-            emit(
-                &mut self.early,
-                Candidate {
-                    seq,
-                    rule: rule.clone(),
-                    info,
-                    triggered_at: t,
-                    value,
-                    detail,
-                },
-                out,
-            );
+            out.push(KeyedOut::Candidate(Candidate {
+                seq,
+                rule: rule.clone(),
+                info,
+                triggered_at: t,
+                value,
+                detail,
+            }));
         }
         if self.cfg.emit_events {
             let stable = self.cfg.is_stablecoin(&p.coin, st.symbol.as_deref());
@@ -476,7 +468,7 @@ impl KeyedState {
     }
 
     fn transfer(&mut self, seq: u64, pos: &SourcePos, tr: Transfer, out: &mut Vec<KeyedOut>) {
-        let st = self.coins.entry(tr.coin.clone()).or_default();
+        let st = self.coins.entry_ref(tr.coin.as_str()).or_default();
         let identity = format!(
             "transfer|{}|{}|{}|{}|{}|{}",
             tr.chain,
@@ -506,24 +498,23 @@ impl KeyedState {
             if !rule.enabled || chain.as_ref().is_some_and(|c| *c != tr.chain) || value < *min_usd {
                 continue;
             }
+            if !self.early.admit(rule, tr.timestamp) {
+                continue;
+            }
             let info = shared(&mut info, || RecordInfo {
                 subject: tr.coin.clone(),
                 identity: identity.clone(),
                 label: st.symbol.clone().unwrap_or_else(|| tr.coin.clone()),
                 chain: Some(tr.chain.clone()),
             });
-            emit(
-                &mut self.early,
-                Candidate {
-                    seq,
-                    rule: rule.clone(),
-                    info,
-                    triggered_at: tr.timestamp,
-                    value,
-                    detail: Detail::Whale { amount: tr.amount },
-                },
-                out,
-            );
+            out.push(KeyedOut::Candidate(Candidate {
+                seq,
+                rule: rule.clone(),
+                info,
+                triggered_at: tr.timestamp,
+                value,
+                detail: Detail::Whale { amount: tr.amount },
+            }));
         }
         if self.cfg.emit_events && value >= self.cfg.whale_event_usd {
             out.push(KeyedOut::Event(Event {
@@ -546,7 +537,7 @@ impl KeyedState {
 
     fn tvl(&mut self, seq: u64, pos: &SourcePos, u: TvlUpdate, out: &mut Vec<KeyedOut>) {
         let pending_older = {
-            let st = self.protocols.entry(u.protocol_id.clone()).or_default();
+            let st = self.protocols.entry_ref(u.protocol_id.as_str()).or_default();
             if st.last_tvl_ts.is_some_and(|last| u.timestamp < last) {
                 return Self::late(pos, Record::Tvl(u), out);
             }
@@ -563,7 +554,7 @@ impl KeyedState {
         let t = u.timestamp;
         let mut accepted = false;
         for (chain, tvl) in &u.chains {
-            let hist = st.chain_hist.entry(chain.clone()).or_default();
+            let hist = st.chain_hist.entry_ref(chain.as_str()).or_default();
             if hist.back().is_some_and(|(ts, _)| *ts == t) {
                 count_ignored("duplicate");
                 continue;
@@ -595,24 +586,23 @@ impl KeyedState {
                     continue;
                 }
                 let r = as_of(hist, t - window).unwrap_or_default();
+                if !self.early.admit(rule, t) {
+                    continue;
+                }
                 let info = shared(&mut info, || RecordInfo {
                     subject: u.protocol_id.clone(),
                     identity: format!("tvl|{}|{chain}|{t}", u.protocol_id),
                     label: label.clone(),
                     chain: Some(chain.clone()),
                 });
-                emit(
-                    &mut self.early,
-                    Candidate {
-                        seq,
-                        rule: rule.clone(),
-                        info,
-                        triggered_at: t,
-                        value: pct,
-                        detail: Detail::Change { from: r, to: *tvl },
-                    },
-                    out,
-                );
+                out.push(KeyedOut::Candidate(Candidate {
+                    seq,
+                    rule: rule.clone(),
+                    info,
+                    triggered_at: t,
+                    value: pct,
+                    detail: Detail::Change { from: r, to: *tvl },
+                }));
             }
             hist.push_back((t, *tvl));
             prune(hist, t, retention);
@@ -660,24 +650,23 @@ impl KeyedState {
                 continue;
             }
             let r = as_of(&st.total_hist, t - window).unwrap_or_default();
+            if !self.early.admit(rule, t) {
+                continue;
+            }
             let info = shared(&mut info, || RecordInfo {
                 subject: id.to_string(),
                 identity: format!("tvl|{id}|{t}"),
                 label: label.clone(),
                 chain: None,
             });
-            emit(
-                &mut self.early,
-                Candidate {
-                    seq,
-                    rule: rule.clone(),
-                    info,
-                    triggered_at: t,
-                    value: pct,
-                    detail: Detail::Change { from: r, to: total },
-                },
-                out,
-            );
+            out.push(KeyedOut::Candidate(Candidate {
+                seq,
+                rule: rule.clone(),
+                info,
+                triggered_at: t,
+                value: pct,
+                detail: Detail::Change { from: r, to: total },
+            }));
         }
         if self.cfg.emit_events {
             out.push(KeyedOut::Event(Event {
@@ -701,7 +690,7 @@ impl KeyedState {
     }
 
     fn liquidation(&mut self, seq: u64, pos: &SourcePos, l: Liquidation, out: &mut Vec<KeyedOut>) {
-        let st = self.protocols.entry(l.protocol_id.clone()).or_default();
+        let st = self.protocols.entry_ref(l.protocol_id.as_str()).or_default();
         let identity = format!(
             "liquidation|{}|{}|{}|{}|{}",
             l.protocol_id,
@@ -727,24 +716,23 @@ impl KeyedState {
             if !rule.enabled || chain.as_ref().is_some_and(|c| *c != l.chain) || l.amount_usd < *min_usd {
                 continue;
             }
+            if !self.early.admit(rule, l.timestamp) {
+                continue;
+            }
             let info = shared(&mut info, || RecordInfo {
                 subject: l.protocol_id.clone(),
                 identity: identity.clone(),
                 label: label.clone(),
                 chain: Some(l.chain.clone()),
             });
-            emit(
-                &mut self.early,
-                Candidate {
-                    seq,
-                    rule: rule.clone(),
-                    info,
-                    triggered_at: l.timestamp,
-                    value: l.amount_usd,
-                    detail: Detail::Plain,
-                },
-                out,
-            );
+            out.push(KeyedOut::Candidate(Candidate {
+                seq,
+                rule: rule.clone(),
+                info,
+                triggered_at: l.timestamp,
+                value: l.amount_usd,
+                detail: Detail::Plain,
+            }));
         }
         if self.cfg.emit_events {
             out.push(KeyedOut::Event(Event {
@@ -762,7 +750,7 @@ impl KeyedState {
     }
 
     fn gas(&mut self, seq: u64, pos: &SourcePos, g: GasTick, out: &mut Vec<KeyedOut>) {
-        let st = self.chains.entry(g.chain.clone()).or_default();
+        let st = self.chains.entry_ref(g.chain.as_str()).or_default();
         let prev = match st.last {
             Some((last, _)) if g.timestamp < last => return Self::late(pos, Record::Gas(g), out),
             Some((last, _)) if g.timestamp == last => return count_ignored("duplicate"),
@@ -778,24 +766,23 @@ impl KeyedState {
                 Some(prev) if rule.enabled && operator.holds(g.gwei, *gwei) && !operator.holds(prev, *gwei) => {}
                 _ => continue,
             }
+            if !self.early.admit(rule, g.timestamp) {
+                continue;
+            }
             let info = shared(&mut info, || RecordInfo {
                 subject: g.chain.clone(),
                 identity: format!("gas|{}|{}", g.chain, g.timestamp),
                 label: g.chain.clone(),
                 chain: Some(g.chain.clone()),
             });
-            emit(
-                &mut self.early,
-                Candidate {
-                    seq,
-                    rule: rule.clone(),
-                    info,
-                    triggered_at: g.timestamp,
-                    value: g.gwei,
-                    detail: Detail::Plain,
-                },
-                out,
-            );
+            out.push(KeyedOut::Candidate(Candidate {
+                seq,
+                rule: rule.clone(),
+                info,
+                triggered_at: g.timestamp,
+                value: g.gwei,
+                detail: Detail::Plain,
+            }));
         }
         st.last = Some((g.timestamp, g.gwei));
         if self.cfg.emit_events {

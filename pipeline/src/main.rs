@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pipeline::{UsageError, export, replay, run};
 
+/// jemalloc: the dataflow allocates and frees small objects per record, where glibc's malloc
+/// cost ≈20 % of a worker's time (BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "llamaflow", version, about = "Real-time DeFi analytics: prices, TVL, alerts")]
 struct Cli {
