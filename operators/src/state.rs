@@ -135,7 +135,8 @@ struct ChainState {
     last: Option<(Millis, f64)>,
 }
 
-/// The throttle applied where rules match, before their matches leave the worker.
+/// Early-throttle state of a rule: the throttle applied where rules match, before their
+/// matches leave the worker.
 ///
 /// A keyed rule's matches all come from the worker of its key, in `seq` order, so applying
 /// the throttle here gives exactly the decisions of the dataflow's throttle stage (which still
@@ -143,11 +144,6 @@ struct ChainState {
 /// the exchange. Rules that arrived from another route may have fired there
 /// ([`Item::ForeignRule`]); those, and filter-less rules (on every worker), are left to the
 /// throttle stage.
-#[derive(Default, Debug, Serialize, Deserialize)]
-struct EarlyThrottle {
-    rules: FastMap<String, Early>,
-}
-
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 enum Early {
     /// May have fired on another worker: not throttled here.
@@ -156,28 +152,30 @@ enum Early {
     Fired(Millis),
 }
 
-impl EarlyThrottle {
-    /// Whether a match of `rule` at `t` is passed on; records the firing.
-    fn admit(&mut self, rule: &AlertRule, t: Millis) -> bool {
-        if crate::envelope::rule_key(rule).is_none() {
+/// A rule in the index, with its early-throttle state beside it (no lookup per match).
+#[derive(Debug)]
+struct Watched {
+    rule: Arc<AlertRule>,
+    /// Whether the rule watches one key; filter-less rules are left to the throttle stage.
+    keyed: bool,
+    /// `None`: not fired yet.
+    early: Option<Early>,
+}
+
+impl Watched {
+    /// Whether a match at `t` is passed on; records the firing.
+    fn admit(&mut self, t: Millis) -> bool {
+        if !self.keyed {
             return true;
         }
-        match self.rules.get_mut(&rule.id) {
+        match self.early {
             Some(Early::Foreign) => true,
-            Some(Early::Fired(last)) if t < last.saturating_add(rule.throttle_ms()) => false,
-            Some(Early::Fired(last)) => {
-                *last = t;
-                true
-            }
-            None => {
-                self.rules.insert(rule.id.clone(), Early::Fired(t));
+            Some(Early::Fired(last)) if t < last.saturating_add(self.rule.throttle_ms()) => false,
+            _ => {
+                self.early = Some(Early::Fired(t));
                 true
             }
         }
-    }
-
-    fn foreign(&mut self, id: String) {
-        self.rules.insert(id, Early::Foreign);
     }
 }
 
@@ -185,14 +183,17 @@ impl EarlyThrottle {
 #[derive(Default, Debug)]
 struct RuleIndex {
     by_id: FastMap<String, Arc<AlertRule>>,
-    coin: FastMap<String, Vec<Arc<AlertRule>>>,
-    protocol: FastMap<String, Vec<Arc<AlertRule>>>,
-    chain: FastMap<String, Vec<Arc<AlertRule>>>,
-    any_key: Vec<Arc<AlertRule>>,
+    coin: FastMap<String, Vec<Watched>>,
+    protocol: FastMap<String, Vec<Watched>>,
+    chain: FastMap<String, Vec<Watched>>,
+    any_key: Vec<Watched>,
+    /// Early-throttle state of rules not in the index: deleted (a rule re-created with its id
+    /// keeps its throttle), or announced as foreign before they arrive.
+    parked: FastMap<String, Early>,
 }
 
 impl RuleIndex {
-    fn slot(&mut self, rule: &AlertRule) -> &mut Vec<Arc<AlertRule>> {
+    fn slot(&mut self, rule: &AlertRule) -> &mut Vec<Watched> {
         match &rule.conditions {
             Conditions::PriceChange { coin, .. }
             | Conditions::PriceThreshold { coin, .. }
@@ -210,21 +211,61 @@ impl RuleIndex {
         }
     }
 
+    fn find(&mut self, id: &str) -> Option<(&mut Vec<Watched>, usize)> {
+        let rule = self.by_id.get(id)?.clone();
+        let list = self.slot(&rule);
+        let i = list.iter().position(|w| w.rule.id == id)?;
+        Some((list, i))
+    }
+
     fn remove(&mut self, id: &str) {
-        if let Some(old) = self.by_id.remove(id) {
-            self.slot(&old).retain(|r| r.id != id);
+        if let Some((list, i)) = self.find(id) {
+            let gone = list.remove(i);
+            if let Some(early) = gone.early {
+                self.parked.insert(id.to_string(), early);
+            }
         }
+        self.by_id.remove(id);
     }
 
     fn upsert(&mut self, rule: AlertRule) {
         self.remove(&rule.id);
+        let early = self.parked.remove(&rule.id);
         let rule = Arc::new(rule);
-        self.slot(&rule).push(rule.clone());
+        let keyed = crate::envelope::rule_key(&rule).is_some();
+        self.slot(&rule).push(Watched {
+            rule: rule.clone(),
+            keyed,
+            early,
+        });
         self.by_id.insert(rule.id.clone(), rule);
     }
 
-    fn for_key<'a>(map: &'a FastMap<String, Vec<Arc<AlertRule>>>, key: &str) -> &'a [Arc<AlertRule>] {
-        map.get(key).map_or(&[], Vec::as_slice)
+    /// The rule may have fired on another worker ([`Item::ForeignRule`]).
+    fn foreign(&mut self, id: String) {
+        match self.find(&id) {
+            Some((list, i)) => list[i].early = Some(Early::Foreign),
+            None => {
+                self.parked.insert(id, Early::Foreign);
+            }
+        }
+    }
+
+    /// Every rule's early-throttle state (rules that never fired have none).
+    fn early_states(&self) -> FastMap<&str, Early> {
+        let lists = self
+            .coin
+            .values()
+            .chain(self.protocol.values())
+            .chain(self.chain.values());
+        let watched = lists.flatten().chain(&self.any_key);
+        let held = watched.filter_map(|w| w.early.map(|e| (w.rule.id.as_str(), e)));
+        let parked = self.parked.iter().map(|(id, e)| (id.as_str(), *e));
+        held.chain(parked).collect()
+    }
+
+    fn for_key<'a>(map: &'a mut FastMap<String, Vec<Watched>>, key: &str) -> &'a mut [Watched] {
+        map.get_mut(key).map_or(&mut [], Vec::as_mut_slice)
     }
 }
 
@@ -235,7 +276,8 @@ struct KeyedImage {
     protocols: FastMap<String, ProtocolState>,
     chains: FastMap<String, ChainState>,
     rules: Vec<AlertRule>,
-    early: EarlyThrottle,
+    /// Early-throttle state by rule id.
+    early: FastMap<String, Early>,
 }
 
 /// All keyed state of one worker.
@@ -246,7 +288,6 @@ pub struct KeyedState {
     protocols: FastMap<String, ProtocolState>,
     chains: FastMap<String, ChainState>,
     rules: RuleIndex,
-    early: EarlyThrottle,
     pending_protocols: Vec<String>,
 }
 
@@ -263,7 +304,6 @@ impl KeyedState {
             protocols: FastMap::default(),
             chains: FastMap::default(),
             rules: RuleIndex::default(),
-            early: EarlyThrottle::default(),
             pending_protocols: Vec::new(),
         }
     }
@@ -276,7 +316,7 @@ impl KeyedState {
         // concatenation of its fields' encodings.
         let mut bytes = bincode::serialize(&(&self.coins, &self.protocols, &self.chains))?;
         let rules: Vec<Arc<AlertRule>> = self.rules.by_id.values().cloned().collect();
-        let early = bincode::serialize(&self.early)?;
+        let early = bincode::serialize(&self.rules.early_states())?;
         Ok(Box::new(move || {
             let size = bincode::serialized_size(&rules)? + early.len() as u64;
             bytes.reserve(usize::try_from(size).unwrap_or(0));
@@ -293,7 +333,7 @@ impl KeyedState {
         state.coins = image.coins;
         state.protocols = image.protocols;
         state.chains = image.chains;
-        state.early = image.early;
+        state.rules.parked = image.early;
         for rule in image.rules {
             state.rules.upsert(rule);
         }
@@ -320,7 +360,7 @@ impl KeyedState {
         let Envelope { seq, pos, item, .. } = env;
         match item {
             Item::DeleteRule(id) => self.rules.remove(&id),
-            Item::ForeignRule(id) => self.early.foreign(id),
+            Item::ForeignRule(id) => self.rules.foreign(id),
             Item::Record(Record::Rule(rule)) => self.rules.upsert(rule),
             Item::Record(Record::Protocol(p)) => self.protocol(p),
             Item::Record(Record::Price(p)) => self.price(seq, &pos, p, out),
@@ -367,7 +407,8 @@ impl KeyedState {
         let prev = st.history.back().map(|x| x.1);
         let mut info = None;
         let mut retention = self.cfg.price_retention;
-        for rule in RuleIndex::for_key(&self.rules.coin, &p.coin) {
+        for w in RuleIndex::for_key(&mut self.rules.coin, &p.coin) {
+            let rule = &w.rule;
             if let Conditions::PriceChange { window, .. } = rule.conditions {
                 retention = retention.max(window);
             }
@@ -403,7 +444,7 @@ impl KeyedState {
                 }
                 _ => continue,
             };
-            if !self.early.admit(rule, t) {
+            if !w.admit(t) {
                 continue;
             }
             let info = shared(&mut info, || RecordInfo {
@@ -414,7 +455,7 @@ impl KeyedState {
             });
             out.push(KeyedOut::Candidate(Candidate {
                 seq,
-                rule: rule.clone(),
+                rule: w.rule.clone(),
                 info,
                 triggered_at: t,
                 value,
@@ -488,17 +529,18 @@ impl KeyedState {
         };
         let value = tr.amount * px;
         let mut info = None;
-        let rules = RuleIndex::for_key(&self.rules.coin, &tr.coin)
-            .iter()
-            .chain(self.rules.any_key.iter());
-        for rule in rules {
+        let rules = RuleIndex::for_key(&mut self.rules.coin, &tr.coin)
+            .iter_mut()
+            .chain(self.rules.any_key.iter_mut());
+        for w in rules {
+            let rule = &w.rule;
             let Conditions::WhaleMovement { chain, min_usd, .. } = &rule.conditions else {
                 continue;
             };
             if !rule.enabled || chain.as_ref().is_some_and(|c| *c != tr.chain) || value < *min_usd {
                 continue;
             }
-            if !self.early.admit(rule, tr.timestamp) {
+            if !w.admit(tr.timestamp) {
                 continue;
             }
             let info = shared(&mut info, || RecordInfo {
@@ -509,7 +551,7 @@ impl KeyedState {
             });
             out.push(KeyedOut::Candidate(Candidate {
                 seq,
-                rule: rule.clone(),
+                rule: w.rule.clone(),
                 info,
                 triggered_at: tr.timestamp,
                 value,
@@ -549,7 +591,7 @@ impl KeyedState {
         let Some(st) = self.protocols.get_mut(&u.protocol_id) else {
             return;
         };
-        let rules = RuleIndex::for_key(&self.rules.protocol, &u.protocol_id);
+        let rules = RuleIndex::for_key(&mut self.rules.protocol, &u.protocol_id);
         let label = st.name.clone().unwrap_or_else(|| u.protocol_id.clone());
         let t = u.timestamp;
         let mut accepted = false;
@@ -561,7 +603,8 @@ impl KeyedState {
             }
             let mut retention = self.cfg.tvl_retention;
             let mut info = None;
-            for rule in rules {
+            for w in rules.iter_mut() {
+                let rule = &w.rule;
                 let Conditions::TvlChange {
                     chain: Some(c),
                     window,
@@ -586,7 +629,7 @@ impl KeyedState {
                     continue;
                 }
                 let r = as_of(hist, t - window).unwrap_or_default();
-                if !self.early.admit(rule, t) {
+                if !w.admit(t) {
                     continue;
                 }
                 let info = shared(&mut info, || RecordInfo {
@@ -597,7 +640,7 @@ impl KeyedState {
                 });
                 out.push(KeyedOut::Candidate(Candidate {
                     seq,
-                    rule: rule.clone(),
+                    rule: w.rule.clone(),
                     info,
                     triggered_at: t,
                     value: pct,
@@ -628,7 +671,8 @@ impl KeyedState {
         let label = st.name.clone().unwrap_or_else(|| id.to_string());
         let mut retention = self.cfg.tvl_retention;
         let mut info = None;
-        for rule in RuleIndex::for_key(&self.rules.protocol, id) {
+        for w in RuleIndex::for_key(&mut self.rules.protocol, id) {
+            let rule = &w.rule;
             let Conditions::TvlChange {
                 chain: None,
                 window,
@@ -650,7 +694,7 @@ impl KeyedState {
                 continue;
             }
             let r = as_of(&st.total_hist, t - window).unwrap_or_default();
-            if !self.early.admit(rule, t) {
+            if !w.admit(t) {
                 continue;
             }
             let info = shared(&mut info, || RecordInfo {
@@ -661,7 +705,7 @@ impl KeyedState {
             });
             out.push(KeyedOut::Candidate(Candidate {
                 seq,
-                rule: rule.clone(),
+                rule: w.rule.clone(),
                 info,
                 triggered_at: t,
                 value: pct,
@@ -706,17 +750,18 @@ impl KeyedState {
         }
         let label = st.name.clone().unwrap_or_else(|| l.protocol_id.clone());
         let mut info = None;
-        let rules = RuleIndex::for_key(&self.rules.protocol, &l.protocol_id)
-            .iter()
-            .chain(self.rules.any_key.iter());
-        for rule in rules {
+        let rules = RuleIndex::for_key(&mut self.rules.protocol, &l.protocol_id)
+            .iter_mut()
+            .chain(self.rules.any_key.iter_mut());
+        for w in rules {
+            let rule = &w.rule;
             let Conditions::Liquidation { chain, min_usd, .. } = &rule.conditions else {
                 continue;
             };
             if !rule.enabled || chain.as_ref().is_some_and(|c| *c != l.chain) || l.amount_usd < *min_usd {
                 continue;
             }
-            if !self.early.admit(rule, l.timestamp) {
+            if !w.admit(l.timestamp) {
                 continue;
             }
             let info = shared(&mut info, || RecordInfo {
@@ -727,7 +772,7 @@ impl KeyedState {
             });
             out.push(KeyedOut::Candidate(Candidate {
                 seq,
-                rule: rule.clone(),
+                rule: w.rule.clone(),
                 info,
                 triggered_at: l.timestamp,
                 value: l.amount_usd,
@@ -758,7 +803,8 @@ impl KeyedState {
             None => None,
         };
         let mut info = None;
-        for rule in RuleIndex::for_key(&self.rules.chain, &g.chain) {
+        for w in RuleIndex::for_key(&mut self.rules.chain, &g.chain) {
+            let rule = &w.rule;
             let Conditions::GasPrice { operator, gwei, .. } = &rule.conditions else {
                 continue;
             };
@@ -766,7 +812,7 @@ impl KeyedState {
                 Some(prev) if rule.enabled && operator.holds(g.gwei, *gwei) && !operator.holds(prev, *gwei) => {}
                 _ => continue,
             }
-            if !self.early.admit(rule, g.timestamp) {
+            if !w.admit(g.timestamp) {
                 continue;
             }
             let info = shared(&mut info, || RecordInfo {
@@ -777,7 +823,7 @@ impl KeyedState {
             });
             out.push(KeyedOut::Candidate(Candidate {
                 seq,
-                rule: rule.clone(),
+                rule: w.rule.clone(),
                 info,
                 triggered_at: g.timestamp,
                 value: g.gwei,
