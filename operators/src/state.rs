@@ -163,6 +163,29 @@ struct Watched {
 }
 
 impl Watched {
+    /// A match at `t` as a candidate, unless the early throttle drops it; `info` (the
+    /// triggering record, shared by its matches) is made only when one passes.
+    fn propose(
+        &mut self,
+        seq: u64,
+        t: Millis,
+        value: f64,
+        detail: Detail,
+        info: impl FnOnce() -> Arc<RecordInfo>,
+        out: &mut Vec<KeyedOut>,
+    ) {
+        if self.admit(t) {
+            out.push(KeyedOut::Candidate(Candidate {
+                seq,
+                rule: self.rule.clone(),
+                info: info(),
+                triggered_at: t,
+                value,
+                detail,
+            }));
+        }
+    }
+
     /// Whether a match at `t` is passed on; records the firing.
     fn admit(&mut self, t: Millis) -> bool {
         if !self.keyed {
@@ -444,23 +467,21 @@ impl KeyedState {
                 }
                 _ => continue,
             };
-            if !w.admit(t) {
-                continue;
-            }
-            let info = shared(&mut info, || RecordInfo {
-                subject: p.coin.clone(),
-                identity: format!("price|{}|{t}", p.coin),
-                label: st.symbol.clone().unwrap_or_else(|| p.coin.clone()),
-                chain: None,
-            });
-            out.push(KeyedOut::Candidate(Candidate {
+            w.propose(
                 seq,
-                rule: w.rule.clone(),
-                info,
-                triggered_at: t,
+                t,
                 value,
                 detail,
-            }));
+                || {
+                    shared(&mut info, || RecordInfo {
+                        subject: p.coin.clone(),
+                        identity: format!("price|{}|{t}", p.coin),
+                        label: st.symbol.clone().unwrap_or_else(|| p.coin.clone()),
+                        chain: None,
+                    })
+                },
+                out,
+            );
         }
         if self.cfg.emit_events {
             let stable = self.cfg.is_stablecoin(&p.coin, st.symbol.as_deref());
@@ -540,23 +561,21 @@ impl KeyedState {
             if !rule.enabled || chain.as_ref().is_some_and(|c| *c != tr.chain) || value < *min_usd {
                 continue;
             }
-            if !w.admit(tr.timestamp) {
-                continue;
-            }
-            let info = shared(&mut info, || RecordInfo {
-                subject: tr.coin.clone(),
-                identity: identity.clone(),
-                label: st.symbol.clone().unwrap_or_else(|| tr.coin.clone()),
-                chain: Some(tr.chain.clone()),
-            });
-            out.push(KeyedOut::Candidate(Candidate {
+            w.propose(
                 seq,
-                rule: w.rule.clone(),
-                info,
-                triggered_at: tr.timestamp,
+                tr.timestamp,
                 value,
-                detail: Detail::Whale { amount: tr.amount },
-            }));
+                Detail::Whale { amount: tr.amount },
+                || {
+                    shared(&mut info, || RecordInfo {
+                        subject: tr.coin.clone(),
+                        identity: identity.clone(),
+                        label: st.symbol.clone().unwrap_or_else(|| tr.coin.clone()),
+                        chain: Some(tr.chain.clone()),
+                    })
+                },
+                out,
+            );
         }
         if self.cfg.emit_events && value >= self.cfg.whale_event_usd {
             out.push(KeyedOut::Event(Event {
@@ -629,23 +648,21 @@ impl KeyedState {
                     continue;
                 }
                 let r = as_of(hist, t - window).unwrap_or_default();
-                if !w.admit(t) {
-                    continue;
-                }
-                let info = shared(&mut info, || RecordInfo {
-                    subject: u.protocol_id.clone(),
-                    identity: format!("tvl|{}|{chain}|{t}", u.protocol_id),
-                    label: label.clone(),
-                    chain: Some(chain.clone()),
-                });
-                out.push(KeyedOut::Candidate(Candidate {
+                w.propose(
                     seq,
-                    rule: w.rule.clone(),
-                    info,
-                    triggered_at: t,
-                    value: pct,
-                    detail: Detail::Change { from: r, to: *tvl },
-                }));
+                    t,
+                    pct,
+                    Detail::Change { from: r, to: *tvl },
+                    || {
+                        shared(&mut info, || RecordInfo {
+                            subject: u.protocol_id.clone(),
+                            identity: format!("tvl|{}|{chain}|{t}", u.protocol_id),
+                            label: label.clone(),
+                            chain: Some(chain.clone()),
+                        })
+                    },
+                    out,
+                );
             }
             hist.push_back((t, *tvl));
             prune(hist, t, retention);
@@ -694,23 +711,21 @@ impl KeyedState {
                 continue;
             }
             let r = as_of(&st.total_hist, t - window).unwrap_or_default();
-            if !w.admit(t) {
-                continue;
-            }
-            let info = shared(&mut info, || RecordInfo {
-                subject: id.to_string(),
-                identity: format!("tvl|{id}|{t}"),
-                label: label.clone(),
-                chain: None,
-            });
-            out.push(KeyedOut::Candidate(Candidate {
+            w.propose(
                 seq,
-                rule: w.rule.clone(),
-                info,
-                triggered_at: t,
-                value: pct,
-                detail: Detail::Change { from: r, to: total },
-            }));
+                t,
+                pct,
+                Detail::Change { from: r, to: total },
+                || {
+                    shared(&mut info, || RecordInfo {
+                        subject: id.to_string(),
+                        identity: format!("tvl|{id}|{t}"),
+                        label: label.clone(),
+                        chain: None,
+                    })
+                },
+                out,
+            );
         }
         if self.cfg.emit_events {
             out.push(KeyedOut::Event(Event {
@@ -761,23 +776,21 @@ impl KeyedState {
             if !rule.enabled || chain.as_ref().is_some_and(|c| *c != l.chain) || l.amount_usd < *min_usd {
                 continue;
             }
-            if !w.admit(l.timestamp) {
-                continue;
-            }
-            let info = shared(&mut info, || RecordInfo {
-                subject: l.protocol_id.clone(),
-                identity: identity.clone(),
-                label: label.clone(),
-                chain: Some(l.chain.clone()),
-            });
-            out.push(KeyedOut::Candidate(Candidate {
+            w.propose(
                 seq,
-                rule: w.rule.clone(),
-                info,
-                triggered_at: l.timestamp,
-                value: l.amount_usd,
-                detail: Detail::Plain,
-            }));
+                l.timestamp,
+                l.amount_usd,
+                Detail::Plain,
+                || {
+                    shared(&mut info, || RecordInfo {
+                        subject: l.protocol_id.clone(),
+                        identity: identity.clone(),
+                        label: label.clone(),
+                        chain: Some(l.chain.clone()),
+                    })
+                },
+                out,
+            );
         }
         if self.cfg.emit_events {
             out.push(KeyedOut::Event(Event {
@@ -812,23 +825,21 @@ impl KeyedState {
                 Some(prev) if rule.enabled && operator.holds(g.gwei, *gwei) && !operator.holds(prev, *gwei) => {}
                 _ => continue,
             }
-            if !w.admit(g.timestamp) {
-                continue;
-            }
-            let info = shared(&mut info, || RecordInfo {
-                subject: g.chain.clone(),
-                identity: format!("gas|{}|{}", g.chain, g.timestamp),
-                label: g.chain.clone(),
-                chain: Some(g.chain.clone()),
-            });
-            out.push(KeyedOut::Candidate(Candidate {
+            w.propose(
                 seq,
-                rule: w.rule.clone(),
-                info,
-                triggered_at: g.timestamp,
-                value: g.gwei,
-                detail: Detail::Plain,
-            }));
+                g.timestamp,
+                g.gwei,
+                Detail::Plain,
+                || {
+                    shared(&mut info, || RecordInfo {
+                        subject: g.chain.clone(),
+                        identity: format!("gas|{}|{}", g.chain, g.timestamp),
+                        label: g.chain.clone(),
+                        chain: Some(g.chain.clone()),
+                    })
+                },
+                out,
+            );
         }
         st.last = Some((g.timestamp, g.gwei));
         if self.cfg.emit_events {
