@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{alert_ids_in_topic, boto3, psql, sigterm, sqs_alert_ids};
+use common::{alert_ids_in_file, alert_ids_in_topic, boto3, psql, sigterm, sqs_alert_ids};
 
 const T0: i64 = 1_717_430_400;
 const COINS: usize = 8;
@@ -143,16 +143,7 @@ async fn killed_at_random_moments_every_alert_exactly_once() {
         .output()
         .unwrap();
     assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
-    let expected: BTreeSet<String> = std::fs::read_to_string(&expected_file)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["alert_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let expected: BTreeSet<String> = alert_ids_in_file(&expected_file).into_iter().collect();
     assert!(expected.len() > 50, "the workload alerts often: {}", expected.len());
 
     // Services.

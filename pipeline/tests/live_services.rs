@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{Job, alert_ids_in_topic, boto3, psql, sqs_alerts, wait_until};
+use common::{Job, alert_ids_in_file, alert_ids_in_topic, boto3, psql, sqs_alerts, wait_until};
 
 const T0: i64 = 1_717_430_400;
 
@@ -352,16 +352,7 @@ allow_anonymous = false
         .lines()
         .map(str::to_string)
         .collect();
-    let mut out_ids: Vec<String> = std::fs::read_to_string(&stdout1)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["alert_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let mut out_ids: Vec<String> = alert_ids_in_file(&stdout1);
     out_ids.sort();
     assert_eq!(out_ids, pg_ids, "stdout and Postgres hold the same alerts");
     let mut topic_ids = alert_ids_in_topic(&brokers);
@@ -484,16 +475,7 @@ allow_anonymous = false
         "only the new rule fired after the restart"
     );
     let new_id = after.last().unwrap().1.clone();
-    let out2: Vec<String> = std::fs::read_to_string(&stdout2)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["alert_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let out2: Vec<String> = alert_ids_in_file(&stdout2);
     assert_eq!(
         out2,
         vec![new_id.clone()],

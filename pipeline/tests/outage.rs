@@ -9,7 +9,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Job, boto3, http_get, wait_until};
+use common::{Job, alert_ids_in_file, boto3, http_get, wait_until};
 
 fn redis_get(port: u16, key: &str) -> Option<String> {
     let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/1"))
@@ -142,16 +142,7 @@ fn postgres_outage_holds_back_then_writes_every_alert_once() {
     std::thread::sleep(Duration::from_secs(1));
     job.terminate();
     // The jsonl sink and Postgres were fed the same epochs: every alert is in both, once.
-    let mut from_file: Vec<String> = std::fs::read_to_string(&alerts)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["alert_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let mut from_file: Vec<String> = alert_ids_in_file(&alerts);
     from_file.sort();
     let in_pg: Vec<String> = pg
         .psql("SELECT alert_id FROM alert_history ORDER BY alert_id")
@@ -214,16 +205,7 @@ fn sqs_unreachable_for_30_s_then_every_alert_delivered_once() {
     });
     wait_until("alerts flowing again", Duration::from_secs(60), || written() > during);
     job.terminate();
-    let from_file: Vec<String> = std::fs::read_to_string(&alerts)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["alert_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let from_file: Vec<String> = alert_ids_in_file(&alerts);
     let in_sqs: Vec<String> = serde_json::from_str(&boto3(
         &moto,
         &format!(

@@ -119,6 +119,18 @@ pub fn sqs_alerts(moto: &testkit::Moto, queue_url: &str) -> Vec<(String, String,
     serde_json::from_str(&out).expect("receiver output")
 }
 
+/// The `alert_id` of every line of a JSONL alerts file, in file order.
+pub fn alert_ids_in_file(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"));
+            v["alert_id"].as_str().expect("alert_id").to_string()
+        })
+        .collect()
+}
+
 /// Just the alert ids of [`sqs_alerts`].
 pub fn sqs_alert_ids(moto: &testkit::Moto, queue_url: &str) -> Vec<String> {
     sqs_alerts(moto, queue_url).into_iter().map(|(id, _, _)| id).collect()
