@@ -190,15 +190,121 @@ struct RawRecord<'a> {
     amount_usd: F<'a>,
 }
 
+/// The common shape of a price tick, read directly (the replay's reader spent most of its time
+/// in the general parser): one flat object without whitespace, escapes or nulls, holding only
+/// price fields, each once, every value valid. `None` for anything else, which the general
+/// parser then reads (and words the error for); where this returns a tick, that parser returns
+/// the same one (`plain_price_agrees_with_the_general_parser`).
+fn plain_price(line: &str) -> Option<PriceTick> {
+    let mut rest = line.strip_prefix('{')?.strip_suffix('}')?;
+    let (mut coin, mut price, mut timestamp) = (None, None, None);
+    let (mut symbol, mut confidence, mut decimals) = (None, None, None);
+    fn once<T>(slot: &mut Option<T>, v: T) -> Option<()> {
+        slot.is_none().then(|| *slot = Some(v))
+    }
+    while !rest.is_empty() {
+        let (key, after) = rest.strip_prefix('"')?.split_once("\":")?;
+        if key.contains(['"', '\\']) {
+            return None;
+        }
+        let value;
+        (value, rest) = match after.strip_prefix('"') {
+            Some(s) => {
+                let (v, r) = s.split_once('"')?;
+                if v.is_empty() || v.bytes().any(|b| b == b'\\' || b < 0x20) {
+                    return None;
+                }
+                (Err(v), r)
+            }
+            None => {
+                let end = after.find(',').unwrap_or(after.len());
+                (Ok(json_number(&after[..end])?), &after[end..])
+            }
+        };
+        match (key, value) {
+            ("coin", Err(v)) => once(&mut coin, v)?,
+            ("symbol", Err(v)) => once(&mut symbol, v)?,
+            ("price", Ok(x)) => once(&mut price, x)?,
+            ("timestamp", Ok(x)) => once(&mut timestamp, x)?,
+            ("confidence", Ok(x)) => once(&mut confidence, x)?,
+            ("decimals", Ok(x)) => once(&mut decimals, x)?,
+            _ => return None,
+        }
+        if !rest.is_empty() {
+            rest = rest.strip_prefix(',')?;
+            if rest.is_empty() {
+                return None;
+            }
+        }
+    }
+    let price = price.filter(|p| *p > 0.0)?;
+    let decimals = match decimals {
+        None => None,
+        Some(d) if d.fract() == 0.0 && d <= 255.0 => Some(d as u32),
+        Some(_) => return None,
+    };
+    Some(PriceTick {
+        coin: normalize_coin(coin?)?,
+        price,
+        timestamp: seconds_to_millis(timestamp?)?,
+        symbol: symbol.map(str::to_string),
+        confidence,
+        decimals,
+    })
+}
+
+/// A non-negative JSON number (`0`, `12`, `1.5`, `2e-3`, …) as a finite f64; `None` for any
+/// other text (signs, `01`, `1.`, `.5`, …) or an overflow. Rust's parser rounds correctly, as
+/// serde_json does with `float_roundtrip`.
+fn json_number(t: &str) -> Option<f64> {
+    let b = t.as_bytes();
+    let digits = |i: usize| b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+    let int = digits(0);
+    if int == 0 || (int > 1 && b[0] == b'0') {
+        return None;
+    }
+    let mut i = int;
+    if b.get(i) == Some(&b'.') {
+        let frac = digits(i + 1);
+        if frac == 0 {
+            return None;
+        }
+        i += 1 + frac;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let exp = digits(i);
+        if exp == 0 {
+            return None;
+        }
+        i += exp;
+    }
+    if i != b.len() {
+        return None;
+    }
+    t.parse::<f64>().ok().filter(|x| x.is_finite())
+}
+
 /// Parses and validates one JSON record of the given kind.
 ///
 /// A price with `confidence` ≤ 0.3 parses fine; the dataflow ignores it (SPEC §1).
 pub fn parse_record(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
     match kind {
-        Kind::Rule => return parse_rule(line).map(Record::Rule),
-        Kind::Protocol => return parse_protocol(line).map(Record::Protocol),
-        _ => {}
+        Kind::Rule => parse_rule(line).map(Record::Rule),
+        Kind::Protocol => parse_protocol(line).map(Record::Protocol),
+        Kind::Price => match plain_price(line) {
+            Some(tick) => Ok(Record::Price(tick)),
+            None => parse_general(kind, line),
+        },
+        _ => parse_general(kind, line),
     }
+}
+
+/// [`parse_record`] of any record but rules and protocols, by serde_json.
+fn parse_general(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
     if !line.trim_start().starts_with('{') {
         return Err(if serde_json::from_str::<serde::de::IgnoredAny>(line).is_ok() {
             bad("not a JSON object")
@@ -346,6 +452,164 @@ pub fn parse_protocol_value(v: &serde_json::Value) -> Result<Protocol, InvalidRe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A JSON value text for a price field: valid and invalid numbers, strings, other values.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (0.0..1e6f64).prop_map(|x| format!("{x}")),
+            2 => (0u64..=2_000_000_000).prop_map(|x| x.to_string()),
+            1 => (0u64..300).prop_map(|x| format!("{x}.0")),
+            1 => (1u32..9, -30i32..30).prop_map(|(m, e)| format!("{m}e{e}")),
+            1 => (1u32..9, 0i32..400).prop_map(|(m, e)| format!("{m}.5E+{e}")),
+            1 => Just("18446744073709551617".to_string()),
+            1 => Just("9007199254740993".to_string()),
+            1 => prop::sample::select(vec![
+                "-1", "-0", "0", "01", "1.", ".5", "+1", "1e", "1e999", "-1e-999", "1e-400", "null", "true",
+                "[1]", "{}", "0.30000000000000004", "255", "256", "18.5",
+            ])
+            .prop_map(str::to_string),
+            3 => prop::sample::select(vec![
+                "coingecko:eth", "ethereum:0xAbC", "Solana:So1", "eth", "", "x:y:z", "ETH", "a\\\"b", "é",
+                "coingecko:ethereum", "tab\there",
+            ])
+            .prop_map(|s| format!("\"{s}\"")),
+        ]
+    }
+
+    /// A flat object of price fields (and sometimes others), in any order, sometimes repeated,
+    /// sometimes with whitespace or a trailing comma.
+    fn line() -> impl Strategy<Value = String> {
+        let key = prop::sample::select(vec![
+            "coin",
+            "price",
+            "timestamp",
+            "symbol",
+            "confidence",
+            "decimals",
+            "coin",
+            "price",
+            "timestamp",
+            "extra",
+        ]);
+        (prop::collection::vec((key, value()), 0..8), 0..8u8).prop_map(|(fields, quirk)| {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            let mut l = format!("{{{}}}", body.join(","));
+            match quirk {
+                0 => l = l.replacen(':', ": ", 1),
+                1 => l.insert(l.len() - 1, ','),
+                2 => l.push(' '),
+                _ => {}
+            }
+            l
+        })
+    }
+
+    /// A number field: mostly valid forms, sometimes any value.
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => (0.0..1e4f64).prop_map(|x| format!("{x}")),
+            2 => (0u64..=1_800_000_000).prop_map(|x| x.to_string()),
+            1 => (1u32..9, -5i32..12).prop_map(|(m, e)| format!("{m}e{e}")),
+            1 => value(),
+        ]
+    }
+
+    /// A string field: mostly one of `valid`, sometimes any value.
+    fn string(valid: Vec<&'static str>) -> impl Strategy<Value = String> {
+        prop_oneof![4 => prop::sample::select(valid).prop_map(|s| format!("\"{s}\"")), 1 => value()]
+    }
+
+    /// The price fields a tick has, in a random order, three to six of them, values mostly valid.
+    fn tick_line() -> impl Strategy<Value = String> {
+        let coins = vec![
+            "coingecko:eth",
+            "ethereum:0xAbC",
+            "Solana:So1",
+            "bsc:0x1",
+            "coingecko:coin-1",
+        ];
+        let fields = (
+            string(coins),
+            number(),
+            number(),
+            string(vec!["ETH", "é", "C1"]),
+            number(),
+            prop_oneof![3 => (0u32..300).prop_map(|d| d.to_string()), 1 => number()],
+        );
+        (fields, any::<u64>()).prop_map(|((c, p, t, s, conf, d), seed)| {
+            let mut fields = vec![
+                format!("\"coin\":{c}"),
+                format!("\"price\":{p}"),
+                format!("\"timestamp\":{t}"),
+                format!("\"symbol\":{s}"),
+                format!("\"confidence\":{conf}"),
+                format!("\"decimals\":{d}"),
+            ];
+            let n = fields.len() as u64;
+            fields.swap(0, (seed % n) as usize);
+            fields.swap(1, (seed / n % n) as usize);
+            fields.truncate(3 + (seed / 97 % 4) as usize);
+            format!("{{{}}}", fields.join(","))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
+
+        /// Where the direct price reader returns a tick, serde_json's general path returns the
+        /// same one, bit for bit.
+        #[test]
+        fn plain_price_agrees_with_the_general_parser(l in prop_oneof![line(), tick_line()]) {
+            if let Some(tick) = plain_price(&l) {
+                let general = parse_general(Kind::Price, &l);
+                prop_assert_eq!(format!("{:?}", general), format!("{:?}", Ok::<_, InvalidRecord>(Record::Price(tick))), "{}", l);
+            }
+        }
+    }
+
+    #[test]
+    fn the_generated_lines_exercise_both_paths() {
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let strategy = prop_oneof![line(), tick_line()];
+        let lines: Vec<String> = (0..4000)
+            .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+            .collect();
+        let plain = lines.iter().filter(|l| plain_price(l).is_some()).count();
+        let general_ok = lines.iter().filter(|l| parse_general(Kind::Price, l).is_ok()).count();
+        assert!(plain > 400, "direct reads: {plain} of 4000");
+        assert!(
+            general_ok > plain,
+            "lines only the general parser reads: {}",
+            general_ok - plain
+        );
+        assert!(
+            lines.len() - general_ok > 400,
+            "invalid lines: {}",
+            lines.len() - general_ok
+        );
+    }
+
+    #[test]
+    fn plain_price_reads_the_common_shape_and_leaves_the_rest() {
+        let l = r#"{"coin":"coingecko:coin-15205","confidence":0.99,"price":130.03195549430862,"symbol":"C15205","timestamp":1717000000.086}"#;
+        let t = plain_price(l).expect("the common shape");
+        assert_eq!(
+            (t.price, t.timestamp, t.decimals),
+            (130.031_955_494_308_62, 1_717_000_000_086, None)
+        );
+        for other in [
+            r#"{"coin":"coingecko:x", "price":1,"timestamp":1}"#,
+            r#"{"coin":"coingecko:x","price":1,"timestamp":1,"symbol":null}"#,
+            r#"{"coin":"coingecko:x","price":-1,"timestamp":1}"#,
+            r#"{"coin":"coingecko:x","price":1,"price":2,"timestamp":1}"#,
+            r#"{"coin":"coingecko:x","price":1,"timestamp":1,"extra":1}"#,
+            r#"{"coin":"coingecko:\u0078","price":1,"timestamp":1}"#,
+        ] {
+            assert!(plain_price(other).is_none(), "{other}");
+        }
+    }
 
     #[test]
     fn price_ok_and_extra_fields_ignored() {
