@@ -740,13 +740,7 @@ fn run_config(
 
 fn bench(args: BenchArgs) {
     let nofile = testkit::raise_nofile();
-    let llamaflow = args.llamaflow.clone().unwrap_or_else(|| {
-        let exe = std::env::current_exe().expect("own path");
-        exe.parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/examples")
-            .join("llamaflow")
-    });
+    let llamaflow = args.llamaflow.clone().unwrap_or_else(testkit::llamaflow_beside_example);
     assert!(
         llamaflow.is_file(),
         "{} not found: build it (cargo build --release -p pipeline --bin llamaflow) or pass --llamaflow",

@@ -61,7 +61,6 @@ fn usage() -> ! {
 }
 
 fn parse_args() -> Args {
-    let exe = std::env::current_exe().expect("the bench's own path");
     let mut a = Args {
         rates: vec![10_000, 50_000],
         secs: 20,
@@ -73,11 +72,7 @@ fn parse_args() -> Args {
         clients: 1,
         linger_ms: 1,
         fetch_wait_ms: 5,
-        llamaflow: exe
-            .parent()
-            .and_then(|p| p.parent())
-            .map(|p| p.join("llamaflow"))
-            .expect("target/<profile>/examples/latency_bench"),
+        llamaflow: testkit::llamaflow_beside_example(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {

@@ -119,7 +119,6 @@ fn usage() -> ! {
 }
 
 fn parse_args() -> Args {
-    let exe = std::env::current_exe().expect("the bench's own path");
     let mut a = Args {
         rules: 1_000_000,
         coins: 20_000,
@@ -133,11 +132,7 @@ fn parse_args() -> Args {
         linger_ms: 5,
         seed: 42,
         async_commit: false,
-        llamaflow: exe
-            .parent()
-            .and_then(|p| p.parent())
-            .map(|p| p.join("llamaflow"))
-            .expect("target/<profile>/examples/rules_bench"),
+        llamaflow: testkit::llamaflow_beside_example(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {

@@ -437,6 +437,16 @@ impl TcpProxy {
     }
 }
 
+/// The `llamaflow` binary built beside the running bench example: the example is
+/// `target/<profile>/examples/<name>`, the binary `target/<profile>/llamaflow`.
+pub fn llamaflow_beside_example() -> PathBuf {
+    let exe = std::env::current_exe().expect("the bench's own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/examples/<name>")
+        .join("llamaflow")
+}
+
 /// Raises this process's soft open-file limit to the hard one (children inherit it) and
 /// returns it: load tests hold one descriptor per connection.
 pub fn raise_nofile() -> u64 {
