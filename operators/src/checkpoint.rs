@@ -49,6 +49,13 @@ impl Encode for Throttle {
     }
 }
 
+impl Encode for crate::aggregate::Aggregates {
+    fn capture(&self) -> Result<Captured, CheckpointError> {
+        let bytes = bincode::serialize(self)?;
+        Ok(Box::new(move || Ok(bytes)))
+    }
+}
+
 impl Encode for () {
     fn capture(&self) -> Result<Captured, CheckpointError> {
         Ok(Box::new(|| Ok(Vec::new())))

@@ -9,6 +9,9 @@ use schemas::Millis;
 pub struct OpConfig {
     /// Produce market events (off for alert-only replays: saves work).
     pub emit_events: bool,
+    /// Maintain the live aggregates (TVL per chain / category / in total, SPEC §8); off for
+    /// alert-only replays.
+    pub live_state: bool,
     /// Coin ids watched for `depeg` market events (peg 1.0).
     pub stablecoins: HashSet<String>,
     /// Symbols watched for `depeg` market events, for coins not listed by id.
@@ -44,6 +47,7 @@ impl Default for OpConfig {
         ];
         OpConfig {
             emit_events: true,
+            live_state: true,
             stablecoins: ids.iter().map(|s| s.to_string()).collect(),
             stable_symbols: symbols.iter().map(|s| s.to_string()).collect(),
             depeg_band_pct: 1.0,

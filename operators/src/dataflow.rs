@@ -16,9 +16,11 @@ use timely::container::CapacityContainerBuilder;
 use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::{Exchange, ParallelizationContract};
 use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::{Map, Partition};
 
+use crate::aggregate::{self, AggIn, AggOut, Aggregates, StateOut};
 use crate::candidate::{Candidate, Throttle};
 use crate::checkpoint::{Checkpointing, Encode, Part, Snapshots};
 use crate::config::OpConfig;
@@ -33,6 +35,9 @@ pub struct Outputs<'scope> {
     pub events: StreamVec<'scope, u64, Event>,
     /// Records rejected inside the dataflow (e.g. `late`).
     pub dead: StreamVec<'scope, u64, DeadLetter>,
+    /// Live-state changes besides the events (protocol metadata, deletions, total TVL), on
+    /// worker 0, in a deterministic order within each epoch.
+    pub state: StreamVec<'scope, u64, StateOut>,
 }
 
 /// Snapshot duty of a stateful operator: where to deposit, as which part of which worker.
@@ -60,15 +65,20 @@ impl SnapDuty {
     }
 }
 
+/// Output produced from the state before any input, at the first epoch (restored state's
+/// seeds).
+type Init<S, O> = Box<dyn FnOnce(&S, &mut Vec<O>)>;
+
 /// Runs `logic` on `state` once per epoch with all of that epoch's data, after the input
 /// frontier has passed the epoch; epochs are handled in increasing order. With a snapshot
-/// duty, the state is captured at every requested epoch boundary.
+/// duty, the state is captured at every requested epoch boundary; `init` runs once, first.
 fn per_epoch<'scope, D, O, P, S, F>(
     stream: StreamVec<'scope, u64, D>,
     pact: P,
     name: &str,
     mut state: S,
     mut duty: Option<SnapDuty>,
+    init: Option<Init<S, O>>,
     mut logic: F,
 ) -> StreamVec<'scope, u64, O>
 where
@@ -78,10 +88,17 @@ where
     S: Encode + 'static,
     F: FnMut(&mut S, Vec<D>, &mut Vec<O>) + 'static,
 {
-    stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(pact, name, move |_cap, _info| {
+    stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(pact, name, move |cap, _info| {
         let mut stash: BTreeMap<u64, (Capability<u64>, Vec<D>)> = BTreeMap::new();
         let mut out = Vec::new();
+        let mut init = init.map(|f| (cap, f));
         move |(input, frontier), output| {
+            if let Some((cap, f)) = init.take() {
+                f(&state, &mut out);
+                if !out.is_empty() {
+                    output.session(&cap).give_iterator(out.drain(..));
+                }
+            }
             let port = output.output_index();
             input.for_each_stamp(|cap, data| {
                 let Some(&time) = cap.least() else { return };
@@ -132,9 +149,14 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
             last: None,
         })
     };
-    let (keyed_state, throttle) = match ckpt.restore {
-        Some(r) => (r.keyed, r.throttle),
-        None => (KeyedState::new(cfg), Throttle::default()),
+    let emit_events = cfg.emit_events;
+    let (keyed_state, throttle, seed): (_, _, Option<Init<KeyedState, KeyedOut>>) = match ckpt.restore {
+        Some(r) => (
+            r.keyed,
+            r.throttle,
+            Some(Box::new(|s: &KeyedState, out: &mut Vec<KeyedOut>| s.seed(out))),
+        ),
+        None => (KeyedState::new(cfg), Throttle::default(), None),
     };
     let keyed = per_epoch(
         input,
@@ -142,6 +164,7 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         "Keyed",
         keyed_state,
         duty(Part::Keyed),
+        seed,
         move |state, mut batch, out| {
             // A rule moving between keys is deleted (same seq) before it is re-inserted.
             batch.sort_by_key(|e: &Envelope| (e.seq, !matches!(e.item, Item::DeleteRule(_))));
@@ -151,23 +174,55 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
             state.end_of_batch(out);
         },
     );
-    let mut parts = keyed.partition(3, |o| match o {
+    let mut parts = keyed.partition(4, |o| match o {
         KeyedOut::Candidate(_) => (0, o),
         KeyedOut::Event(_) => (1, o),
         KeyedOut::Dead(_) => (2, o),
+        KeyedOut::State(_) => (3, o),
     });
-    let (dead, events, candidates) = match (parts.pop(), parts.pop(), parts.pop()) {
-        (Some(d), Some(e), Some(c)) => (d, e, c),
-        _ => unreachable!("partition(3) returns three streams"),
+    let (deltas, dead, events, candidates) = match (parts.pop(), parts.pop(), parts.pop(), parts.pop()) {
+        (Some(s), Some(d), Some(e), Some(c)) => (s, d, e, c),
+        _ => unreachable!("partition(4) returns four streams"),
     };
+    let deltas = deltas.flat_map(|o| match o {
+        KeyedOut::State(d) => Some(d),
+        _ => None,
+    });
+    let aggregated = per_epoch(
+        aggregate::aggregate(deltas),
+        Exchange::new(|_: &AggIn| 0),
+        "Aggregates",
+        Aggregates::default(),
+        None,
+        None,
+        move |aggs, batch, out| aggs.epoch(batch, emit_events, out),
+    );
+    let mut agg_parts = aggregated.partition(2, |o| match o {
+        AggOut::Event(_) => (0, o),
+        AggOut::State(_) => (1, o),
+    });
+    let (state, agg_events) = match (agg_parts.pop(), agg_parts.pop()) {
+        (Some(s), Some(e)) => (s, e),
+        _ => unreachable!("partition(2) returns two streams"),
+    };
+    let state = state.flat_map(|o| match o {
+        AggOut::State(s) => Some(s),
+        AggOut::Event(_) => None,
+    });
+    let agg_events = agg_events.flat_map(|o| match o {
+        AggOut::Event(e) => Some(e),
+        AggOut::State(_) => None,
+    });
     let candidates = candidates.flat_map(|o| match o {
         KeyedOut::Candidate(c) => Some(c),
         _ => None,
     });
-    let events = events.flat_map(|o| match o {
-        KeyedOut::Event(e) => Some(e),
-        _ => None,
-    });
+    let events = events
+        .flat_map(|o| match o {
+            KeyedOut::Event(e) => Some(e),
+            _ => None,
+        })
+        .concat(agg_events);
     let dead = dead.flat_map(|o| match o {
         KeyedOut::Dead(d) => Some(d),
         _ => None,
@@ -179,6 +234,7 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         "Throttle",
         throttle,
         duty(Part::Throttle),
+        None,
         move |throttle, mut batch, out| {
             batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
             out.extend(batch.into_iter().filter(|c| throttle.admit(c)));
@@ -190,10 +246,16 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         "OrderAlerts",
         (),
         None,
+        None,
         |_, mut batch, out| {
             batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
             out.extend(batch.into_iter().map(Candidate::into_alert));
         },
     );
-    Outputs { alerts, events, dead }
+    Outputs {
+        alerts,
+        events,
+        dead,
+        state,
+    }
 }

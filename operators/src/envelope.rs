@@ -24,6 +24,8 @@ pub enum Item {
     Record(Record),
     /// Removes a rule.
     DeleteRule(String),
+    /// Removes a protocol's metadata and TVL from the live state.
+    DeleteProtocol(String),
     /// Comes with a rule arriving from another route (a key change, or re-created after a
     /// delete): it may have fired elsewhere, so only the throttle stage may throttle it.
     ForeignRule(String),
@@ -180,6 +182,18 @@ impl Sequencer {
             route,
             pos,
             item: Item::Record(record),
+        });
+    }
+
+    /// Stamps a protocol deletion (routed to the protocol's worker).
+    pub fn delete_protocol(&mut self, pos: SourcePos, id: &str, out: &mut Vec<Envelope>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        out.push(Envelope {
+            seq,
+            route: Key::Protocol(id).hash(),
+            pos,
+            item: Item::DeleteProtocol(id.to_string()),
         });
     }
 

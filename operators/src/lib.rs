@@ -5,6 +5,7 @@
 //! logic lives in [`KeyedState`] and the per-rule throttle in [`Throttle`], both plain
 //! sequential code the dataflow runs epoch by epoch.
 
+pub mod aggregate;
 mod candidate;
 pub mod checkpoint;
 mod config;
@@ -13,6 +14,7 @@ mod envelope;
 mod format;
 mod state;
 
+pub use aggregate::{StateDelta, StateOut};
 pub use candidate::{Candidate, Detail, RecordInfo, Throttle};
 pub use checkpoint::{Checkpointing, Snapshots, WorkerState};
 pub use config::OpConfig;

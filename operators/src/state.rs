@@ -15,6 +15,7 @@ use schemas::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::aggregate::{StateDelta, is_sub_bucket};
 use crate::candidate::{Candidate, Detail, FastMap, RecordInfo};
 use crate::checkpoint::{Captured, CheckpointError};
 use crate::config::OpConfig;
@@ -29,6 +30,8 @@ pub enum KeyedOut {
     Candidate(Candidate),
     /// A record rejected by the dataflow (e.g. `late`).
     Dead(DeadLetter),
+    /// A change to the inputs of the live aggregates.
+    State(StateDelta),
 }
 
 /// The record facts shared by all of a record's matches, made on the first match.
@@ -120,7 +123,8 @@ struct PendingTotal {
 
 #[derive(Default, Debug, Serialize, Deserialize)]
 struct ProtocolState {
-    name: Option<String>,
+    /// Metadata from `protocol` records / the `protocols` table.
+    meta: Option<Protocol>,
     last_tvl_ts: Option<Millis>,
     chain_latest: BTreeMap<String, f64>,
     chain_hist: FastMap<String, History>,
@@ -128,6 +132,13 @@ struct ProtocolState {
     extra: BTreeMap<String, f64>,
     pending: Option<PendingTotal>,
     liquidations: SeriesGate,
+}
+
+impl ProtocolState {
+    /// The name alerts show: the protocol's name, else its id.
+    fn label(&self, id: &str) -> String {
+        self.meta.as_ref().map_or_else(|| id.to_string(), |m| m.name.clone())
+    }
 }
 
 #[derive(Default, Debug, Serialize, Deserialize)]
@@ -312,6 +323,8 @@ pub struct KeyedState {
     chains: FastMap<String, ChainState>,
     rules: RuleIndex,
     pending_protocols: Vec<String>,
+    /// Newest event time of the batch's records, for the live state's clock.
+    clock: Option<Millis>,
 }
 
 fn count_ignored(reason: &'static str) {
@@ -328,6 +341,7 @@ impl KeyedState {
             chains: FastMap::default(),
             rules: RuleIndex::default(),
             pending_protocols: Vec::new(),
+            clock: None,
         }
     }
 
@@ -381,11 +395,18 @@ impl KeyedState {
     /// Processes one envelope; call in `seq` order.
     pub fn process(&mut self, env: Envelope, out: &mut Vec<KeyedOut>) {
         let Envelope { seq, pos, item, .. } = env;
+        if let Item::Record(r) = &item {
+            let ts = r.timestamp();
+            if ts > Millis::MIN {
+                self.clock = self.clock.max(Some(ts));
+            }
+        }
         match item {
             Item::DeleteRule(id) => self.rules.remove(&id),
             Item::ForeignRule(id) => self.rules.foreign(id),
             Item::Record(Record::Rule(rule)) => self.rules.upsert(rule),
-            Item::Record(Record::Protocol(p)) => self.protocol(p),
+            Item::Record(Record::Protocol(p)) => self.protocol(p, out),
+            Item::DeleteProtocol(id) => self.delete_protocol(&id, out),
             Item::Record(Record::Price(p)) => self.price(seq, &pos, p, out),
             Item::Record(Record::Transfer(t)) => self.transfer(seq, &pos, t, out),
             Item::Record(Record::Tvl(t)) => self.tvl(seq, &pos, t, out),
@@ -402,14 +423,91 @@ impl KeyedState {
         for id in ids {
             self.flush_total(&id, out);
         }
+        if let Some(t) = self.clock.take()
+            && self.cfg.live_state
+        {
+            out.push(KeyedOut::State(StateDelta::Clock(t)));
+        }
     }
 
     fn late(pos: &SourcePos, record: Record, out: &mut Vec<KeyedOut>) {
         out.push(KeyedOut::Dead(DeadLetter::new(pos, "late", &record.to_json())));
     }
 
-    fn protocol(&mut self, p: Protocol) {
-        self.protocols.entry(p.id).or_default().name = Some(p.name);
+    fn protocol(&mut self, p: Protocol, out: &mut Vec<KeyedOut>) {
+        let st = self.protocols.entry_ref(p.id.as_str()).or_default();
+        if st.meta.as_ref() == Some(&p) {
+            return;
+        }
+        let id = p.id.clone();
+        let old = st.meta.replace(p.clone());
+        if self.cfg.live_state {
+            out.push(KeyedOut::State(StateDelta::Meta {
+                id,
+                old: old.map(Box::new),
+                new: Some(Box::new(p)),
+            }));
+        }
+    }
+
+    /// Deletes a protocol: its metadata and TVL leave the live state (its rules stay).
+    fn delete_protocol(&mut self, id: &str, out: &mut Vec<KeyedOut>) {
+        let Some(st) = self.protocols.remove(id) else { return };
+        self.pending_protocols.retain(|p| p != id);
+        if !self.cfg.live_state {
+            return;
+        }
+        for (chain, v) in st.chain_latest {
+            if !is_sub_bucket(&chain) {
+                out.push(KeyedOut::State(StateDelta::Tvl {
+                    protocol: id.to_string(),
+                    chain,
+                    old: Some(v),
+                    new: None,
+                }));
+            }
+        }
+        if st.meta.is_some() {
+            out.push(KeyedOut::State(StateDelta::Meta {
+                id: id.to_string(),
+                old: st.meta.map(Box::new),
+                new: None,
+            }));
+        }
+        out.push(KeyedOut::State(StateDelta::Deleted(id.to_string())));
+    }
+
+    /// The live-state inputs this worker holds, as insertions: after a restore, they seed the
+    /// aggregates (whose arrangements are not part of the checkpoint).
+    pub fn seed(&self, out: &mut Vec<KeyedOut>) {
+        if !self.cfg.live_state {
+            return;
+        }
+        let mut ids: Vec<&String> = self.protocols.keys().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let st = &self.protocols[id];
+            if st.meta.is_some() {
+                out.push(KeyedOut::State(StateDelta::Meta {
+                    id: id.clone(),
+                    old: None,
+                    new: st.meta.clone().map(Box::new),
+                }));
+            }
+            for (chain, v) in &st.chain_latest {
+                if !is_sub_bucket(chain) {
+                    out.push(KeyedOut::State(StateDelta::Tvl {
+                        protocol: id.clone(),
+                        chain: chain.clone(),
+                        old: None,
+                        new: Some(*v),
+                    }));
+                }
+            }
+            if let Some(t) = st.last_tvl_ts {
+                out.push(KeyedOut::State(StateDelta::Clock(t)));
+            }
+        }
     }
 
     fn price(&mut self, seq: u64, pos: &SourcePos, p: PriceTick, out: &mut Vec<KeyedOut>) {
@@ -611,7 +709,7 @@ impl KeyedState {
             return;
         };
         let rules = RuleIndex::for_key(&mut self.rules.protocol, &u.protocol_id);
-        let label = st.name.clone().unwrap_or_else(|| u.protocol_id.clone());
+        let label = st.label(&u.protocol_id);
         let t = u.timestamp;
         let mut accepted = false;
         for (chain, tvl) in &u.chains {
@@ -666,7 +764,15 @@ impl KeyedState {
             }
             hist.push_back((t, *tvl));
             prune(hist, t, retention);
-            st.chain_latest.insert(chain.clone(), *tvl);
+            let old = st.chain_latest.insert(chain.clone(), *tvl);
+            if self.cfg.live_state && old != Some(*tvl) && !is_sub_bucket(chain) {
+                out.push(KeyedOut::State(StateDelta::Tvl {
+                    protocol: u.protocol_id.clone(),
+                    chain: chain.clone(),
+                    old,
+                    new: Some(*tvl),
+                }));
+            }
             accepted = true;
         }
         for (k, v) in u.extra {
@@ -685,7 +791,7 @@ impl KeyedState {
             return;
         };
         let total: f64 = st.chain_latest.values().sum();
-        let label = st.name.clone().unwrap_or_else(|| id.to_string());
+        let label = st.label(id);
         let mut retention = self.cfg.tvl_retention;
         let mut info = None;
         for w in RuleIndex::for_key(&mut self.rules.protocol, id) {
@@ -733,7 +839,7 @@ impl KeyedState {
                 timestamp: t,
                 data: EventData::TvlUpdate {
                     protocol_id: id.to_string(),
-                    name: st.name.clone(),
+                    name: st.meta.as_ref().map(|m| m.name.clone()),
                     tvl: total,
                     chain_tvls: st.chain_latest.clone(),
                     extra: st.extra.clone(),
@@ -763,7 +869,7 @@ impl KeyedState {
             Gate::Duplicate => return count_ignored("duplicate"),
             Gate::Accept => {}
         }
-        let label = st.name.clone().unwrap_or_else(|| l.protocol_id.clone());
+        let label = st.label(&l.protocol_id);
         let mut info = None;
         let rules = RuleIndex::for_key(&mut self.rules.protocol, &l.protocol_id)
             .iter_mut()

@@ -457,6 +457,7 @@ fn tvl_total_is_evaluated_once_per_timestamp() {
             Op::Rec(Record::Protocol(schemas::Protocol {
                 id: "2269".into(),
                 name: "Aave V3".into(),
+                symbol: None,
                 slug: None,
                 category: None,
                 chains: vec![],

@@ -97,6 +97,8 @@ pub struct OperatorsSection {
     pub stablecoins: Option<Vec<String>>,
     /// Stablecoin symbols watched for `depeg` events.
     pub stable_symbols: Option<Vec<String>>,
+    /// Days of hourly protocol points and daily chain points the read API keeps (SPEC §8).
+    pub history_days: u32,
 }
 
 impl Default for OperatorsSection {
@@ -107,6 +109,7 @@ impl Default for OperatorsSection {
             whale_event_usd: d.whale_event_usd,
             stablecoins: None,
             stable_symbols: None,
+            history_days: view::ViewConfig::default().history_days,
         }
     }
 }
@@ -126,6 +129,13 @@ impl OperatorsSection {
             c.stable_symbols = s.iter().cloned().collect();
         }
         c
+    }
+
+    /// The read view's settings.
+    pub fn view_config(&self) -> view::ViewConfig {
+        view::ViewConfig {
+            history_days: self.history_days.clamp(1, 3650),
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use operators::checkpoint::Restored;
-use operators::{Checkpointing, Envelope, OpConfig, Sequencer, Snapshots, WorkerState};
+use operators::{Checkpointing, Envelope, OpConfig, Sequencer, Snapshots, StateOut, WorkerState};
 use schemas::{Alert, DeadLetter, Event};
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
@@ -41,6 +41,8 @@ pub trait Output: Send + Sync + 'static {
     fn events(&self, epoch: u64, events: &[Event]);
     /// Dead letters from inside the dataflow.
     fn dead(&self, epoch: u64, dead: &[DeadLetter]);
+    /// Live-state changes other than events (worker 0 only; see [`operators::Outputs::state`]).
+    fn state(&self, _epoch: u64, _state: &[StateOut]) {}
     /// Every output of all epochs `< upto` has been delivered to this process's [`Output`]
     /// (called by the process's first worker, in increasing order).
     fn epochs_done(&self, _upto: u64) {}
@@ -426,8 +428,8 @@ fn run_worker(
 ) {
     let mut input = InputHandle::<u64, CapacityContainerBuilder<Vec<Envelope>>>::new();
     let mut control = InputHandle::<u64, CapacityContainerBuilder<Vec<Control>>>::new();
-    let (o1, o2, o3) = (output.clone(), output.clone(), output.clone());
-    let (b1, b2, b3, b4) = (bus.clone(), bus.clone(), bus.clone(), bus.clone());
+    let (o1, o2, o3, o4) = (output.clone(), output.clone(), output.clone(), output.clone());
+    let (b1, b2, b3, b4, b5) = (bus.clone(), bus.clone(), bus.clone(), bus.clone(), bus.clone());
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
         let outs = operators::build(scope.input_from(&mut input), cfg, ckpt);
@@ -455,6 +457,15 @@ fn run_worker(
                     let epoch = stamp.least().copied().unwrap_or_default();
                     b3.saw(epoch);
                     o1.alerts(epoch, batch);
+                }
+            })
+            .probe_with(&probe);
+        outs.state
+            .inspect_core(move |e| {
+                if let Ok((stamp, batch)) = e {
+                    let epoch = stamp.least().copied().unwrap_or_default();
+                    b5.saw(epoch);
+                    o4.state(epoch, batch);
                 }
             })
             .probe_with(&probe);

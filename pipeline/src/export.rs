@@ -261,6 +261,7 @@ pub fn export(args: &ExportArgs) -> Result<ExportSummary> {
     let mut engine = if on(Table::Events) || on(Table::Alerts) {
         let cfg = OpConfig {
             emit_events: on(Table::Events),
+            live_state: on(Table::Events),
             ..OpConfig::default()
         };
         Some(Engine::start(

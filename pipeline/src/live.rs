@@ -21,14 +21,14 @@ use schemas::{Alert, DeadLetter, Event, Kind, Record, SourcePos};
 use sinks::OutputBatch;
 use sinks::jsonl::JsonlWriter;
 use sinks::websocket::{Hub, WsConfig};
+use sources::demo;
 use sources::live::{Ack, Change, LiveItem};
-use sources::{Input, demo};
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{Checkpoint, Checkpointer, Completer, Positions};
 use crate::config::{Config, DemoSection};
 use crate::engine::{ClusterBus, Engine, EngineCheckpoint, Output};
-use crate::replay::{Merge, Source};
+use crate::replay::Source;
 use operators::Snapshots;
 
 /// A sink that must acknowledge durable writes before positions are committed.
@@ -128,86 +128,35 @@ impl Coordinator {
     }
 }
 
-/// Receives dataflow results: publishes to the hub and stdout at once, and hands completed
-/// epochs to the durable sinks.
+/// Receives dataflow results on the worker threads and gathers them per epoch; completed
+/// epochs go, in order, to the [`OutputStage`] thread. Workers only hand data over: no
+/// socket, file or blocking channel I/O happens on them (dead letters aside).
 struct LiveOutput {
-    hub: Option<Hub>,
-    stdout: bool,
-    batches: Mutex<BTreeMap<u64, OutputBatch>>,
+    epochs: Mutex<BTreeMap<u64, view::Epoch>>,
     done: Mutex<u64>,
-    to_sinks: Vec<mpsc::Sender<Arc<OutputBatch>>>,
+    to_stage: std::sync::mpsc::Sender<(u64, view::Epoch)>,
     dead: Arc<Mutex<JsonlWriter>>,
-    has_durable: bool,
-    /// With no durable sink, completed epochs are acknowledged here directly.
-    self_ack: Option<mpsc::UnboundedSender<u64>>,
-    /// When the first live item of each epoch in flight reached the ingest front (for the
-    /// publish latency).
-    arrivals: Mutex<BTreeMap<u64, Instant>>,
 }
 
 impl LiveOutput {
-    /// Notes when the first live item of `epoch` reached the ingest front.
-    fn arrived(&self, epoch: u64, at: Instant) {
-        if let Ok(mut a) = self.arrivals.lock() {
-            a.insert(epoch, at);
+    fn with_epoch(&self, epoch: u64, f: impl FnOnce(&mut view::Epoch)) {
+        if let Ok(mut e) = self.epochs.lock() {
+            f(e.entry(epoch).or_default());
         }
     }
 }
 
 impl Output for LiveOutput {
     fn alerts(&self, epoch: u64, alerts: &[Alert]) {
-        let mut out = std::io::stdout().lock();
-        for a in alerts {
-            metrics::counter!("llamaflow_alerts_total", "type" => a.alert_type.clone()).increment(1);
-            if let Some(h) = &self.hub {
-                h.publish_alert(a);
-            }
-            if self.stdout
-                && let Ok(line) = serde_json::to_string(a)
-            {
-                // A closed stdout (e.g. `| head`) must not stop the pipeline.
-                let _ = writeln!(out, "{line}");
-            }
-        }
-        let _ = out.flush();
-        if self.has_durable
-            && let Ok(mut b) = self.batches.lock()
-        {
-            b.entry(epoch)
-                .or_insert_with(|| OutputBatch {
-                    epoch,
-                    ..Default::default()
-                })
-                .alerts
-                .extend_from_slice(alerts);
-        }
+        self.with_epoch(epoch, |e| e.alerts.extend_from_slice(alerts));
     }
 
     fn events(&self, epoch: u64, events: &[Event]) {
-        // Publish latency: the epoch's first live item reached the ingest front → its first
-        // events go out to WebSocket subscribers (and stdout).
-        if !events.is_empty()
-            && let Some(t) = self.arrivals.lock().ok().and_then(|mut a| a.remove(&epoch))
-        {
-            metrics::histogram!("llamaflow_publish_latency_seconds").record(t.elapsed().as_secs_f64());
-        }
-        for e in events {
-            metrics::counter!("llamaflow_events_total", "type" => e.data.type_name()).increment(1);
-            if let Some(h) = &self.hub {
-                h.publish_event(e);
-            }
-        }
-        if self.has_durable
-            && let Ok(mut b) = self.batches.lock()
-        {
-            b.entry(epoch)
-                .or_insert_with(|| OutputBatch {
-                    epoch,
-                    ..Default::default()
-                })
-                .events
-                .extend_from_slice(events);
-        }
+        self.with_epoch(epoch, |e| e.events.extend_from_slice(events));
+    }
+
+    fn state(&self, epoch: u64, state: &[operators::StateOut]) {
+        self.with_epoch(epoch, |e| e.state.extend_from_slice(state));
     }
 
     fn dead(&self, _epoch: u64, dead: &[DeadLetter]) {
@@ -215,35 +164,119 @@ impl Output for LiveOutput {
     }
 
     fn epochs_done(&self, upto: u64) {
-        if let Ok(mut a) = self.arrivals.lock() {
-            // Epochs without events.
-            *a = a.split_off(&upto);
-        }
         let Ok(mut done) = self.done.lock() else { return };
-        let ready: Vec<OutputBatch> = match self.batches.lock() {
+        let mut ready = match self.epochs.lock() {
             Ok(mut b) => {
                 let rest = b.split_off(&upto);
-                std::mem::replace(&mut *b, rest).into_values().collect()
+                std::mem::replace(&mut *b, rest)
             }
             Err(_) => return,
         };
         // Epochs without output still have to be acknowledged: send an empty batch for them.
-        let mut by_epoch: BTreeMap<u64, OutputBatch> = ready.into_iter().map(|b| (b.epoch, b)).collect();
         for epoch in *done..upto {
-            if let Some(ack) = &self.self_ack {
-                let _ = ack.send(epoch);
-                continue;
-            }
-            let batch = Arc::new(by_epoch.remove(&epoch).unwrap_or(OutputBatch {
-                epoch,
-                ..Default::default()
-            }));
-            for tx in &self.to_sinks {
-                // Blocking here is backpressure: a slow sink slows the dataflow and the sources.
-                let _ = tx.blocking_send(batch.clone());
-            }
+            let out = ready.remove(&epoch).unwrap_or_default();
+            let _ = self.to_stage.send((epoch, out));
         }
         *done = upto;
+    }
+}
+
+/// The output stage: one thread that takes completed epochs in order, updates the live view
+/// and publishes to WebSocket subscribers (together, under the hub's gate), writes stdout, and
+/// hands each epoch to the durable sinks (blocking there is backpressure on the dataflow).
+struct OutputStage {
+    hub: Option<Hub>,
+    view: Option<Arc<view::LiveView>>,
+    stdout: bool,
+    to_sinks: Vec<mpsc::Sender<Arc<OutputBatch>>>,
+    /// With no durable sink, completed epochs are acknowledged here directly.
+    self_ack: Option<mpsc::UnboundedSender<u64>>,
+    /// When the first live item of each epoch in flight reached the ingest front (for the
+    /// publish latency).
+    arrivals: Arc<Mutex<BTreeMap<u64, Instant>>>,
+}
+
+impl OutputStage {
+    fn start(self, rx: std::sync::mpsc::Receiver<(u64, view::Epoch)>) -> Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("output".into())
+            .spawn(move || {
+                while let Ok((epoch, out)) = rx.recv() {
+                    self.epoch(epoch, out);
+                }
+            })
+            .context("cannot start the output thread")
+    }
+
+    fn epoch(&self, epoch: u64, out: view::Epoch) {
+        let arrived = self.arrivals.lock().ok().and_then(|mut a| {
+            let t = a.remove(&epoch);
+            // Epochs without events.
+            *a = a.split_off(&epoch);
+            t
+        });
+        for a in &out.alerts {
+            metrics::counter!("llamaflow_alerts_total", "type" => a.alert_type.clone()).increment(1);
+        }
+        for e in &out.events {
+            metrics::counter!("llamaflow_events_total", "type" => e.data.type_name()).increment(1);
+        }
+        let publish = || {
+            if let Some(v) = &self.view {
+                v.apply(epoch + 1, &out);
+            }
+            if let Some(h) = &self.hub {
+                for e in &out.events {
+                    h.publish_event(e);
+                }
+                for a in &out.alerts {
+                    h.publish_alert(a);
+                }
+            }
+        };
+        match &self.hub {
+            Some(h) => h.publish_epoch(publish),
+            None => publish(),
+        }
+        // Publish latency: the epoch's first live item reached the ingest front → its
+        // events went out to WebSocket subscribers.
+        if let Some(t) = arrived
+            && !out.events.is_empty()
+        {
+            metrics::histogram!("llamaflow_publish_latency_seconds").record(t.elapsed().as_secs_f64());
+        }
+        if self.stdout && !out.alerts.is_empty() {
+            let mut w = std::io::stdout().lock();
+            for a in &out.alerts {
+                if let Ok(line) = serde_json::to_string(a) {
+                    // A closed stdout (e.g. `| head`) must not stop the pipeline.
+                    let _ = writeln!(w, "{line}");
+                }
+            }
+            let _ = w.flush();
+        }
+        if let Some(ack) = &self.self_ack {
+            let _ = ack.send(epoch);
+            return;
+        }
+        let batch = Arc::new(OutputBatch {
+            epoch,
+            alerts: out.alerts,
+            events: out.events,
+        });
+        for tx in &self.to_sinks {
+            let _ = tx.blocking_send(batch.clone());
+        }
+    }
+}
+
+/// The live view as the hub's snapshot source.
+struct ViewSnapshots(Arc<view::LiveView>);
+
+impl sinks::websocket::SnapshotSource for ViewSnapshots {
+    fn snapshot(&self, channel: &str, user_id: Option<&str>) -> Option<(Vec<serde_json::Value>, i64)> {
+        let state = self.0.current();
+        state.snapshot(channel, user_id).map(|d| (d, state.as_of))
     }
 }
 
@@ -347,6 +380,37 @@ impl Handoff {
     }
 }
 
+/// The history's callbacks of [`crate::replay::feed`]: metrics, the hand-over points, dead
+/// letters and progress.
+struct HistoryFeed<'a> {
+    ends: &'a mut std::collections::HashMap<Kind, schemas::Millis>,
+    output: &'a LiveOutput,
+    progress: Option<&'a indicatif::ProgressBar>,
+    started: Instant,
+}
+
+impl crate::replay::Feed for HistoryFeed<'_> {
+    fn record(&mut self, rec: &Record) -> Result<()> {
+        metrics::counter!("llamaflow_records_in_total", "kind" => rec.kind().name()).increment(1);
+        if !matches!(rec, Record::Rule(_) | Record::Protocol(_)) {
+            let e = self.ends.entry(rec.kind()).or_insert(schemas::Millis::MIN);
+            *e = (*e).max(rec.timestamp());
+        }
+        Ok(())
+    }
+
+    fn dead(&mut self, dead: &[DeadLetter]) {
+        self.output.dead(0, dead);
+    }
+
+    fn progress(&mut self, n: u64) {
+        if let Some(pb) = self.progress {
+            let rate = n as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+            pb.set_message(format!("{n} records · {rate:.0} records/s"));
+        }
+    }
+}
+
 /// Applies live items at the ingest front.
 struct Front {
     hub: Option<Hub>,
@@ -375,7 +439,7 @@ impl Front {
                 engine.sequencer().push(item.pos, rec, batch);
             }
             Change::DeleteRule(id) => engine.sequencer().delete_rule(item.pos, &id, batch),
-            Change::DeleteProtocol(id) => tracing::info!("protocol {id} deleted; its name stays until restart"),
+            Change::DeleteProtocol(id) => engine.sequencer().delete_protocol(item.pos, &id, batch),
             Change::ApiKey { key, user_id } => {
                 if let Some(h) = &self.hub {
                     match user_id {
@@ -702,16 +766,29 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         })
     };
 
-    let output = Arc::new(LiveOutput {
+    // The live read view (SPEC §8) is served where the WebSocket is.
+    let live_view = hub
+        .as_ref()
+        .map(|_| Arc::new(view::LiveView::new(cfg.operators.view_config())));
+    if let (Some(h), Some(v)) = (&hub, &live_view) {
+        h.set_snapshots(Arc::new(ViewSnapshots(v.clone())));
+    }
+    let arrivals = Arc::new(Mutex::new(BTreeMap::new()));
+    let (stage_tx, stage_rx) = std::sync::mpsc::channel();
+    let stage = OutputStage {
         hub: hub.clone(),
+        view: live_view.clone(),
         stdout: cfg.sinks.stdout,
-        batches: Mutex::new(BTreeMap::new()),
-        done: Mutex::new(0),
-        arrivals: Mutex::new(BTreeMap::new()),
-        has_durable: !to_sinks.is_empty(),
         to_sinks,
-        dead,
         self_ack,
+        arrivals: arrivals.clone(),
+    }
+    .start(stage_rx)?;
+    let output = Arc::new(LiveOutput {
+        epochs: Mutex::new(BTreeMap::new()),
+        done: Mutex::new(0),
+        to_stage: stage_tx,
+        dead,
     });
     if cluster.is_multi() {
         eprintln!(
@@ -773,7 +850,6 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                 let _guard = PanicIsFatal(fatal_front.clone());
                 let ingest = move || -> Result<()> {
                     let mut batch = Vec::new();
-                    let mut dead = Vec::new();
                     let mut live_rx = live_rx;
                     // Whether anything was sent since the last checkpoint, and when that was.
                     let mut dirty = false;
@@ -799,30 +875,21 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                         );
                         pb
                     });
-                    let mut n = 0u64;
-                    let mut ends = std::collections::HashMap::<Kind, schemas::Millis>::new();
-                    for item in Merge::new(history) {
-                        match item {
-                            Input::Record(pos, rec) => {
-                                metrics::counter!("llamaflow_records_in_total", "kind" => rec.kind().name())
-                                    .increment(1);
-                                if !matches!(rec, Record::Rule(_) | Record::Protocol(_)) {
-                                    let e = ends.entry(rec.kind()).or_insert(schemas::Millis::MIN);
-                                    *e = (*e).max(rec.timestamp());
-                                }
-                                n += 1;
-                                engine.sequencer().push(pos, rec, &mut batch);
-                            }
-                            Input::Dead(d) => dead.push(d),
-                        }
-                        if batch.len() >= batch_max {
-                            engine.send(std::mem::take(&mut batch))?;
-                            if let Some(pb) = &progress {
-                                let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                                pb.set_message(format!("{n} records · {rate:.0} records/s"));
-                            }
-                        }
+                    // The CDC snapshot (rules, protocols) goes in before the history.
+                    if !batch.is_empty() {
+                        dirty = true;
+                        engine.send(std::mem::take(&mut batch))?;
                     }
+                    let mut ends = std::collections::HashMap::<Kind, schemas::Millis>::new();
+                    let mut history_feed = HistoryFeed {
+                        ends: &mut ends,
+                        output: &output,
+                        progress: progress.as_ref(),
+                        started,
+                    };
+                    let inputs = crate::replay::Inputs::from_sources(history);
+                    let n = crate::replay::feed(inputs, Some(&mut engine), batch_max, &mut history_feed)?;
+                    dirty |= n > 0;
                     if let Some(pb) = progress {
                         pb.finish_and_clear();
                     }
@@ -874,7 +941,6 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                         passed: Default::default(),
                     });
                     health_front.set_started();
-                    output.dead(0, &dead);
                     let mut sent_positions = positions.clone();
                     let mut first_arrival: Option<Instant> = None;
                     let mut last_send = Instant::now();
@@ -891,7 +957,9 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                                 last_ckpt = Instant::now();
                             }
                             if let Some(t) = first_arrival.take() {
-                                output.arrived(engine.epochs(), t);
+                                if let Ok(mut a) = arrivals.lock() {
+                                    a.insert(engine.epochs(), t);
+                                }
                                 if let Ok(mut c) = coordinator.lock() {
                                     c.ingested.insert(engine.epochs(), t);
                                 }
@@ -958,6 +1026,16 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         let render = Arc::new(move || recorder.render());
         let h = health.clone();
         let app = crate::http::app(hub.clone(), render, Arc::new(move || h.report()));
+        let app = match &live_view {
+            Some(v) => {
+                let keys = hub.clone();
+                app.merge(view::api::router(
+                    v.clone(),
+                    Arc::new(move |k: &str| keys.user_for_key(k)),
+                ))
+            }
+            None => app,
+        };
         let stop2 = stop.clone();
         let fatal2 = fatal.clone();
         let served = rt.block_on(async move {
@@ -976,8 +1054,12 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     front
         .join()
         .map_err(|_| anyhow::anyhow!("the ingest thread panicked"))??;
-    // The dataflow has finished: every batch is queued to the sinks; wait until written.
+    // The dataflow has finished: every epoch is with the output stage, which queues it to
+    // the sinks; wait until written.
     drop(output);
+    stage
+        .join()
+        .map_err(|_| anyhow::anyhow!("the output thread panicked"))?;
     rt.block_on(async {
         for t in sink_tasks {
             let _ = t.await;

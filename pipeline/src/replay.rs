@@ -6,14 +6,14 @@
 //! never cut between records with equal timestamps.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use operators::OpConfig;
@@ -89,6 +89,10 @@ pub struct ReplayArgs {
     /// Where to write dead letters (JSONL); default: standard error.
     #[arg(long = "dead-letter-out", value_name = "F")]
     pub dead_letter_out: Option<PathBuf>,
+    /// Write the final live state (SPEC §8: protocols, chains, categories, prices) here as one
+    /// JSON document; byte-identical for any `--workers`.
+    #[arg(long = "state-out", value_name = "F")]
+    pub state_out: Option<PathBuf>,
     /// Dataflow worker threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub workers: u32,
@@ -143,6 +147,37 @@ struct FileOutput {
     dead: Mutex<JsonlWriter>,
     counts: [AtomicU64; 3],
     error: Mutex<Option<String>>,
+    /// With `--state-out`: the live view, fed epoch by epoch.
+    state: Option<StateOutput>,
+}
+
+/// Gathers the outputs of each epoch and applies completed epochs to a live view, as the
+/// running job does (so `--state-out` is what the read API would answer).
+#[derive(Default)]
+struct StateOutput {
+    epochs: Mutex<BTreeMap<u64, view::Epoch>>,
+    view: view::LiveView,
+}
+
+impl StateOutput {
+    fn with_epoch(&self, epoch: u64, f: impl FnOnce(&mut view::Epoch)) {
+        if let Ok(mut e) = self.epochs.lock() {
+            f(e.entry(epoch).or_default());
+        }
+    }
+
+    fn done(&self, upto: u64) {
+        let ready = match self.epochs.lock() {
+            Ok(mut e) => {
+                let rest = e.split_off(&upto);
+                std::mem::replace(&mut *e, rest)
+            }
+            Err(_) => return,
+        };
+        for (epoch, out) in ready {
+            self.view.apply(epoch + 1, &out);
+        }
+    }
 }
 
 impl FileOutput {
@@ -161,16 +196,32 @@ impl FileOutput {
 }
 
 impl Output for FileOutput {
-    fn alerts(&self, _epoch: u64, alerts: &[Alert]) {
+    fn alerts(&self, epoch: u64, alerts: &[Alert]) {
         self.write_all(&self.alerts, alerts, 0);
+        if let Some(s) = &self.state {
+            s.with_epoch(epoch, |e| e.alerts.extend_from_slice(alerts));
+        }
     }
-    fn events(&self, _epoch: u64, events: &[Event]) {
+    fn events(&self, epoch: u64, events: &[Event]) {
         if let Some(w) = &self.events {
             self.write_all(w, events, 1);
+        }
+        if let Some(s) = &self.state {
+            s.with_epoch(epoch, |e| e.events.extend_from_slice(events));
         }
     }
     fn dead(&self, _epoch: u64, dead: &[DeadLetter]) {
         self.write_all(&self.dead, dead, 2);
+    }
+    fn state(&self, epoch: u64, state: &[operators::StateOut]) {
+        if let Some(s) = &self.state {
+            s.with_epoch(epoch, |e| e.state.extend_from_slice(state));
+        }
+    }
+    fn epochs_done(&self, upto: u64) {
+        if let Some(s) = &self.state {
+            s.done(upto);
+        }
     }
 }
 
@@ -257,6 +308,11 @@ pub struct Inputs {
 }
 
 impl Inputs {
+    /// Inputs made of already opened sources.
+    pub fn from_sources(sources: Vec<Source>) -> Inputs {
+        Inputs { sources, kafka: None }
+    }
+
     /// `Err` when a Kafka range could not be read to its end (call after draining).
     pub fn check(&self) -> Result<()> {
         if let Some(k) = &self.kafka {
@@ -353,9 +409,15 @@ pub trait Feed {
     fn progress(&mut self, _records_in: u64) {}
 }
 
-/// Merges `inputs` by event time and feeds them to `engine` in epochs of about `batch_size`
-/// records (never cut between equal timestamps); without an engine only `feed` sees them.
-/// Returns the valid records read.
+/// One hour of event time, in ms: epochs of history never span an hour boundary.
+const EPOCH_SPAN: Millis = 3_600_000;
+
+/// Merges `inputs` by event time and feeds them to `engine` in epochs of at most about
+/// `batch_size` records that never span a UTC hour of event time (so the live aggregates have
+/// hourly resolution over history) and are never cut between equal timestamps (the records of
+/// one protocol with one timestamp are one update, SPEC §2); without an engine only `feed`
+/// sees them. Returns the valid records read. `replay`, `export` and the history of `run` /
+/// `backfill` all go through here.
 pub fn feed(inputs: Inputs, mut engine: Option<&mut Engine>, batch_size: usize, feed: &mut dyn Feed) -> Result<u64> {
     let mut records_in = 0u64;
     let mut batch = Vec::with_capacity(batch_size + 16);
@@ -378,7 +440,8 @@ pub fn feed(inputs: Inputs, mut engine: Option<&mut Engine>, batch_size: usize, 
                 records_in += 1;
                 match engine.as_deref_mut() {
                     Some(engine) => {
-                        if batch.len() >= batch_size && ts != last_ts {
+                        let new_hour = ts.div_euclid(EPOCH_SPAN) != last_ts.div_euclid(EPOCH_SPAN);
+                        if !batch.is_empty() && ts != last_ts && (batch.len() >= batch_size || new_hour) {
                             engine.send(std::mem::take(&mut batch))?;
                             feed.progress(records_in);
                         }
@@ -496,9 +559,13 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
         }),
         counts: Default::default(),
         error: Mutex::new(None),
+        state: args.state_out.as_ref().map(|_| StateOutput::default()),
     });
+    // `--state-out` needs the market events (the view is built from them), not their file.
+    let events = args.events_out.is_some() || args.state_out.is_some();
     let cfg = OpConfig {
-        emit_events: args.events_out.is_some(),
+        emit_events: events,
+        live_state: events,
         ..OpConfig::default()
     };
     let mut engine = Engine::start(args.workers as usize, cfg, output.clone(), Default::default())?;
@@ -531,6 +598,14 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
         .into_inner()
         .map_err(|_| anyhow::anyhow!("dead-letter writer poisoned"))?
         .finish()?;
+    if let (Some(path), Some(state)) = (&args.state_out, &output.state) {
+        // Epochs still gathered (an empty frontier reports no final `epochs_done`).
+        state.done(u64::MAX);
+        let doc = state.view.current().document();
+        let mut text = serde_json::to_string(&doc).context("cannot encode the live state")?;
+        text.push('\n');
+        std::fs::write(path, text).map_err(|e| UsageError(format!("--state-out {}: {e}", path.display())))?;
+    }
     Ok(Summary {
         records_in,
         alerts_out: output.counts[0].load(Ordering::Relaxed),

@@ -2,8 +2,10 @@
 //! up, with a JSONL sink so `/readyz` reports a sink) and headless Chromium driven through
 //! chromedriver's W3C WebDriver HTTP API (a few JSON requests over a plain TCP socket; no
 //! WebDriver crate). The test reads the page's DOM through the hooks documented at the top of
-//! `pipeline/assets/dashboard.html` and checks that it connects, fills the price table, keeps
-//! updating, shows pipeline health (records/s, readiness, sinks) and shows an alert.
+//! `pipeline/assets/dashboard.html` and checks that it is full within 2 s of opening (the
+//! server's snapshot frames: prices, TVL, the TVL-by-chain chart), fills the category table and
+//! the price sparklines, keeps updating, shows pipeline health (records/s, readiness, sinks) and
+//! shows an alert.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`/usr/bin/chromium`, `/usr/bin/chromedriver`;
 //! `LLAMAFLOW_CHROMIUM` / `LLAMAFLOW_CHROMEDRIVER` override the paths). Without them the test
@@ -27,6 +29,10 @@ const SPEED: u32 = 60;
 /// Feed minutes replayed at once on start: live data starts at minute 58, so the script's alerts
 /// come 5–14 s after start (and again a minute later).
 const WARMUP_MINUTES: u32 = 58;
+
+/// How soon after navigation the page must show prices, TVL rows and chain bars: the job has
+/// state by then (the warmup), and the WebSocket snapshots carry it, so no waiting for events.
+const FULL_WITHIN_MS: f64 = 2000.0;
 
 /// A process this test started, killed with its whole process group when dropped (chromedriver
 /// starts Chromium and its helpers in the same group).
@@ -220,6 +226,7 @@ const q = (s) => document.querySelector(s);
 const num = (el) => el && el.dataset.value !== undefined ? Number(el.dataset.value) : null;
 const text = (el, s) => { const e = el.querySelector(s); return e ? e.textContent : null; };
 return {
+  since_navigation_ms: performance.now(),
   status: q("#status").dataset.state,
   status_text: q("#status").textContent,
   events_total: num(q("#events-total")),
@@ -228,6 +235,17 @@ return {
     price: tr.dataset.price === undefined ? null : Number(tr.dataset.price),
   })),
   tvl_rows: document.querySelectorAll("#tvl tbody tr[data-protocol]").length,
+  chain_bars: [...document.querySelectorAll("#chain-chart .chain-bar")].map((g) => ({
+    chain: g.dataset.chain, name: g.dataset.name, label: text(g, ".label"), value: text(g, ".value"),
+    tvl: g.dataset.tvl === undefined ? null : Number(g.dataset.tvl),
+  })),
+  categories: [...document.querySelectorAll("#category-table tbody tr.category-row")].map((tr) => ({
+    category: tr.dataset.category === undefined ? null : tr.dataset.category, name: text(tr, ".category"),
+    text: text(tr, ".tvl"), tvl: tr.dataset.tvl === undefined ? null : Number(tr.dataset.tvl),
+  })),
+  sparklines: [...document.querySelectorAll("#prices .sparkline")].map((s) => ({
+    coin: s.dataset.coin, points: Number(s.dataset.points),
+  })),
   alerts: [...document.querySelectorAll("#alerts li[data-alert-id]")].map((li) => ({
     id: li.dataset.alertId, msg: text(li, ".msg"), type: text(li, ".type"),
   })),
@@ -246,17 +264,56 @@ return {
 /// Polls the page until `ok` holds for a snapshot; fails with the last snapshot.
 fn wait_for(browser: &Browser, what: &str, within: Duration, ok: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + within;
+    poll(
+        browser,
+        what,
+        &format!("{within:?}"),
+        Duration::from_millis(250),
+        |_| Instant::now() >= deadline,
+        ok,
+    )
+}
+
+/// Polls the page every `every` until `ok` holds for a snapshot; fails with the last snapshot
+/// (which did not satisfy `ok`) once `expired` holds for it.
+fn poll(
+    browser: &Browser,
+    what: &str,
+    within: &str,
+    every: Duration,
+    expired: impl Fn(&Value) -> bool,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
     loop {
         let snap = browser.eval(SNAPSHOT);
         if ok(&snap) {
             return snap;
         }
         assert!(
-            Instant::now() < deadline,
-            "dashboard: no {what} within {within:?}; page state: {snap:#}"
+            !expired(&snap),
+            "dashboard: no {what} within {within}; page state: {snap:#}"
         );
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(every);
     }
+}
+
+/// Milliseconds since the page's navigation started (its `performance.now()`) when the snapshot
+/// was read.
+fn since_navigation_ms(snap: &Value) -> f64 {
+    snap["since_navigation_ms"].as_f64().unwrap_or(f64::INFINITY)
+}
+
+fn rows(snap: &Value, key: &str) -> usize {
+    snap[key].as_array().map_or(0, Vec::len)
+}
+
+/// A short USD amount as the page shows TVL: `$12.3B`, `$12.34B`, `$456M`, `$1.2T`, `$980`.
+fn is_short_usd(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix('$') else {
+        return false;
+    };
+    let digits = rest.strip_suffix(['K', 'M', 'B', 'T']).unwrap_or(rest);
+    !digits.is_empty() && digits.parse::<f64>().is_ok_and(f64::is_finite)
 }
 
 /// `$1,234.56` / `$0.9981` → the number.
@@ -287,11 +344,63 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let chunked = head
+        .to_ascii_lowercase()
+        .lines()
+        .any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
+    (status, if chunked { dechunk(body) } else { body.to_string() })
+}
+
+/// The body of a `Transfer-Encoding: chunked` response.
+fn dechunk(mut raw: &str) -> String {
+    let mut body = String::new();
+    while let Some((size, rest)) = raw.split_once("\r\n") {
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        body.push_str(&rest[..size]);
+        raw = rest[size..].strip_prefix("\r\n").unwrap_or(&rest[size..]);
+    }
+    body
+}
+
+/// Waits until the job is ready (`/readyz` 200) and its live state (SPEC §8, what the WebSocket
+/// snapshots carry) holds the warmup's chains, categories, protocols and prices; panics with what
+/// was missing.
+fn wait_for_live_state(port: u16, within: Duration, log: impl Fn() -> String) {
+    let deadline = Instant::now() + within;
+    let non_empty = |path: &str| {
+        let (code, body) = http_get(port, path);
+        code == 200 && serde_json::from_str::<Value>(&body).is_ok_and(|v| v.as_array().is_some_and(|a| !a.is_empty()))
+    };
+    loop {
+        let missing: Vec<&str> = [
+            ("/readyz", http_get(port, "/readyz").0 == 200),
+            ("/v2/chains", non_empty("/v2/chains")),
+            ("/categories", non_empty("/categories")),
+            ("/protocols", non_empty("/protocols")),
+            ("/prices/current/coingecko:ethereum", {
+                let (code, body) = http_get(port, "/prices/current/coingecko:ethereum");
+                code == 200
+                    && serde_json::from_str::<Value>(&body)
+                        .is_ok_and(|v| v["coins"]["coingecko:ethereum"]["price"].as_f64().is_some())
+            }),
+        ]
+        .into_iter()
+        .filter_map(|(path, ok)| (!ok).then_some(path))
+        .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "llamaflow run: no live state within {within:?} (not ready or empty: {missing:?}); log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn start_llamaflow(dir: &Path, port: u16) -> Proc {
@@ -342,7 +451,95 @@ fn dashboard_shows_live_data_and_pipeline_health_in_headless_chromium() {
         "llamaflow run did not listen on {port}; log:\n{}",
         log()
     );
+    // The server up and the warmup ingested before the page opens: the 2 s below are the page's.
+    wait_for_live_state(port, Duration::from_secs(30), log);
+    eprintln!("live state served {:?} after the job started", started.elapsed());
     browser.goto(&format!("http://127.0.0.1:{port}/"));
+
+    // 0. Full the moment it opens: within 2 s of navigation (the page's own clock), the snapshot
+    // frames have filled the prices and TVL tables and drawn the TVL-by-chain chart.
+    let full = poll(
+        &browser,
+        "price rows, TVL rows and chain bars",
+        &format!("{FULL_WITHIN_MS} ms of navigation"),
+        Duration::from_millis(25),
+        |s| since_navigation_ms(s) > FULL_WITHIN_MS,
+        |s| rows(s, "prices") > 0 && s["tvl_rows"].as_u64() > Some(0) && rows(s, "chain_bars") > 0,
+    );
+    assert!(
+        since_navigation_ms(&full) <= FULL_WITHIN_MS,
+        "dashboard full only {} ms after navigation (want ≤ {FULL_WITHIN_MS}); page state: {full:#}",
+        since_navigation_ms(&full)
+    );
+    eprintln!(
+        "page full {:.0} ms after navigation: {} prices, {} TVL rows, {} chain bars, {} categories, {} sparklines",
+        since_navigation_ms(&full),
+        rows(&full, "prices"),
+        full["tvl_rows"],
+        rows(&full, "chain_bars"),
+        rows(&full, "categories"),
+        rows(&full, "sparklines")
+    );
+    // The chart: the top chains (at most 12), largest first, each with its name and a short USD value.
+    let bars = full["chain_bars"].as_array().unwrap();
+    assert!(bars.len() <= 12, "more than 12 chain bars: {full:#}");
+    for bar in bars {
+        assert!(
+            !bar["chain"].as_str().unwrap_or("").is_empty(),
+            "bar without data-chain: {bar}"
+        );
+        assert!(
+            !bar["label"].as_str().unwrap_or("").trim().is_empty(),
+            "bar without a name: {bar}"
+        );
+        assert!(
+            is_short_usd(bar["value"].as_str().unwrap_or("")),
+            "bar value not like $12.3B: {bar}"
+        );
+        assert!(
+            bar["tvl"].as_f64().is_some_and(|t| t >= 0.0),
+            "bar without data-tvl: {bar}"
+        );
+    }
+    let tvls: Vec<f64> = bars.iter().filter_map(|b| b["tvl"].as_f64()).collect();
+    assert!(
+        tvls.windows(2).all(|w| w[0] >= w[1]),
+        "chain bars not by TVL descending: {tvls:?}"
+    );
+
+    // The category table and the sparklines (one per priced coin, from the snapshot point on).
+    let filled = wait_for(
+        &browser,
+        "category rows and price sparklines",
+        Duration::from_secs(10),
+        |s| rows(s, "categories") > 0 && rows(s, "sparklines") > 0,
+    );
+    for cat in filled["categories"].as_array().unwrap() {
+        let name = cat["name"].as_str().unwrap_or("").trim();
+        assert!(!name.is_empty(), "category row without a name: {cat}");
+        if cat["category"] == "" {
+            assert_eq!(name, "Uncategorised", "{cat}");
+        }
+        assert!(is_short_usd(cat["text"].as_str().unwrap_or("")), "category TVL: {cat}");
+    }
+    let cat_tvls: Vec<f64> = filled["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["tvl"].as_f64())
+        .collect();
+    assert!(
+        cat_tvls.windows(2).all(|w| w[0] >= w[1]),
+        "categories not by TVL descending: {cat_tvls:?}"
+    );
+    assert!(
+        filled["sparklines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["points"].as_u64().is_some_and(|n| (1..=60).contains(&n))),
+        "sparklines hold 1..=60 points each: {filled:#}"
+    );
 
     // 1. Connected, and the price table shows coins with numeric prices.
     let first = wait_for(
@@ -373,7 +570,19 @@ fn dashboard_shows_live_data_and_pipeline_health_in_headless_chromium() {
         "the page did not change in 4 s: events {e1:?} -> {e2:?}, no price changed; page: {second:#}"
     );
     assert!(second["tvl_rows"].as_u64() > Some(0), "TVL table empty: {second:#}");
-    eprintln!("after 4 s: {changed} prices changed, events {e1:?} -> {e2:?}");
+    // A changed price came as a price_update event, which the coin's sparkline took as a point.
+    let most_points = second["sparklines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["points"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        changed == 0 || most_points >= 2,
+        "{changed} prices changed but no sparkline has 2 points: {second:#}"
+    );
+    eprintln!("after 4 s: {changed} prices changed, events {e1:?} -> {e2:?}, sparklines up to {most_points} points");
 
     // 3. Pipeline health: records/s > 0 from /metrics, readiness and the sink from /readyz.
     let health = wait_for(&browser, "pipeline health", Duration::from_secs(30), |s| {

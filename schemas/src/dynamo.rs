@@ -4,6 +4,7 @@ use serde_json::{Map, Value};
 
 use crate::parse::{InvalidRecord, normalize_coin};
 use crate::records::TvlUpdate;
+use crate::records::is_sub_bucket;
 use crate::time::{Millis, seconds_to_millis};
 
 /// A decoded price item; `price` is `None` for a pure redirect, which the export reader
@@ -37,19 +38,6 @@ pub enum DynamoRecord {
     Price(PriceItem),
 }
 
-/// TVL types kept apart from chain TVL (`staking`, `ethereum-staking`, …).
-const TVL_TYPES: [&str; 9] = [
-    "staking",
-    "pool2",
-    "borrowed",
-    "doublecounted",
-    "liquidstaking",
-    "vesting",
-    "dcandlsoverlap",
-    "offers",
-    "treasury",
-];
-
 /// Attributes of a TVL item that are neither chains nor sub-buckets.
 const TVL_NOT_CHAINS: [&str; 7] = [
     "PK",
@@ -60,11 +48,6 @@ const TVL_NOT_CHAINS: [&str; 7] = [
     "tvlPrev1Week",
     "totalCirculating",
 ];
-
-fn is_sub_bucket(name: &str) -> bool {
-    let lc = name.to_ascii_lowercase();
-    TVL_TYPES.contains(&lc.as_str()) || lc.rsplit_once('-').is_some_and(|(_, t)| TVL_TYPES.contains(&t))
-}
 
 /// Reads a DynamoDB attribute value as a string (`S`, or `N` as its text).
 fn attr_str(v: &Value) -> Option<&str> {

@@ -5,6 +5,7 @@
 //! deterministic `alert_id`, and the decoding of DynamoDB-JSON items from DeFiLlama's
 //! `prod-table` and `prod-coins-table`.
 
+pub mod chains;
 pub mod dynamo;
 pub mod env;
 pub mod migrations;

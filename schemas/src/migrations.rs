@@ -2,7 +2,13 @@
 //! (and by tests) inside one transaction each, recorded in `llamaflow_migrations`.
 
 /// `(name, sql)` of every migration, oldest first.
-pub const ALL: &[(&str, &str)] = &[("0001_init", include_str!("../migrations/0001_init.sql"))];
+pub const ALL: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../migrations/0001_init.sql")),
+    (
+        "0002_protocol_symbol",
+        include_str!("../migrations/0002_protocol_symbol.sql"),
+    ),
+];
 
 /// The bookkeeping table, created before any migration runs.
 pub const BOOKKEEPING: &str = "CREATE TABLE IF NOT EXISTS llamaflow_migrations (

@@ -234,6 +234,34 @@ pub enum EventData {
         #[serde(serialize_with = "ser_seconds")]
         timestamp: Millis,
     },
+    /// A chain's TVL summed over protocols changed in an epoch (SPEC §3, §8).
+    ChainTvlUpdate {
+        /// Chain key (`ethereum`).
+        chain: String,
+        /// Display name (`Ethereum`), or the key when not in the shipped table.
+        name: String,
+        /// Sum over protocols of their latest TVL on the chain.
+        tvl: f64,
+        /// Percent change over 1 day, null without a reference.
+        change_1d: Option<f64>,
+        /// Percent change over 7 days, null without a reference.
+        change_7d: Option<f64>,
+        /// How many protocols have TVL on the chain (0: the chain left the aggregate).
+        protocols: u64,
+    },
+    /// A category's TVL summed over its protocols changed in an epoch (SPEC §3, §8).
+    CategoryTvlUpdate {
+        /// Category; null for protocols without metadata.
+        category: Option<String>,
+        /// Sum over the category's protocols of their total TVL.
+        tvl: f64,
+        /// Percent change over 1 day, null without a reference.
+        change_1d: Option<f64>,
+        /// Percent change over 7 days, null without a reference.
+        change_7d: Option<f64>,
+        /// How many protocols with TVL the category has (0: it left the aggregate).
+        protocols: u64,
+    },
     /// A gas tick.
     GasUpdate {
         /// Chain.
@@ -256,6 +284,8 @@ impl EventData {
             EventData::WhaleTransfer { .. } => "whale_transfer",
             EventData::Liquidation { .. } => "liquidation",
             EventData::GasUpdate { .. } => "gas_update",
+            EventData::ChainTvlUpdate { .. } => "chain_tvl_update",
+            EventData::CategoryTvlUpdate { .. } => "category_tvl_update",
         }
     }
 }
@@ -325,6 +355,11 @@ impl Event {
                 out.push(format!("gas:{chain}"));
                 out.push(format!("chain:{chain}"));
             }
+            EventData::ChainTvlUpdate { chain, .. } => {
+                out.push("chains".to_string());
+                out.push(format!("chain:{chain}"));
+            }
+            EventData::CategoryTvlUpdate { .. } => out.push("categories".to_string()),
         }
         out
     }

@@ -347,11 +347,17 @@ fn parse_general(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
             if tvl < 0.0 {
                 return Err(bad(format!("field `tvl` must be ≥ 0, got {tvl}")));
             }
+            // A sub-bucket (`ethereum-staking`) is kept as extra data, as in DynamoDB items.
+            let (chains, extra) = if crate::records::is_sub_bucket(&chain) {
+                (Vec::new(), vec![(chain, tvl)])
+            } else {
+                (vec![(chain, tvl)], Vec::new())
+            };
             Record::Tvl(TvlUpdate {
                 protocol_id,
                 timestamp: r.timestamp.time()?,
-                chains: vec![(chain, tvl)],
-                extra: Vec::new(),
+                chains,
+                extra,
             })
         }
         Kind::Transfer => {
@@ -443,6 +449,7 @@ pub fn parse_protocol_value(v: &serde_json::Value) -> Result<Protocol, InvalidRe
     Ok(Protocol {
         id,
         name,
+        symbol: s("symbol")?,
         slug: s("slug")?,
         category: s("category")?,
         chains,

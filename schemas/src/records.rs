@@ -143,6 +143,26 @@ pub struct Liquidation {
     pub timestamp: Millis,
 }
 
+/// TVL types kept apart from chain TVL (`staking`, `ethereum-staking`, …).
+const TVL_TYPES: [&str; 9] = [
+    "staking",
+    "pool2",
+    "borrowed",
+    "doublecounted",
+    "liquidstaking",
+    "vesting",
+    "dcandlsoverlap",
+    "offers",
+    "treasury",
+];
+
+/// Whether a TVL key names a sub-bucket (`staking`, `ethereum-staking`, `pool2`, …) rather
+/// than a chain: kept as extra data, never counted in TVL (SPEC §1, §8).
+pub fn is_sub_bucket(name: &str) -> bool {
+    let kind = name.rsplit_once('-').map_or(name, |(_, t)| t);
+    TVL_TYPES.iter().any(|t| t.eq_ignore_ascii_case(kind))
+}
+
 /// Protocol metadata (a row of `protocols`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Protocol {
@@ -150,6 +170,8 @@ pub struct Protocol {
     pub id: String,
     /// Display name.
     pub name: String,
+    /// Token symbol, when the protocol has one.
+    pub symbol: Option<String>,
     /// URL slug.
     pub slug: Option<String>,
     /// Category (Lending, Dexes, …).
@@ -222,7 +244,7 @@ impl Record {
             Record::Gas(g) => json!({"chain": g.chain, "gwei": g.gwei, "timestamp": format_seconds(g.timestamp)}),
             Record::Liquidation(l) => json!({"protocol_id": l.protocol_id, "chain": l.chain,
                 "account": l.account, "amount_usd": l.amount_usd, "timestamp": format_seconds(l.timestamp)}),
-            Record::Protocol(p) => json!({"id": p.id, "name": p.name, "slug": p.slug,
+            Record::Protocol(p) => json!({"id": p.id, "name": p.name, "symbol": p.symbol, "slug": p.slug,
                 "category": p.category, "chains": p.chains}),
             Record::Rule(r) => r.to_json(),
         };

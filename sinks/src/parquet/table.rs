@@ -428,7 +428,9 @@ impl Columns {
 fn headline(d: &EventData) -> Option<f64> {
     Some(match d {
         EventData::PriceUpdate { price, .. } | EventData::Depeg { price, .. } => *price,
-        EventData::TvlUpdate { tvl, .. } => *tvl,
+        EventData::TvlUpdate { tvl, .. }
+        | EventData::ChainTvlUpdate { tvl, .. }
+        | EventData::CategoryTvlUpdate { tvl, .. } => *tvl,
         EventData::WhaleTransfer { value_usd, .. } => *value_usd,
         EventData::Liquidation { amount_usd, .. } => *amount_usd,
         EventData::GasUpdate { gwei, .. } => *gwei,

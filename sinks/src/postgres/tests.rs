@@ -195,9 +195,19 @@ async fn migrate_applies_once_concurrently_and_creates_the_tables() {
     let (ra, rb) = tokio::join!(migrate(&a), migrate(&b));
     let mut applied: Vec<String> = ra.unwrap().into_iter().chain(rb.unwrap()).collect();
     applied.sort();
-    assert_eq!(applied, vec!["0001_init".to_string()], "exactly one caller applies it");
+    assert_eq!(
+        applied,
+        vec!["0001_init".to_string(), "0002_protocol_symbol".to_string()],
+        "exactly one caller applies each"
+    );
     assert_eq!(migrate(&a).await.unwrap(), Vec::<String>::new());
-    assert_eq!(psql(&pg, "SELECT name FROM llamaflow_migrations"), "0001_init");
+    assert_eq!(
+        psql(
+            &pg,
+            "SELECT string_agg(name, ',' ORDER BY name) FROM llamaflow_migrations"
+        ),
+        "0001_init,0002_protocol_symbol"
+    );
     assert_eq!(
         psql(
             &pg,

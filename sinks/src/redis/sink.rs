@@ -73,13 +73,20 @@ struct GasValue {
 }
 
 /// The latest-value key of an event and its event time; `None` for events without one.
-fn latest_key(data: &EventData) -> Option<(String, Millis)> {
-    match data {
+/// Aggregates (SPEC §8) are kept under `chain_tvl:<chain>` and `category_tvl:<category>`
+/// (`category_tvl:null` for protocols without a category), stamped with the event's time.
+fn latest_key(event: &Event) -> Option<(String, Millis)> {
+    match &event.data {
         EventData::PriceUpdate { coin, timestamp, .. } => Some((format!("price:{coin}"), *timestamp)),
         EventData::TvlUpdate {
             protocol_id, timestamp, ..
         } => Some((format!("tvl:{protocol_id}"), *timestamp)),
         EventData::GasUpdate { chain, timestamp, .. } => Some((format!("gas:{chain}"), *timestamp)),
+        EventData::ChainTvlUpdate { chain, .. } => Some((format!("chain_tvl:{chain}"), event.timestamp)),
+        EventData::CategoryTvlUpdate { category, .. } => Some((
+            format!("category_tvl:{}", category.as_deref().unwrap_or("null")),
+            event.timestamp,
+        )),
         EventData::Depeg { .. } | EventData::WhaleTransfer { .. } | EventData::Liquidation { .. } => None,
     }
 }
@@ -124,6 +131,7 @@ fn latest_value(data: &EventData) -> Result<Option<String>, serde_json::Error> {
             timestamp: *timestamp,
         })
         .map(Some),
+        EventData::ChainTvlUpdate { .. } | EventData::CategoryTvlUpdate { .. } => serde_json::to_string(data).map(Some),
         EventData::Depeg { .. } | EventData::WhaleTransfer { .. } | EventData::Liquidation { .. } => Ok(None),
     }
 }
@@ -132,7 +140,7 @@ fn latest_value(data: &EventData) -> Result<Option<String>, serde_json::Error> {
 pub(crate) fn newest_per_key(events: &[Event]) -> BTreeMap<String, &Event> {
     let mut newest: BTreeMap<String, (Millis, &Event)> = BTreeMap::new();
     for e in events {
-        let Some((key, ts)) = latest_key(&e.data) else {
+        let Some((key, ts)) = latest_key(e) else {
             continue;
         };
         match newest.entry(key) {

@@ -31,7 +31,7 @@ pub(crate) fn normalize(raw: &str) -> Result<String, ChannelError> {
         return Err(unknown());
     }
     match raw {
-        "prices" | "tvl" | "depeg" | "whales" | "liquidations" | "gas" | ALERTS => {
+        "prices" | "tvl" | "depeg" | "whales" | "liquidations" | "gas" | "chains" | "categories" | ALERTS => {
             return Ok(raw.to_string());
         }
         _ => {}
@@ -87,6 +87,8 @@ mod tests {
             "liquidations",
             "gas",
             "gas:arbitrum",
+            "chains",
+            "categories",
             "alerts",
         ] {
             assert_eq!(normalize(ch).as_deref(), Ok(ch), "{ch}");

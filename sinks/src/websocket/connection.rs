@@ -228,13 +228,13 @@ pub(crate) fn handle_text(hub: &Hub, conn: &Arc<Conn>, text: &str) -> Vec<String
                     Err(ChannelError::Forbidden(ch)) => forbidden.push(ch),
                 }
             }
-            let (subscribed, over) = if valid.is_empty() {
-                (valid, Vec::new())
+            let (subscribed, over, acked) = if valid.is_empty() {
+                (valid, Vec::new(), false)
             } else {
                 hub.subscribe(conn, valid)
             };
             let mut replies = Vec::new();
-            if !subscribed.is_empty() {
+            if !subscribed.is_empty() && !acked {
                 replies.push(ack_frame("subscribed", &subscribed));
             }
             if !unknown.is_empty() {

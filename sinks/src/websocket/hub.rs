@@ -13,7 +13,16 @@ use schemas::{Alert, Event};
 
 use super::WsConfig;
 use super::channel::ALERTS;
-use super::protocol::{EventFrames, alert_frame};
+use super::protocol::{EventFrames, ack_frame, alert_frame, snapshot_frame};
+
+/// The current state of channels, for the `snapshot` frame a subscriber gets right after
+/// `subscribed` (SPEC §8). Called with publishing held back (see [`Hub::publish_epoch`]), so
+/// the snapshot and the events that follow it are consistent.
+pub trait SnapshotSource: Send + Sync + 'static {
+    /// The channel's current state as `data` items and the `as_of` (ms) of the state; `None`
+    /// for a channel without state.
+    fn snapshot(&self, channel: &str, user_id: Option<&str>) -> Option<(Vec<serde_json::Value>, i64)>;
+}
 
 /// Shortest ping interval used, whatever the configuration says.
 const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
@@ -184,6 +193,10 @@ struct Inner {
     closed: AtomicBool,
     /// Connection tasks still running (including their closing handshakes).
     live: watch::Sender<usize>,
+    /// Where snapshots come from; without one, subscribers get no snapshot.
+    snapshots: std::sync::OnceLock<Arc<dyn SnapshotSource>>,
+    /// Held while an epoch is published and while a subscriber gets its snapshot.
+    gate: Mutex<()>,
 }
 
 /// The WebSocket fanout hub: the dataflow publishes into it, connections subscribe to it.
@@ -237,8 +250,28 @@ impl Hub {
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 live: watch::Sender::new(0),
+                snapshots: std::sync::OnceLock::new(),
+                gate: Mutex::new(()),
             }),
         }
+    }
+
+    /// Sets where subscribers' snapshots come from (once; later calls are ignored).
+    pub fn set_snapshots(&self, source: Arc<dyn SnapshotSource>) {
+        let _ = self.inner.snapshots.set(source);
+    }
+
+    /// Runs `publish` — one epoch's state update and its `publish_*` calls — with
+    /// subscriptions held back: a subscriber's snapshot is taken between two epochs, never
+    /// inside one, so snapshot + the events after it have no gap and no duplicate.
+    pub fn publish_epoch<R>(&self, publish: impl FnOnce() -> R) -> R {
+        let _gate = lock(&self.inner.gate);
+        publish()
+    }
+
+    /// The user an API key belongs to (`None`: unknown key).
+    pub fn user_for_key(&self, key: &str) -> Option<String> {
+        read(&self.inner.keys).get(key).cloned()
     }
 
     /// Publishes a market event on each of its channels (`Event::channels`).
@@ -405,12 +438,17 @@ impl Hub {
     }
 
     /// Subscribes `conn` to already validated channels, up to the subscription limit.
-    /// Returns (subscribed — including ones it already had, refused over the limit).
-    pub(crate) fn subscribe(&self, conn: &Arc<Conn>, channels: Vec<String>) -> (Vec<String>, Vec<String>) {
+    /// Returns (subscribed — including ones it already had, refused over the limit, whether
+    /// the `subscribed` ack was queued here). With a [`SnapshotSource`], the ack and a
+    /// snapshot of each newly subscribed channel are queued here, in the connection's event
+    /// queue, before any later event.
+    pub(crate) fn subscribe(&self, conn: &Arc<Conn>, channels: Vec<String>) -> (Vec<String>, Vec<String>, bool) {
         let max = self.inner.limits.max_subscriptions;
+        let snapshots = self.inner.snapshots.get();
+        let _gate = snapshots.map(|_| lock(&self.inner.gate));
         let mut reg = write(&self.inner.registry);
         let Some(entry) = reg.conns.get_mut(&conn.id) else {
-            return (Vec::new(), channels);
+            return (Vec::new(), channels, false);
         };
         let mut added = Vec::new();
         let mut ok = Vec::new();
@@ -429,7 +467,19 @@ impl Hub {
         for ch in &added {
             reg.add_sub(conn, ch);
         }
-        (ok, over)
+        let Some(source) = snapshots else {
+            return (ok, over, false);
+        };
+        if !ok.is_empty() {
+            conn.offer(&Utf8Bytes::from(ack_frame("subscribed", &ok)));
+        }
+        for ch in &added {
+            if let Some((data, as_of)) = source.snapshot(ch, conn.user_id.as_deref()) {
+                metrics::counter!("llamaflow_ws_snapshots_total").increment(1);
+                conn.offer(&Utf8Bytes::from(snapshot_frame(ch, &data, as_of)));
+            }
+        }
+        (ok, over, true)
     }
 
     /// Unsubscribes `conn` from already validated channels.
@@ -523,7 +573,7 @@ mod tests {
             ..WsConfig::default()
         });
         let (conn, _rx) = hub.register(Some("u1".into())).unwrap();
-        let (ok, over) = hub.subscribe(&conn, vec!["prices".into(), "alerts".into(), "tvl".into()]);
+        let (ok, over, _) = hub.subscribe(&conn, vec!["prices".into(), "alerts".into(), "tvl".into()]);
         assert_eq!(ok, ["prices", "alerts"]);
         assert_eq!(over, ["tvl"]);
         {
@@ -532,7 +582,7 @@ mod tests {
             assert!(reg.alerts.get("u1").is_some_and(|m| m.contains_key(&conn.id)));
         }
         hub.unsubscribe(&conn, &["prices".into()]);
-        let (ok, over) = hub.subscribe(&conn, vec!["alerts".into(), "tvl".into()]);
+        let (ok, over, _) = hub.subscribe(&conn, vec!["alerts".into(), "tvl".into()]);
         assert_eq!((ok.len(), over.len()), (2, 0));
         hub.unregister(conn.id);
         let reg = read(&hub.inner.registry);

@@ -36,7 +36,13 @@
 //!   `{"type":"error","code":"bad_request"|"unknown_channel"|"forbidden"|"rate_limited","message":".."}`.
 //! - Channels: `prices`, `prices:<coin>` (coin ids are normalised as in the input, so
 //!   `prices:ethereum:0xA0B8…` is `prices:ethereum:0xa0b8…`), `tvl`, `tvl:<protocol_id>`,
-//!   `chain:<chain>`, `depeg`, `whales`, `liquidations`, `gas`, `gas:<chain>`, `alerts`.
+//!   `chain:<chain>`, `chains`, `categories`, `depeg`, `whales`, `liquidations`, `gas`,
+//!   `gas:<chain>`, `alerts`.
+//! - Snapshots (SPEC §8): with a [`SnapshotSource`] set on the hub, `subscribed` and then one
+//!   `{"type":"snapshot","channel":C,"data":[..],"as_of":<ms>}` per newly subscribed channel are
+//!   queued with the connection's events, while publishing is held back
+//!   ([`Hub::publish_epoch`]): the snapshot and the events after it have no gap and no
+//!   duplicate.
 //!   An event is delivered once per subscribed channel it is published on: a connection on both
 //!   `prices` and `prices:coingecko:ethereum` gets an ETH tick twice, with two `channel` values.
 //! - A subscribe request is applied channel by channel: the valid ones are subscribed and
@@ -80,7 +86,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
-pub use hub::Hub;
+pub use hub::{Hub, SnapshotSource};
 pub use server::{router, serve};
 
 /// Configuration of the WebSocket fanout.

@@ -69,6 +69,11 @@ pub(crate) fn ack_frame(kind: &'static str, channels: &[String]) -> String {
     json!({"type": kind, "channels": channels}).to_string()
 }
 
+/// `{"type":"snapshot","channel":C,"data":[..],"as_of":<ms>}` (SPEC §8).
+pub(crate) fn snapshot_frame(channel: &str, data: &[serde_json::Value], as_of: i64) -> String {
+    json!({"type": "snapshot", "channel": channel, "data": data, "as_of": as_of}).to_string()
+}
+
 /// `{"type":"pong","timestamp":<ms>}`.
 pub(crate) fn pong_frame(now_ms: i64) -> String {
     json!({"type": "pong", "timestamp": now_ms}).to_string()

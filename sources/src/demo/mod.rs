@@ -418,6 +418,7 @@ pub fn demo_protocols() -> Vec<Protocol> {
         .map(|p| Protocol {
             id: p.id.into(),
             name: p.name.into(),
+            symbol: None,
             slug: Some(p.slug.into()),
             category: Some(p.category.into()),
             chains: p.chains.iter().map(|(c, _)| c.to_string()).collect(),

@@ -56,7 +56,7 @@ impl CdcTable {
                 "enabled",
                 "throttle_minutes",
             ],
-            CdcTable::Protocols => &["id", "name", "slug", "category", "chains"],
+            CdcTable::Protocols => &["id", "name", "symbol", "slug", "category", "chains"],
             CdcTable::ApiKeys => &["key", "user_id", "revoked"],
         }
     }
