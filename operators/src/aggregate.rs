@@ -60,7 +60,7 @@ pub enum StateDelta {
 }
 
 /// Live-state changes for the read view, besides the market events.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum StateOut {
     /// A protocol's metadata is now `meta` (`None`: removed).
     Protocol {
@@ -80,6 +80,9 @@ pub enum StateOut {
     },
     /// The newest event time ingested so far (once per epoch in which it advanced).
     AsOf(Millis),
+    /// A key's latest market event from restored state: the view applies it like an event;
+    /// it is not published again.
+    Restored(Box<Event>),
 }
 
 pub use schemas::records::is_sub_bucket;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
+use crate::aggregate::Aggregates;
 use crate::candidate::Throttle;
 use crate::config::OpConfig;
 use crate::state::KeyedState;
@@ -49,7 +50,7 @@ impl Encode for Throttle {
     }
 }
 
-impl Encode for crate::aggregate::Aggregates {
+impl Encode for Aggregates {
     fn capture(&self) -> Result<Captured, CheckpointError> {
         let bytes = bincode::serialize(self)?;
         Ok(Box::new(move || Ok(bytes)))
@@ -69,6 +70,8 @@ pub enum Part {
     Keyed,
     /// Per-rule throttle state.
     Throttle,
+    /// The live aggregates' history (for `change_1d` / `change_7d`) and clock.
+    Aggregates,
 }
 
 /// One worker's encoded operator state at an epoch boundary.
@@ -80,6 +83,9 @@ pub struct WorkerState {
     /// The encoded [`Throttle`].
     #[serde(with = "serde_bytes")]
     pub throttle: Vec<u8>,
+    /// The encoded [`Aggregates`] stage (its collections are rebuilt from the keyed state).
+    #[serde(with = "serde_bytes")]
+    pub aggregates: Vec<u8>,
 }
 
 impl WorkerState {
@@ -88,6 +94,11 @@ impl WorkerState {
         Ok(Restored {
             keyed: KeyedState::restore(cfg, &self.keyed)?,
             throttle: bincode::deserialize(&self.throttle)?,
+            aggregates: if self.aggregates.is_empty() {
+                Aggregates::default()
+            } else {
+                bincode::deserialize(&self.aggregates)?
+            },
         })
     }
 }
@@ -97,6 +108,7 @@ impl WorkerState {
 pub struct Restored {
     pub(crate) keyed: KeyedState,
     pub(crate) throttle: Throttle,
+    pub(crate) aggregates: Aggregates,
 }
 
 /// How a worker's dataflow takes part in checkpoints.
@@ -108,8 +120,8 @@ pub struct Checkpointing {
     pub restore: Option<Restored>,
 }
 
-/// A worker's deposited parts of one snapshot: (keyed, throttle).
-type Slot = (Option<Captured>, Option<Captured>);
+/// A worker's deposited parts of one snapshot: (keyed, throttle, aggregates).
+type Slot = (Option<Captured>, Option<Captured>, Option<Captured>);
 
 #[derive(Default)]
 struct Inner {
@@ -171,11 +183,12 @@ impl Snapshots {
         let slots = inner
             .parts
             .entry(epoch)
-            .or_insert_with(|| (0..workers).map(|_| (None, None)).collect());
+            .or_insert_with(|| (0..workers).map(|_| (None, None, None)).collect());
         if let Some(slot) = slots.get_mut(worker) {
             match part {
                 Part::Keyed => slot.0 = Some(captured),
                 Part::Throttle => slot.1 = Some(captured),
+                Part::Aggregates => slot.2 = Some(captured),
             }
         }
     }
@@ -188,7 +201,7 @@ impl Snapshots {
             let complete = inner
                 .parts
                 .get(&epoch)
-                .is_some_and(|slots| slots.iter().all(|(k, t)| k.is_some() && t.is_some()));
+                .is_some_and(|slots| slots.iter().all(|(k, t, a)| k.is_some() && t.is_some() && a.is_some()));
             if !complete {
                 return None;
             }
@@ -199,10 +212,11 @@ impl Snapshots {
         Some(
             slots
                 .into_iter()
-                .map(|(k, t)| {
+                .map(|(k, t, a)| {
                     Ok(WorkerState {
                         keyed: finish(k)?,
                         throttle: finish(t)?,
+                        aggregates: finish(a)?,
                     })
                 })
                 .collect(),

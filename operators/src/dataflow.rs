@@ -35,8 +35,9 @@ pub struct Outputs<'scope> {
     pub events: StreamVec<'scope, u64, Event>,
     /// Records rejected inside the dataflow (e.g. `late`).
     pub dead: StreamVec<'scope, u64, DeadLetter>,
-    /// Live-state changes besides the events (protocol metadata, deletions, total TVL), on
-    /// worker 0, in a deterministic order within each epoch.
+    /// Live-state changes besides the events (protocol metadata, deletions, total TVL) on
+    /// worker 0, in a deterministic order within each epoch; after a restore, each worker's
+    /// restored latest events (view-only).
     pub state: StreamVec<'scope, u64, StateOut>,
 }
 
@@ -150,13 +151,14 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         })
     };
     let emit_events = cfg.emit_events;
-    let (keyed_state, throttle, seed): (_, _, Option<Init<KeyedState, KeyedOut>>) = match ckpt.restore {
+    let (keyed_state, throttle, aggregates, seed): (_, _, _, Option<Init<KeyedState, KeyedOut>>) = match ckpt.restore {
         Some(r) => (
             r.keyed,
             r.throttle,
+            r.aggregates,
             Some(Box::new(|s: &KeyedState, out: &mut Vec<KeyedOut>| s.seed(out))),
         ),
-        None => (KeyedState::new(cfg), Throttle::default(), None),
+        None => (KeyedState::new(cfg), Throttle::default(), Aggregates::default(), None),
     };
     let keyed = per_epoch(
         input,
@@ -174,16 +176,23 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
             state.end_of_batch(out);
         },
     );
-    let mut parts = keyed.partition(4, |o| match o {
+    let mut parts = keyed.partition(5, |o| match o {
         KeyedOut::Candidate(_) => (0, o),
         KeyedOut::Event(_) => (1, o),
         KeyedOut::Dead(_) => (2, o),
         KeyedOut::State(_) => (3, o),
+        KeyedOut::Restored(_) => (4, o),
     });
-    let (deltas, dead, events, candidates) = match (parts.pop(), parts.pop(), parts.pop(), parts.pop()) {
-        (Some(s), Some(d), Some(e), Some(c)) => (s, d, e, c),
-        _ => unreachable!("partition(4) returns four streams"),
-    };
+    let (restored, deltas, dead, events, candidates) =
+        match (parts.pop(), parts.pop(), parts.pop(), parts.pop(), parts.pop()) {
+            (Some(r), Some(s), Some(d), Some(e), Some(c)) => (r, s, d, e, c),
+            _ => unreachable!("partition(5) returns five streams"),
+        };
+    // Restored events stay on their worker: the view applies them, nobody else sees them.
+    let restored = restored.flat_map(|o| match o {
+        KeyedOut::Restored(e) => Some(StateOut::Restored(Box::new(e))),
+        _ => None,
+    });
     let deltas = deltas.flat_map(|o| match o {
         KeyedOut::State(d) => Some(d),
         _ => None,
@@ -192,8 +201,8 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         aggregate::aggregate(deltas),
         Exchange::new(|_: &AggIn| 0),
         "Aggregates",
-        Aggregates::default(),
-        None,
+        aggregates,
+        duty(Part::Aggregates),
         None,
         move |aggs, batch, out| aggs.epoch(batch, emit_events, out),
     );
@@ -205,10 +214,12 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         (Some(s), Some(e)) => (s, e),
         _ => unreachable!("partition(2) returns two streams"),
     };
-    let state = state.flat_map(|o| match o {
-        AggOut::State(s) => Some(s),
-        AggOut::Event(_) => None,
-    });
+    let state = state
+        .flat_map(|o| match o {
+            AggOut::State(s) => Some(s),
+            AggOut::Event(_) => None,
+        })
+        .concat(restored);
     let agg_events = agg_events.flat_map(|o| match o {
         AggOut::Event(e) => Some(e),
         AggOut::State(_) => None,

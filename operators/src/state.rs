@@ -32,6 +32,8 @@ pub enum KeyedOut {
     Dead(DeadLetter),
     /// A change to the inputs of the live aggregates.
     State(StateDelta),
+    /// A key's latest market event from restored state, for the read view only.
+    Restored(Event),
 }
 
 /// The record facts shared by all of a record's matches, made on the first match.
@@ -112,6 +114,9 @@ struct CoinState {
     last_price_ts: Option<Millis>,
     history: History,
     symbol: Option<String>,
+    /// Confidence and decimals of the latest tick (for the read view after a restore).
+    confidence: Option<f64>,
+    decimals: Option<u32>,
     transfers: SeriesGate,
 }
 
@@ -477,12 +482,15 @@ impl KeyedState {
         out.push(KeyedOut::State(StateDelta::Deleted(id.to_string())));
     }
 
-    /// The live-state inputs this worker holds, as insertions: after a restore, they seed the
-    /// aggregates (whose arrangements are not part of the checkpoint).
+    /// The live state this worker holds, after a restore: the aggregates' inputs as
+    /// insertions (their arrangements are not in the checkpoint), and the latest price, TVL
+    /// and gas of every key as view-only events (they refill the read view; sinks and
+    /// subscribers do not see them again).
     pub fn seed(&self, out: &mut Vec<KeyedOut>) {
         if !self.cfg.live_state {
             return;
         }
+        let view = KeyedOut::Restored;
         let mut ids: Vec<&String> = self.protocols.keys().collect();
         ids.sort_unstable();
         for id in ids {
@@ -506,6 +514,57 @@ impl KeyedState {
             }
             if let Some(t) = st.last_tvl_ts {
                 out.push(KeyedOut::State(StateDelta::Clock(t)));
+                let total: f64 = st.chain_latest.values().sum();
+                out.push(view(Event {
+                    subject: id.clone(),
+                    timestamp: t,
+                    data: EventData::TvlUpdate {
+                        protocol_id: id.clone(),
+                        name: st.meta.as_ref().map(|m| m.name.clone()),
+                        tvl: total,
+                        chain_tvls: st.chain_latest.clone(),
+                        extra: st.extra.clone(),
+                        change_1h: change(&st.total_hist, t, 3_600_000, total),
+                        change_1d: change(&st.total_hist, t, 86_400_000, total),
+                        change_7d: change(&st.total_hist, t, 604_800_000, total),
+                        timestamp: t,
+                    },
+                }));
+            }
+        }
+        let mut coins: Vec<&String> = self.coins.keys().collect();
+        coins.sort_unstable();
+        for coin in coins {
+            let st = &self.coins[coin];
+            let Some(&(t, px)) = st.history.back() else { continue };
+            out.push(view(Event {
+                subject: coin.clone(),
+                timestamp: t,
+                data: EventData::PriceUpdate {
+                    coin: coin.clone(),
+                    price: px,
+                    symbol: st.symbol.clone(),
+                    confidence: st.confidence,
+                    decimals: st.decimals,
+                    timestamp: t,
+                    change_1h: change(&st.history, t, 3_600_000, px),
+                    change_24h: change(&st.history, t, 86_400_000, px),
+                },
+            }));
+        }
+        let mut chains: Vec<&String> = self.chains.keys().collect();
+        chains.sort_unstable();
+        for chain in chains {
+            if let Some((t, gwei)) = self.chains[chain].last {
+                out.push(view(Event {
+                    subject: chain.clone(),
+                    timestamp: t,
+                    data: EventData::GasUpdate {
+                        chain: chain.clone(),
+                        gwei,
+                        timestamp: t,
+                    },
+                }));
             }
         }
     }
@@ -524,6 +583,8 @@ impl KeyedState {
         if p.symbol.is_some() {
             st.symbol.clone_from(&p.symbol);
         }
+        st.confidence = p.confidence;
+        st.decimals = p.decimals;
         let (t, px) = (p.timestamp, p.price);
         let prev = st.history.back().map(|x| x.1);
         let mut info = None;

@@ -17,8 +17,9 @@ use operators::{Sequencer, Snapshots, WorkerState};
 use serde::{Deserialize, Serialize};
 use sources::live::Ack;
 
-/// First bytes of a checkpoint file (format version 2: with the early throttle's state).
-const MAGIC: &[u8; 8] = b"LLFCKPT2";
+/// First bytes of a checkpoint file (format version 3: with protocol metadata and the live
+/// aggregates' state).
+const MAGIC: &[u8; 8] = b"LLFCKPT3";
 /// Checkpoint files kept in the directory.
 const KEEP: usize = 2;
 
@@ -115,7 +116,7 @@ impl Checkpoint {
         let bytes = std::fs::read(&path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         let body = bytes.strip_prefix(MAGIC.as_slice()).with_context(|| {
             format!(
-                "{} is not a llamaflow checkpoint of this version (2); move it away to start over",
+                "{} is not a llamaflow checkpoint of this version (3); move it away to start over",
                 path.display()
             )
         })?;

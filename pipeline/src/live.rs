@@ -828,6 +828,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
             Some(_) => Vec::new(),
             None => rt.block_on(history(&cfg))?,
         };
+        let resumed = resume_positions.is_some();
         let mut positions = resume_positions.clone().unwrap_or_default();
         let checkpointer = checkpointer.clone();
         let interval = Duration::from_millis(cfg.pipeline.checkpoint_interval_ms.max(1));
@@ -875,8 +876,10 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                         );
                         pb
                     });
-                    // The CDC snapshot (rules, protocols) goes in before the history.
-                    if !batch.is_empty() {
+                    // The CDC snapshot (rules, protocols) goes in before the history; a restored
+                    // job sends its first epoch at once, so the restored state is served without
+                    // waiting for new input.
+                    if !batch.is_empty() || resumed {
                         dirty = true;
                         engine.send(std::mem::take(&mut batch))?;
                     }

@@ -620,3 +620,82 @@ fn replay_state_out_is_identical_for_any_worker_count() {
     assert_eq!(doc["prices"]["coins"].as_object().unwrap().len(), 7);
     assert_eq!(doc["protocols"].as_array().unwrap().len(), 17);
 }
+
+#[test]
+fn a_restart_from_the_checkpoint_answers_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    write_lines(
+        &dir.path().join("protocols.jsonl"),
+        &(0..5)
+            .map(|p| json!({"id": p.to_string(), "name": format!("P{p}"), "slug": format!("p{p}"), "category": (["Lending", "Dexes"][p % 2])}))
+            .collect::<Vec<_>>(),
+    );
+    // Two days of hourly TVL (so change_1d exists) and prices, as history: a restarted job
+    // does not read it again, its state comes from the checkpoint.
+    let mut tvl_lines = Vec::new();
+    let mut price_lines = Vec::new();
+    for h in 0..50i64 {
+        for p in 0..6i64 {
+            let chain = ["ethereum", "arbitrum", "bsc"][(p % 3) as usize];
+            tvl_lines.push(tvl(
+                &p.to_string(),
+                chain,
+                1.0e6 * (1.0 + ((h * 13 + p) % 7) as f64 / 10.0),
+                T0 + h * 3600,
+            ));
+        }
+        price_lines.push(json!({"coin": "coingecko:ethereum", "price": 3000.0 + h as f64, "timestamp": T0 + h * 3600, "symbol": "ETH", "confidence": 0.9, "decimals": 18}));
+    }
+    write_lines(&dir.path().join("tvl.jsonl"), &tvl_lines);
+    write_lines(&dir.path().join("prices.jsonl"), &price_lines);
+    let port = testkit::free_port();
+    let config = dir.path().join("llamaflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipeline]\nlisten = \"127.0.0.1:{port}\"\ncheckpoint_dir = \"{d}/ckpt\"\ncheckpoint_interval_ms = 200\n\n\
+             [[sources.files]]\nkind = \"protocols\"\npath = \"{d}/protocols.jsonl\"\n\n\
+             [[sources.files]]\nkind = \"tvl\"\npath = \"{d}/tvl.jsonl\"\n\n\
+             [[sources.files]]\nkind = \"prices\"\npath = \"{d}/prices.jsonl\"\n\n\
+             [[sources.files]]\nkind = \"gas\"\npath = \"{d}/gas.jsonl\"\nfollow = true\n\n\
+             [sinks]\nstdout = false\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    // A live source (an idle tailed file) keeps the job ingesting, and checkpointing.
+    std::fs::write(dir.path().join("gas.jsonl"), "").unwrap();
+    let end = (T0 + 49 * 3600) * 1000;
+    let paths = [
+        "/v2/chains",
+        "/categories",
+        "/protocols",
+        "/prices/current/coingecko:ethereum",
+        "/tvl/p1",
+    ];
+    let answers = |port: u16| -> Vec<Value> { paths.iter().map(|p| get(port, p).2).collect() };
+    let mut job = start(&config);
+    wait_until("the input", Duration::from_secs(30), || {
+        get(port, "/v2/chains").1 == end
+    });
+    let before = answers(port);
+    assert!(
+        before[1].as_array().unwrap().iter().any(|c| c["change_1d"].is_number()),
+        "categories have a 1-day change: {}",
+        before[1]
+    );
+    let ckpt = dir.path().join("ckpt");
+    wait_until("a checkpoint", Duration::from_secs(30), || {
+        std::fs::read_dir(&ckpt).is_ok_and(|d| d.count() > 0)
+    });
+    let status = job.terminate();
+    assert!(status.success(), "{status:?}");
+    let _job = start(&config);
+    wait_until("the restored state", Duration::from_secs(30), || {
+        get(port, "/v2/chains").1 == end
+    });
+    let after = answers(port);
+    for ((path, a), b) in paths.iter().zip(&after).zip(&before) {
+        assert_eq!(a, b, "{path} after the restart");
+    }
+}

@@ -28,36 +28,48 @@ struct Ctx {
     keys: KeyResolver,
 }
 
+/// Slots of the whole-state answers cached per view version.
+pub(crate) const CACHED: usize = 5;
+const PROTOCOLS: usize = 0;
+const CHAINS: usize = 1;
+const CATEGORIES: usize = 2;
+const TOTAL_DAILY: usize = 3;
+const CHARTS: usize = 4;
+
 /// The read API's routes, to merge into the job's router.
 pub fn router(view: Arc<LiveView>, keys: KeyResolver) -> Router {
     Router::new()
         .route("/prices/current/{coins}", get(prices_current))
-        .route("/protocols", get(|c: AxState<Ctx>| answer(c, protocols)))
+        .route("/protocols", get(|c: AxState<Ctx>| answer(c, PROTOCOLS, protocols)))
         .route("/protocol/{slug}", get(protocol))
         .route("/tvl/{slug}", get(tvl))
-        .route("/v2/chains", get(|c: AxState<Ctx>| answer(c, chains)))
-        .route("/chains", get(|c: AxState<Ctx>| answer(c, chains)))
+        .route("/v2/chains", get(|c: AxState<Ctx>| answer(c, CHAINS, chains)))
+        .route("/chains", get(|c: AxState<Ctx>| answer(c, CHAINS, chains)))
         .route(
             "/v2/historicalChainTvl",
-            get(|c: AxState<Ctx>| answer(c, |s| daily(&s.total_daily, "tvl"))),
+            get(|c: AxState<Ctx>| answer(c, TOTAL_DAILY, |s| daily(&s.total_daily, "tvl"))),
         )
         .route("/v2/historicalChainTvl/{chain}", get(|c, p| chain_history(c, p, "tvl")))
         .route(
             "/charts",
-            get(|c: AxState<Ctx>| answer(c, |s| daily(&s.total_daily, "totalLiquidityUSD"))),
+            get(|c: AxState<Ctx>| answer(c, CHARTS, |s| daily(&s.total_daily, "totalLiquidityUSD"))),
         )
         .route("/charts/{chain}", get(|c, p| chain_history(c, p, "totalLiquidityUSD")))
-        .route("/categories", get(|c: AxState<Ctx>| answer(c, categories)))
+        .route("/categories", get(|c: AxState<Ctx>| answer(c, CATEGORIES, categories)))
         .route("/alerts/recent", get(alerts_recent))
         .with_state(Ctx { view, keys })
 }
 
 /// A JSON answer with the version's as-of header.
 fn reply(state: &State, code: StatusCode, body: &Value) -> Response {
+    reply_text(state, code, body.to_string())
+}
+
+fn reply_text(state: &State, code: StatusCode, body: impl Into<axum::body::Body>) -> Response {
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert("x-llamaflow-as-of", HeaderValue::from(state.as_of));
-    (code, headers, body.to_string()).into_response()
+    (code, headers, body.into()).into_response()
 }
 
 fn error(state: &State, code: StatusCode, msg: &str) -> Response {
@@ -65,9 +77,11 @@ fn error(state: &State, code: StatusCode, msg: &str) -> Response {
     reply(state, code, &json!({ "error": msg }))
 }
 
-async fn answer(AxState(c): AxState<Ctx>, body: impl Fn(&State) -> Value) -> Response {
+/// A whole-state answer, computed once per view version.
+async fn answer(AxState(c): AxState<Ctx>, slot: usize, body: impl Fn(&State) -> Value) -> Response {
     let s = c.view.current();
-    reply(&s, StatusCode::OK, &body(&s))
+    let text = s.cache.get(slot, || body(&s).to_string());
+    reply_text(&s, StatusCode::OK, text)
 }
 
 fn num(v: f64) -> Value {

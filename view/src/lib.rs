@@ -79,6 +79,31 @@ pub struct State {
     /// Recent depeg / whale / liquidation events (newest first, bounded), for their channels'
     /// snapshots.
     pub recent: OrdMap<&'static str, Arc<VecDeque<Arc<Event>>>>,
+    /// Whole-state answers computed from this version, shared by every request that reads it.
+    pub(crate) cache: Cache,
+}
+
+/// Answers of one [`State`] version that do not depend on the request, computed on first use
+/// (a new version starts empty).
+#[derive(Debug, Default)]
+pub(crate) struct Cache {
+    answers: [std::sync::OnceLock<axum::body::Bytes>; api::CACHED],
+}
+
+impl Clone for Cache {
+    fn clone(&self) -> Self {
+        Cache::default()
+    }
+}
+
+impl Cache {
+    /// The answer in slot `slot`, computing it with `make` the first time.
+    pub(crate) fn get(&self, slot: usize, make: impl FnOnce() -> String) -> axum::body::Bytes {
+        match self.answers.get(slot) {
+            Some(cell) => cell.get_or_init(|| make().into()).clone(),
+            None => make().into(),
+        }
+    }
 }
 
 /// Recent events kept per ticker channel (`depeg`, `whales`, `liquidations`).
@@ -183,6 +208,7 @@ impl State {
                 self.protocols.remove(id);
             }
             StateOut::AsOf(t) => self.as_of = self.as_of.max(*t),
+            StateOut::Restored(e) => self.event(cfg, e),
             StateOut::Total { tvl, timestamp } => {
                 self.as_of = self.as_of.max(*timestamp);
                 self.total_tvl = *tvl;
