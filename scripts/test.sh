@@ -5,7 +5,8 @@
 # readers), then runs `cargo test --release --workspace`. Re-runs reuse everything installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llamaflow-target}"
+# The build goes where `cargo run` puts it (./target, or $CARGO_TARGET_DIR when set), so the
+# README's two commands compile the dependencies once.
 
 apt_install() {
   if [ "$(id -u)" -ne 0 ]; then
