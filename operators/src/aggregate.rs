@@ -2,21 +2,22 @@
 //! and in total, summed over protocols.
 //!
 //! ```text
-//! Keyed ─► StateDelta ─► (protocol, chain) ↦ µUSD  ─┬─ by chain ────────► reduce: Σ, #protocols ─┐
-//!          (upserts as     protocol ↦ category     ─┤                                            │
-//!           −old, +new)                             └─ Σ by protocol ⋈ category ─► reduce ───────┼─► Aggregates (worker 0)
-//!                                                                                                │    change_1d/7d, events
-//!                                                       Σ over everything ─► reduce ─────────────┘
+//! Keyed ─► StateDelta ─┬─ chain, diff (µUSD, 1) ──────────────────────► count_total ─┐
+//!          (upserts as  ├─ (), diff (µUSD, 1) ────────────────────────► count_total ─┼─► Aggregates (worker 0)
+//!           −old, +new) ├─ (protocol, chain) ↦ µUSD ─► reduce Σ per protocol ┐       │    change_1d/7d, events
+//!                       └─ protocol ↦ category ──────► ⋈ (∪ antijoin → null) ┴► reduce┘
 //! ```
 //! The keyed stage owns each protocol's latest TVL per chain and its metadata; it emits every
 //! change as a retraction of the old value and an insertion of the new one. Amounts are
 //! integers (micro-USD), so sums cancel exactly whatever order updates come in and however
 //! they are spread over workers; a protocol that changes category or is deleted moves every
-//! aggregate in the same epoch. The reductions' arrangements are private to them, so
+//! aggregate in the same epoch. Sums over many protocols carry the amount in the diff
+//! (`count_total`), so a change costs O(1) whatever the number of protocols on a chain. The reductions' arrangements are private to them, so
 //! differential compacts them as epochs complete: they hold the current state, not history.
 
 use std::collections::BTreeMap;
 
+use differential_dataflow::operators::CountTotal;
 use differential_dataflow::{AsCollection, VecCollection};
 use schemas::{Event, EventData, Millis, Protocol};
 use serde::{Deserialize, Serialize};
@@ -261,19 +262,20 @@ pub(crate) enum AggOut {
 }
 
 /// Attaches each record's epoch and a diff: `logic` turns a record into `(data, diff)` pairs.
-fn updates<'scope, D, D2, I, F>(
+fn updates<'scope, D, D2, R, I, F>(
     stream: StreamVec<'scope, u64, D>,
     name: &str,
     mut logic: F,
-) -> VecCollection<'scope, u64, D2, isize>
+) -> VecCollection<'scope, u64, D2, R>
 where
     D: 'static,
     D2: Clone + 'static,
-    I: IntoIterator<Item = (D2, isize)>,
+    R: Clone + 'static,
+    I: IntoIterator<Item = (D2, R)>,
     F: FnMut(&D) -> I + 'static,
 {
     stream
-        .unary::<timely::container::CapacityContainerBuilder<Vec<(D2, u64, isize)>>, _, _, _>(
+        .unary::<timely::container::CapacityContainerBuilder<Vec<(D2, u64, R)>>, _, _, _>(
             Pipeline,
             name,
             move |_, _| {
@@ -353,18 +355,41 @@ pub(crate) fn aggregate<'scope>(deltas: StreamVec<'scope, u64, StateDelta>) -> S
         }
         _ => Vec::new(),
     });
-    let sum = |_k: &_, input: &[(&(String, i64), isize)], out: &mut Vec<(Agg, isize)>| {
-        let (mut s, mut n) = (0i128, 0i64);
-        for ((_, m), r) in input {
-            s += i128::from(*m) * *r as i128;
-            n += *r as i64;
-        }
-        if n > 0 {
-            out.push(((s, n), 1));
+    // Sums over many protocols (a chain's, the total) carry the amount in the diff, so a change
+    // costs O(1) whatever the number of protocols: records `chain` with diff (µUSD, protocols).
+    let amounts = |d: &StateDelta, key: &dyn Fn(&str) -> Option<String>| -> Vec<(String, (i128, i128))> {
+        match d {
+            StateDelta::Tvl { chain, old, new, .. } => key(chain)
+                .map(|k| {
+                    let mut out = Vec::with_capacity(2);
+                    if let Some(v) = old {
+                        out.push((k.clone(), (-i128::from(micro(*v)), -1)));
+                    }
+                    if let Some(v) = new {
+                        out.push((k, (i128::from(micro(*v)), 1)));
+                    }
+                    out
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
         }
     };
-    let chains = tvl.clone().map(|((p, c), m)| (c, (p, m))).reduce_named("ChainTvl", sum);
-    let chains = at_own_time(chains, "ChainChanges", |(c, v), r| AggIn::Chain(c, v, r));
+    let chains = updates(deltas.clone(), "ChainAmounts", move |d| {
+        amounts(d, &|c| Some(c.to_string()))
+    })
+    .count_total()
+    .filter(|(_, (_, n))| *n > 0);
+    let chains = at_own_time(chains, "ChainChanges", |(c, (s, n)), r| {
+        AggIn::Chain(c, (s, n as i64), r)
+    });
+    let total = updates(deltas.clone(), "TotalAmounts", move |d| {
+        amounts(d, &|_| Some(String::new()))
+            .into_iter()
+            .map(|(_, a)| ((), a))
+            .collect::<Vec<_>>()
+    })
+    .count_total();
+    let total = at_own_time(total, "TotalChanges", |((), (s, _)), r| AggIn::Total(s, r));
     let totals = tvl.map(|((p, _), m)| (p, m)).reduce_named(
         "ProtocolTvl",
         |_p: &String, input: &[(&i64, isize)], out: &mut Vec<(i128, isize)>| {
@@ -391,14 +416,6 @@ pub(crate) fn aggregate<'scope>(deltas: StreamVec<'scope, u64, StateDelta>) -> S
         },
     );
     let cats = at_own_time(cats, "CategoryChanges", |(c, v), r| AggIn::Category(c, v, r));
-    let total = totals.map(|(_, s)| ((), s)).reduce_named(
-        "TotalTvl",
-        |_k: &(), input: &[(&i128, isize)], out: &mut Vec<(i128, isize)>| {
-            let s: i128 = input.iter().map(|(m, r)| **m * *r as i128).sum();
-            out.push((s, 1));
-        },
-    );
-    let total = at_own_time(total, "TotalChanges", |((), s), r| AggIn::Total(s, r));
     let deltas = deltas.flat_map(|d| match d {
         StateDelta::Tvl { .. } => None,
         other => Some(AggIn::Delta(other)),

@@ -49,13 +49,15 @@ struct Args {
     conns: usize,
     workers: u32,
     pg_points: usize,
+    batch_ms: u64,
+    probes: usize,
     llamaflow: PathBuf,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: api_bench [--protocols 10000] [--chains 100] [--ticks 50000] [--rates 1000,20000] [--secs 10] \
-         [--conns 32] [--workers 1] [--pg-points 4 (0: skip PostgreSQL)] [--llamaflow PATH]"
+         [--conns 32] [--workers 1] [--batch-ms 1] [--probes 200] [--pg-points 4 (0: skip PostgreSQL)] [--llamaflow PATH]"
     );
     std::process::exit(2)
 }
@@ -70,6 +72,8 @@ fn parse_args() -> Args {
         conns: 32,
         workers: 1,
         pg_points: 4,
+        batch_ms: 1,
+        probes: 200,
         llamaflow: testkit::llamaflow_beside_example(),
     };
     let mut it = std::env::args().skip(1);
@@ -85,6 +89,8 @@ fn parse_args() -> Args {
             "--conns" => a.conns = num(&val) as usize,
             "--workers" => a.workers = num(&val) as u32,
             "--pg-points" => a.pg_points = num(&val) as usize,
+            "--batch-ms" => a.batch_ms = num(&val),
+            "--probes" => a.probes = num(&val) as usize,
             "--llamaflow" => a.llamaflow = PathBuf::from(val),
             _ => usage(),
         }
@@ -165,8 +171,19 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1e3
 }
 
-/// Runs the open-loop load at `rate` requests/s for `secs`; returns latencies (µs) and errors.
-fn load(rt: &tokio::runtime::Runtime, port: u16, conns: usize, rate: u64, secs: u64) -> (Vec<u64>, u64, f64) {
+/// What one load phase measured.
+struct Phase {
+    /// Request written → answer read, µs, sorted.
+    latency: Vec<u64>,
+    /// Scheduled instant → request written, µs, sorted: how late the generator itself was
+    /// (tokio's timer has 1 ms resolution; a server that stalls makes this grow too).
+    lag: Vec<u64>,
+    errors: u64,
+    secs: f64,
+}
+
+/// Runs the open-loop load at `rate` requests/s for `secs`.
+fn load(rt: &tokio::runtime::Runtime, port: u16, conns: usize, rate: u64, secs: u64) -> Phase {
     let total = rate * secs;
     let next = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -180,8 +197,10 @@ fn load(rt: &tokio::runtime::Runtime, port: u16, conns: usize, rate: u64, secs: 
         .map(|_| {
             let (next, errors, paths) = (next.clone(), errors.clone(), paths.clone());
             rt.spawn(async move {
-                let mut lat = Vec::new();
-                let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connects");
+                let (mut lat, mut lag) = (Vec::new(), Vec::new());
+                let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .expect("connects");
                 stream.set_nodelay(true).ok();
                 let mut buf = Vec::with_capacity(1 << 16);
                 loop {
@@ -191,8 +210,10 @@ fn load(rt: &tokio::runtime::Runtime, port: u16, conns: usize, rate: u64, secs: 
                     }
                     let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
                     tokio::time::sleep_until(due.into()).await;
+                    let sent = Instant::now();
+                    lag.push(sent.saturating_duration_since(due).as_micros() as u64);
                     match get(&mut stream, &mut buf, &paths[(i % 3) as usize]).await {
-                        Ok((200, _)) => lat.push(due.elapsed().as_micros() as u64),
+                        Ok((200, _)) => lat.push(sent.elapsed().as_micros() as u64),
                         _ => {
                             errors.fetch_add(1, Ordering::Relaxed);
                             if let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
@@ -201,23 +222,34 @@ fn load(rt: &tokio::runtime::Runtime, port: u16, conns: usize, rate: u64, secs: 
                         }
                     }
                 }
-                lat
+                (lat, lag)
             })
         })
         .collect();
-    let mut all = Vec::with_capacity(total as usize);
+    let (mut latency, mut lag) = (Vec::with_capacity(total as usize), Vec::with_capacity(total as usize));
     for t in tasks {
-        all.extend(rt.block_on(t).expect("load task"));
+        let (a, b) = rt.block_on(t).expect("load task");
+        latency.extend(a);
+        lag.extend(b);
     }
     let secs = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    (all, errors.load(Ordering::Relaxed), secs)
+    latency.sort_unstable();
+    lag.sort_unstable();
+    Phase {
+        latency,
+        lag,
+        errors: errors.load(Ordering::Relaxed),
+        secs,
+    }
 }
 
 fn main() {
     let args = parse_args();
     if !args.llamaflow.exists() {
-        eprintln!("{} not found: build it first or pass --llamaflow", args.llamaflow.display());
+        eprintln!(
+            "{} not found: build it first or pass --llamaflow",
+            args.llamaflow.display()
+        );
         std::process::exit(2);
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -258,7 +290,7 @@ fn main() {
             r#"
 [pipeline]
 workers = {workers}
-batch_ms = 5
+batch_ms = {batch_ms}
 listen = "127.0.0.1:{port}"
 checkpoint_dir = ""
 
@@ -280,6 +312,7 @@ extra = {{ "fetch.wait.max.ms" = "5" }}
 stdout = false
 "#,
             workers = args.workers,
+            batch_ms = args.batch_ms,
             d = dir.path().display(),
         ),
     )
@@ -296,9 +329,17 @@ stdout = false
             .expect("llamaflow starts"),
     );
     let pid = job.0.id();
-    assert!(testkit::wait_for_port(port, Duration::from_secs(120)), "no listener; see {}", log.display());
+    assert!(
+        testkit::wait_for_port(port, Duration::from_secs(120)),
+        "no listener; see {}",
+        log.display()
+    );
     while get_body(port, "/v2/chains").1 != T0 * 1000 {
-        assert!(loading.elapsed() < Duration::from_secs(600), "history not loaded; see {}", log.display());
+        assert!(
+            loading.elapsed() < Duration::from_secs(600),
+            "history not loaded; see {}",
+            log.display()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let rss = testkit::status_kib(pid, "VmRSS:");
@@ -313,7 +354,7 @@ stdout = false
 
     // The firehose: ticks/s of prices and 200 TVL updates/s, on their own thread.
     let stop = Arc::new(AtomicBool::new(false));
-    let fresh_sent: Arc<Vec<AtomicU64>> = Arc::new((0..200).map(|_| AtomicU64::new(0)).collect());
+    let fresh_sent: Arc<Vec<AtomicU64>> = Arc::new((0..args.probes).map(|_| AtomicU64::new(0)).collect());
     let clock = Instant::now();
     let producer_thread = {
         let (stop, brokers, ticks, fresh_sent) = (stop.clone(), brokers.clone(), args.ticks, fresh_sent.clone());
@@ -328,7 +369,7 @@ stdout = false
             let started = Instant::now();
             let (mut seq, mut tvl_seq, mut fresh) = (0u64, 0u64, 0usize);
             let mut payload = String::with_capacity(160);
-            let mut send = |topic: &str, key: &str, payload: &str| {
+            let send = |topic: &str, key: &str, payload: &str| {
                 let mut record = BaseRecord::to(topic).key(key).payload(payload);
                 loop {
                     match producer.send(record) {
@@ -356,7 +397,10 @@ stdout = false
                     seq += 1;
                 }
                 while tvl_seq < (secs * 200.0) as u64 {
-                    let (p, c) = ((tvl_seq as usize * 37) % protocols, (tvl_seq as usize * 11) % chains.len());
+                    let (p, c) = (
+                        (tvl_seq as usize * 37) % protocols,
+                        (tvl_seq as usize * 11) % chains.len(),
+                    );
                     payload.clear();
                     payload.push_str(&format!(
                         r#"{{"protocol_id":"{p}","chain":"{}","tvl":{},"timestamp":{}.{:03}}}"#,
@@ -377,10 +421,10 @@ stdout = false
                         ts_ms / 1000,
                         ts_ms % 1000
                     ));
+                    let at = clock.elapsed().as_micros() as u64;
                     send("tvl", "fresh", &payload);
                     producer.poll(Duration::ZERO);
-                    let _ = producer.flush(Duration::from_millis(100));
-                    fresh_sent[fresh].store(clock.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    fresh_sent[fresh].store(at, Ordering::Relaxed);
                     fresh += 1;
                 }
                 producer.poll(Duration::ZERO);
@@ -392,7 +436,11 @@ stdout = false
     // Let the consumer group form and the firehose settle.
     let settle = Instant::now();
     while !get_body(port, "/prices/current/coingecko:bench-1").0.contains("price") {
-        assert!(settle.elapsed() < Duration::from_secs(60), "no prices through Kafka; see {}", log.display());
+        assert!(
+            settle.elapsed() < Duration::from_secs(60),
+            "no prices through Kafka; see {}",
+            log.display()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(2));
@@ -405,24 +453,30 @@ stdout = false
     let mut chains_p50 = f64::NAN;
     for &rate in &args.rates {
         let (cpu0, _) = testkit::cpu_secs(pid);
-        let (lat, errors, secs) = load(&rt, port, args.conns, rate, args.secs);
+        let ph = load(&rt, port, args.conns, rate, args.secs);
         let (cpu1, _) = testkit::cpu_secs(pid);
+        let lat = &ph.latency;
         println!(
             "read API at {rate:>6} req/s offered (ingesting {} ticks/s): {:>7.0} req/s answered, p50 {:.3} ms, p99 {:.3} ms, \
-             p99.9 {:.3} ms, max {:.3} ms, {errors} errors, llamaflow CPU {:.0}% (user)",
+             p99.9 {:.3} ms, max {:.3} ms, {} errors; generator lag p50 {:.3} ms, p99 {:.3} ms; llamaflow CPU {:.0}% (user)",
             args.ticks,
-            lat.len() as f64 / secs,
-            pct(&lat, 0.5),
-            pct(&lat, 0.99),
-            pct(&lat, 0.999),
+            lat.len() as f64 / ph.secs,
+            pct(lat, 0.5),
+            pct(lat, 0.99),
+            pct(lat, 0.999),
             lat.last().map_or(f64::NAN, |v| *v as f64 / 1e3),
-            (cpu1 - cpu0) / secs * 100.0,
+            ph.errors,
+            pct(&ph.lag, 0.5),
+            pct(&ph.lag, 0.99),
+            (cpu1 - cpu0) / ph.secs * 100.0,
         );
         if chains_p50.is_nan() {
             // /v2/chains alone, at the lowest rate's pace, for the PostgreSQL comparison.
             let mut one = Vec::new();
             rt.block_on(async {
-                let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connects");
+                let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .expect("connects");
                 let mut buf = Vec::new();
                 for _ in 0..200 {
                     let t = Instant::now();
@@ -447,7 +501,7 @@ stdout = false
         // Arm probe i: the producer sends it and notes when.
         sent.store(u64::MAX, Ordering::Relaxed);
         let want = format!(r#""tvl":{}"#, 1000 + i);
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(2);
         while sent.load(Ordering::Relaxed) == u64::MAX && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(100));
         }
@@ -495,7 +549,11 @@ stdout = false
             for (c, chain) in chains.iter().enumerate() {
                 for h in 0..args.pg_points {
                     let t = T0 - ((args.pg_points - 1 - h) as i64) * 3600;
-                    let v = if h + 1 == args.pg_points { tvl_of(p, c, 0) } else { tvl_of(p, c, h + 1) };
+                    let v = if h + 1 == args.pg_points {
+                        tvl_of(p, c, 0)
+                    } else {
+                        tvl_of(p, c, h + 1)
+                    };
                     writeln!(f, "{p},{chain},{t},{v}").unwrap();
                 }
             }
@@ -517,18 +575,29 @@ stdout = false
          DROP TABLE staging; ANALYZE protocol_tvl",
     );
     let rows = psql("SELECT count(*) FROM protocol_tvl");
-    println!("PostgreSQL: {rows} rows of protocol_tvl loaded in {:.1} s", copy.elapsed().as_secs_f64());
+    println!(
+        "PostgreSQL: {rows} rows of protocol_tvl loaded in {:.1} s",
+        copy.elapsed().as_secs_f64()
+    );
     let query = "SELECT chain, sum(tvl) AS tvl FROM (SELECT DISTINCT ON (protocol_id, chain) protocol_id, chain, tvl \
                  FROM protocol_tvl ORDER BY protocol_id, chain, timestamp DESC) latest GROUP BY chain ORDER BY tvl DESC";
-    let mut pg_ms = Vec::new();
+    // Server-side execution time of each run (psql's \\timing), not the client's start-up.
+    let mut cmd = Command::new(testkit::pg_bin_dir().join("psql"));
+    cmd.args([&pg.url(), "-v", "ON_ERROR_STOP=1", "-tA", "-c", "\\timing on"]);
     for _ in 0..10 {
-        let t = Instant::now();
-        psql(&format!("SELECT count(*) FROM ({query}) q"));
-        pg_ms.push(t.elapsed().as_micros() as u64);
+        cmd.args(["-c", &format!("SELECT count(*) FROM ({query}) q")]);
     }
+    let out = cmd.output().expect("psql runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut pg_ms: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("Time: "))
+        .filter_map(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|ms| (ms * 1000.0) as u64)
+        .collect();
     pg_ms.sort_unstable();
     println!(
-        "PostgreSQL /v2/chains query ({} protocols × {} chains × {} points): p50 {:.1} ms, max {:.1} ms (psql round trip); \
+        "PostgreSQL /v2/chains query ({} protocols × {} chains × {} points): p50 {:.1} ms, max {:.1} ms (psql \\timing); \
          llamaflow /v2/chains p50 {:.3} ms → {:.0}× faster",
         args.protocols,
         args.chains,

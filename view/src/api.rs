@@ -179,7 +179,7 @@ fn change_fields(e: Option<&schemas::Event>) -> (f64, Value, Value, Value, Value
 
 /// The `/protocols` body: every protocol with metadata or TVL, by TVL descending.
 pub fn protocols(s: &State) -> Value {
-    let mut rows: Vec<(f64, &String, Value)> = s
+    let mut rows: Vec<(f64, &str, Value)> = s
         .protocols
         .iter()
         .map(|(id, p)| {
@@ -193,9 +193,10 @@ pub fn protocols(s: &State) -> Value {
                 },
                 |m| json!(m.chains),
             );
+            let id: &str = id;
             let row = json!({
                 "id": id,
-                "name": m.map_or(id.as_str(), |m| m.name.as_str()),
+                "name": m.map_or(id, |m| m.name.as_str()),
                 "symbol": m.and_then(|m| m.symbol.as_deref()),
                 "slug": m.and_then(|m| m.slug.as_deref()),
                 "category": m.and_then(|m| m.category.as_deref()),
@@ -214,11 +215,12 @@ pub fn protocols(s: &State) -> Value {
 }
 
 /// The protocol a slug names: by its slug, else by its id.
-fn find_protocol<'a>(s: &'a State, slug: &str) -> Option<(&'a String, &'a crate::ProtocolEntry)> {
+fn find_protocol<'a>(s: &'a State, slug: &str) -> Option<(&'a str, &'a crate::ProtocolEntry)> {
     s.protocols
         .iter()
         .find(|(_, p)| p.meta.as_ref().and_then(|m| m.slug.as_deref()) == Some(slug))
         .or_else(|| s.protocols.get_key_value(slug))
+        .map(|(k, v)| (&**k, &**v))
 }
 
 fn valid_param(p: &str) -> bool {
@@ -248,7 +250,7 @@ async fn protocol(c: AxState<Ctx>, Path(slug): Path<String>) -> Response {
     }
     let body = json!({
         "id": id,
-        "name": m.map_or(id.as_str(), |m| m.name.as_str()),
+        "name": m.map_or(id, |m| m.name.as_str()),
         "symbol": m.and_then(|m| m.symbol.as_deref()),
         "category": m.and_then(|m| m.category.as_deref()),
         "chains": m.map_or(json!([]), |m| json!(m.chains)),
@@ -315,15 +317,15 @@ async fn chain_history(c: AxState<Ctx>, Path(chain): Path<String>, field: &'stat
     if !valid_param(&chain) {
         return error(&s, StatusCode::BAD_REQUEST, "malformed chain");
     }
-    let key = if s.chain_daily.contains_key(&chain) {
+    let key = if s.chain_daily.contains_key(chain.as_str()) {
         Some(chain.clone())
     } else {
         schemas::chains::key_for_name(&chain)
             .map(str::to_string)
             .or_else(|| Some(chain.to_ascii_lowercase()))
-            .filter(|k| s.chain_daily.contains_key(k))
+            .filter(|k| s.chain_daily.contains_key(k.as_str()))
     };
-    match key.and_then(|k| s.chain_daily.get(&k)) {
+    match key.and_then(|k| s.chain_daily.get(k.as_str())) {
         Some(points) => reply(&s, StatusCode::OK, &daily(points, field)),
         None => error(&s, StatusCode::NOT_FOUND, &format!("unknown chain `{chain}`")),
     }
@@ -355,7 +357,7 @@ async fn alerts_recent(c: AxState<Ctx>, Query(q): Query<KeyQuery>, headers: Head
     };
     let list: Vec<Value> = s
         .alerts
-        .get(&user)
+        .get(user.as_str())
         .map(|l| {
             l.iter()
                 .take(RECENT_ALERTS)

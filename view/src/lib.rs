@@ -51,6 +51,9 @@ pub struct ProtocolEntry {
     pub hourly: Arc<VecDeque<HourPoint>>,
 }
 
+/// A map key: shared, so that copying a map node (a new version) copies no strings.
+pub type Key = Arc<str>;
+
 /// One version of the live state: everything ingested up to one epoch.
 #[derive(Clone, Debug, Default)]
 pub struct State {
@@ -59,23 +62,23 @@ pub struct State {
     /// Newest event time seen (ms); the `x-llamaflow-as-of` of answers from this version.
     pub as_of: Millis,
     /// Latest `price_update` per coin.
-    pub prices: OrdMap<String, Arc<Event>>,
+    pub prices: OrdMap<Key, Arc<Event>>,
     /// Protocols with metadata or TVL.
-    pub protocols: OrdMap<String, ProtocolEntry>,
+    pub protocols: OrdMap<Key, Arc<ProtocolEntry>>,
     /// Latest `chain_tvl_update` per chain with TVL.
-    pub chains: OrdMap<String, Arc<Event>>,
+    pub chains: OrdMap<Key, Arc<Event>>,
     /// Latest `category_tvl_update` per category with TVL (`None`: no category).
     pub categories: OrdMap<Option<String>, Arc<Event>>,
     /// Latest `gas_update` per chain.
-    pub gas: OrdMap<String, Arc<Event>>,
+    pub gas: OrdMap<Key, Arc<Event>>,
     /// TVL over every protocol and chain.
     pub total_tvl: f64,
     /// Daily points per chain `(day start, tvl)`, oldest first.
-    pub chain_daily: OrdMap<String, Arc<VecDeque<(Millis, f64)>>>,
+    pub chain_daily: OrdMap<Key, Arc<VecDeque<(Millis, f64)>>>,
     /// Daily points of the total TVL.
     pub total_daily: Arc<VecDeque<(Millis, f64)>>,
     /// Latest alerts per user, newest first.
-    pub alerts: OrdMap<String, Arc<VecDeque<Arc<Alert>>>>,
+    pub alerts: OrdMap<Key, Arc<VecDeque<Arc<Alert>>>>,
     /// Recent depeg / whale / liquidation events (newest first, bounded), for their channels'
     /// snapshots.
     pub recent: OrdMap<&'static str, Arc<VecDeque<Arc<Event>>>>,
@@ -133,7 +136,7 @@ impl State {
         let e = Arc::new(e.clone());
         match &e.data {
             EventData::PriceUpdate { coin, .. } => {
-                self.prices.insert(coin.clone(), e.clone());
+                self.prices.insert(Key::from(coin.as_str()), e.clone());
             }
             EventData::TvlUpdate {
                 protocol_id,
@@ -143,7 +146,7 @@ impl State {
                 ..
             } => {
                 let keep_from = self.keep_from(cfg, *timestamp);
-                let p = self.protocols.entry(protocol_id.clone()).or_default();
+                let p = Arc::make_mut(self.protocols.entry(Key::from(protocol_id.as_str())).or_default());
                 let hour = timestamp.div_euclid(HOUR) * HOUR;
                 let chains: Vec<(String, f64)> = chain_tvls.iter().map(|(c, v)| (c.clone(), *v)).collect();
                 let hourly = Arc::make_mut(&mut p.hourly);
@@ -158,19 +161,19 @@ impl State {
                 p.tvl = Some((*e).clone());
             }
             EventData::GasUpdate { chain, .. } => {
-                self.gas.insert(chain.clone(), e.clone());
+                self.gas.insert(Key::from(chain.as_str()), e.clone());
             }
             EventData::ChainTvlUpdate {
                 chain, tvl, protocols, ..
             } => {
                 if *protocols == 0 {
-                    self.chains.remove(chain);
+                    self.chains.remove(chain.as_str());
                 } else {
-                    self.chains.insert(chain.clone(), e.clone());
+                    self.chains.insert(Key::from(chain.as_str()), e.clone());
                 }
                 let day = e.timestamp.div_euclid(DAY) * DAY;
                 let keep_from = self.keep_from(cfg, e.timestamp);
-                let series = self.chain_daily.entry(chain.clone()).or_default();
+                let series = self.chain_daily.entry(Key::from(chain.as_str())).or_default();
                 push_point(series, day, *tvl, keep_from);
             }
             EventData::CategoryTvlUpdate {
@@ -198,14 +201,14 @@ impl State {
     fn state(&mut self, cfg: &ViewConfig, s: &StateOut) {
         match s {
             StateOut::Protocol { id, meta } => {
-                let p = self.protocols.entry(id.clone()).or_default();
+                let p = Arc::make_mut(self.protocols.entry(Key::from(id.as_str())).or_default());
                 p.meta.clone_from(meta);
                 if p.meta.is_none() && p.tvl.is_none() {
-                    self.protocols.remove(id);
+                    self.protocols.remove(id.as_str());
                 }
             }
             StateOut::Deleted(id) => {
-                self.protocols.remove(id);
+                self.protocols.remove(id.as_str());
             }
             StateOut::AsOf(t) => self.as_of = self.as_of.max(*t),
             StateOut::Restored(e) => self.event(cfg, e),
@@ -221,7 +224,7 @@ impl State {
 
     fn alert(&mut self, a: &Alert) {
         self.as_of = self.as_of.max(a.triggered_at);
-        let list = Arc::make_mut(self.alerts.entry(a.user_id.clone()).or_default());
+        let list = Arc::make_mut(self.alerts.entry(Key::from(a.user_id.as_str())).or_default());
         list.push_front(Arc::new(a.clone()));
         list.truncate(RECENT_ALERTS);
     }
@@ -359,7 +362,7 @@ impl State {
             "protocols": api::protocols(self),
             "chains": api::chains(self),
             "categories": api::categories(self),
-            "prices": api::prices(self, self.prices.keys().map(String::as_str)),
+            "prices": api::prices(self, self.prices.keys().map(|k| &**k)),
         })
     }
 }
