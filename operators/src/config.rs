@@ -24,6 +24,9 @@ pub struct OpConfig {
     pub price_retention: Millis,
     /// Minimum TVL history kept per protocol and chain (7d: `change_7d`).
     pub tvl_retention: Millis,
+    /// Longest rule window accepted: a rule's window sets how much history its key keeps, so
+    /// it is bounded (a longer one is a dead-lettered rule).
+    pub max_rule_window: Millis,
 }
 
 impl Default for OpConfig {
@@ -54,6 +57,7 @@ impl Default for OpConfig {
             whale_event_usd: 1_000_000.0,
             price_retention: 86_400_000,
             tvl_retention: 604_800_000,
+            max_rule_window: 30 * 86_400_000,
         }
     }
 }

@@ -41,6 +41,14 @@ fn shared(slot: &mut Option<Arc<RecordInfo>>, make: impl FnOnce() -> RecordInfo)
     slot.get_or_insert_with(|| Arc::new(make())).clone()
 }
 
+/// The window of a windowed rule (`price_change`, `tvl_change`).
+fn rule_window(rule: &AlertRule) -> Option<Millis> {
+    match &rule.conditions {
+        Conditions::PriceChange { window, .. } | Conditions::TvlChange { window, .. } => Some(*window),
+        _ => None,
+    }
+}
+
 /// Time-ordered `(time, value)` history.
 type History = VecDeque<(Millis, f64)>;
 
@@ -409,7 +417,25 @@ impl KeyedState {
         match item {
             Item::DeleteRule(id) => self.rules.remove(&id),
             Item::ForeignRule(id) => self.rules.foreign(id),
-            Item::Record(Record::Rule(rule)) => self.rules.upsert(rule),
+            Item::Record(Record::Rule(rule)) => match rule_window(&rule).filter(|w| *w > self.cfg.max_rule_window) {
+                // A window longer than the bound would keep unbounded history for its key: the
+                // rule is refused (and an earlier version of it removed).
+                Some(w) => {
+                    self.rules.remove(&rule.id);
+                    metrics::counter!("llamaflow_rules_refused_total", "reason" => "window").increment(1);
+                    let reason = format!(
+                        "invalid rule: window {} is longer than the maximum of {} (operators.max_rule_window_days)",
+                        schemas::time::window_label(w),
+                        schemas::time::window_label(self.cfg.max_rule_window)
+                    );
+                    out.push(KeyedOut::Dead(DeadLetter::new(
+                        &pos,
+                        reason,
+                        &rule.to_json().to_string(),
+                    )));
+                }
+                None => self.rules.upsert(rule),
+            },
             Item::Record(Record::Protocol(p)) => self.protocol(p, out),
             Item::DeleteProtocol(id) => self.delete_protocol(&id, out),
             Item::Record(Record::Price(p)) => self.price(seq, &pos, p, out),

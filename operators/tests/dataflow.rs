@@ -663,3 +663,45 @@ fn throttle_holds_when_a_rule_moves_between_workers() {
         assert_eq!(got, expected, "{workers} workers");
     }
 }
+
+#[test]
+fn a_rule_window_past_the_bound_is_dead_lettered_and_replaces_nothing_silently() {
+    let c = "coingecko:x";
+    let window_rule = |days: i64| {
+        rule(
+            json!({"id":"w","user_id":"u","alert_type":"price_change","throttle_minutes":0,
+            "conditions":{"coin":c,"window":days * 86_400,"threshold_pct":1,"direction":"any"}}),
+        )
+    };
+    let batches = vec![
+        // 30 days is the bound: accepted, and it fires.
+        vec![window_rule(30), price(c, 10.0, 0), price(c, 20.0, 30 * 86_400)],
+        // 31 days: refused with a reason; the accepted version is gone too.
+        vec![window_rule(31), price(c, 40.0, 31 * 86_400)],
+    ];
+    let cfg = OpConfig::default();
+    assert_eq!(cfg.max_rule_window, 30 * 86_400_000, "the default bound is 30 days");
+    for workers in [1, 2] {
+        let r = run(workers, &batches, cfg.clone());
+        assert_eq!(r.alerts.len(), 1, "{:?}", r.alerts);
+        assert_eq!(r.alerts[0].triggered_at, 30 * 86_400_000);
+        assert_eq!(r.dead.len(), 1, "{:?}", r.dead);
+        assert_eq!(
+            r.dead[0].reason,
+            "invalid rule: window 31d is longer than the maximum of 30d (operators.max_rule_window_days)"
+        );
+        assert_eq!(r.dead[0].reason_label(), "invalid_rule");
+        assert!(r.dead[0].raw.contains("\"id\":\"w\""), "{}", r.dead[0].raw);
+    }
+    let short = OpConfig {
+        max_rule_window: 86_400_000,
+        ..OpConfig::default()
+    };
+    let r = run(1, &batches[..1], short);
+    assert!(r.alerts.is_empty(), "a 30-day rule past a 1-day bound never fires");
+    assert!(
+        r.dead[0].reason.contains("window 30d is longer than the maximum of 1d"),
+        "{}",
+        r.dead[0].reason
+    );
+}

@@ -99,6 +99,9 @@ pub struct OperatorsSection {
     pub stable_symbols: Option<Vec<String>>,
     /// Days of hourly protocol points and daily chain points the read API keeps (SPEC §8).
     pub history_days: u32,
+    /// Longest `price_change` / `tvl_change` window accepted, in days; a rule with a longer
+    /// one is dead-lettered.
+    pub max_rule_window_days: u32,
 }
 
 impl Default for OperatorsSection {
@@ -110,6 +113,7 @@ impl Default for OperatorsSection {
             stablecoins: None,
             stable_symbols: None,
             history_days: view::ViewConfig::default().history_days,
+            max_rule_window_days: (d.max_rule_window / 86_400_000) as u32,
         }
     }
 }
@@ -120,6 +124,7 @@ impl OperatorsSection {
         let mut c = OpConfig {
             depeg_band_pct: self.depeg_band_pct,
             whale_event_usd: self.whale_event_usd,
+            max_rule_window: i64::from(self.max_rule_window_days.clamp(1, 3650)) * 86_400_000,
             ..OpConfig::default()
         };
         if let Some(s) = &self.stablecoins {
