@@ -3,7 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use schemas::{AlertRule, Conditions, Millis, Record, alert_id};
+use schemas::{AlertRule, Conditions, Direction, Millis, Operator, Record};
+use sha2::{Digest, Sha256};
 
 /// One step of a test stream.
 #[derive(Clone, Debug)]
@@ -43,6 +44,43 @@ pub struct Model {
     pub late: Vec<u64>,
 }
 
+/// SPEC §2's direction test, written here rather than taken from the code under test.
+fn meets(direction: &Direction, pct: f64, threshold: f64) -> bool {
+    match direction {
+        Direction::Up => pct >= threshold,
+        Direction::Down => -pct >= threshold,
+        Direction::Any => pct >= threshold || -pct >= threshold,
+    }
+}
+
+/// `x <op> value`, written here.
+fn compare(op: &Operator, x: f64, value: f64) -> bool {
+    match op {
+        Operator::Gt => x > value,
+        Operator::Ge => x >= value,
+        Operator::Lt => x < value,
+        Operator::Le => x <= value,
+    }
+}
+
+/// A crossing (SPEC §2): true for this value and false for the previous one.
+fn crossing(op: &Operator, prev: f64, x: f64, value: f64) -> bool {
+    compare(op, x, value) && !compare(op, prev, value)
+}
+
+/// The alert id as docs/ARCHITECTURE.md defines it (SHA-256 over length-prefixed fields,
+/// first 16 bytes as hex), computed here; `pipeline/tests/golden.rs` checks the binary's ids
+/// against Python's hashlib.
+fn model_alert_id(rule_id: &str, subject: &str, t: Millis, identity: &str) -> String {
+    let mut h = Sha256::new();
+    let t = t.to_be_bytes();
+    for part in [rule_id.as_bytes(), subject.as_bytes(), &t[..], identity.as_bytes()] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Value as of `t`: the last point with time ≤ t (linear scan).
 fn as_of(h: &[(Millis, f64)], t: Millis) -> Option<f64> {
     h.iter().rev().find(|(ts, _)| *ts <= t).map(|x| x.1)
@@ -61,7 +99,8 @@ impl Model {
             t,
             value,
             identity,
-            rule.throttle_ms(),
+            // throttle_minutes → ms, rounded to the nearest ms.
+            (rule.throttle_minutes * 60_000.0).round() as Millis,
         ));
     }
 
@@ -90,7 +129,7 @@ impl Model {
             }
             self.throttle.insert(rule_id.clone(), t);
             self.alerts
-                .push((alert_id(&rule_id, &subject, t, &identity), rule_id, subject, t, value));
+                .push((model_alert_id(&rule_id, &subject, t, &identity), rule_id, subject, t, value));
         }
     }
 
@@ -134,13 +173,13 @@ impl Model {
                         } if *coin == p.coin => {
                             let Some(r) = as_of(&hist, t - window) else { continue };
                             let pct = (px - r) / r * 100.0;
-                            if !direction.matches(pct, *threshold_pct) {
+                            if !meets(direction, pct, *threshold_pct) {
                                 continue;
                             }
                             pct
                         }
                         Conditions::PriceThreshold { coin, operator, value } if *coin == p.coin => match prev {
-                            Some(prev) if operator.holds(px, *value) && !operator.holds(prev, *value) => px,
+                            Some(prev) if crossing(operator, prev, px, *value) => px,
                             _ => continue,
                         },
                         Conditions::Depeg {
@@ -241,7 +280,7 @@ impl Model {
                             continue;
                         }
                         let pct = (tvl - r) / r * 100.0;
-                        if direction.matches(pct, *threshold_pct) {
+                        if meets(direction, pct, *threshold_pct) {
                             self.matched(
                                 seq,
                                 rule,
@@ -284,8 +323,7 @@ impl Model {
                         continue;
                     }
                     if let Some(prev) = prev
-                        && operator.holds(g.gwei, *gwei)
-                        && !operator.holds(prev, *gwei)
+                        && crossing(operator, prev, g.gwei, *gwei)
                     {
                         self.matched(
                             seq,
@@ -369,7 +407,7 @@ impl Model {
                 continue;
             }
             let pct = (total - r) / r * 100.0;
-            if direction.matches(pct, *threshold_pct) {
+            if meets(direction, pct, *threshold_pct) {
                 self.matched(seq, rule, pid, t, pct, format!("tvl|{pid}|{t}"));
             }
         }
