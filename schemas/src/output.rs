@@ -47,11 +47,21 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// Builds a dead letter, truncating `raw` to 4 KiB.
+    /// Builds a dead letter, truncating `raw` to 4 KiB and `reason` to 1 KiB (a reason may
+    /// quote the input).
     pub fn new(source: impl fmt::Display, reason: impl Into<String>, raw: &str) -> Self {
+        let mut reason = reason.into();
+        if reason.len() > MAX_REASON {
+            let mut end = MAX_REASON;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+            reason.push('…');
+        }
         DeadLetter {
             source: source.to_string(),
-            reason: reason.into(),
+            reason,
             raw: truncate_raw(raw).to_string(),
         }
     }
@@ -69,6 +79,9 @@ impl DeadLetter {
         }
     }
 }
+
+/// Longest dead-letter reason kept, in bytes (then `…`).
+const MAX_REASON: usize = 1024;
 
 /// Truncates to at most 4 KiB on a char boundary.
 pub fn truncate_raw(raw: &str) -> &str {
@@ -368,6 +381,17 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letter_reasons_are_bounded_like_raw() {
+        let huge = "é".repeat(10 * 1024 * 1024);
+        let d = DeadLetter::new("f:1", format!("unknown alert_type `{huge}`"), &huge);
+        assert!(d.reason.len() <= MAX_REASON + '…'.len_utf8(), "{}", d.reason.len());
+        assert!(d.reason.starts_with("unknown alert_type `é") && d.reason.ends_with('…'));
+        assert!(d.raw.len() <= 4096);
+        let short = DeadLetter::new("f:1", "late", "{}");
+        assert_eq!(short.reason, "late", "short reasons are kept as they are");
+    }
 
     #[test]
     fn alert_id_is_stable_and_sensitive() {

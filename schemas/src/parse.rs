@@ -314,7 +314,8 @@ fn parse_general(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
     }
     let r: RawRecord = serde_json::from_str(line).map_err(|e| {
         if e.is_data() {
-            bad("not a JSON object")
+            // An object serde could not take, e.g. a key given twice.
+            bad(format!("invalid JSON object: {e}"))
         } else {
             bad(format!("bad JSON: {e}"))
         }
@@ -682,6 +683,17 @@ mod tests {
                 "missing field `tx_hash`",
             ),
             (Kind::Gas, r#"[1,2]"#, "not a JSON object"),
+            // A key given twice is named as such (it used to read "not a JSON object").
+            (
+                Kind::Price,
+                r#"{"coin":"coingecko:eth","price":1,"price":2,"timestamp":1}"#,
+                "invalid JSON object: duplicate field `price`",
+            ),
+            (
+                Kind::Gas,
+                r#"{"chain":"ethereum","gwei":1,"gwei":2,"timestamp":1}"#,
+                "invalid JSON object: duplicate field `gwei`",
+            ),
             (Kind::Gas, r#"{"chain":"ethereum","gwei":1,"timestamp":1"#, "bad JSON"),
             (
                 Kind::Liquidation,
