@@ -1,9 +1,12 @@
 //! `llamaflow.toml`: every source, sink, limit and secret reference of the continuous job.
 //!
-//! `${VAR}` anywhere in the file is replaced by the environment variable `VAR` before parsing
-//! (secret references: `password = "${REDIS_PASSWORD}"`); an unset variable is an error
-//! naming the line. Parse errors name the file, line, column and field. See
-//! `llamaflow.example.toml` for a commented example.
+//! `${VAR}` is replaced by the environment variable `VAR` (secret references:
+//! `password = "${REDIS_PASSWORD}"`) so that the value is exactly the variable's and can
+//! never change the file's structure: inside `"…"` it is escaped (quotes, backslashes, newlines
+//! stay literal), inside `'…'` a value that cannot be written there is refused, and outside
+//! strings only plain numbers and words are allowed. An unset variable is an error naming the
+//! line; no error message shows a substituted value. Parse errors name the file, line, column
+//! and field. See `llamaflow.example.toml` for a commented example.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -316,17 +319,78 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// Replaces `${VAR}` with the environment's value (not inside `#` comments); names the line
-/// of an unset variable.
-fn expand_env(text: &str, file: &Path) -> Result<String, UsageError> {
+/// Where a `${VAR}` reference stands in a line of TOML.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Context {
+    /// Inside a `"…"` string: the value is escaped, so it is always exactly that string.
+    Basic,
+    /// Inside a `'…'` string (no escapes in TOML): values with `'` or control characters are
+    /// refused.
+    Literal,
+    /// Outside strings (`workers = ${WORKERS}`): only plain words and numbers are allowed.
+    Bare,
+}
+
+/// The quoting context at byte `at` of `line`.
+fn context_at(line: &str, at: usize) -> Context {
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for (i, c) in line.char_indices() {
+        if i >= at {
+            break;
+        }
+        match quote {
+            Some(q) => {
+                if q == '"' && c == '\\' && !escaped {
+                    escaped = true;
+                    continue;
+                }
+                if c == q && !escaped {
+                    quote = None;
+                }
+                escaped = false;
+            }
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None => {}
+        }
+    }
+    match quote {
+        Some('"') => Context::Basic,
+        Some(_) => Context::Literal,
+        None => Context::Bare,
+    }
+}
+
+/// `value` written inside a TOML basic string: `\`, `"` and control characters escaped.
+fn escape_basic(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Replaces `${VAR}` with the environment's value (not inside `#` comments), so that the value
+/// is exactly what the file means there and can never change the file's structure: escaped in
+/// `"…"` strings, refused in `'…'` strings when it cannot be written there, and only plain
+/// words or numbers outside strings. Errors name the line and the variable, never its value.
+/// Returns the text and the substitutions made (to keep values out of later messages).
+fn expand_env(text: &str, file: &Path) -> Result<(String, Vec<(String, String)>), UsageError> {
     let mut out = String::with_capacity(text.len());
+    let mut used = Vec::new();
     for (n, line) in text.split_inclusive('\n').enumerate() {
         let code_end = comment_start(line).unwrap_or(line.len());
         let (code, comment) = line.split_at(code_end);
         let mut rest = code;
         while let Some(start) = rest.find("${") {
             out.push_str(&rest[..start]);
-            let col = code.len() - rest.len() + start + 1;
+            let at = code.len() - rest.len() + start;
+            let col = at + 1;
             let after = &rest[start + 2..];
             let Some(end) = after.find('}') else {
                 return Err(UsageError(format!(
@@ -336,20 +400,53 @@ fn expand_env(text: &str, file: &Path) -> Result<String, UsageError> {
                 )));
             };
             let name = &after[..end];
+            let here = |what: String| UsageError(format!("{}:{}:{col}: {what}", file.display(), n + 1));
             let value = std::env::var(name).map_err(|_| {
-                UsageError(format!(
-                    "{}:{}:{col}: environment variable `{name}` is not set (referenced as ${{{name}}})",
-                    file.display(),
-                    n + 1
+                here(format!(
+                    "environment variable `{name}` is not set (referenced as ${{{name}}})"
                 ))
             })?;
-            out.push_str(&value);
+            match context_at(code, at) {
+                Context::Basic => out.push_str(&escape_basic(&value)),
+                Context::Literal if value.contains('\'') || value.chars().any(char::is_control) => {
+                    return Err(here(format!(
+                        "environment variable `{name}` holds a quote or a control character, which a '…' string \
+                         cannot hold: write \"${{{name}}}\" instead"
+                    )));
+                }
+                Context::Literal => out.push_str(&value),
+                Context::Bare
+                    if !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || "_.+-".contains(c)) =>
+                {
+                    out.push_str(&value)
+                }
+                Context::Bare => {
+                    return Err(here(format!(
+                        "environment variable `{name}` is used outside a quoted string but is not a plain number \
+                         or word: write \"${{{name}}}\""
+                    )));
+                }
+            }
+            used.push((name.to_string(), value));
             rest = &after[end + 1..];
         }
         out.push_str(rest);
         out.push_str(comment);
     }
-    Ok(out)
+    Ok((out, used))
+}
+
+/// `msg` with every substituted value replaced by its `${VAR}` reference: secrets never end
+/// up in error messages.
+fn redact(msg: &str, used: &[(String, String)]) -> String {
+    let mut msg = msg.to_string();
+    for (name, value) in used {
+        if value.len() >= 3 {
+            msg = msg.replace(value.as_str(), &format!("${{{name}}}"));
+            msg = msg.replace(&escape_basic(value), &format!("${{{name}}}"));
+        }
+    }
+    msg
 }
 
 /// Byte index of a `#` comment outside quoted strings, if any.
@@ -386,14 +483,15 @@ impl Config {
 
     /// Parses config text (`path` is used in messages).
     pub fn parse(raw: &str, path: &Path) -> Result<Config, UsageError> {
-        let text = expand_env(raw, path)?;
+        let (text, used) = expand_env(raw, path)?;
         let cfg: Config = toml::from_str(&text)
             .map_err(|e| {
-                let msg = e.message().trim().to_string();
+                let msg = redact(e.message().trim(), &used);
                 match e.span() {
                     Some(span) => {
+                        // Substituted values never add lines: the file's own line is quoted.
                         let (l, c) = line_col(&text, span.start);
-                        let line = text.lines().nth(l - 1).unwrap_or("").trim();
+                        let line = raw.lines().nth(l - 1).unwrap_or("").trim();
                         format!("{}:{l}:{c}: {msg} (in `{line}`)", path.display())
                     }
                     None => format!("{}: {msg}", path.display()),
@@ -416,7 +514,8 @@ impl Config {
         let Some(redis) = self.sinks.redis.as_mut() else {
             return Ok(());
         };
-        let table: toml::Table = toml::from_str(text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
+        let table: toml::Table =
+            toml::from_str(text).map_err(|_| UsageError(format!("{}: cannot read [sinks.redis]", path.display())))?;
         let given = |k: &str| {
             table
                 .get("sinks")
@@ -603,6 +702,54 @@ mod tests {
         assert!(e.contains("sources.files[0].kind") && e.contains("candles"), "{e}");
         let e = parse("[pipeline]\n").unwrap_err();
         assert!(e.contains("no sources"), "{e}");
+    }
+
+    #[test]
+    fn env_values_cannot_inject_config_or_leak() {
+        // SAFETY: tests in this module do not read these variables concurrently.
+        unsafe {
+            // A quote and a newline: before, this added an API key of the attacker's choice.
+            std::env::set_var(
+                "LLAMAFLOW_T_INJECT",
+                "pw\"\n[sinks.websocket.api_keys]\nattacker-key = \"demo",
+            );
+            std::env::set_var("LLAMAFLOW_T_BACKSLASH", "a\\tb\\q");
+            std::env::set_var("LLAMAFLOW_T_SECRET", "s3cr3t-value");
+            std::env::set_var("LLAMAFLOW_T_WORKERS", "2");
+            std::env::set_var("LLAMAFLOW_T_BAD_NUMBER", "2\n[sources.demo]");
+        }
+        let c = parse(
+            "[sources.demo]\n[sinks.websocket]\n[sinks.redis]\nurl = \"redis://127.0.0.1\"\npassword = \"${LLAMAFLOW_T_INJECT}\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.sinks.redis.unwrap().password.as_deref(),
+            Some("pw\"\n[sinks.websocket.api_keys]\nattacker-key = \"demo"),
+            "the value is exactly the variable's"
+        );
+        assert!(c.sinks.websocket.unwrap().api_keys.is_empty(), "no key was injected");
+        let c = parse(
+            "[sources.demo]\n[sinks.redis]\nurl = \"redis://127.0.0.1\"\npassword = \"${LLAMAFLOW_T_BACKSLASH}\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.sinks.redis.unwrap().password.as_deref(),
+            Some("a\\tb\\q"),
+            "backslashes stay"
+        );
+        let c = parse("[pipeline]\nworkers = ${LLAMAFLOW_T_WORKERS}\n[sources.demo]\n").unwrap();
+        assert_eq!(c.pipeline.workers, 2);
+        let e = parse("[pipeline]\nworkers = ${LLAMAFLOW_T_BAD_NUMBER}\n[sources.demo]\n").unwrap_err();
+        assert!(
+            e.contains("LLAMAFLOW_T_BAD_NUMBER") && e.contains("outside a quoted string"),
+            "{e}"
+        );
+        let e = parse("[sources.demo]\n[sinks.redis]\npassword = '${LLAMAFLOW_T_INJECT}'\n").unwrap_err();
+        assert!(e.contains("'…' string"), "{e}");
+        // A parse error on a line with a secret names the variable, not the value.
+        let e = parse("[pipeline]\nworkers = \"${LLAMAFLOW_T_SECRET}\"\n[sources.demo]\n").unwrap_err();
+        assert!(!e.contains("s3cr3t"), "the secret leaked: {e}");
+        assert!(e.contains("llamaflow.toml:2:"), "{e}");
     }
 
     #[test]

@@ -128,8 +128,13 @@ impl Model {
                 continue;
             }
             self.throttle.insert(rule_id.clone(), t);
-            self.alerts
-                .push((model_alert_id(&rule_id, &subject, t, &identity), rule_id, subject, t, value));
+            self.alerts.push((
+                model_alert_id(&rule_id, &subject, t, &identity),
+                rule_id,
+                subject,
+                t,
+                value,
+            ));
         }
     }
 
