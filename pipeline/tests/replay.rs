@@ -339,3 +339,62 @@ fn bad_usage_exits_2_with_a_reason() {
     let e = usage_error(&["replay", "--rules", a, "--alerts-out", "/nonexistent/dir/out.jsonl"]);
     assert!(e.contains("--alerts-out"), "{e}");
 }
+
+/// A gzip bomb: a 1 MB `.gz` holding a 256 MiB line, then a valid tick. The line is skipped as
+/// a dead letter with its size, memory stays bounded, and the tick after it is read.
+#[test]
+fn a_line_past_the_limit_is_dead_lettered_without_holding_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let prices = dir.path().join("prices.jsonl.gz");
+    let mut gz = GzEncoder::new(std::fs::File::create(&prices).unwrap(), Compression::best());
+    let chunk = vec![b'x'; 1 << 20];
+    gz.write_all(b"{\"coin\":\"coingecko:x\",\"price\":1,\"timestamp\":1,\"pad\":\"")
+        .unwrap();
+    for _ in 0..256 {
+        gz.write_all(&chunk).unwrap();
+    }
+    gz.write_all(b"\"}\n").unwrap();
+    writeln!(gz, "{}", json!({"coin": "coingecko:y", "price": 2.0, "timestamp": 2})).unwrap();
+    gz.finish().unwrap();
+    assert!(std::fs::metadata(&prices).unwrap().len() < 2 << 20, "a small file");
+    let (dead, events) = (dir.path().join("dead.jsonl"), dir.path().join("events.jsonl"));
+    let out = bin()
+        .args(["replay", "--quiet", "--prices"])
+        .arg(&prices)
+        .arg("--alerts-out")
+        .arg(dir.path().join("alerts.jsonl"))
+        .arg("--events-out")
+        .arg(&events)
+        .arg("--dead-letter-out")
+        .arg(&dead)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let letters: Vec<Value> = std::fs::read_to_string(&dead)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let reason = letters[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("line of 268435511 bytes is longer than the limit of 1048576 bytes"),
+        "{reason}"
+    );
+    assert!(letters[0]["source"].as_str().unwrap().ends_with("prices.jsonl.gz:1"));
+    assert!(letters[0]["raw"].as_str().unwrap().len() <= 4096);
+    let text = std::fs::read_to_string(&events).unwrap();
+    assert!(
+        text.contains("coingecko:y"),
+        "the line after the long one is read: {text}"
+    );
+    // The summary line reports the peak RSS: far below the 256 MiB line.
+    let summary = String::from_utf8_lossy(&out.stderr);
+    let rss: f64 = summary
+        .split("peak RSS ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {summary}"));
+    assert!(rss < 100.0, "peak RSS {rss} MiB");
+}

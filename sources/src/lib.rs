@@ -103,30 +103,100 @@ pub(crate) enum Line<'a> {
     Eof,
     /// An I/O error (e.g. a corrupt gzip stream); the partial line is in the buffer.
     Err(io::Error),
+    /// A line longer than [`MAX_LINE_BYTES`] (its length in bytes): skipped, its first
+    /// [`MAX_LINE_BYTES`] bytes are in the buffer.
+    TooLong(u64),
 }
 
-/// Reads the next line into `buf` (cleared first).
+/// Longest input line read, in bytes: a longer one (say, a 1 GiB line in a 1 MB gzip file) is
+/// skipped as a dead letter instead of being held in memory.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Reads the next line into `buf` (cleared first), holding at most [`MAX_LINE_BYTES`] of it.
 pub(crate) fn read_line<'a>(reader: &mut dyn BufRead, buf: &'a mut Vec<u8>) -> Line<'a> {
+    read_line_max(reader, buf, MAX_LINE_BYTES)
+}
+
+fn read_line_max<'a>(reader: &mut dyn BufRead, buf: &'a mut Vec<u8>, max: usize) -> Line<'a> {
     buf.clear();
-    match reader.read_until(b'\n', buf) {
-        Ok(0) => Line::Eof,
-        Ok(_) => {
-            let mut end = buf.len();
-            if buf[..end].ends_with(b"\n") {
-                end -= 1;
-            }
-            if buf[..end].ends_with(b"\r") {
-                end -= 1;
-            }
-            Line::Text(std::str::from_utf8(&buf[..end]))
+    // Bytes of the line (without its line end), whether it ended with `\n`, and whether a `\r`
+    // stood before that `\n`.
+    let (mut content, mut ended, mut cr) = (0u64, false, false);
+    let mut last: Option<u8> = None;
+    let mut any = false;
+    while !ended {
+        let chunk = match reader.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Line::Err(e),
+        };
+        if chunk.is_empty() {
+            break;
         }
-        Err(e) => Line::Err(e),
+        any = true;
+        let (body, consumed) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                ended = true;
+                cr = if i > 0 {
+                    chunk[i - 1] == b'\r'
+                } else {
+                    last == Some(b'\r')
+                };
+                (i, i + 1)
+            }
+            None => (chunk.len(), chunk.len()),
+        };
+        if body > 0 {
+            last = Some(chunk[body - 1]);
+        }
+        let room = max.saturating_add(1).saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..body.min(room)]);
+        content += body as u64;
+        reader.consume(consumed);
     }
+    if !any {
+        return Line::Eof;
+    }
+    if cr {
+        content -= 1;
+    }
+    if content > max as u64 {
+        buf.truncate(max);
+        metrics::counter!("llamaflow_lines_too_long_total").increment(1);
+        return Line::TooLong(content);
+    }
+    buf.truncate(content as usize);
+    Line::Text(std::str::from_utf8(&buf[..]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_lines_are_skipped_with_bounded_memory() {
+        let input = format!("{}\r\n{{\"ok\":1}}\n{}\nlast", "x".repeat(100), "y".repeat(40));
+        let mut reader = io::BufReader::with_capacity(7, input.as_bytes());
+        let mut buf = Vec::new();
+        let max = 50;
+        assert!(matches!(read_line_max(&mut reader, &mut buf, max), Line::TooLong(100)));
+        assert_eq!(buf.len(), max, "only the limit is held");
+        assert!(matches!(
+            read_line_max(&mut reader, &mut buf, max),
+            Line::Text(Ok("{\"ok\":1}"))
+        ));
+        let forty = "y".repeat(40);
+        assert!(matches!(read_line_max(&mut reader, &mut buf, max), Line::Text(Ok(t)) if t == forty));
+        assert!(matches!(
+            read_line_max(&mut reader, &mut buf, max),
+            Line::Text(Ok("last"))
+        ));
+        assert!(matches!(read_line_max(&mut reader, &mut buf, max), Line::Eof));
+        // Exactly the limit (with \r\n) is a line.
+        let at = format!("{}\r\n", "z".repeat(max));
+        let mut reader = io::BufReader::with_capacity(3, at.as_bytes());
+        assert!(matches!(read_line_max(&mut reader, &mut buf, max), Line::Text(Ok(t)) if t.len() == max));
+    }
 
     #[test]
     fn error_messages_name_the_file() {

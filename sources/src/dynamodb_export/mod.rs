@@ -29,7 +29,7 @@ use schemas::dynamo::{DynamoRecord, ExportLine, PriceItem, decode_item, parse_ex
 use schemas::{DeadLetter, Millis, PriceTick, Record, SourcePos, format_seconds};
 use serde_json::Value;
 
-use crate::{Input, Line, SourceError, io_reason, open_lines, read_line};
+use crate::{Input, Line, MAX_LINE_BYTES, SourceError, io_reason, open_lines, read_line};
 use spill::{Body, DeadLetters, DeadSink, Entry, Merge, Price, Sorter, SpillDir};
 
 pub mod s3;
@@ -562,6 +562,16 @@ impl Loader {
                     );
                     self.buf = buf;
                     return self.dead(d);
+                }
+                Line::TooLong(bytes) => {
+                    line_no += 1;
+                    lines += 1;
+                    self.stats.invalid_lines += 1;
+                    let pos = SourcePos::new(source.clone(), line_no);
+                    let reason =
+                        format!("line of {bytes} bytes is longer than the limit of {MAX_LINE_BYTES} bytes: skipped");
+                    self.dead(DeadLetter::new(pos, reason, &String::from_utf8_lossy(&buf)))?;
+                    continue;
                 }
                 Line::Text(text) => text,
             };

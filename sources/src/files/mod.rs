@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use schemas::{DeadLetter, Kind, SourcePos, parse_record};
 
-use crate::{Input, Line, SourceError, io_reason, open_lines, read_line};
+use crate::{Input, Line, MAX_LINE_BYTES, SourceError, io_reason, open_lines, read_line};
 
 pub mod follow;
 
@@ -66,6 +66,15 @@ impl Iterator for FileSource {
                     return Some(Input::Dead(DeadLetter::new(
                         pos,
                         format!("read error: {}", io_reason(&e)),
+                        &raw,
+                    )));
+                }
+                Line::TooLong(bytes) => {
+                    self.line += 1;
+                    let raw = String::from_utf8_lossy(&self.buf);
+                    return Some(Input::Dead(DeadLetter::new(
+                        pos,
+                        format!("line of {bytes} bytes is longer than the limit of {MAX_LINE_BYTES} bytes: skipped"),
                         &raw,
                     )));
                 }
