@@ -69,6 +69,23 @@ pub struct Checkpoint {
     pub state: Vec<WorkerState>,
     /// Source positions of everything before the cut.
     pub positions: Positions,
+    /// The read view's history series and recent alerts at the cut (`view::HistoryImage`,
+    /// encoded); `None` for a job without a read view.
+    #[serde(with = "serde_bytes_opt")]
+    pub view: Option<Vec<u8>>,
+}
+
+/// `Option<Vec<u8>>` as one byte slice (not byte by byte).
+mod serde_bytes_opt {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_deref().map(serde_bytes::Bytes::new).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Ok(Option::<serde_bytes::ByteBuf>::deserialize(d)?.map(serde_bytes::ByteBuf::into_vec))
+    }
 }
 
 impl Checkpoint {
@@ -169,6 +186,10 @@ struct Prepared {
 pub struct Checkpointer {
     /// Where state is saved, with the snapshots to save; `None`: positions only.
     store: Option<(PathBuf, Snapshots)>,
+    /// Whether a read view's history goes into each checkpoint (deposited by the output stage
+    /// once it has applied the checkpoint's epoch).
+    with_view: bool,
+    views: Mutex<BTreeMap<u64, Arc<view::State>>>,
     pending: Mutex<BTreeMap<u64, Prepared>>,
     next_id: Mutex<u64>,
     last_done: Mutex<Instant>,
@@ -180,10 +201,36 @@ impl Checkpointer {
     pub fn new(store: Option<(PathBuf, Snapshots)>, last_id: u64) -> Self {
         Checkpointer {
             store,
+            with_view: false,
+            views: Mutex::new(BTreeMap::new()),
             pending: Mutex::new(BTreeMap::new()),
             next_id: Mutex::new(last_id + 1),
             last_done: Mutex::new(Instant::now()),
         }
+    }
+
+    /// Checkpoints also hold the read view's history (see [`Checkpointer::deposit_view`]).
+    pub fn with_view(mut self) -> Self {
+        self.with_view = self.store.is_some();
+        self
+    }
+
+    /// Whether a checkpoint waits for the view as of `epoch` (after applying it).
+    pub fn wants_view(&self, epoch: u64) -> bool {
+        self.with_view
+            && self
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(&epoch)
+    }
+
+    /// The output stage hands over the view version that includes `epoch` (O(1): it is shared).
+    pub fn deposit_view(&self, epoch: u64, state: Arc<view::State>) {
+        self.views
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(epoch, state);
     }
 
     /// Requests a checkpoint after `epoch` (call before sending it) with the front's state.
@@ -228,12 +275,33 @@ impl Checkpointer {
                     _ => break,
                 }
             };
+            if self.with_view
+                && !self
+                    .views
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .contains_key(&epoch)
+            {
+                // The output stage has not applied the epoch yet.
+                break;
+            }
             let state = match &self.store {
                 Some((_, snapshots)) => match snapshots.take(epoch) {
                     Some(state) => Some(state.with_context(|| format!("cannot encode the state at epoch {epoch}"))?),
                     None => break,
                 },
                 None => None,
+            };
+            let view = match self.with_view {
+                true => self
+                    .views
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&epoch)
+                    .map(|v| bincode::serialize(&v.history_image()))
+                    .transpose()
+                    .with_context(|| format!("cannot encode the read view at epoch {epoch}"))?,
+                false => None,
             };
             let Some(prepared) = self
                 .pending
@@ -255,6 +323,7 @@ impl Checkpointer {
                     sequencer: prepared.sequencer,
                     state,
                     positions: prepared.positions.clone(),
+                    view,
                 };
                 let bytes = ckpt.write(dir)?;
                 metrics::gauge!("llamaflow_checkpoint_bytes").set(bytes as f64);
@@ -363,6 +432,7 @@ mod tests {
                 sequencer: Sequencer::new(2, id),
                 state: vec![WorkerState::default(); 2],
                 positions,
+                view: (id == 4).then(|| vec![1, 2, 3]),
             }
             .write(dir.path())
             .unwrap();
@@ -372,6 +442,7 @@ mod tests {
             (latest.id, latest.positions.lsn, latest.sequencer.next_seq()),
             (4, Some(40), 4)
         );
+        assert_eq!(latest.view, Some(vec![1, 2, 3]));
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -187,6 +187,8 @@ impl Output for LiveOutput {
 struct OutputStage {
     hub: Option<Hub>,
     view: Option<Arc<view::LiveView>>,
+    /// Takes the view version of a checkpoint's epoch.
+    checkpointer: Arc<Checkpointer>,
     stdout: bool,
     to_sinks: Vec<mpsc::Sender<Arc<OutputBatch>>>,
     /// With no durable sink, completed epochs are acknowledged here directly.
@@ -224,6 +226,9 @@ impl OutputStage {
         let publish = || {
             if let Some(v) = &self.view {
                 v.apply(epoch + 1, &out);
+                if self.checkpointer.wants_view(epoch) {
+                    self.checkpointer.deposit_view(epoch, v.current());
+                }
             }
             if let Some(h) = &self.hub {
                 for e in &out.events {
@@ -618,7 +623,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
             .map(|_| Snapshots::for_process(workers, first_worker)),
         ..Default::default()
     };
-    let (resume_positions, last_id) = match restored {
+    let (resume_positions, last_id, restored_view) = match restored {
         Some(ck) => {
             eprintln!(
                 "llamaflow: resuming from checkpoint {} ({} workers, Kafka {} partition(s), CDC LSN {:?}, {} file(s))",
@@ -637,14 +642,27 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
             }
             engine_ckpt.restore = Some(ck.state);
             engine_ckpt.sequencer = Some(ck.sequencer);
-            (Some(ck.positions), ck.id)
+            (Some(ck.positions), ck.id, ck.view)
         }
-        None => (None, 0),
+        None => (None, 0, None),
     };
-    let checkpointer = Arc::new(Checkpointer::new(
+    let checkpointer = Checkpointer::new(
         cfg.pipeline.checkpoint_dir.clone().zip(engine_ckpt.snapshots.clone()),
         last_id,
-    ));
+    );
+    // The read view (SPEC §8) is served where the WebSocket is; its history is checkpointed.
+    let live_view = hub
+        .as_ref()
+        .map(|_| Arc::new(view::LiveView::new(cfg.operators.view_config())));
+    let checkpointer = Arc::new(match live_view {
+        Some(_) => checkpointer.with_view(),
+        None => checkpointer,
+    });
+    if let (Some(v), Some(bytes)) = (&live_view, &restored_view) {
+        let image: view::HistoryImage =
+            bincode::deserialize(bytes).context("cannot decode the checkpoint's read view")?;
+        v.restore_history(image);
+    }
     let cfg = cfg;
 
     // Live sources feed one bounded channel. Order: the CDC snapshot (rules, protocols, keys)
@@ -766,10 +784,6 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         })
     };
 
-    // The live read view (SPEC §8) is served where the WebSocket is.
-    let live_view = hub
-        .as_ref()
-        .map(|_| Arc::new(view::LiveView::new(cfg.operators.view_config())));
     if let (Some(h), Some(v)) = (&hub, &live_view) {
         h.set_snapshots(Arc::new(ViewSnapshots(v.clone())));
     }
@@ -778,6 +792,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     let stage = OutputStage {
         hub: hub.clone(),
         view: live_view.clone(),
+        checkpointer: checkpointer.clone(),
         stdout: cfg.sinks.stdout,
         to_sinks,
         self_ack,

@@ -672,6 +672,11 @@ fn a_restart_from_the_checkpoint_answers_as_before() {
         "/protocols",
         "/prices/current/coingecko:ethereum",
         "/tvl/p1",
+        // The history series come back from the checkpoint too.
+        "/protocol/p1",
+        "/v2/historicalChainTvl",
+        "/v2/historicalChainTvl/ethereum",
+        "/charts/bsc",
     ];
     let answers = |port: u16| -> Vec<Value> { paths.iter().map(|p| get(port, p).2).collect() };
     let mut job = start(&config);
@@ -679,6 +684,8 @@ fn a_restart_from_the_checkpoint_answers_as_before() {
         get(port, "/v2/chains").1 == end
     });
     let before = answers(port);
+    assert_eq!(before[5]["tvl"].as_array().unwrap().len(), 50, "50 hourly points");
+    assert_eq!(before[6].as_array().unwrap().len(), 3, "3 days");
     assert!(
         before[1].as_array().unwrap().iter().any(|c| c["change_1d"].is_number()),
         "categories have a 1-day change: {}",

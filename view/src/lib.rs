@@ -230,6 +230,41 @@ impl State {
     }
 }
 
+/// The parts of a view version that the dataflow's restored state cannot rebuild: the
+/// history series and the recent alerts. Checkpoints hold it (the latest prices, TVL, gas and
+/// aggregates come back from the operators' restored state).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct HistoryImage {
+    /// The version's as-of.
+    pub as_of: Millis,
+    /// Hourly points per protocol.
+    pub hourly: Vec<(Key, Arc<VecDeque<HourPoint>>)>,
+    /// Daily points per chain.
+    pub chain_daily: Vec<(Key, Arc<VecDeque<(Millis, f64)>>)>,
+    /// Daily points of the total.
+    pub total_daily: Arc<VecDeque<(Millis, f64)>>,
+    /// Recent alerts per user, newest first.
+    pub alerts: Vec<(Key, Arc<VecDeque<Arc<Alert>>>)>,
+}
+
+impl State {
+    /// This version's [`HistoryImage`] (shares the series; copying is for the encoder).
+    pub fn history_image(&self) -> HistoryImage {
+        HistoryImage {
+            as_of: self.as_of,
+            hourly: self
+                .protocols
+                .iter()
+                .filter(|(_, p)| !p.hourly.is_empty())
+                .map(|(k, p)| (k.clone(), p.hourly.clone()))
+                .collect(),
+            chain_daily: self.chain_daily.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            total_daily: self.total_daily.clone(),
+            alerts: self.alerts.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+}
+
 /// The dataflow's outputs of one epoch, gathered from the workers: what it changes in the
 /// view (and what the output stage hands to the sinks).
 #[derive(Debug, Default)]
@@ -256,6 +291,19 @@ impl LiveView {
             cfg,
             current: RwLock::new(Arc::new(State::default())),
         }
+    }
+
+    /// Starts from a checkpoint's [`HistoryImage`] (call before any epoch is applied).
+    pub fn restore_history(&self, image: HistoryImage) {
+        let mut next = (*self.current()).clone();
+        next.as_of = next.as_of.max(image.as_of);
+        for (k, hourly) in image.hourly {
+            Arc::make_mut(next.protocols.entry(k).or_default()).hourly = hourly;
+        }
+        next.chain_daily = image.chain_daily.into_iter().collect();
+        next.total_daily = image.total_daily;
+        next.alerts = image.alerts.into_iter().collect();
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
     }
 
     /// The current version: consistent with one epoch, unaffected by later updates.
