@@ -37,6 +37,9 @@ impl Default for ViewConfig {
     }
 }
 
+/// Daily points `(day start, value)`, oldest first, shared between versions.
+pub type DailySeries = Arc<VecDeque<(Millis, f64)>>;
+
 /// A protocol's TVL in one UTC hour: `(hour start, total, per chain)`, the hour's last value.
 pub type HourPoint = (Millis, f64, Arc<Vec<(String, f64)>>);
 
@@ -74,9 +77,9 @@ pub struct State {
     /// TVL over every protocol and chain.
     pub total_tvl: f64,
     /// Daily points per chain `(day start, tvl)`, oldest first.
-    pub chain_daily: OrdMap<Key, Arc<VecDeque<(Millis, f64)>>>,
+    pub chain_daily: OrdMap<Key, DailySeries>,
     /// Daily points of the total TVL.
-    pub total_daily: Arc<VecDeque<(Millis, f64)>>,
+    pub total_daily: DailySeries,
     /// Latest alerts per user, newest first.
     pub alerts: OrdMap<Key, Arc<VecDeque<Arc<Alert>>>>,
     /// Recent depeg / whale / liquidation events (newest first, bounded), for their channels'
@@ -240,9 +243,9 @@ pub struct HistoryImage {
     /// Hourly points per protocol.
     pub hourly: Vec<(Key, Arc<VecDeque<HourPoint>>)>,
     /// Daily points per chain.
-    pub chain_daily: Vec<(Key, Arc<VecDeque<(Millis, f64)>>)>,
+    pub chain_daily: Vec<(Key, DailySeries)>,
     /// Daily points of the total.
-    pub total_daily: Arc<VecDeque<(Millis, f64)>>,
+    pub total_daily: DailySeries,
     /// Recent alerts per user, newest first.
     pub alerts: Vec<(Key, Arc<VecDeque<Arc<Alert>>>)>,
 }
