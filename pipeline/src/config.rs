@@ -542,6 +542,21 @@ impl Config {
 
     fn validate(&self, path: &Path) -> Result<(), UsageError> {
         let err = |field: &str, what: String| UsageError(format!("{}: {field}: {what}", path.display()));
+        let urls = [
+            (
+                "sinks.postgres.url",
+                self.sinks.postgres.as_ref().and_then(|p| p.url.as_deref()),
+            ),
+            (
+                "sources.postgres_cdc.url",
+                self.sources.postgres_cdc.as_ref().and_then(|p| p.url.as_deref()),
+            ),
+        ];
+        for (field, url) in urls {
+            if let Some(url) = url {
+                crate::check_postgres_url(url).map_err(|e| err(field, e))?;
+            }
+        }
         if self.pipeline.workers == 0 || self.pipeline.workers > 64 {
             return Err(err(
                 "pipeline.workers",

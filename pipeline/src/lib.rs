@@ -37,12 +37,25 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Checks that `url` is a PostgreSQL connection URL; the error does not repeat the URL (it may
+/// hold a password).
+pub fn check_postgres_url(url: &str) -> Result<(), String> {
+    use std::str::FromStr;
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("not a PostgreSQL URL: expected postgres://user:password@host:port/database".into());
+    }
+    sqlx::postgres::PgConnectOptions::from_str(url)
+        .map(|_| ())
+        .map_err(|e| format!("not a valid PostgreSQL URL ({e}): expected postgres://user:password@host:port/database"))
+}
+
 /// `llamaflow migrate`: applies the pending migrations and prints what it did.
 pub fn migrate(url: Option<String>) -> anyhow::Result<()> {
     use anyhow::Context;
     let url = url.or_else(sinks::postgres::url_from_env).ok_or_else(|| {
         UsageError("no database: pass --database-url or set PREMIUM_DB, ALERTS_DB or DATABASE_URL".into())
     })?;
+    check_postgres_url(&url).map_err(|e| UsageError(format!("--database-url: {e}")))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

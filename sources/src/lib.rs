@@ -84,6 +84,9 @@ pub(crate) fn io_reason(e: &io::Error) -> String {
 /// Opens a file for line reading, gunzipping it when its name ends in `.gz`.
 pub(crate) fn open_lines(path: &Path) -> Result<Box<dyn BufRead + Send>, SourceError> {
     let file = File::open(path).map_err(|e| SourceError::io("open", path, e))?;
+    if file.metadata().is_ok_and(|m| m.is_dir()) {
+        return Err(SourceError::invalid(path, "is a directory, not a JSONL file"));
+    }
     let gz = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
     Ok(if gz {
         Box::new(BufReader::with_capacity(

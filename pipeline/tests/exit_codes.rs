@@ -1,0 +1,92 @@
+//! SPEC §4's exit codes for the CLI's error cases, table-driven against the real binary: 0 on
+//! success, 2 on bad usage or config (one line naming the flag, file or field), 1 on a runtime
+//! failure.
+
+use std::process::Command;
+
+#[test]
+fn exit_codes_follow_spec_section_4() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let write = |name: &str, text: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let bad_pg = write("bad-pg.toml", "[sources.demo]\n[sinks.postgres]\nurl = \"notaurl\"\n");
+    let bad_cdc = write("bad-cdc.toml", "[sources.postgres_cdc]\nurl = \"mysql://x@y/z\"\n");
+    let good = write("good.toml", "[sources.demo]\n");
+    let prices = write(
+        "prices.jsonl",
+        "{\"coin\":\"coingecko:x\",\"price\":1,\"timestamp\":1}\n",
+    );
+    let a_dir = d.join("a-directory");
+    std::fs::create_dir(&a_dir).unwrap();
+    let a_dir = a_dir.display().to_string();
+    let alerts = d.join("alerts.jsonl").display().to_string();
+    let missing = d.join("missing.jsonl").display().to_string();
+    // (arguments, exit code, what stderr must name)
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["migrate", "--database-url", "notaurl"],
+            2,
+            "--database-url: not a PostgreSQL URL",
+        ),
+        (
+            vec!["check-config", "--config", &bad_pg],
+            2,
+            "sinks.postgres.url: not a PostgreSQL URL",
+        ),
+        (
+            vec!["check-config", "--config", &bad_cdc],
+            2,
+            "sources.postgres_cdc.url",
+        ),
+        (
+            vec!["run", "--config", &bad_pg, "--duration-secs", "1"],
+            2,
+            "sinks.postgres.url",
+        ),
+        (vec!["check-config", "--config", &good], 0, ""),
+        (
+            vec!["replay", "--prices", &a_dir, "--alerts-out", &alerts],
+            2,
+            "is a directory",
+        ),
+        (
+            vec!["replay", "--prices", &missing, "--alerts-out", &alerts],
+            2,
+            "missing.jsonl",
+        ),
+        (vec!["replay", "--alerts-out", &alerts], 2, "no inputs"),
+        (
+            vec!["replay", "--prices", &prices, "--alerts-out", &alerts, "--quiet"],
+            0,
+            "",
+        ),
+        (
+            vec!["replay", "--prices", &prices, "--no-such-flag"],
+            2,
+            "--no-such-flag",
+        ),
+        (vec!["run", "--config", &missing], 2, "missing.jsonl"),
+    ];
+    for (args, code, names) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_llamaflow"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "llamaflow {args:?}: {stderr}");
+        assert!(
+            stderr.contains(names),
+            "llamaflow {args:?} should name `{names}`: {stderr}"
+        );
+        if code == 2 {
+            assert!(
+                !stderr.contains("notaurl") || names.contains("notaurl"),
+                "no URL echoed: {stderr}"
+            );
+        }
+    }
+}
