@@ -148,6 +148,26 @@ struct ProtocolState {
 }
 
 impl ProtocolState {
+    /// The `tvl_update` of the protocol's total `total` at `t` (changes against the total's
+    /// history as of `t − window`).
+    fn tvl_event(&self, id: &str, t: Millis, total: f64) -> Event {
+        Event {
+            subject: id.to_string(),
+            timestamp: t,
+            data: EventData::TvlUpdate {
+                protocol_id: id.to_string(),
+                name: self.meta.as_ref().map(|m| m.name.clone()),
+                tvl: total,
+                chain_tvls: self.chain_latest.clone(),
+                extra: self.extra.clone(),
+                change_1h: change(&self.total_hist, t, 3_600_000, total),
+                change_1d: change(&self.total_hist, t, 86_400_000, total),
+                change_7d: change(&self.total_hist, t, 604_800_000, total),
+                timestamp: t,
+            },
+        }
+    }
+
     /// The name alerts show: the protocol's name, else its id.
     fn label(&self, id: &str) -> String {
         self.meta.as_ref().map_or_else(|| id.to_string(), |m| m.name.clone())
@@ -541,21 +561,7 @@ impl KeyedState {
             if let Some(t) = st.last_tvl_ts {
                 out.push(KeyedOut::State(StateDelta::Clock(t)));
                 let total: f64 = st.chain_latest.values().sum();
-                out.push(view(Event {
-                    subject: id.clone(),
-                    timestamp: t,
-                    data: EventData::TvlUpdate {
-                        protocol_id: id.clone(),
-                        name: st.meta.as_ref().map(|m| m.name.clone()),
-                        tvl: total,
-                        chain_tvls: st.chain_latest.clone(),
-                        extra: st.extra.clone(),
-                        change_1h: change(&st.total_hist, t, 3_600_000, total),
-                        change_1d: change(&st.total_hist, t, 86_400_000, total),
-                        change_7d: change(&st.total_hist, t, 604_800_000, total),
-                        timestamp: t,
-                    },
-                }));
+                out.push(view(st.tvl_event(id, t, total)));
             }
         }
         let mut coins: Vec<&String> = self.coins.keys().collect();
@@ -921,21 +927,7 @@ impl KeyedState {
             );
         }
         if self.cfg.emit_events {
-            out.push(KeyedOut::Event(Event {
-                subject: id.to_string(),
-                timestamp: t,
-                data: EventData::TvlUpdate {
-                    protocol_id: id.to_string(),
-                    name: st.meta.as_ref().map(|m| m.name.clone()),
-                    tvl: total,
-                    chain_tvls: st.chain_latest.clone(),
-                    extra: st.extra.clone(),
-                    change_1h: change(&st.total_hist, t, 3_600_000, total),
-                    change_1d: change(&st.total_hist, t, 86_400_000, total),
-                    change_7d: change(&st.total_hist, t, 604_800_000, total),
-                    timestamp: t,
-                },
-            }));
+            out.push(KeyedOut::Event(st.tvl_event(id, t, total)));
         }
         push_point(&mut st.total_hist, t, total);
         prune(&mut st.total_hist, t, retention);

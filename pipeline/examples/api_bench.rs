@@ -145,22 +145,11 @@ async fn get(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, path: &str) 
     }
 }
 
-/// The body of a GET (a fresh connection), for setup and polling.
+/// The body and as-of of a GET (a fresh connection), for setup and polling.
 fn get_body(port: u16, path: &str) -> (String, i64) {
-    use std::io::Read;
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (String::new(), -1);
-    };
-    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
-    let as_of = head
-        .lines()
-        .find_map(|l| l.strip_prefix("x-llamaflow-as-of: "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1);
-    (body.to_string(), as_of)
+    let r = testkit::http_get(port, path);
+    let as_of = r.header("x-llamaflow-as-of").and_then(|v| v.parse().ok()).unwrap_or(-1);
+    (r.body, as_of)
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {

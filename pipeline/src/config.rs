@@ -331,13 +331,14 @@ enum Context {
     Bare,
 }
 
-/// The quoting context at byte `at` of `line`.
-fn context_at(line: &str, at: usize) -> Context {
+/// The quote (`"` or `'`) open at each character of `line`, as TOML reads it on one line:
+/// calls `f(byte index, char, open quote before it)` until `f` returns `false`.
+fn scan_quotes(line: &str, mut f: impl FnMut(usize, char, Option<char>) -> bool) {
     let mut quote: Option<char> = None;
     let mut escaped = false;
     for (i, c) in line.char_indices() {
-        if i >= at {
-            break;
+        if !f(i, c, quote) {
+            return;
         }
         match quote {
             Some(q) => {
@@ -354,7 +355,16 @@ fn context_at(line: &str, at: usize) -> Context {
             None => {}
         }
     }
-    match quote {
+}
+
+/// The quoting context at byte `at` of `line`.
+fn context_at(line: &str, at: usize) -> Context {
+    let mut open = None;
+    scan_quotes(line, |i, _, quote| {
+        open = quote;
+        i < at
+    });
+    match open {
         Some('"') => Context::Basic,
         Some(_) => Context::Literal,
         None => Context::Bare,
@@ -451,26 +461,15 @@ fn redact(msg: &str, used: &[(String, String)]) -> String {
 
 /// Byte index of a `#` comment outside quoted strings, if any.
 fn comment_start(line: &str) -> Option<usize> {
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
-    for (i, c) in line.char_indices() {
-        match quote {
-            Some(q) => {
-                if q == '"' && c == '\\' && !escaped {
-                    escaped = true;
-                    continue;
-                }
-                if c == q && !escaped {
-                    quote = None;
-                }
-                escaped = false;
-            }
-            None if c == '"' || c == '\'' => quote = Some(c),
-            None if c == '#' => return Some(i),
-            None => {}
+    let mut found = None;
+    scan_quotes(line, |i, c, quote| {
+        if quote.is_none() && c == '#' {
+            found = Some(i);
+            return false;
         }
-    }
-    None
+        true
+    });
+    found
 }
 
 impl Config {

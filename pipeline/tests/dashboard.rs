@@ -339,31 +339,8 @@ fn metric(snap: &Value, key: &str) -> Option<f64> {
 }
 
 fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let chunked = head
-        .to_ascii_lowercase()
-        .lines()
-        .any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
-    (status, if chunked { dechunk(body) } else { body.to_string() })
-}
-
-/// The body of a `Transfer-Encoding: chunked` response.
-fn dechunk(mut raw: &str) -> String {
-    let mut body = String::new();
-    while let Some((size, rest)) = raw.split_once("\r\n") {
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        body.push_str(&rest[..size]);
-        raw = rest[size..].strip_prefix("\r\n").unwrap_or(&rest[size..]);
-    }
-    body
+    let r = testkit::http_get(port, path);
+    (r.status, r.body)
 }
 
 /// Waits until the job is ready (`/readyz` 200) and its live state (SPEC §8, what the WebSocket

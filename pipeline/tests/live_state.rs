@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,22 +21,9 @@ const T0: i64 = 1_717_372_800; // 2024-06-03T00:00:00Z
 
 /// (status, x-llamaflow-as-of, JSON body) of a GET on loopback.
 fn get(port: u16, path: &str) -> (u16, i64, Value) {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, 0, Value::Null);
-    };
-    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        return (0, 0, Value::Null);
-    };
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let as_of = head
-        .lines()
-        .find_map(|l| l.strip_prefix("x-llamaflow-as-of: "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1);
-    (code, as_of, serde_json::from_str(body).unwrap_or(Value::Null))
+    let r = testkit::http_get(port, path);
+    let as_of = r.header("x-llamaflow-as-of").and_then(|v| v.parse().ok()).unwrap_or(-1);
+    (r.status, as_of, serde_json::from_str(&r.body).unwrap_or(Value::Null))
 }
 
 fn write_lines(path: &Path, lines: &[Value]) {

@@ -2,7 +2,6 @@
 //! services (each test file uses a subset).
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -56,18 +55,8 @@ pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
 
 /// (status code, body) of a GET on loopback; `(0, "")` when nothing listens.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    let r = testkit::http_get(port, path);
+    (r.status, r.body)
 }
 
 /// Runs SQL through `psql` on the test's Postgres; returns the unaligned output.
