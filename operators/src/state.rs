@@ -64,7 +64,8 @@ fn change(h: &History, t: Millis, window: Millis, now: f64) -> Option<f64> {
     if r == 0.0 {
         return None;
     }
-    Some((now - r) / r * 100.0)
+    // Finite inputs can still overflow (5e-324 → 1.8e308): no change rather than ±inf.
+    Some((now - r) / r * 100.0).filter(|p| p.is_finite())
 }
 
 /// Drops history older than `retention` before `newest`, keeping the one entry at or before
@@ -640,6 +641,10 @@ impl KeyedState {
                         continue;
                     };
                     let pct = (px - r) / r * 100.0;
+                    if !pct.is_finite() {
+                        count_ignored("non_finite");
+                        continue;
+                    }
                     if !direction.matches(pct, *threshold_pct) {
                         continue;
                     }
@@ -740,6 +745,17 @@ impl KeyedState {
             return;
         };
         let value = tr.amount * px;
+        if !value.is_finite() {
+            let reason = format!(
+                "value out of range: {:e} × {px:e} (amount × price) overflows",
+                tr.amount
+            );
+            return out.push(KeyedOut::Dead(DeadLetter::new(
+                pos,
+                reason,
+                &Record::Transfer(tr).to_json(),
+            )));
+        }
         let mut info = None;
         let rules = RuleIndex::for_key(&mut self.rules.coin, &tr.coin)
             .iter_mut()
@@ -801,6 +817,21 @@ impl KeyedState {
         let Some(st) = self.protocols.get_mut(&u.protocol_id) else {
             return;
         };
+        // The total after this update must be a number: finite values can add up to +inf.
+        let total: f64 = st
+            .chain_latest
+            .iter()
+            .filter(|(c, _)| !u.chains.iter().any(|(uc, _)| uc == *c))
+            .map(|(_, v)| *v)
+            .chain(u.chains.iter().map(|(_, v)| *v))
+            .sum();
+        if !total.is_finite() {
+            let reason = format!(
+                "value out of range: the total TVL of protocol {} would overflow",
+                u.protocol_id
+            );
+            return out.push(KeyedOut::Dead(DeadLetter::new(pos, reason, &Record::Tvl(u).to_json())));
+        }
         let rules = RuleIndex::for_key(&mut self.rules.protocol, &u.protocol_id);
         let label = st.label(&u.protocol_id);
         let t = u.timestamp;

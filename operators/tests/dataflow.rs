@@ -705,3 +705,65 @@ fn a_rule_window_past_the_bound_is_dead_lettered_and_replaces_nothing_silently()
         r.dead[0].reason
     );
 }
+
+#[test]
+fn finite_input_never_gives_infinite_output() {
+    let c = "coingecko:x";
+    let batches = vec![vec![
+        rule(
+            json!({"id":"chg","user_id":"u","alert_type":"price_change","throttle_minutes":0,
+            "conditions":{"coin":c,"window":"5m","threshold_pct":1,"direction":"any"}}),
+        ),
+        rule(
+            json!({"id":"tvl","user_id":"u","alert_type":"tvl_change","throttle_minutes":0,
+            "conditions":{"protocol_id":"p","window":"5m","threshold_pct":1,"direction":"any"}}),
+        ),
+        rule(
+            json!({"id":"whale","user_id":"u","alert_type":"whale_movement","throttle_minutes":0,
+            "conditions":{"min_usd":1}}),
+        ),
+        // 5e-324 → 1.7e308 is a finite price each time, but an infinite change.
+        price(c, 5e-324, 0),
+        price(c, 1.7e308, 600),
+        // Two finite chain values whose total overflows: the second is refused.
+        tvl("p", "ethereum", 1e308, 0),
+        tvl("p", "arbitrum", 1e308, 0),
+        // amount × price overflows.
+        Op::Rec(Record::Transfer(Transfer {
+            chain: "ethereum".into(),
+            tx_hash: "0x1".into(),
+            coin: c.into(),
+            from: None,
+            to: None,
+            amount: 1e300,
+            timestamp: 700_000,
+        })),
+    ]];
+    for workers in [1, 2] {
+        let r = run(workers, &batches, OpConfig::default());
+        for a in &r.alerts {
+            assert!(a.value.is_finite() && !a.message.contains("inf"), "{a:?}");
+        }
+        assert!(
+            r.alerts.iter().all(|a| a.rule_id != "chg"),
+            "no alert from an infinite change"
+        );
+        for e in &r.events {
+            let text = serde_json::to_string(e).unwrap();
+            assert!(!text.contains("null,\"chainTvls\"") && !text.contains("inf"), "{text}");
+            if let schemas::EventData::TvlUpdate { tvl, .. } = &e.data {
+                assert!(tvl.is_finite(), "{text}");
+            }
+        }
+        let reasons: Vec<&str> = r.dead.iter().map(|d| d.reason.as_str()).collect();
+        assert!(
+            reasons.contains(&"value out of range: the total TVL of protocol p would overflow"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.iter().any(|r| r.starts_with("value out of range: 1e300 × ")),
+            "{reasons:?}"
+        );
+        assert_eq!(r.dead.len(), 2, "{reasons:?}");
+    }
+}
