@@ -39,9 +39,10 @@ mod tests;
 /// Read size.
 const CHUNK: usize = 64 * 1024;
 
-/// Longest line kept: a longer one is one dead letter (with its first 4 KiB) and is skipped
-/// up to its newline, so a file without newlines cannot exhaust memory.
-pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+/// Longest line kept (the same bound as every line reader): a longer one is one dead letter
+/// (with its first 4 KiB) and is skipped up to its newline, so a file without newlines cannot
+/// exhaust memory.
+pub use crate::MAX_LINE_BYTES;
 
 /// Shortest poll interval (a zero interval would spin).
 const MIN_POLL: Duration = Duration::from_millis(1);
