@@ -357,36 +357,20 @@ pub(crate) fn aggregate<'scope>(deltas: StreamVec<'scope, u64, StateDelta>) -> S
     });
     // Sums over many protocols (a chain's, the total) carry the amount in the diff, so a change
     // costs O(1) whatever the number of protocols: records `chain` with diff (µUSD, protocols).
-    let amounts = |d: &StateDelta, key: &dyn Fn(&str) -> Option<String>| -> Vec<(String, (i128, i128))> {
-        match d {
-            StateDelta::Tvl { chain, old, new, .. } => key(chain)
-                .map(|k| {
-                    let mut out = Vec::with_capacity(2);
-                    if let Some(v) = old {
-                        out.push((k.clone(), (-i128::from(micro(*v)), -1)));
-                    }
-                    if let Some(v) = new {
-                        out.push((k, (i128::from(micro(*v)), 1)));
-                    }
-                    out
-                })
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        }
+    let amounts = |d: &StateDelta| -> Vec<(String, (i128, i128))> {
+        let StateDelta::Tvl { chain, old, new, .. } = d else {
+            return Vec::new();
+        };
+        let old = old.map(|v| (chain.clone(), (-i128::from(micro(v)), -1)));
+        let new = new.map(|v| (chain.clone(), (i128::from(micro(v)), 1)));
+        old.into_iter().chain(new).collect()
     };
-    let chains = updates(deltas.clone(), "ChainAmounts", move |d| {
-        amounts(d, &|c| Some(c.to_string()))
-    })
-    .count_total()
-    .filter(|(_, (_, n))| *n > 0);
+    let chains = updates(deltas.clone(), "ChainAmounts", amounts).count_total();
     let chains = at_own_time(chains, "ChainChanges", |(c, (s, n)), r| {
         AggIn::Chain(c, (s, n as i64), r)
     });
     let total = updates(deltas.clone(), "TotalAmounts", move |d| {
-        amounts(d, &|_| Some(String::new()))
-            .into_iter()
-            .map(|(_, a)| ((), a))
-            .collect::<Vec<_>>()
+        amounts(d).into_iter().map(|(_, a)| ((), a)).collect::<Vec<_>>()
     })
     .count_total();
     let total = at_own_time(total, "TotalChanges", |((), (s, _)), r| AggIn::Total(s, r));

@@ -129,6 +129,27 @@ struct CoinState {
     transfers: SeriesGate,
 }
 
+impl CoinState {
+    /// The `price_update` of the coin's latest tick (`px` at `t`), with its symbol, confidence
+    /// and decimals and the changes against its history as of `t − window`.
+    fn price_event(&self, coin: String, t: Millis, px: f64) -> Event {
+        Event {
+            subject: coin.clone(),
+            timestamp: t,
+            data: EventData::PriceUpdate {
+                change_1h: change(&self.history, t, 3_600_000, px),
+                change_24h: change(&self.history, t, 86_400_000, px),
+                coin,
+                price: px,
+                symbol: self.symbol.clone(),
+                confidence: self.confidence,
+                decimals: self.decimals,
+                timestamp: t,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct PendingTotal {
     ts: Millis,
@@ -570,20 +591,7 @@ impl KeyedState {
         for coin in coins {
             let st = &self.coins[coin];
             let Some(&(t, px)) = st.history.back() else { continue };
-            out.push(view(Event {
-                subject: coin.clone(),
-                timestamp: t,
-                data: EventData::PriceUpdate {
-                    coin: coin.clone(),
-                    price: px,
-                    symbol: st.symbol.clone(),
-                    confidence: st.confidence,
-                    decimals: st.decimals,
-                    timestamp: t,
-                    change_1h: change(&st.history, t, 3_600_000, px),
-                    change_24h: change(&st.history, t, 86_400_000, px),
-                },
-            }));
+            out.push(view(st.price_event(coin.clone(), t, px)));
         }
         let mut chains: Vec<&String> = self.chains.keys().collect();
         chains.sort_unstable();
@@ -705,20 +713,7 @@ impl KeyedState {
                     }));
                 }
             }
-            out.push(KeyedOut::Event(Event {
-                subject: p.coin.clone(),
-                timestamp: t,
-                data: EventData::PriceUpdate {
-                    change_1h: change(&st.history, t, 3_600_000, px),
-                    change_24h: change(&st.history, t, 86_400_000, px),
-                    coin: p.coin,
-                    price: px,
-                    symbol: st.symbol.clone(),
-                    confidence: p.confidence,
-                    decimals: p.decimals,
-                    timestamp: t,
-                },
-            }));
+            out.push(KeyedOut::Event(st.price_event(p.coin, t, px)));
         }
         st.history.push_back((t, px));
         prune(&mut st.history, t, retention);

@@ -147,13 +147,7 @@ async fn killed_at_random_moments_every_alert_exactly_once() {
     assert!(expected.len() > 50, "the workload alerts often: {}", expected.len());
 
     // Services.
-    let pg = testkit::Postgres::start();
-    pg.allow_wal2json();
-    let out = Command::new(env!("CARGO_BIN_EXE_llamaflow"))
-        .args(["migrate", "--database-url", &pg.url()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pg = common::migrated_postgres();
     for r in &rules {
         psql(
             &pg,

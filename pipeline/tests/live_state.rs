@@ -79,13 +79,7 @@ fn python_check(port: u16, key: &str) -> Value {
 #[test]
 fn read_api_over_http_follows_history_and_cdc_metadata() {
     let dir = tempfile::tempdir().unwrap();
-    let pg = testkit::Postgres::start();
-    pg.allow_wal2json();
-    let out = Command::new(env!("CARGO_BIN_EXE_llamaflow"))
-        .args(["migrate", "--database-url", &pg.url()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pg = common::migrated_postgres();
     psql(
         &pg,
         r#"INSERT INTO protocols (id, name, symbol, slug, category, chains) VALUES
@@ -484,7 +478,10 @@ async fn snapshot_plus_later_events_rebuild_the_read_state() {
             }
         })
     };
-    std::thread::sleep(Duration::from_millis(150));
+    // Subscribe once the writer's records are arriving: mid-stream.
+    wait_until("the writer's first records", Duration::from_secs(30), || {
+        get(port, "/v2/chains").1 > (T0 + 199) * 1000
+    });
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
         .await
         .unwrap();

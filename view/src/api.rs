@@ -119,13 +119,6 @@ pub fn prices<'a>(s: &State, coins: impl Iterator<Item = &'a str>) -> Value {
 async fn prices_current(c: AxState<Ctx>, Path(coins): Path<String>) -> Response {
     let s = c.view.current();
     let list: Vec<&str> = coins.split(',').map(str::trim).collect();
-    if list.iter().any(|c| c.is_empty() || !c.contains(':')) {
-        return error(
-            &s,
-            StatusCode::BAD_REQUEST,
-            "coins must be comma-separated ids such as coingecko:ethereum or ethereum:0xa0b8…",
-        );
-    }
     if list.len() > MAX_COINS {
         return error(
             &s,
@@ -133,16 +126,18 @@ async fn prices_current(c: AxState<Ctx>, Path(coins): Path<String>) -> Response 
             &format!("at most {MAX_COINS} coins per request"),
         );
     }
-    // Addresses are stored lowercased (except on solana), as the input normalises them.
-    let norm: Vec<String> = list
+    // Coin ids as the input normalises them (addresses lowercased, except on solana).
+    let Some(norm) = list
         .iter()
-        .map(|c| match c.split_once(':') {
-            Some((chain, addr)) if chain != "coingecko" && chain != "solana" => {
-                format!("{chain}:{}", addr.to_ascii_lowercase())
-            }
-            _ => (*c).to_string(),
-        })
-        .collect();
+        .map(|c| schemas::parse::normalize_coin(c))
+        .collect::<Option<Vec<String>>>()
+    else {
+        return error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "coins must be comma-separated ids such as coingecko:ethereum or ethereum:0xa0b8…",
+        );
+    };
     let mut body = prices(&s, norm.iter().map(String::as_str));
     // Answer under the names the client asked for.
     if let Some(Value::Object(m)) = body.get_mut("coins") {
@@ -317,15 +312,13 @@ async fn chain_history(c: AxState<Ctx>, Path(chain): Path<String>, field: &'stat
     if !valid_param(&chain) {
         return error(&s, StatusCode::BAD_REQUEST, "malformed chain");
     }
-    let key = if s.chain_daily.contains_key(chain.as_str()) {
-        Some(chain.clone())
-    } else {
-        schemas::chains::key_for_name(&chain)
-            .map(str::to_string)
-            .or_else(|| Some(chain.to_ascii_lowercase()))
-            .filter(|k| s.chain_daily.contains_key(k.as_str()))
-    };
-    match key.and_then(|k| s.chain_daily.get(k.as_str())) {
+    // The chain's key, its display name (`OP Mainnet`), or the key in any case.
+    let by_name = schemas::chains::key_for_name(&chain).map(str::to_string);
+    let points = [Some(chain.clone()), by_name, Some(chain.to_ascii_lowercase())]
+        .into_iter()
+        .flatten()
+        .find_map(|k| s.chain_daily.get(k.as_str()));
+    match points {
         Some(points) => reply(&s, StatusCode::OK, &daily(points, field)),
         None => error(&s, StatusCode::NOT_FOUND, &format!("unknown chain `{chain}`")),
     }

@@ -59,6 +59,18 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     (r.status, r.body)
 }
 
+/// A private PostgreSQL (wal2json allowed for CDC) with llamaflow's tables migrated.
+pub fn migrated_postgres() -> testkit::Postgres {
+    let pg = testkit::Postgres::start();
+    pg.allow_wal2json();
+    let out = Command::new(env!("CARGO_BIN_EXE_llamaflow"))
+        .args(["migrate", "--database-url", &pg.url()])
+        .output()
+        .expect("llamaflow migrate runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    pg
+}
+
 /// Runs SQL through `psql` on the test's Postgres; returns the unaligned output.
 pub fn psql(pg: &testkit::Postgres, sql: &str) -> String {
     let out = Command::new(testkit::pg_bin_dir().join("psql"))
