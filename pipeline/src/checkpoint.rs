@@ -15,7 +15,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow};
 use operators::{Sequencer, Snapshots, WorkerState};
 use serde::{Deserialize, Serialize};
-use sources::live::Ack;
 
 /// First bytes of a checkpoint file (format version 3: with protocol metadata and the live
 /// aggregates' state).
@@ -23,38 +22,7 @@ const MAGIC: &[u8; 8] = b"LLFCKPT3";
 /// Checkpoint files kept in the directory.
 const KEEP: usize = 2;
 
-/// Source positions: what has been read and processed, per source.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Positions {
-    /// Kafka: the last processed offset per (topic, partition); reading resumes after it.
-    pub kafka: BTreeMap<(String, i32), i64>,
-    /// Postgres CDC: the commit LSN of the last applied transaction.
-    pub lsn: Option<u64>,
-    /// Tailed files: bytes processed per path.
-    pub files: BTreeMap<String, u64>,
-}
-
-impl Positions {
-    /// Advances the positions past an item's acknowledgement.
-    pub fn add(&mut self, ack: &Ack) {
-        match ack {
-            Ack::Kafka {
-                topic,
-                partition,
-                offset,
-            } => {
-                let e = self.kafka.entry((topic.clone(), *partition)).or_insert(*offset);
-                *e = (*e).max(*offset);
-            }
-            Ack::Lsn(l) => self.lsn = Some(self.lsn.map_or(*l, |x| x.max(*l))),
-            Ack::File { path, offset } => {
-                let e = self.files.entry(path.clone()).or_insert(*offset);
-                *e = (*e).max(*offset);
-            }
-            Ack::None => {}
-        }
-    }
-}
+pub use sources::live::Positions;
 
 /// A consistent cut of the job.
 #[derive(Debug, Serialize, Deserialize)]
@@ -387,35 +355,6 @@ fn lower_priority() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn positions_only_move_forward() {
-        let mut p = Positions::default();
-        for ack in [
-            Ack::Kafka {
-                topic: "prices".into(),
-                partition: 1,
-                offset: 7,
-            },
-            Ack::Kafka {
-                topic: "prices".into(),
-                partition: 1,
-                offset: 3,
-            },
-            Ack::Lsn(90),
-            Ack::Lsn(40),
-            Ack::File {
-                path: "f".into(),
-                offset: 100,
-            },
-            Ack::None,
-        ] {
-            p.add(&ack);
-        }
-        assert_eq!(p.kafka[&("prices".to_string(), 1)], 7);
-        assert_eq!(p.lsn, Some(90));
-        assert_eq!(p.files["f"], 100);
-    }
 
     #[test]
     fn files_are_atomic_numbered_and_pruned() {

@@ -261,16 +261,6 @@ impl WsSection {
     }
 }
 
-/// `[sinks.jsonl]`: append results to files.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JsonlSection {
-    /// Alerts file.
-    pub alerts: Option<PathBuf>,
-    /// Market events file.
-    pub events: Option<PathBuf>,
-}
-
 /// `[sinks]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -278,7 +268,7 @@ pub struct SinksSection {
     /// Alerts as JSONL on standard output.
     pub stdout: bool,
     /// JSONL files.
-    pub jsonl: Option<JsonlSection>,
+    pub jsonl: Option<sinks::jsonl::JsonlConfig>,
     /// WebSocket fanout.
     pub websocket: Option<WsSection>,
     /// Redis latest values and pub/sub; fields left out come from `REDIS_*`.

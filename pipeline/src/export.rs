@@ -176,8 +176,8 @@ impl Feed for ExportFeed<'_> {
         Ok(())
     }
 
-    fn dead(&mut self, dead: &[DeadLetter]) {
-        self.output.dead(0, dead);
+    fn dead(&mut self, epoch: u64, dead: &[DeadLetter]) {
+        self.output.dead(epoch, dead);
     }
 
     fn progress(&mut self, records_in: u64) {

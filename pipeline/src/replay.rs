@@ -403,8 +403,9 @@ pub trait Feed {
     fn record(&mut self, _rec: &schemas::Record) -> Result<()> {
         Ok(())
     }
-    /// Dead letters of the sources (bad input), in batches.
-    fn dead(&mut self, dead: &[DeadLetter]);
+    /// Dead letters of the sources (bad input), in batches, with the epoch they belong to
+    /// (the one being filled; 0 without an engine).
+    fn dead(&mut self, epoch: u64, dead: &[DeadLetter]);
     /// After each epoch sent, with the records read so far.
     fn progress(&mut self, _records_in: u64) {}
 }
@@ -430,7 +431,7 @@ pub fn feed(inputs: Inputs, mut engine: Option<&mut Engine>, batch_size: usize, 
             Input::Dead(d) => {
                 source_dead.push(d);
                 if source_dead.len() >= 1024 {
-                    feed.dead(&source_dead);
+                    feed.dead(engine.as_deref().map_or(0, Engine::epochs), &source_dead);
                     source_dead.clear();
                 }
             }
@@ -459,7 +460,7 @@ pub fn feed(inputs: Inputs, mut engine: Option<&mut Engine>, batch_size: usize, 
             }
         }
     }
-    feed.dead(&source_dead);
+    feed.dead(engine.as_deref().map_or(0, Engine::epochs), &source_dead);
     if let Some(engine) = engine
         && !batch.is_empty()
     {
@@ -526,8 +527,8 @@ struct ReplayFeed<'a> {
 }
 
 impl Feed for ReplayFeed<'_> {
-    fn dead(&mut self, dead: &[DeadLetter]) {
-        self.output.dead(0, dead);
+    fn dead(&mut self, epoch: u64, dead: &[DeadLetter]) {
+        self.output.dead(epoch, dead);
     }
     fn progress(&mut self, records_in: u64) {
         if self.progress.is_hidden() {

@@ -175,6 +175,8 @@ async fn killed_at_random_moments_every_alert_exactly_once() {
     }
     let brokers = cluster.bootstrap_servers();
     let config = dir.path().join("llamaflow.toml");
+    let dead_file = dir.path().join("dead.jsonl");
+    let bad_sent = ticks.chunks(COINS * 4).count();
     std::fs::write(
         &config,
         format!(
@@ -183,6 +185,7 @@ async fn killed_at_random_moments_every_alert_exactly_once() {
 workers = 2
 listen = "127.0.0.1:{port}"
 checkpoint_interval_ms = 300
+dead_letter_out = "{dead}"
 
 [sources.kafka]
 brokers = "{brokers}"
@@ -211,6 +214,7 @@ access_key_id = "testing"
 secret_access_key = "testing"
 "#,
             port = testkit::free_port(),
+            dead = dead_file.display(),
             pg = pg.url(),
             redis = redis.url(),
             moto = moto.endpoint(),
@@ -221,7 +225,18 @@ secret_access_key = "testing"
     // Produce the ticks paced over ~12 s, keyed by coin (one coin → one partition, in order).
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
     let feed = tokio::spawn(async move {
-        for chunk in ticks.chunks(COINS * 4) {
+        for (n, chunk) in ticks.chunks(COINS * 4).enumerate() {
+            // Bad input between the ticks: each must reach the dead-letter file, kills or not.
+            let bad = format!("not json #{n}");
+            producer
+                .send(
+                    FutureRecord::to("prices")
+                        .key(&format!("coin{}", n % COINS))
+                        .payload(&bad),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("produced");
             for t in chunk {
                 producer
                     .send(
@@ -291,6 +306,23 @@ secret_access_key = "testing"
         missing.len(),
         extra.len()
     );
+
+    // Every bad message is in the dead-letter file (at least once: a message re-delivered
+    // after a kill is dead-lettered again), with its Kafka position.
+    let mut bad_seen = BTreeSet::new();
+    for line in std::fs::read_to_string(&dead_file).unwrap().lines() {
+        let d: Value = serde_json::from_str(line).unwrap();
+        let raw = d["raw"].as_str().unwrap();
+        let source = d["source"].as_str().unwrap();
+        assert!(source.starts_with("prices/") && source.contains('@'), "{line}");
+        assert!(
+            raw.starts_with("not json #"),
+            "only the bad messages are dead letters: {line}"
+        );
+        bad_seen.insert(raw.to_string());
+    }
+    let bad_expected: BTreeSet<String> = (0..bad_sent).map(|n| format!("not json #{n}")).collect();
+    assert_eq!(bad_seen, bad_expected, "every bad message is dead-lettered");
 
     let sqs = sqs_alert_ids(&moto, &queue_url);
     let sqs_set: BTreeSet<String> = sqs.iter().cloned().collect();

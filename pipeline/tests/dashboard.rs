@@ -586,7 +586,11 @@ fn dashboard_shows_live_data_and_pipeline_health_in_headless_chromium() {
         .flatten()
         .map(|s| (s["name"].as_str().unwrap_or(""), s["status"].as_str().unwrap_or("")))
         .collect();
-    assert_eq!(sinks, [("jsonl", "ok")], "sinks as /readyz reports them: {health:#}");
+    assert_eq!(
+        sinks,
+        [("dead_letters", "ok"), ("jsonl", "ok")],
+        "sinks as /readyz reports them (the dead-letter output is one): {health:#}"
+    );
     for lag in ["kafka_lag", "cdc_lag_bytes"] {
         assert_eq!(
             health["health"][lag]["hidden"], true,

@@ -322,6 +322,7 @@ allow_anonymous = false
     );
 
     // A rule created in Postgres while the job runs takes effect (CDC).
+    let rules_before = common::records_in(port, "rule");
     insert_rule(
         &pg,
         "btc",
@@ -329,7 +330,9 @@ allow_anonymous = false
         json!({"coin": "coingecko:bitcoin", "operator": "<", "value": 50000}),
         None,
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_until("the new rule at the ingest front", Duration::from_secs(30), || {
+        common::records_in(port, "rule") > rules_before
+    });
     price(&producer, "coingecko:bitcoin", 51000.0, T0 + 120).await;
     price(&producer, "coingecko:bitcoin", 49000.0, T0 + 180).await; // alert 3
     price(&producer, eth, 2900.0, T0 + 240).await;

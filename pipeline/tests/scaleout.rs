@@ -4,6 +4,8 @@
 //! each commits its own partitions only once the cluster has written them, and both stop
 //! cleanly on SIGTERM.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -75,17 +77,6 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     Some(body)
-}
-
-/// Price records this process took in (`llamaflow_records_in_total{kind="price"}`).
-fn prices_in(port: u16) -> u64 {
-    let Some(body) = http_get(port, "/metrics") else {
-        return 0;
-    };
-    body.lines()
-        .filter(|l| l.starts_with("llamaflow_records_in_total") && l.contains("kind=\"price\""))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum::<f64>() as u64
 }
 
 fn high_watermarks(brokers: &str) -> BTreeMap<i32, i64> {
@@ -269,7 +260,7 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
         Duration::from_secs(90),
         || committed(&brokers, "single") == hw,
     );
-    assert_eq!(prices_in(one.port) as usize, total);
+    assert_eq!(common::records_in(one.port) as usize, total);
     terminate(&job);
     wait_exit(job, &one.log);
     let expected = lines(&one.alerts);
@@ -304,7 +295,7 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
     wait_until("the cluster to commit every partition", Duration::from_secs(90), || {
         committed(&brokers, "cluster") == hw
     });
-    let ins: Vec<u64> = runs.iter().map(|r| prices_in(r.port)).collect();
+    let ins: Vec<u64> = runs.iter().map(|r| common::records_in(r.port)).collect();
     assert_eq!(
         ins.iter().sum::<u64>() as usize,
         total,

@@ -1,8 +1,8 @@
 //! The unit every sink writes: the results of one ingest epoch.
 
-use schemas::{Alert, Event};
+use schemas::{Alert, DeadLetter, Event};
 
-/// The alerts and market events of one epoch. A sink's `write` returns only once the batch is
+/// The alerts, market events and dead letters of one epoch. A sink's `write` returns only once the batch is
 /// durable (or has failed for good); the pipeline then acknowledges the epoch's source
 /// positions. Sinks are idempotent: writing a batch twice leaves the same state.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -13,4 +13,7 @@ pub struct OutputBatch {
     pub alerts: Vec<Alert>,
     /// Market events.
     pub events: Vec<Event>,
+    /// Input the epoch refused, with reasons and source positions: durable before the
+    /// epoch's positions are committed, like everything else.
+    pub dead: Vec<DeadLetter>,
 }

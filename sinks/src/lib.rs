@@ -3,7 +3,9 @@
 //! - [`websocket`]: the live WebSocket fanout (SPEC §5) — a [`websocket::Hub`] that the
 //!   dataflow workers publish market events and alerts into, and an axum router serving
 //!   `GET /ws` to subscribers.
-//! - [`jsonl`]: JSON-lines files (alerts, events and dead letters of `llamaflow replay`).
+//! - [`Sink`]: the contract of every durable sink (write an epoch's batch durably, then
+//!   acknowledge it); [`BlockingSink`] + [`OffRuntime`] for the ones that write files.
+//! - [`jsonl`]: JSON-lines files: alerts, events and the dead-letter output.
 //! - [`redis`]: latest values (`price:`, `tvl:`, `gas:` keys) and pub/sub of events and alerts
 //!   (SPEC §6), one pipelined round trip per [`OutputBatch`], retried on connection errors.
 //! - [`postgres`]: `alert_history`, `token_prices` and `protocol_tvl` (SPEC §6) as idempotent
@@ -26,6 +28,8 @@ pub mod parquet;
 pub mod postgres;
 pub mod redis;
 pub mod retry;
+mod sink;
+pub use sink::{BlockingSink, OffRuntime, Sink, SinkError, Written};
 pub mod sqs;
 #[cfg(test)]
 mod test_support;

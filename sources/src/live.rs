@@ -1,7 +1,13 @@
-//! What live sources (Kafka, Postgres CDC, tailed files) hand to the pipeline: changes with
-//! the position that may be committed once every sink has durably written their results.
+//! The contract between live sources (Kafka, Postgres CDC, tailed files, the demo feed) and the
+//! pipeline: the changes they hand over, each with the position ([`Ack`]) that may be
+//! committed once every sink has durably written its results; the [`Positions`] a checkpoint
+//! stores; and [`LiveSource`], through which a running source takes its commits.
 
+use std::collections::BTreeMap;
+
+use futures_util::future::BoxFuture;
 use schemas::{DeadLetter, Record, SourcePos};
+use serde::{Deserialize, Serialize};
 
 /// A position a live source can commit (acknowledge) once downstream is durable.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -26,6 +32,18 @@ pub enum Ack {
     },
     /// Nothing to acknowledge.
     None,
+}
+
+impl Ack {
+    /// The replayable stream the position is in (`topic/partition`, or a tailed file's path),
+    /// where records may also be in the job's history; `None` for CDC and unacknowledged items.
+    pub fn stream(&self) -> Option<String> {
+        match self {
+            Ack::Kafka { topic, partition, .. } => Some(format!("{topic}/{partition}")),
+            Ack::File { path, .. } => Some(path.clone()),
+            Ack::Lsn(_) | Ack::None => None,
+        }
+    }
 }
 
 /// One change from a live source.
@@ -57,4 +75,111 @@ pub struct LiveItem {
     pub ack: Ack,
     /// The change.
     pub change: Change,
+}
+
+/// Source positions: what has been read and processed, per source.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Positions {
+    /// Kafka: the last processed offset per (topic, partition); reading resumes after it.
+    pub kafka: BTreeMap<(String, i32), i64>,
+    /// Postgres CDC: the commit LSN of the last applied transaction.
+    pub lsn: Option<u64>,
+    /// Tailed files: bytes processed per path.
+    pub files: BTreeMap<String, u64>,
+}
+
+impl Positions {
+    /// Where a tailed file resumes: the bytes of `path` already processed.
+    pub fn file_offset(&self, path: &std::path::Path) -> Option<u64> {
+        self.files.get(&path.display().to_string()).copied()
+    }
+
+    /// Advances the positions past an item's acknowledgement.
+    pub fn add(&mut self, ack: &Ack) {
+        match ack {
+            Ack::Kafka {
+                topic,
+                partition,
+                offset,
+            } => {
+                let e = self.kafka.entry((topic.clone(), *partition)).or_insert(*offset);
+                *e = (*e).max(*offset);
+            }
+            Ack::Lsn(l) => self.lsn = Some(self.lsn.map_or(*l, |x| x.max(*l))),
+            Ack::File { path, offset } => {
+                let e = self.files.entry(path.clone()).or_insert(*offset);
+                *e = (*e).max(*offset);
+            }
+            Ack::None => {}
+        }
+    }
+}
+
+/// Why a source could not commit a position; a failed commit only means re-delivery after a
+/// restart (sinks are idempotent).
+pub type CommitError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A running live source that takes commits: it knows its own part of [`Positions`].
+pub trait LiveSource: Send + Sync {
+    /// Its name in logs and metrics (`kafka`, `postgres_cdc`).
+    fn name(&self) -> &'static str;
+
+    /// Commits this source's part of `positions`: everything up to them is durably processed.
+    fn commit<'a>(&'a self, positions: &'a Positions) -> BoxFuture<'a, Result<(), CommitError>>;
+
+    /// Stops the source and waits for its tasks.
+    fn stop(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_only_move_forward() {
+        let mut p = Positions::default();
+        for ack in [
+            Ack::Kafka {
+                topic: "prices".into(),
+                partition: 1,
+                offset: 7,
+            },
+            Ack::Kafka {
+                topic: "prices".into(),
+                partition: 1,
+                offset: 3,
+            },
+            Ack::Lsn(90),
+            Ack::Lsn(40),
+            Ack::File {
+                path: "f".into(),
+                offset: 100,
+            },
+            Ack::None,
+        ] {
+            p.add(&ack);
+        }
+        assert_eq!(p.kafka[&("prices".to_string(), 1)], 7);
+        assert_eq!(p.lsn, Some(90));
+        assert_eq!(p.files["f"], 100);
+        assert_eq!(p.file_offset(std::path::Path::new("f")), Some(100));
+        assert_eq!(p.file_offset(std::path::Path::new("g")), None);
+    }
+
+    #[test]
+    fn streams_are_kafka_partitions_and_tailed_files() {
+        let kafka = Ack::Kafka {
+            topic: "prices".into(),
+            partition: 2,
+            offset: 9,
+        };
+        assert_eq!(kafka.stream().as_deref(), Some("prices/2"));
+        let file = Ack::File {
+            path: "/feeds/tvl.jsonl".into(),
+            offset: 1,
+        };
+        assert_eq!(file.stream().as_deref(), Some("/feeds/tvl.jsonl"));
+        assert_eq!(Ack::Lsn(5).stream(), None);
+        assert_eq!(Ack::None.stream(), None);
+    }
 }

@@ -53,6 +53,17 @@ pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// Records of `kind` the job on `port` took in (`llamaflow_records_in_total{kind=…}` of its
+/// `/metrics`); 0 while nothing answers.
+pub fn records_in(port: u16, kind: &str) -> u64 {
+    let (_, body) = http_get(port, "/metrics");
+    let label = format!("kind=\"{kind}\"");
+    body.lines()
+        .filter(|l| l.starts_with("llamaflow_records_in_total") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
 /// (status code, body) of a GET on loopback; `(0, "")` when nothing listens.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
     let r = testkit::http_get(port, path);

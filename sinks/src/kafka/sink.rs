@@ -217,3 +217,5 @@ impl KafkaSink {
         }
     }
 }
+
+crate::sink::plain_sink!(KafkaSink, "kafka");

@@ -143,6 +143,7 @@ async fn writes_events_and_alerts_with_keys_json_and_per_key_order() {
         epoch: 7,
         alerts: alerts.clone(),
         events: events.clone(),
+        ..Default::default()
     };
     sink.write(&batch).await.expect("write");
 
@@ -211,6 +212,7 @@ async fn events_can_be_turned_off_and_empty_batches_write_nothing() {
         epoch: 1,
         alerts: vec![alert("a1", "u1", 1_000)],
         events: vec![gas_event("ethereum", 1.0, 1_000)],
+        ..Default::default()
     };
     sink.write(&batch).await.expect("write");
     assert_eq!(read_back(&cluster, "defi-alerts", 1)[0].1, "u1");
@@ -255,6 +257,7 @@ async fn brokers_down_fails_the_write_and_recovery_succeeds() {
         epoch,
         alerts: vec![alert(&format!("e{epoch}"), user, 1_000)],
         events: vec![gas_event("ethereum", 1.0, 1_000)],
+        ..Default::default()
     };
     sink.write(&batch(1, "u1")).await.expect("healthy write");
     let c = counters();

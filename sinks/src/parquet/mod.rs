@@ -34,7 +34,7 @@
 //! # Durability of the sink
 //!
 //! A Parquet file cannot be appended to once its footer is written, and rows in an unclosed
-//! file are unreadable after a crash. So [`ParquetSink::write`] appends every batch's rows to
+//! file are unreadable after a crash. So [`ParquetSink::write_blocking`] appends every batch's rows to
 //! a spool beside the open part (`.part-<name>.spool.arrows`, Arrow IPC stream) and fsyncs it
 //! before returning: the pipeline acknowledges an epoch (and commits source positions) only
 //! when its rows are on disk. Closing a part writes the Parquet file from its row groups,

@@ -60,19 +60,8 @@ impl ParquetSink {
         self.writer.stats()
     }
 
-    /// Writes a batch; returns once its rows are fsynced (see the module docs). Runs the
-    /// blocking work in place on a multi-threaded runtime.
-    pub async fn write(&mut self, batch: &OutputBatch) -> Result<(), ParquetError> {
-        let multi = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if multi {
-            tokio::task::block_in_place(|| self.write_blocking(batch))
-        } else {
-            self.write_blocking(batch)
-        }
-    }
-
-    /// [`ParquetSink::write`] without a runtime.
+    /// Writes a batch; returns once its rows are fsynced (see the module docs). The job runs
+    /// it off the async runtime through [`crate::OffRuntime`].
     pub fn write_blocking(&mut self, batch: &OutputBatch) -> Result<(), ParquetError> {
         let before = self.writer.stats().total_rows();
         let result = self.try_write(batch);
@@ -153,5 +142,15 @@ impl Drop for ParquetSink {
         {
             tracing::error!("parquet sink: closing open parts: {e}; their spools are recovered on the next start");
         }
+    }
+}
+
+impl crate::BlockingSink for ParquetSink {
+    fn name(&self) -> &'static str {
+        "parquet"
+    }
+
+    fn write_blocking(&mut self, batch: &OutputBatch) -> Result<crate::Written, crate::SinkError> {
+        Ok(ParquetSink::write_blocking(self, batch).map(crate::Written::from)?)
     }
 }

@@ -266,7 +266,12 @@ fn sink(dir: &Path) -> ParquetSink {
 }
 
 fn batch(epoch: u64, events: Vec<Event>, alerts: Vec<Alert>) -> OutputBatch {
-    OutputBatch { epoch, alerts, events }
+    OutputBatch {
+        epoch,
+        alerts,
+        events,
+        ..Default::default()
+    }
 }
 
 #[test]

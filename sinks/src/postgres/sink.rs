@@ -331,3 +331,5 @@ impl<'a> Rows<'a> {
         self.len() == 0
     }
 }
+
+crate::sink::plain_sink!(PgSink, "postgres");

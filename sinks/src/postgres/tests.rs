@@ -166,6 +166,7 @@ fn sample_batch() -> OutputBatch {
             tvl("2269", &[("ethereum", 100.0), ("arbitrum", 25.5)], T0),
             gas(T0),
         ],
+        ..Default::default()
     }
 }
 
@@ -242,6 +243,7 @@ async fn a_batch_is_read_back_exactly_and_rewriting_it_changes_nothing() {
         epoch: 8,
         alerts: vec![alert("a1", "r1", T0, -99.0, None)],
         events: vec![price("coingecko:ethereum", 3800.0, T0, Some("ETH"), Some(18))],
+        ..Default::default()
     };
     sink.write(&fix).await.unwrap();
     assert_eq!(psql(&pg, ALERT_ROWS), SAMPLE_ALERTS, "alerts are immutable");
@@ -267,6 +269,7 @@ async fn duplicate_keys_within_a_batch_are_merged() {
             // A chain literally named "total" loses to the protocol total.
             tvl("2", &[("total", 4.0), ("base", 1.0)], T0),
         ],
+        ..Default::default()
     };
     sink.write(&batch).await.unwrap();
     assert_eq!(psql(&pg, "SELECT alert_id, value FROM alert_history"), "a1|1");

@@ -321,3 +321,5 @@ impl RedisSink {
         }
     }
 }
+
+crate::sink::plain_sink!(RedisSink, "redis");

@@ -167,6 +167,7 @@ async fn redis_values_have_the_spec_json_and_ttl() {
             gas("ethereum", 21.5, T0),
             depeg(T0),
         ],
+        ..Default::default()
     };
     sink.write(&batch).await.unwrap();
 
@@ -245,6 +246,7 @@ async fn redis_newest_value_wins_within_a_batch() {
             price(coin, 2.0, T0 + 2000),
             gas("ethereum", 40.0, T0 + 4000),
         ],
+        ..Default::default()
     };
     // One SET per key, whatever the number of values.
     let (pipe, _) = build_pipeline(&RedisSinkConfig::default(), &batch).unwrap();
@@ -270,6 +272,7 @@ async fn redis_newest_value_wins_within_a_batch() {
         epoch: 2,
         alerts: vec![],
         events: vec![price(coin, 4.0, T0 + 6000)],
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -285,6 +288,7 @@ async fn redis_respects_db_index_and_password() {
         epoch: 1,
         alerts: vec![],
         events: vec![gas("ethereum", 21.5, T0)],
+        ..Default::default()
     };
     let mut sink = RedisSink::connect(RedisSinkConfig {
         password: Some(password.to_string()),
@@ -337,6 +341,7 @@ async fn redis_respects_db_index_and_password() {
         epoch: 2,
         alerts: vec![],
         events: vec![gas("arbitrum", 0.1, T0)],
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -370,6 +375,7 @@ async fn redis_publishes_event_data_and_alerts_per_user() {
         epoch: 1,
         alerts: vec![a1.clone(), a2.clone()],
         events: vec![eth.clone(), usdc.clone(), arb_gas],
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -425,6 +431,7 @@ async fn redis_publishes_event_data_and_alerts_per_user() {
             epoch: 2,
             alerts: vec![alert("a3", "u1")],
             events: vec![price("coingecko:ethereum", 3600.0, T0 + 60_000)],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -437,6 +444,7 @@ async fn redis_publishes_event_data_and_alerts_per_user() {
         epoch: 3,
         alerts: vec![alert("a4", "u1")],
         events: vec![],
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -459,6 +467,7 @@ async fn redis_write_survives_a_short_outage() {
         epoch: 1,
         alerts: vec![],
         events: vec![gas("ethereum", 10.0, T0)],
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -471,6 +480,7 @@ async fn redis_write_survives_a_short_outage() {
             price("coingecko:ethereum", 3500.5, T0 + 1000),
             gas("ethereum", 20.0, T0 + 1000),
         ],
+        ..Default::default()
     };
     let writer = tokio::spawn(async move {
         let result = sink.write(&batch).await;
@@ -496,6 +506,7 @@ async fn redis_write_survives_a_short_outage() {
         epoch: 3,
         alerts: vec![],
         events: vec![gas("ethereum", 30.0, T0 + 2000)],
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -524,6 +535,7 @@ async fn redis_write_fails_after_the_retry_budget() {
         epoch: 7,
         alerts: vec![],
         events: vec![gas("ethereum", 20.0, T0)],
+        ..Default::default()
     };
     let started = Instant::now();
     match sink.write(&batch).await {

@@ -381,3 +381,11 @@ impl SqsSink {
         Ok(result)
     }
 }
+
+impl From<SqsOutcome> for crate::Written {
+    fn from(o: SqsOutcome) -> Self {
+        crate::Written { rejected: o.failed }
+    }
+}
+
+crate::sink::plain_sink!(SqsSink, "sqs");

@@ -152,6 +152,7 @@ async fn sqs_standard_queue_gets_every_alert_as_its_json() {
         epoch: 7,
         alerts: alerts.clone(),
         events: vec![gas(T0), gas(T0 + 1000)],
+        ..Default::default()
     };
     let mut sink = SqsSink::connect(cfg(&moto, &url)).await.unwrap();
     let outcome = sink.write(&batch).await.unwrap();
@@ -198,6 +199,7 @@ async fn sqs_standard_queue_gets_every_alert_as_its_json() {
             epoch: 8,
             alerts: vec![],
             events: vec![gas(T0 + 2000)],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -218,6 +220,7 @@ async fn sqs_fifo_queue_groups_by_user_and_deduplicates_by_alert_id() {
         epoch: 1,
         alerts: alerts.clone(),
         events: vec![],
+        ..Default::default()
     };
     let mut sink = SqsSink::connect(cfg(&moto, &url)).await.unwrap();
     assert_eq!(sink.write(&batch).await.unwrap().sent, 14);
@@ -280,6 +283,7 @@ async fn sqs_unreachable_endpoint_fails_the_write_without_dead_lettering() {
             epoch: 3,
             alerts: alerts.clone(),
             events: vec![],
+            ..Default::default()
         }),
     )
     .await
@@ -313,6 +317,7 @@ async fn sqs_missing_queue_fails_the_write_without_dead_lettering() {
             epoch: 5,
             alerts: vec![alert(1, "u1")],
             events: vec![],
+            ..Default::default()
         })
         .await;
     match result {
@@ -537,6 +542,7 @@ async fn sqs_retries_only_the_entries_that_failed_and_returns_sender_faults() {
             epoch: 2,
             alerts: alerts.clone(),
             events: vec![],
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -256,3 +256,11 @@ impl WebhookSink {
         }
     }
 }
+
+impl From<WebhookOutcome> for crate::Written {
+    fn from(o: WebhookOutcome) -> Self {
+        crate::Written { rejected: o.failed }
+    }
+}
+
+crate::sink::plain_sink!(WebhookSink, "webhook");

@@ -143,7 +143,7 @@ fn batch(alerts: Vec<Alert>) -> OutputBatch {
     OutputBatch {
         epoch: 1,
         alerts,
-        events: vec![],
+        ..Default::default()
     }
 }
 

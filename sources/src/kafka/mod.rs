@@ -298,3 +298,43 @@ fn commit_sync(consumer: &KafkaConsumer, offsets: &[(String, i32, i64)]) -> Resu
         .commit(&tpl, CommitMode::Sync)
         .map_err(|e| KafkaSourceError::kafka(format!("commit offsets to group ({} partitions)", tpl.count()), e))
 }
+
+impl crate::live::LiveSource for KafkaSourceHandle {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    /// Commits `positions.kafka`, each partition's last durable offset + 1.
+    fn commit<'a>(
+        &'a self,
+        positions: &'a crate::live::Positions,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), crate::live::CommitError>> {
+        Box::pin(async move {
+            if positions.kafka.is_empty() {
+                return Ok(());
+            }
+            let offsets: Vec<(String, i32, i64)> = positions
+                .kafka
+                .iter()
+                .map(|((t, p), o)| (t.clone(), *p, o + 1))
+                .collect();
+            Ok(KafkaSourceHandle::commit(self, &offsets).await?)
+        })
+    }
+
+    fn stop(self: Box<Self>) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(async move {
+            if let Err(e) = KafkaSourceHandle::stop(*self).await {
+                tracing::warn!("kafka source: {e}");
+            }
+        })
+    }
+}
+
+impl KafkaSourceConfig {
+    /// Resumes after a checkpoint's positions: each partition just past its last durable
+    /// offset (partitions it does not name start as configured).
+    pub fn resume_from(&mut self, positions: &crate::live::Positions) {
+        self.resume_offsets = positions.kafka.iter().map(|(tp, o)| (tp.clone(), o + 1)).collect();
+    }
+}

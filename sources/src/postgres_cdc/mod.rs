@@ -267,3 +267,34 @@ fn describe(e: &sqlx::Error) -> String {
     }
     e.to_string()
 }
+
+impl crate::live::LiveSource for CdcHandle {
+    fn name(&self) -> &'static str {
+        "postgres_cdc"
+    }
+
+    /// Confirms `positions.lsn` to the slot (never past what was delivered).
+    fn commit<'a>(
+        &'a self,
+        positions: &'a crate::live::Positions,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), crate::live::CommitError>> {
+        Box::pin(async move {
+            match positions.lsn {
+                Some(lsn) => Ok(self.confirm(lsn).await?),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn stop(self: Box<Self>) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(CdcHandle::stop(*self))
+    }
+}
+
+impl CdcConfig {
+    /// Resumes after a checkpoint: the rules, protocols and keys are in the restored state,
+    /// so no snapshot is read; the slot streams from its confirmed position.
+    pub fn resume_from(&mut self, _positions: &crate::live::Positions) {
+        self.snapshot = false;
+    }
+}

@@ -1,4 +1,4 @@
-//! JSONL file sink: one JSON document per line, flushed on [`JsonlWriter::finish`].
+//! Writes values as JSON lines: one document per line, flushed on [`JsonlWriter::finish`].
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};

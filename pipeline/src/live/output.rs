@@ -1,0 +1,343 @@
+//! The output side of the continuous job: results gathered per epoch on the worker threads,
+//! the output stage that publishes them (live view, WebSocket, stdout), and the durable sinks
+//! that write them and acknowledge each epoch.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use schemas::{Alert, DeadLetter, Event};
+use sinks::jsonl::DeadLetters;
+use sinks::websocket::Hub;
+use sinks::{OffRuntime, OutputBatch, Sink};
+use tokio::sync::mpsc;
+
+use crate::checkpoint::Checkpointer;
+use crate::config::Config;
+use crate::engine::Output;
+use crate::health::Health;
+
+/// One completed epoch: what the live view and subscribers see, and the dead letters.
+#[derive(Default)]
+pub(super) struct EpochOut {
+    view: view::Epoch,
+    dead: Vec<DeadLetter>,
+}
+
+/// Receives dataflow results on the worker threads and gathers them per epoch; completed
+/// epochs go, in order, to the [`OutputStage`] thread. Workers only hand data over: no
+/// socket, file or blocking channel I/O happens on them.
+pub(super) struct LiveOutput {
+    epochs: Mutex<BTreeMap<u64, EpochOut>>,
+    done: Mutex<u64>,
+    to_stage: std::sync::mpsc::Sender<(u64, EpochOut)>,
+}
+
+impl LiveOutput {
+    /// Gathers for the output stage thread of `to_stage`.
+    pub(super) fn new(to_stage: std::sync::mpsc::Sender<(u64, EpochOut)>) -> Self {
+        LiveOutput {
+            epochs: Mutex::new(BTreeMap::new()),
+            done: Mutex::new(0),
+            to_stage,
+        }
+    }
+
+    fn with_epoch(&self, epoch: u64, f: impl FnOnce(&mut EpochOut)) {
+        if let Ok(mut e) = self.epochs.lock() {
+            f(e.entry(epoch).or_default());
+        }
+    }
+
+    /// Whether anything waits for `epoch` (before it is sent: the ingest front's dead letters,
+    /// which make the front send the epoch even without records).
+    pub(super) fn holds(&self, epoch: u64) -> bool {
+        self.epochs.lock().is_ok_and(|e| e.contains_key(&epoch))
+    }
+}
+
+impl Output for LiveOutput {
+    fn alerts(&self, epoch: u64, alerts: &[Alert]) {
+        self.with_epoch(epoch, |e| e.view.alerts.extend_from_slice(alerts));
+    }
+
+    fn events(&self, epoch: u64, events: &[Event]) {
+        self.with_epoch(epoch, |e| e.view.events.extend_from_slice(events));
+    }
+
+    fn state(&self, epoch: u64, state: &[operators::StateOut]) {
+        self.with_epoch(epoch, |e| e.view.state.extend_from_slice(state));
+    }
+
+    /// Dead letters travel with their epoch: on disk before its positions are committed.
+    fn dead(&self, epoch: u64, dead: &[DeadLetter]) {
+        self.with_epoch(epoch, |e| e.dead.extend_from_slice(dead));
+    }
+
+    fn epochs_done(&self, upto: u64) {
+        let Ok(mut done) = self.done.lock() else { return };
+        let mut ready = match self.epochs.lock() {
+            Ok(mut b) => {
+                let rest = b.split_off(&upto);
+                std::mem::replace(&mut *b, rest)
+            }
+            Err(_) => return,
+        };
+        // Epochs without output still have to be acknowledged: send an empty batch for them.
+        for epoch in *done..upto {
+            let out = ready.remove(&epoch).unwrap_or_default();
+            let _ = self.to_stage.send((epoch, out));
+        }
+        *done = upto;
+    }
+}
+
+/// The output stage: one thread that takes completed epochs in order, updates the live view
+/// and publishes to WebSocket subscribers (together, under the hub's gate), writes stdout, and
+/// hands each epoch to the durable sinks (blocking there is backpressure on the dataflow).
+pub(super) struct OutputStage {
+    pub hub: Option<Hub>,
+    pub view: Option<Arc<view::LiveView>>,
+    /// Takes the view version of a checkpoint's epoch.
+    pub checkpointer: Arc<Checkpointer>,
+    pub stdout: bool,
+    pub sinks: SinkTasks,
+    /// When the first live item of each epoch in flight reached the ingest front (for the
+    /// publish latency).
+    pub arrivals: Arc<Mutex<BTreeMap<u64, Instant>>>,
+}
+
+impl OutputStage {
+    /// Starts the stage's thread, which ends once every sender of `rx` is gone.
+    pub fn start(self, rx: std::sync::mpsc::Receiver<(u64, EpochOut)>) -> Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("output".into())
+            .spawn(move || {
+                while let Ok((epoch, out)) = rx.recv() {
+                    self.epoch(epoch, out);
+                }
+            })
+            .context("cannot start the output thread")
+    }
+
+    fn epoch(&self, epoch: u64, out: EpochOut) {
+        let EpochOut { view: out, dead } = out;
+        let arrived = self.arrivals.lock().ok().and_then(|mut a| {
+            let t = a.remove(&epoch);
+            // Epochs without events.
+            *a = a.split_off(&epoch);
+            t
+        });
+        for a in &out.alerts {
+            metrics::counter!("llamaflow_alerts_total", "type" => a.alert_type.clone()).increment(1);
+        }
+        for e in &out.events {
+            metrics::counter!("llamaflow_events_total", "type" => e.data.type_name()).increment(1);
+        }
+        let publish = || {
+            if let Some(v) = &self.view {
+                v.apply(epoch + 1, &out);
+                if self.checkpointer.wants_view(epoch) {
+                    self.checkpointer.deposit_view(epoch, v.current());
+                }
+            }
+            if let Some(h) = &self.hub {
+                for e in &out.events {
+                    h.publish_event(e);
+                }
+                for a in &out.alerts {
+                    h.publish_alert(a);
+                }
+            }
+        };
+        match &self.hub {
+            Some(h) => h.publish_epoch(publish),
+            None => publish(),
+        }
+        // Publish latency: the epoch's first live item reached the ingest front → its
+        // events went out to WebSocket subscribers.
+        if let Some(t) = arrived
+            && !out.events.is_empty()
+        {
+            metrics::histogram!("llamaflow_publish_latency_seconds").record(t.elapsed().as_secs_f64());
+        }
+        if self.stdout && !out.alerts.is_empty() {
+            let mut w = std::io::stdout().lock();
+            for a in &out.alerts {
+                if let Ok(line) = serde_json::to_string(a) {
+                    // A closed stdout (e.g. `| head`) must not stop the pipeline.
+                    let _ = writeln!(w, "{line}");
+                }
+            }
+            let _ = w.flush();
+        }
+        self.sinks.send(OutputBatch {
+            epoch,
+            alerts: out.alerts,
+            events: out.events,
+            dead,
+        });
+    }
+}
+
+/// The live view as the hub's snapshot source.
+pub(super) struct ViewSnapshots(pub Arc<view::LiveView>);
+
+impl sinks::websocket::SnapshotSource for ViewSnapshots {
+    fn snapshot(&self, channel: &str, user_id: Option<&str>) -> Option<(Vec<serde_json::Value>, i64)> {
+        let state = self.0.current();
+        state.snapshot(channel, user_id).map(|d| (d, state.as_of))
+    }
+}
+
+/// Connects the configured `[sinks]` that acknowledge durable writes, and the dead-letter
+/// output, which is always one of them.
+pub(super) async fn connect_sinks(cfg: &Config, dead: DeadLetters) -> Result<Vec<Box<dyn Sink>>> {
+    let usage = |e: sinks::jsonl::JsonlError| crate::UsageError(e.to_string());
+    let s = &cfg.sinks;
+    let mut out: Vec<Box<dyn Sink>> = vec![Box::new(OffRuntime::new(dead))];
+    if let Some(c) = &s.redis {
+        out.push(Box::new(
+            sinks::redis::RedisSink::connect(c.clone())
+                .await
+                .context("sinks.redis")?,
+        ));
+    }
+    if let Some(c) = &s.postgres {
+        out.push(Box::new(
+            sinks::postgres::PgSink::connect(c.clone())
+                .await
+                .context("sinks.postgres")?,
+        ));
+    }
+    if let Some(c) = &s.kafka {
+        out.push(Box::new(
+            sinks::kafka::KafkaSink::connect(c.clone())
+                .await
+                .context("sinks.kafka")?,
+        ));
+    }
+    if let Some(c) = &s.sqs {
+        out.push(Box::new(
+            sinks::sqs::SqsSink::connect(c.clone()).await.context("sinks.sqs")?,
+        ));
+    }
+    if let Some(c) = &s.webhook {
+        out.push(Box::new(
+            sinks::webhook::WebhookSink::new(c.clone()).context("sinks.webhook")?,
+        ));
+    }
+    if let Some(c) = &s.parquet {
+        let p = sinks::parquet::ParquetSink::open(c.clone()).context("sinks.parquet")?;
+        out.push(Box::new(OffRuntime::new(p)));
+    }
+    if let Some(c) = &s.jsonl {
+        out.push(Box::new(OffRuntime::new(
+            sinks::jsonl::JsonlSink::open(c).map_err(usage)?,
+        )));
+    }
+    Ok(out)
+}
+
+/// The durable sinks, each a task writing the epochs queued to it in order; every written
+/// epoch is acknowledged on one channel.
+pub(super) struct SinkTasks {
+    queues: Vec<mpsc::Sender<Arc<OutputBatch>>>,
+}
+
+impl SinkTasks {
+    /// Starts one task per sink on `rt`. A failed write is retried with backoff until it
+    /// succeeds (a batch is never dropped); alerts a sink gave up on are written to `dead`
+    /// (fsynced, off the runtime's threads) before the epoch is acknowledged on `acks`.
+    pub fn start(
+        rt: &tokio::runtime::Runtime,
+        sinks: Vec<Box<dyn Sink>>,
+        dead: DeadLetters,
+        health: Arc<Health>,
+        acks: mpsc::UnboundedSender<u64>,
+    ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
+        let mut queues = Vec::new();
+        let mut tasks = Vec::new();
+        for mut sink in sinks {
+            let (tx, mut rx) = mpsc::channel::<Arc<OutputBatch>>(64);
+            queues.push(tx);
+            let (acks, dead, health) = (acks.clone(), dead.clone(), health.clone());
+            health.register(sink.name());
+            tasks.push(rt.spawn(async move {
+                let name = sink.name();
+                while let Some(batch) = rx.recv().await {
+                    let epoch = batch.epoch;
+                    let mut backoff = Backoff::new(name, epoch);
+                    let written = loop {
+                        match sink.write(batch.clone()).await {
+                            Ok(w) => break w,
+                            Err(e) => backoff.wait(&health, &*e).await,
+                        }
+                    };
+                    health.ok(name);
+                    let rejected = Arc::new(written.dead_letters(name));
+                    let mut backoff = Backoff::new("dead_letters", epoch);
+                    while !rejected.is_empty() {
+                        let (d, r) = (dead.clone(), rejected.clone());
+                        match tokio::task::spawn_blocking(move || d.write(&r)).await {
+                            Ok(Ok(())) => break,
+                            Ok(Err(e)) => backoff.wait(&health, &e).await,
+                            Err(e) => backoff.wait(&health, &e).await,
+                        }
+                    }
+                    let _ = acks.send(epoch);
+                }
+            }));
+        }
+        (SinkTasks { queues }, tasks)
+    }
+
+    /// Queues one epoch's batch to every sink (blocking while a sink is 64 epochs behind).
+    fn send(&self, batch: OutputBatch) {
+        let batch = Arc::new(batch);
+        for tx in &self.queues {
+            let _ = tx.blocking_send(batch.clone());
+        }
+    }
+
+    /// How many sinks acknowledge each epoch.
+    pub fn len(&self) -> usize {
+        self.queues.len()
+    }
+}
+
+/// Retries of one sink's write of one epoch: logged, shown in `/healthz`, 100 ms doubling
+/// to 10 s.
+struct Backoff {
+    name: &'static str,
+    epoch: u64,
+    delay: Duration,
+}
+
+impl Backoff {
+    fn new(name: &'static str, epoch: u64) -> Self {
+        Backoff {
+            name,
+            epoch,
+            delay: Duration::from_millis(100),
+        }
+    }
+
+    /// Reports the failure `e`, then waits before the next attempt.
+    async fn wait(&mut self, health: &Health, e: &(dyn std::error::Error + Send + Sync + 'static)) {
+        let mut text = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        let (name, epoch, delay) = (self.name, self.epoch, self.delay);
+        health.failing(name, text.clone());
+        tracing::error!("sink {name}: epoch {epoch}: {text}; retrying in {delay:?}");
+        tokio::time::sleep(delay).await;
+        self.delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
