@@ -7,8 +7,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -69,14 +67,6 @@ fn wait_exit(mut job: Job, log: &Path) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    Some(body)
 }
 
 fn high_watermarks(brokers: &str) -> BTreeMap<i32, i64> {
@@ -260,7 +250,7 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
         Duration::from_secs(90),
         || committed(&brokers, "single") == hw,
     );
-    assert_eq!(common::records_in(one.port) as usize, total);
+    assert_eq!(common::records_in(one.port, "price") as usize, total);
     terminate(&job);
     wait_exit(job, &one.log);
     let expected = lines(&one.alerts);
@@ -295,7 +285,7 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
     wait_until("the cluster to commit every partition", Duration::from_secs(90), || {
         committed(&brokers, "cluster") == hw
     });
-    let ins: Vec<u64> = runs.iter().map(|r| common::records_in(r.port)).collect();
+    let ins: Vec<u64> = runs.iter().map(|r| common::records_in(r.port, "price")).collect();
     assert_eq!(
         ins.iter().sum::<u64>() as usize,
         total,
