@@ -49,6 +49,10 @@ impl BlockingSink for JsonlSink {
         }
         Ok(Written::default())
     }
+
+    fn skips(&self, batch: &OutputBatch) -> bool {
+        (self.alerts.is_none() || batch.alerts.is_empty()) && (self.events.is_none() || batch.events.is_empty())
+    }
 }
 
 /// The dead-letter output: a JSONL file (appended) or standard error. Cloned handles share one
@@ -92,6 +96,10 @@ impl BlockingSink for DeadLetters {
     fn write_blocking(&mut self, batch: &OutputBatch) -> Result<Written, SinkError> {
         self.write(&batch.dead)?;
         Ok(Written::default())
+    }
+
+    fn skips(&self, batch: &OutputBatch) -> bool {
+        batch.dead.is_empty()
     }
 }
 
