@@ -29,6 +29,14 @@ pub enum Item {
     /// Comes with a rule arriving from another route (a key change, or re-created after a
     /// delete): it may have fired elsewhere, so only the throttle stage may throttle it.
     ForeignRule(String),
+    /// Closes a protocol's TVL update (its records at one timestamp, SPEC §2): its total is
+    /// evaluated now. Updates also close when a newer record of the protocol arrives.
+    CloseUpdate {
+        /// The protocol.
+        protocol: String,
+        /// The update's timestamp.
+        timestamp: schemas::Millis,
+    },
 }
 
 /// The key a record or rule is partitioned by: all state of one key lives on one worker.
@@ -111,6 +119,8 @@ pub struct Sequencer {
     rule_routes: imbl::HashMap<String, Route>,
     /// Where deleted rules lived: a rule re-created under another key may have fired there.
     retired: imbl::HashMap<String, Route>,
+    /// The open TVL update of each protocol (its newest timestamp), until closed.
+    open_updates: imbl::HashMap<String, schemas::Millis>,
 }
 
 impl Sequencer {
@@ -121,6 +131,7 @@ impl Sequencer {
             next_seq: first_seq,
             rule_routes: imbl::HashMap::new(),
             retired: imbl::HashMap::new(),
+            open_updates: imbl::HashMap::new(),
         }
     }
 
@@ -176,6 +187,10 @@ impl Sequencer {
             self.emit(route, seq, &pos, Item::Record(record), out);
             return;
         }
+        if let Record::Tvl(u) = &record {
+            let open = self.open_updates.entry(u.protocol_id.clone()).or_insert(u.timestamp);
+            *open = (*open).max(u.timestamp);
+        }
         let route = record_key(&record).map_or(0, Key::hash);
         out.push(Envelope {
             seq,
@@ -187,6 +202,8 @@ impl Sequencer {
 
     /// Stamps a protocol deletion (routed to the protocol's worker).
     pub fn delete_protocol(&mut self, pos: SourcePos, id: &str, out: &mut Vec<Envelope>) {
+        // A deleted protocol's open update is dropped with its state.
+        self.open_updates.remove(id);
         let seq = self.next_seq;
         self.next_seq += 1;
         out.push(Envelope {
@@ -195,6 +212,38 @@ impl Sequencer {
             pos,
             item: Item::DeleteProtocol(id.to_string()),
         });
+    }
+
+    /// The protocols with an open TVL update.
+    pub fn open_updates(&self) -> impl Iterator<Item = &str> {
+        self.open_updates.keys().map(String::as_str)
+    }
+
+    /// Closes `protocol`'s open TVL update, if any: its total is evaluated in this epoch.
+    pub fn close_update(&mut self, pos: SourcePos, protocol: &str, out: &mut Vec<Envelope>) {
+        let Some(timestamp) = self.open_updates.remove(protocol) else {
+            return;
+        };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        out.push(Envelope {
+            seq,
+            route: Key::Protocol(protocol).hash(),
+            pos,
+            item: Item::CloseUpdate {
+                protocol: protocol.to_string(),
+                timestamp,
+            },
+        });
+    }
+
+    /// Closes every open TVL update, in protocol order (the end of an input or of history).
+    pub fn close_updates(&mut self, pos: SourcePos, out: &mut Vec<Envelope>) {
+        let mut open: Vec<String> = self.open_updates.keys().cloned().collect();
+        open.sort_unstable();
+        for p in open {
+            self.close_update(pos.clone(), &p, out);
+        }
     }
 
     /// Stamps a rule deletion; unknown rule ids are ignored.

@@ -377,7 +377,6 @@ pub struct KeyedState {
     protocols: FastMap<String, ProtocolState>,
     chains: FastMap<String, ChainState>,
     rules: RuleIndex,
-    pending_protocols: Vec<String>,
     /// Newest event time of the batch's records, for the live state's clock.
     clock: Option<Millis>,
 }
@@ -395,7 +394,6 @@ impl KeyedState {
             protocols: FastMap::default(),
             chains: FastMap::default(),
             rules: RuleIndex::default(),
-            pending_protocols: Vec::new(),
             clock: None,
         }
     }
@@ -480,6 +478,16 @@ impl KeyedState {
             },
             Item::Record(Record::Protocol(p)) => self.protocol(p, out),
             Item::DeleteProtocol(id) => self.delete_protocol(&id, out),
+            Item::CloseUpdate { protocol, timestamp } => {
+                if self
+                    .protocols
+                    .get(&protocol)
+                    .and_then(|st| st.pending.as_ref())
+                    .is_some_and(|p| p.ts == timestamp)
+                {
+                    self.flush_total(&protocol, out);
+                }
+            }
             Item::Record(Record::Price(p)) => self.price(seq, &pos, p, out),
             Item::Record(Record::Transfer(t)) => self.transfer(seq, &pos, t, out),
             Item::Record(Record::Tvl(t)) => self.tvl(seq, &pos, t, out),
@@ -488,14 +496,9 @@ impl KeyedState {
         }
     }
 
-    /// Closes the batch: emits the TVL totals of protocols updated in it.
+    /// Closes the batch: the live state's clock. (TVL updates do not close with a batch: a
+    /// batch may end between their records; see [`Item::CloseUpdate`].)
     pub fn end_of_batch(&mut self, out: &mut Vec<KeyedOut>) {
-        let mut ids = std::mem::take(&mut self.pending_protocols);
-        ids.sort_unstable();
-        ids.dedup();
-        for id in ids {
-            self.flush_total(&id, out);
-        }
         if let Some(t) = self.clock.take()
             && self.cfg.live_state
         {
@@ -526,7 +529,6 @@ impl KeyedState {
     /// Deletes a protocol: its metadata and TVL leave the live state (its rules stay).
     fn delete_protocol(&mut self, id: &str, out: &mut Vec<KeyedOut>) {
         let Some(st) = self.protocols.remove(id) else { return };
-        self.pending_protocols.retain(|p| p != id);
         if !self.cfg.live_state {
             return;
         }
@@ -804,6 +806,22 @@ impl KeyedState {
             if st.last_tvl_ts.is_some_and(|last| u.timestamp < last) {
                 return Self::late(pos, Record::Tvl(u), out);
             }
+            // The update at this timestamp was closed (its total evaluated): a record of it
+            // that brings a new chain is late; one that repeats only known chains is a
+            // duplicate. Either way the total is never evaluated twice for one timestamp.
+            if st.last_tvl_ts == Some(u.timestamp) && st.pending.is_none() {
+                let t = u.timestamp;
+                let known = |c: &String| {
+                    st.chain_hist
+                        .get(c)
+                        .and_then(|h| h.back())
+                        .is_some_and(|(ts, _)| *ts == t)
+                };
+                if u.chains.iter().all(|(c, _)| known(c)) {
+                    return count_ignored("duplicate");
+                }
+                return Self::late(pos, Record::Tvl(u), out);
+            }
             st.pending.as_ref().is_some_and(|p| p.ts < u.timestamp)
         };
         if pending_older {
@@ -900,7 +918,6 @@ impl KeyedState {
         if accepted {
             st.last_tvl_ts = Some(t);
             st.pending = Some(PendingTotal { ts: t, seq });
-            self.pending_protocols.push(u.protocol_id);
         }
     }
 

@@ -87,6 +87,7 @@ fn run_resumable(
                 match op {
                     Op::Rec(r) => seq.push(pos, r.clone(), &mut envs),
                     Op::Del(id) => seq.delete_rule(pos, id, &mut envs),
+                    Op::Close => seq.close_updates(pos, &mut envs),
                 }
             }
             if worker.index() == 0 {
@@ -117,16 +118,8 @@ fn run_resumable(
 
 fn model(batches: &[Vec<Op>]) -> Model {
     let mut m = Model::default();
-    let mut seq = 0u64;
     for batch in batches {
-        let numbered: Vec<(u64, Op)> = batch
-            .iter()
-            .map(|op| {
-                seq += 1;
-                (seq - 1, op.clone())
-            })
-            .collect();
-        m.batch(&numbered);
+        m.batch(batch);
     }
     m
 }
@@ -258,10 +251,17 @@ fn steps_to_batches(steps: Vec<RawStep>, rules: Vec<(usize, Record)>, deletes: V
             }),
         };
         batches.last_mut().expect("non-empty").push(Op::Rec(rec));
+        // Updates settle (the live job) at arbitrary points, in or at the end of a batch.
+        if lag % 11 == 3 {
+            batches.last_mut().expect("non-empty").push(Op::Close);
+        }
+        // Batches are cut anywhere, also between TVL records with one timestamp.
         if lag % 7 == 0 {
             batches.push(Vec::new());
         }
     }
+    // The end of the input closes what is open.
+    batches.last_mut().expect("non-empty").push(Op::Close);
     batches
 }
 
@@ -442,6 +442,76 @@ fn late_duplicate_low_confidence() {
     assert_eq!(updates, 3, "accepted ticks only");
 }
 
+/// The issue-14 case: one update's records split by epoch cuts, with a late record and another
+/// protocol between them, is still one update: one total, one alert, the value of the whole
+/// update; a record of it after it closed is late (new chain) or a duplicate, never a second
+/// alert with the same id.
+#[test]
+fn a_tvl_update_split_by_cuts_and_late_records_is_evaluated_once() {
+    let total_rule = rule(
+        json!({"id":"tot","user_id":"u","alert_type":"tvl_change","throttle_minutes":0,
+        "conditions":{"protocol_id":"1","window":3600,"threshold_pct":10,"direction":"any"}}),
+    );
+    let head = vec![
+        total_rule,
+        tvl("1", "ethereum", 100.0, 0),
+        tvl("1", "arbitrum", 100.0, 0),
+        Op::Close,
+    ];
+    let update = [
+        tvl("1", "ethereum", 150.0, 3600),
+        tvl("1", "arbitrum", 90.0, 1800), // late: older than the protocol's newest
+        tvl("2", "ethereum", 5.0, 3600),  // another protocol
+        tvl("1", "arbitrum", 150.0, 3600),
+    ];
+    let after_close = vec![
+        tvl("1", "ethereum", 150.0, 3600), // a duplicate of a known chain: ignored
+        tvl("1", "base", 7.0, 3600),       // a new chain of a closed update: late
+        Op::Close,
+    ];
+    let whole = vec![head.clone(), update.to_vec(), vec![Op::Close], after_close.clone()];
+    let cut = vec![
+        head,
+        update[..1].to_vec(),
+        update[1..3].to_vec(),
+        update[3..].to_vec(),
+        vec![Op::Close],
+        after_close,
+    ];
+    for batches in [&whole, &cut] {
+        for workers in [1, 2] {
+            let r = run(workers, batches, OpConfig::default());
+            let got: Vec<(&str, i64, f64)> = r
+                .alerts
+                .iter()
+                .map(|a| (a.rule_id.as_str(), a.triggered_at / 1000, a.value))
+                .collect();
+            // 200 → 300: +50 %, once, with both chains of the update.
+            assert_eq!(
+                got,
+                vec![("tot", 3600, 50.0)],
+                "{} epochs, {workers} workers",
+                batches.len()
+            );
+            let late: Vec<&str> = r.dead.iter().map(|d| d.raw.as_str()).collect();
+            assert_eq!(late.len(), 2, "{late:?}");
+            assert!(late[0].contains("\"timestamp\":1800") || late[1].contains("\"timestamp\":1800"));
+            assert!(late.iter().any(|l| l.contains("\"chain\":\"base\"")), "{late:?}");
+            assert!(r.dead.iter().all(|d| d.reason == "late"));
+            let totals: Vec<f64> = r
+                .events
+                .iter()
+                .filter_map(|e| match &e.data {
+                    schemas::EventData::TvlUpdate { protocol_id, tvl, .. } if protocol_id == "1" => Some(*tvl),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(totals, vec![200.0, 300.0], "one tvl_update per closed update");
+            assert_eq!(as_model(&r.alerts), model(batches).alerts, "the reference model agrees");
+        }
+    }
+}
+
 #[test]
 fn tvl_total_is_evaluated_once_per_timestamp() {
     let batches = vec![
@@ -470,7 +540,7 @@ fn tvl_total_is_evaluated_once_per_timestamp() {
             tvl("2269", "ethereum", 150.0, 3600),
             tvl("2269", "arbitrum", 50.0, 3600),
         ],
-        vec![tvl("2269", "arbitrum", 100.0, 7200)],
+        vec![tvl("2269", "arbitrum", 100.0, 7200), Op::Close],
     ];
     let r = run(2, &batches, OpConfig::default());
     let ids: Vec<(&str, i64)> = r

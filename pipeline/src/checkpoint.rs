@@ -16,9 +16,9 @@ use anyhow::{Context, Result, anyhow};
 use operators::{Sequencer, Snapshots, WorkerState};
 use serde::{Deserialize, Serialize};
 
-/// First bytes of a checkpoint file (format version 3: with protocol metadata and the live
-/// aggregates' state).
-const MAGIC: &[u8; 8] = b"LLFCKPT3";
+/// First bytes of a checkpoint file (format version 4: with protocol metadata, the live
+/// aggregates' state and the open TVL updates).
+const MAGIC: &[u8; 8] = b"LLFCKPT4";
 /// Checkpoint files kept in the directory.
 const KEEP: usize = 2;
 
@@ -101,7 +101,7 @@ impl Checkpoint {
         let bytes = std::fs::read(&path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         let body = bytes.strip_prefix(MAGIC.as_slice()).with_context(|| {
             format!(
-                "{} is not a llamaflow checkpoint of this version (3); move it away to start over",
+                "{} is not a llamaflow checkpoint of this version (4); move it away to start over",
                 path.display()
             )
         })?;

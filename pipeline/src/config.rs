@@ -48,6 +48,10 @@ pub struct PipelineSection {
     pub batch_ms: u64,
     /// Most records in one ingest batch.
     pub batch_max: usize,
+    /// How long after its last record a live protocol's TVL update (its records at one
+    /// timestamp) is closed and its total evaluated, in ms; a record of it arriving later is
+    /// late. History and replay close updates at a newer record or the end of input.
+    pub tvl_settle_ms: u64,
     /// Address of the dashboard, `/ws`, `/metrics`, `/healthz`; omit to serve nothing.
     pub listen: Option<SocketAddr>,
     /// Dead letters as JSONL; default standard error.
@@ -77,6 +81,7 @@ impl Default for PipelineSection {
             workers: 2,
             batch_ms: 10,
             batch_max: 8192,
+            tvl_settle_ms: 1000,
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             dead_letter_out: None,
             checkpoint_dir: Some(PathBuf::from("llamaflow-checkpoints")),

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use operators::OpConfig;
-use schemas::{Alert, DeadLetter, Event, Kind, Millis};
+use schemas::{Alert, DeadLetter, Event, Kind, Millis, SourcePos};
 use sinks::jsonl::JsonlWriter;
 use sources::Input;
 
@@ -461,10 +461,17 @@ pub fn feed(inputs: Inputs, mut engine: Option<&mut Engine>, batch_size: usize, 
         }
     }
     feed.dead(engine.as_deref().map_or(0, Engine::epochs), &source_dead);
-    if let Some(engine) = engine
-        && !batch.is_empty()
-    {
-        engine.send(batch)?;
+    if let Some(engine) = engine {
+        // The end of the input closes the TVL updates it opened (SPEC §2: the total once,
+        // after all of an update's records).
+        if records_in > 0 {
+            engine
+                .sequencer()
+                .close_updates(SourcePos::new("end of input".into(), 0), &mut batch);
+        }
+        if !batch.is_empty() {
+            engine.send(batch)?;
+        }
     }
     Inputs {
         sources: Vec::new(),

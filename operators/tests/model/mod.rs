@@ -13,6 +13,9 @@ pub enum Op {
     Rec(Record),
     /// Delete a rule by id.
     Del(String),
+    /// Close every open TVL update (the end of an input, or updates settling in the live
+    /// job): `Sequencer::close_updates`.
+    Close,
 }
 
 /// What the model says the alerts are: (alert_id, rule_id, subject, triggered_at, value).
@@ -40,8 +43,14 @@ pub struct Model {
     matches: Vec<(u64, String, String, Millis, f64, String, Millis)>,
     /// Alerts so far.
     pub alerts: Vec<ModelAlert>,
-    /// Sequence numbers of records rejected as late.
+    /// Positions (op indexes) of records rejected as late.
     pub late: Vec<u64>,
+    /// The open TVL update of each protocol: its newest timestamp (as the sequencer keeps it).
+    open: BTreeMap<String, Millis>,
+    /// The next sequence number (one per op; a close takes one per protocol it closes).
+    next_seq: u64,
+    /// The next op's position.
+    next_pos: u64,
 }
 
 /// SPEC §2's direction test, written here rather than taken from the code under test.
@@ -104,20 +113,31 @@ impl Model {
         ));
     }
 
-    /// Runs one batch (an ingest epoch) of ops; `first_seq` is the seq of its first op.
-    pub fn batch(&mut self, ops: &[(u64, Op)]) {
-        for (seq, op) in ops {
-            self.step(*seq, op);
-        }
-        let mut pending: Vec<String> = self
-            .protos
-            .iter()
-            .filter(|(_, p)| p.pending.is_some())
-            .map(|(k, _)| k.clone())
-            .collect();
-        pending.sort();
-        for pid in pending {
-            self.flush(&pid);
+    /// Runs one batch (an ingest epoch) of ops. A batch does not close TVL updates: a
+    /// protocol's records at one timestamp are one update wherever batches are cut (SPEC §2);
+    /// it closes at a newer record of the protocol or at [`Op::Close`].
+    pub fn batch(&mut self, ops: &[Op]) {
+        for op in ops {
+            let pos = self.next_pos;
+            self.next_pos += 1;
+            if let Op::Close = op {
+                for (pid, t) in std::mem::take(&mut self.open) {
+                    // The sequencer stamps each close.
+                    self.next_seq += 1;
+                    if self
+                        .protos
+                        .get(&pid)
+                        .and_then(|p| p.pending)
+                        .is_some_and(|(ts, _)| ts == t)
+                    {
+                        self.flush(&pid);
+                    }
+                }
+                continue;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.step(seq, pos, op);
         }
         let mut ms = std::mem::take(&mut self.matches);
         ms.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
@@ -138,12 +158,13 @@ impl Model {
         }
     }
 
-    fn step(&mut self, seq: u64, op: &Op) {
+    fn step(&mut self, seq: u64, pos: u64, op: &Op) {
         let rec = match op {
             Op::Del(id) => {
                 self.rules.remove(id);
                 return;
             }
+            Op::Close => return,
             Op::Rec(r) => r,
         };
         match rec {
@@ -158,7 +179,7 @@ impl Model {
                 let hist = self.prices.entry(p.coin.clone()).or_default().clone();
                 if let Some(&(last, _)) = hist.last() {
                     if p.timestamp < last {
-                        self.late.push(seq);
+                        self.late.push(pos);
                         return;
                     }
                     if p.timestamp == last {
@@ -219,7 +240,7 @@ impl Model {
                     .entry(tr.coin.clone())
                     .or_insert((Millis::MIN, Vec::new()));
                 if tr.timestamp < last.0 {
-                    self.late.push(seq);
+                    self.late.push(pos);
                     return;
                 }
                 if tr.timestamp == last.0 {
@@ -249,9 +270,25 @@ impl Model {
                 }
             }
             Record::Tvl(u) => {
+                let open = self.open.entry(u.protocol_id.clone()).or_insert(u.timestamp);
+                *open = (*open).max(u.timestamp);
                 let p = self.protos.entry(u.protocol_id.clone()).or_default();
                 if p.last_ts.is_some_and(|l| u.timestamp < l) {
-                    self.late.push(seq);
+                    self.late.push(pos);
+                    return;
+                }
+                // Its update was closed already: known chains are duplicates, a new one is late.
+                if p.last_ts == Some(u.timestamp) && p.pending.is_none() {
+                    let t = u.timestamp;
+                    let seen = |c: &String| {
+                        p.chain_hist
+                            .get(c)
+                            .and_then(|h| h.last())
+                            .is_some_and(|(ts, _)| *ts == t)
+                    };
+                    if !u.chains.iter().all(|(c, _)| seen(c)) {
+                        self.late.push(pos);
+                    }
                     return;
                 }
                 if p.pending.is_some_and(|(ts, _)| ts < u.timestamp) {
@@ -311,7 +348,7 @@ impl Model {
                 let hist = self.gas.entry(g.chain.clone()).or_default().clone();
                 if let Some(&(last, _)) = hist.last() {
                     if g.timestamp < last {
-                        self.late.push(seq);
+                        self.late.push(pos);
                         return;
                     }
                     if g.timestamp == last {
@@ -354,7 +391,7 @@ impl Model {
                 let p = self.protos.entry(l.protocol_id.clone()).or_default();
                 let last = p.liq_last.get_or_insert((Millis::MIN, Vec::new()));
                 if l.timestamp < last.0 {
-                    self.late.push(seq);
+                    self.late.push(pos);
                     return;
                 }
                 if l.timestamp == last.0 {
@@ -417,9 +454,6 @@ impl Model {
             }
         }
         let p = self.protos.get_mut(pid).expect("exists");
-        match p.total_hist.last_mut() {
-            Some(last) if last.0 == t => last.1 = total,
-            _ => p.total_hist.push((t, total)),
-        }
+        p.total_hist.push((t, total));
     }
 }

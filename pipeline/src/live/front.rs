@@ -2,7 +2,7 @@
 //! feed as `replay`), then live items in epochs of at most `batch_ms`; it records the source
 //! positions each epoch covers and prepares checkpoints.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,8 @@ pub(super) struct Ingest {
     pub interval: Duration,
     pub batch_ms: u64,
     pub batch_max: usize,
+    /// How long after its last record a live TVL update closes.
+    pub tvl_settle: Duration,
     /// One process of a cluster.
     pub multi: bool,
     pub process: usize,
@@ -82,6 +84,7 @@ impl Ingest {
             interval,
             batch_ms,
             batch_max,
+            tvl_settle,
             multi,
             process,
             hub,
@@ -106,7 +109,14 @@ impl Ingest {
             hub: hub.clone(),
             output: output.clone(),
             handoff: None,
+            settling: Settling::new(tvl_settle),
         };
+        // Updates open in a restored checkpoint settle from now (their records after the
+        // checkpoint are delivered again).
+        let open: Vec<String> = engine.sequencer().open_updates().map(String::from).collect();
+        for p in open {
+            live.settling.seen(&p);
+        }
         for _ in 0..snapshot_len {
             match live_rx.blocking_recv() {
                 Some(item) => live.apply(item, &mut engine, &mut batch, &mut positions),
@@ -196,6 +206,7 @@ impl Ingest {
         let mut last_send = Instant::now();
         loop {
             let stopping = stop.load(Ordering::Relaxed);
+            live.settling.close_due(&mut engine, &mut batch);
             let moved = positions != sent_positions;
             // Dead letters alone make an epoch too: they are written (durably) with it.
             let refused = output.holds(engine.epochs());
@@ -337,6 +348,52 @@ struct Front {
     hub: Option<Hub>,
     output: Arc<LiveOutput>,
     handoff: Option<Handoff>,
+    settling: Settling,
+}
+
+/// Live TVL updates waiting to close: a protocol's update (its records at one timestamp)
+/// closes `settle` after its last record arrived, and its total is evaluated then (SPEC §2).
+struct Settling {
+    settle: Duration,
+    /// When each protocol's last TVL record arrived.
+    last: HashMap<String, Instant>,
+    /// Arrivals in order; an entry superseded by a later arrival is skipped.
+    queue: VecDeque<(Instant, String)>,
+}
+
+impl Settling {
+    fn new(settle: Duration) -> Self {
+        Settling {
+            settle,
+            last: HashMap::new(),
+            queue: VecDeque::new(),
+        }
+    }
+
+    fn seen(&mut self, protocol: &str) {
+        let now = Instant::now();
+        self.last.insert(protocol.to_string(), now);
+        self.queue.push_back((now, protocol.to_string()));
+    }
+
+    /// Closes the updates that have settled, into `batch`.
+    fn close_due(&mut self, engine: &mut Engine, batch: &mut Vec<operators::Envelope>) {
+        let now = Instant::now();
+        while self
+            .queue
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= self.settle)
+        {
+            let Some((t, protocol)) = self.queue.pop_front() else {
+                break;
+            };
+            if self.last.get(&protocol) == Some(&t) {
+                self.last.remove(&protocol);
+                let pos = SourcePos::new("tvl settle".into(), 0);
+                engine.sequencer().close_update(pos, &protocol, batch);
+            }
+        }
+    }
 }
 
 impl Front {
@@ -357,6 +414,9 @@ impl Front {
         match item.change {
             Change::Record(rec) => {
                 metrics::counter!("llamaflow_records_in_total", "kind" => rec.kind().name()).increment(1);
+                if let Record::Tvl(u) = &rec {
+                    self.settling.seen(&u.protocol_id);
+                }
                 engine.sequencer().push(item.pos, rec, batch);
             }
             Change::DeleteRule(id) => engine.sequencer().delete_rule(item.pos, &id, batch),

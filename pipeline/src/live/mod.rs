@@ -268,6 +268,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         interval: Duration::from_millis(cfg.pipeline.checkpoint_interval_ms.max(1)),
         batch_ms: cfg.pipeline.batch_ms,
         batch_max: cfg.pipeline.batch_max,
+        tvl_settle: Duration::from_millis(cfg.pipeline.tvl_settle_ms),
         multi: cluster.is_multi(),
         process: cluster.process,
         hub: hub.clone(),
