@@ -151,6 +151,8 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         })
     };
     let emit_events = cfg.emit_events;
+    // State size per operator and worker (handles made once: no label lookups per epoch).
+    let gauge = |operator: &'static str, kind: &'static str| metrics::gauge!("llamaflow_state_entries", "operator" => operator, "kind" => kind, "worker" => worker.to_string());
     let (keyed_state, throttle, aggregates, seed): (_, _, _, Option<Init<KeyedState, KeyedOut>>) = match ckpt.restore {
         Some(r) => (
             r.keyed,
@@ -160,6 +162,8 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         ),
         None => (KeyedState::new(cfg), Throttle::default(), Aggregates::default(), None),
     };
+    let keyed_gauges: Vec<metrics::Gauge> = keyed_state.sizes().iter().map(|(k, _)| gauge("keyed", k)).collect();
+    let throttle_gauge = gauge("throttle", "rules");
     let keyed = per_epoch(
         input,
         Exchange::new(|e: &Envelope| e.route),
@@ -174,6 +178,9 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
                 state.process(env, out);
             }
             state.end_of_batch(out);
+            for ((_, n), g) in state.sizes().iter().zip(&keyed_gauges) {
+                g.set(*n as f64);
+            }
         },
     );
     let mut parts = keyed.partition(5, |o| match o {
@@ -249,6 +256,7 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         move |throttle, mut batch, out| {
             batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
             out.extend(batch.into_iter().filter(|c| throttle.admit(c)));
+            throttle_gauge.set(throttle.len() as f64);
         },
     );
     let alerts = per_epoch(

@@ -214,6 +214,17 @@ impl Sequencer {
         });
     }
 
+    /// Entries of each kind of state the ingest front holds, for the `llamaflow_state_entries`
+    /// gauges: `rule_routes` (live rules), `retired_routes` (where deleted rules lived) and
+    /// `open_tvl_updates`.
+    pub fn sizes(&self) -> [(&'static str, usize); 3] {
+        [
+            ("rule_routes", self.rule_routes.len()),
+            ("retired_routes", self.retired.len()),
+            ("open_tvl_updates", self.open_updates.len()),
+        ]
+    }
+
     /// The protocols with an open TVL update.
     pub fn open_updates(&self) -> impl Iterator<Item = &str> {
         self.open_updates.keys().map(String::as_str)

@@ -435,6 +435,19 @@ impl KeyedState {
         self.rules.by_id.len()
     }
 
+    /// Entries of each kind of state this worker holds, for the `llamaflow_state_entries`
+    /// gauges: keys (`coins`, `protocols`, `chains`), `rules`, and `parked_rules` (throttle
+    /// state of deleted rules and of rules announced before they arrive).
+    pub fn sizes(&self) -> [(&'static str, usize); 5] {
+        [
+            ("coins", self.coins.len()),
+            ("protocols", self.protocols.len()),
+            ("chains", self.chains.len()),
+            ("rules", self.rules.by_id.len()),
+            ("parked_rules", self.rules.parked.len()),
+        ]
+    }
+
     /// Total number of history points held (for memory accounting and tests).
     pub fn history_len(&self) -> usize {
         self.coins.values().map(|c| c.history.len()).sum::<usize>()

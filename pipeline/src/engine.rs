@@ -240,6 +240,8 @@ pub struct Engine {
     inputs: Vec<SyncSender<Vec<Envelope>>>,
     guards: timely::communication::WorkerGuards<()>,
     sequencer: Sequencer,
+    /// `llamaflow_state_entries{operator="sequencer"}`, one per [`Sequencer::sizes`] kind.
+    gauges: Vec<metrics::Gauge>,
     epochs: u64,
     cluster: Cluster,
     bus: Arc<ClusterBus>,
@@ -343,10 +345,17 @@ impl Engine {
             );
         })
         .map_err(|e| anyhow::anyhow!("cannot start timely workers: {e}"))?;
+        let sequencer = ckpt.sequencer.unwrap_or_else(|| Sequencer::new(total, 0));
+        let gauges = sequencer
+            .sizes()
+            .iter()
+            .map(|(kind, _)| metrics::gauge!("llamaflow_state_entries", "operator" => "sequencer", "kind" => *kind))
+            .collect();
         Ok(Engine {
             inputs,
             guards,
-            sequencer: ckpt.sequencer.unwrap_or_else(|| Sequencer::new(total, 0)),
+            gauges,
+            sequencer,
             epochs: 0,
             cluster: cluster.clone(),
             bus,
@@ -403,6 +412,9 @@ impl Engine {
             g.thread().unpark();
         }
         self.epochs += 1;
+        for ((_, n), g) in self.sequencer.sizes().iter().zip(&self.gauges) {
+            g.set(*n as f64);
+        }
         Ok(())
     }
 

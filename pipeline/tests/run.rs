@@ -102,6 +102,25 @@ async fn embedded_run_serves_live_data_and_stops_cleanly() {
         "{metrics}"
     );
     assert!(metrics.contains("llamaflow_alerts_total"), "{metrics}");
+    // State sizes: the front routes every demo rule; the workers hold the demo's keys.
+    let state = |operator: &str, kind: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("llamaflow_state_entries{")
+                    && l.contains(&format!("operator=\"{operator}\""))
+                    && l.contains(&format!("kind=\"{kind}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        state("sequencer", "rule_routes"),
+        sources::demo::demo_rules().len() as f64,
+        "{metrics}"
+    );
+    assert!(state("keyed", "rules") >= sources::demo::demo_rules().len() as f64, "{metrics}");
+    assert!(state("keyed", "coins") > 0.0, "{metrics}");
 
     let pid = running.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
