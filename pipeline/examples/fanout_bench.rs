@@ -377,6 +377,7 @@ stdout = false
 
 [sinks.websocket]
 allow_anonymous = true
+max_anonymous_per_ip = 0
 "#
     )
 }

@@ -291,6 +291,7 @@ stdout = false
 # One client takes the whole firehose (every tick): let it queue up to 2 s of it.
 [sinks.websocket]
 allow_anonymous = true
+max_anonymous_per_ip = 0
 send_queue = 100000
 "#,
             workers = args.workers,

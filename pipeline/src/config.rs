@@ -54,6 +54,12 @@ pub struct PipelineSection {
     pub tvl_settle_ms: u64,
     /// Address of the dashboard, `/ws`, `/metrics`, `/healthz`; omit to serve nothing.
     pub listen: Option<SocketAddr>,
+    /// Most HTTP connections (WebSockets included) open at once; 0 (default): the process's
+    /// open-file limit less 256 kept for files, Kafka and databases.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (and an idle keep-alive connection is
+    /// kept), in ms.
+    pub http_header_timeout_ms: u64,
     /// Dead letters as JSONL; default standard error.
     pub dead_letter_out: Option<PathBuf>,
     /// Where checkpoints (operator state + source positions) are kept; a relative path is
@@ -82,6 +88,8 @@ impl Default for PipelineSection {
             batch_ms: 10,
             batch_max: 8192,
             tvl_settle_ms: 1000,
+            max_connections: 0,
+            http_header_timeout_ms: 10_000,
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             dead_letter_out: None,
             checkpoint_dir: Some(PathBuf::from("llamaflow-checkpoints")),
@@ -89,6 +97,25 @@ impl Default for PipelineSection {
             processes: 1,
             process_id: 0,
             hosts: Vec::new(),
+        }
+    }
+}
+
+impl PipelineSection {
+    /// The HTTP server's bounds: `max_connections` (0: `open_files` less 256 for files, Kafka
+    /// and databases, at least 64) and the header timeout.
+    pub fn http_limits(&self, open_files: u64) -> sinks::websocket::HttpLimits {
+        let auto = usize::try_from(open_files.saturating_sub(256))
+            .unwrap_or(usize::MAX)
+            .max(64);
+        sinks::websocket::HttpLimits {
+            max_connections: if self.max_connections == 0 {
+                auto
+            } else {
+                self.max_connections
+            },
+            header_timeout: Duration::from_millis(self.http_header_timeout_ms.max(1)),
+            ..Default::default()
         }
     }
 }
@@ -234,6 +261,8 @@ pub struct WsSection {
     pub send_queue: usize,
     /// Server ping interval in seconds.
     pub ping_interval_secs: u64,
+    /// Most anonymous connections from one IP address (0: no limit).
+    pub max_anonymous_per_ip: usize,
 }
 
 impl Default for WsSection {
@@ -247,6 +276,7 @@ impl Default for WsSection {
             max_msgs_per_sec: d.max_msgs_per_sec,
             send_queue: d.send_queue,
             ping_interval_secs: d.ping_interval.as_secs(),
+            max_anonymous_per_ip: d.max_anonymous_per_ip,
         }
     }
 }
@@ -262,6 +292,7 @@ impl WsSection {
             max_msgs_per_sec: self.max_msgs_per_sec,
             send_queue: self.send_queue,
             ping_interval: Duration::from_secs(self.ping_interval_secs.max(1)),
+            max_anonymous_per_ip: self.max_anonymous_per_ip,
         }
     }
 }

@@ -119,7 +119,10 @@ async fn embedded_run_serves_live_data_and_stops_cleanly() {
         sources::demo::demo_rules().len() as f64,
         "{metrics}"
     );
-    assert!(state("keyed", "rules") >= sources::demo::demo_rules().len() as f64, "{metrics}");
+    assert!(
+        state("keyed", "rules") >= sources::demo::demo_rules().len() as f64,
+        "{metrics}"
+    );
     assert!(state("keyed", "coins") > 0.0, "{metrics}");
 
     let pid = running.0.id().to_string();

@@ -31,16 +31,18 @@ async fn ten_thousand_clients_receive_live_events() {
         CLIENTS + 1000
     );
     let port = testkit::free_port();
+    // The embedded demo, with every client anonymous from 127.0.0.1: no per-address cap.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("llamaflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipeline]\nlisten = \"127.0.0.1:{port}\"\ncheckpoint_dir = \"\"\n\n             [sources.demo]\nspeed = 30.0\nwarmup_minutes = 0\nrules = true\n\n             [sinks.websocket]\nallow_anonymous = true\nmax_anonymous_per_ip = 0\n"
+        ),
+    )
+    .unwrap();
     let _job = Job(Command::new(env!("CARGO_BIN_EXE_llamaflow"))
-        .args([
-            "run",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--speed",
-            "30",
-            "--warmup-minutes",
-            "0",
-        ])
+        .args(["run", "--config", config.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -46,6 +46,8 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     }
     let cfg = cfg;
     let bus = ClusterBus::new(&cluster);
+    // Connections and files share the open-file limit: use what the system allows.
+    let open_files = raise_open_file_limit();
     let recorder = PrometheusBuilder::new()
         .install_recorder()
         .context("cannot install the Prometheus metrics recorder")?;
@@ -299,6 +301,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
             }
             None => app,
         };
+        let limits = cfg.pipeline.http_limits(open_files);
         let stop2 = stop.clone();
         let fatal2 = fatal.clone();
         let served = rt.block_on(async move {
@@ -306,7 +309,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                 wait_for_stop(stop_after, &fatal2).await;
                 stop2.store(true, Ordering::Relaxed);
             };
-            sinks::websocket::serve(listener, app, hub, shutdown).await
+            sinks::websocket::serve(listener, app, hub, limits, shutdown).await
         });
         served.context("HTTP server failed")?;
     } else {
@@ -367,6 +370,30 @@ fn scale_out(cfg: &mut Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one; returns the limit in force.
+fn raise_open_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
 }
 
 /// Raises a fatal error when the thread holding it panics.

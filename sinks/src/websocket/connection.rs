@@ -80,13 +80,12 @@ fn close_message(code: u16) -> Message {
 }
 
 /// Runs an upgraded connection until it ends.
-pub(crate) async fn run(hub: Hub, mut socket: WebSocket, user_id: Option<String>, api_key: Option<String>) {
+pub(crate) async fn run(hub: Hub, mut socket: WebSocket, user_id: Option<String>, limiter: Option<Limiter>) {
     let _guard = hub.task_guard();
     let Some((conn, data_rx)) = hub.register(user_id) else {
         let _ = timeout(CLOSE_TIMEOUT, socket.send(close_message(close_code::AWAY))).await;
         return;
     };
-    let limiter = hub.limiter(api_key.as_deref());
     let (mut sink, mut stream) = socket.split();
     let started = Instant::now();
     let last_seen = AtomicU64::new(0);
@@ -205,7 +204,7 @@ fn rate_limit_error(hub: &Hub) -> String {
     error_frame(
         ErrorCode::RateLimited,
         &format!(
-            "rate limit exceeded: at most {} messages per second per API key; message ignored",
+            "rate limit exceeded: at most {} messages per second per API key (anonymous: per address); message ignored",
             hub.limits().max_msgs_per_sec
         ),
     )

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
@@ -41,6 +42,7 @@ pub(crate) struct Limits {
     pub(crate) max_msgs_per_sec: u32,
     pub(crate) send_queue: usize,
     pub(crate) ping_interval: Duration,
+    pub(crate) max_anonymous_per_ip: usize,
 }
 
 /// Why a connection attempt was refused.
@@ -55,6 +57,25 @@ pub(crate) enum AuthError {
     /// [`Hub::shutdown`] was called.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The address has as many anonymous connections open as allowed.
+    #[error("too many anonymous connections from your address ({0} at most); connect with an API key")]
+    TooManyAnonymous(usize),
+}
+
+/// An admitted anonymous connection: counts against its address until dropped.
+pub(crate) struct AnonymousSlot {
+    hub: Hub,
+    ip: Option<IpAddr>,
+    /// The rate bucket shared by the address's anonymous connections.
+    pub(crate) limiter: Option<Limiter>,
+}
+
+impl Drop for AnonymousSlot {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            self.hub.release_anonymous(ip);
+        }
+    }
 }
 
 /// The hub's side of one connection.
@@ -197,6 +218,8 @@ struct Inner {
     snapshots: std::sync::OnceLock<Arc<dyn SnapshotSource>>,
     /// Held while an epoch is published and while a subscriber gets its snapshot.
     gate: Mutex<()>,
+    /// Open anonymous connections per address, with the rate bucket they share.
+    anonymous: Mutex<HashMap<IpAddr, (usize, Option<Limiter>)>>,
 }
 
 /// The WebSocket fanout hub: the dataflow publishes into it, connections subscribe to it.
@@ -240,6 +263,7 @@ impl Hub {
             max_msgs_per_sec: cfg.max_msgs_per_sec,
             send_queue: cfg.send_queue.max(1),
             ping_interval: cfg.ping_interval.clamp(MIN_PING_INTERVAL, MAX_PING_INTERVAL),
+            max_anonymous_per_ip: cfg.max_anonymous_per_ip,
         };
         Hub {
             inner: Arc::new(Inner {
@@ -252,6 +276,7 @@ impl Hub {
                 live: watch::Sender::new(0),
                 snapshots: std::sync::OnceLock::new(),
                 gate: Mutex::new(()),
+                anonymous: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -380,18 +405,55 @@ impl Hub {
         }
     }
 
-    /// The rate limiter for a connection: shared per key, own bucket for anonymous ones,
-    /// `None` when unlimited.
-    pub(crate) fn limiter(&self, key: Option<&str>) -> Option<Limiter> {
+    fn fresh_bucket(&self) -> Option<Limiter> {
         let rate = self.inner.limits.max_msgs_per_sec;
-        if rate == 0 {
-            return None;
+        (rate > 0).then(|| Arc::new(Mutex::new(TokenBucket::new(rate))))
+    }
+
+    /// The rate limiter of a connection with an API key: shared per key; `None` when
+    /// unlimited. (Anonymous connections get theirs from [`Hub::admit_anonymous`].)
+    pub(crate) fn limiter(&self, key: &str) -> Option<Limiter> {
+        let bucket = self.fresh_bucket()?;
+        Some(Arc::clone(
+            lock(&self.inner.buckets).entry(key.to_string()).or_insert(bucket),
+        ))
+    }
+
+    /// Admits one more anonymous connection from `ip`: refused once the address has
+    /// `max_anonymous_per_ip` open, and the connections of one address share one rate
+    /// bucket. With the limit 0 (or the address unknown) nothing is counted and each
+    /// connection has its own bucket. The slot frees itself on drop.
+    pub(crate) fn admit_anonymous(&self, ip: Option<IpAddr>) -> Result<AnonymousSlot, AuthError> {
+        let max = self.inner.limits.max_anonymous_per_ip;
+        let Some(ip) = ip.filter(|_| max > 0) else {
+            return Ok(AnonymousSlot {
+                hub: self.clone(),
+                ip: None,
+                limiter: self.fresh_bucket(),
+            });
+        };
+        let mut open = lock(&self.inner.anonymous);
+        let entry = open.entry(ip).or_insert_with(|| (0, self.fresh_bucket()));
+        if entry.0 >= max {
+            metrics::counter!("llamaflow_ws_refused_total", "reason" => "anonymous_per_ip").increment(1);
+            return Err(AuthError::TooManyAnonymous(max));
         }
-        let fresh = || Arc::new(Mutex::new(TokenBucket::new(rate)));
-        Some(match key {
-            Some(k) => Arc::clone(lock(&self.inner.buckets).entry(k.to_string()).or_insert_with(fresh)),
-            None => fresh(),
+        entry.0 += 1;
+        Ok(AnonymousSlot {
+            hub: self.clone(),
+            ip: Some(ip),
+            limiter: entry.1.clone(),
         })
+    }
+
+    fn release_anonymous(&self, ip: IpAddr) {
+        let mut open = lock(&self.inner.anonymous);
+        if let Some(e) = open.get_mut(&ip) {
+            e.0 = e.0.saturating_sub(1);
+            if e.0 == 0 {
+                open.remove(&ip);
+            }
+        }
     }
 
     /// Marks a connection task as running until the guard is dropped.

@@ -4,14 +4,14 @@
 //! blocking — and [`router`] serves `GET /ws` to subscribers:
 //!
 //! ```no_run
-//! use sinks::websocket::{Hub, WsConfig, router, serve};
+//! use sinks::websocket::{HttpLimits, Hub, WsConfig, router, serve};
 //!
 //! # async fn run() -> std::io::Result<()> {
 //! let hub = Hub::new(WsConfig { allow_anonymous: true, ..WsConfig::default() });
 //! hub.set_api_key("demo", "u1");
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! // The dataflow keeps a clone and calls `hub.publish_event(&event)` / `hub.publish_alert(&a)`.
-//! serve(listener, router(hub.clone()), hub, async {
+//! serve(listener, router(hub.clone()), hub, HttpLimits::default(), async {
 //!     let _ = tokio::signal::ctrl_c().await;
 //! })
 //! .await
@@ -87,7 +87,7 @@ use std::fmt;
 use std::time::Duration;
 
 pub use hub::{Hub, SnapshotSource};
-pub use server::{router, serve};
+pub use server::{HttpLimits, router, serve};
 
 /// Configuration of the WebSocket fanout.
 ///
@@ -108,6 +108,11 @@ pub struct WsConfig {
     pub send_queue: usize,
     /// Interval of server pings (default 20 s; used within 10 ms ..= 24 h).
     pub ping_interval: Duration,
+    /// Most anonymous connections open from one IP address (default 100), which also share
+    /// one rate bucket; 0: no per-address accounting (no cap, a bucket per connection).
+    /// Behind a reverse proxy every client has the proxy's address: raise it, set 0, or use
+    /// API keys.
+    pub max_anonymous_per_ip: usize,
 }
 
 impl fmt::Debug for WsConfig {
@@ -120,6 +125,7 @@ impl fmt::Debug for WsConfig {
             .field("max_msgs_per_sec", &self.max_msgs_per_sec)
             .field("send_queue", &self.send_queue)
             .field("ping_interval", &self.ping_interval)
+            .field("max_anonymous_per_ip", &self.max_anonymous_per_ip)
             .finish()
     }
 }
@@ -134,6 +140,7 @@ impl Default for WsConfig {
             max_msgs_per_sec: 50,
             send_queue: 1024,
             ping_interval: Duration::from_secs(20),
+            max_anonymous_per_ip: 100,
         }
     }
 }

@@ -1,17 +1,22 @@
 //! The `GET /ws` route and a server runner with graceful shutdown.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tower::Service;
 
 use super::connection::{self, CLOSE_TIMEOUT};
 use super::hub::{AuthError, Hub};
@@ -26,31 +31,196 @@ pub fn router(hub: Hub) -> Router {
     Router::new().route("/ws", get(ws_handler)).with_state(hub)
 }
 
-/// Serves `app` on `listener` until `shutdown` completes, then shuts `hub` down: every
-/// WebSocket gets a close frame 1001, new ones are refused, and this returns once open
-/// connections have finished closing (or after a few seconds).
+/// Bounds of the HTTP server that serves `/ws`, the dashboard, the read API and `/metrics`.
+#[derive(Clone, Debug)]
+pub struct HttpLimits {
+    /// Most connections open at once, WebSockets included; one more is answered `503` and
+    /// closed (`llamaflow_http_refused_total{reason="connections"}`).
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers; a keep-alive connection idle this long
+    /// is closed too (hyper's header read timeout).
+    pub header_timeout: Duration,
+    /// After shutdown, connections that have not finished by then are dropped.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A connection's socket with its slot under [`HttpLimits::max_connections`]: the slot is
+/// held as long as the socket, also after an upgrade to a WebSocket.
+struct Counted {
+    io: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _open: OpenGauge,
+}
+
+/// Keeps `llamaflow_http_connections` (open connections) up to date.
+struct OpenGauge;
+
+impl OpenGauge {
+    fn new() -> Self {
+        metrics::gauge!("llamaflow_http_connections").increment(1.0);
+        OpenGauge
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("llamaflow_http_connections").decrement(1.0);
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, within `limits`, then shuts `hub`
+/// down: every WebSocket gets a close frame 1001, new ones are refused, and this returns once
+/// open connections have finished closing (or after a few seconds). Each request carries the
+/// peer address as `ConnectInfo<SocketAddr>` (anonymous WebSockets count per address).
 ///
 /// `app` is usually [`router`]`(hub.clone())`, possibly merged with other routes.
 ///
 /// # Errors
 ///
 /// The I/O error that stopped the server, if any.
-pub async fn serve<F>(listener: TcpListener, app: Router, hub: Hub, shutdown: F) -> std::io::Result<()>
+pub async fn serve<F>(
+    listener: TcpListener,
+    app: Router,
+    hub: Hub,
+    limits: HttpLimits,
+    shutdown: F,
+) -> std::io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let on_shutdown = hub.clone();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            on_shutdown.shutdown();
-        })
-        .await;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    // Connection tasks: told to finish gracefully on shutdown, counted until they have.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let live = tokio::sync::watch::Sender::new(0usize);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut accept_errors = 0u64;
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning; say so
+                    // once per streak.
+                    accept_errors += 1;
+                    if accept_errors == 1 {
+                        tracing::warn!("cannot accept a connection: {e} (retrying)");
+                    }
+                    metrics::counter!("llamaflow_http_refused_total", "reason" => "accept_error").increment(1);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        accept_errors = 0;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("llamaflow_http_refused_total", "reason" => "connections").increment(1);
+            // Best effort, never waiting on the client.
+            let _ =
+                stream.try_write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let io = Counted {
+            io: stream,
+            _slot: slot,
+            _open: OpenGauge::new(),
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().call(req)
+        });
+        let conn = http
+            .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+            .with_upgrades();
+        let mut stop = stop_rx.clone();
+        live.send_modify(|n| *n += 1);
+        let live = live.clone();
+        tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            // Timeouts, resets and bad requests end the connection; nothing to report.
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            live.send_modify(|n| *n -= 1);
+        });
+    }
     hub.shutdown();
+    let _ = stop_tx.send(true);
+    let mut idle = live.subscribe();
+    let all_closed = async move {
+        let _ = idle.wait_for(|n| *n == 0).await.map(|_| ());
+    };
+    if tokio::time::timeout(limits.shutdown_grace, all_closed).await.is_err() {
+        tracing::warn!(
+            "some HTTP connections were still open {:?} after shutdown; dropped",
+            limits.shutdown_grace
+        );
+    }
     if !hub.wait_idle(CLOSE_TIMEOUT + DRAIN_MARGIN).await {
         tracing::warn!("some websocket connections did not close in time");
     }
-    result
+    Ok(())
+}
+
+/// Resolves once `stop` says true (or its sender is gone).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,10 +247,12 @@ fn refuse(err: AuthError) -> Response {
     let status = match err {
         AuthError::UnknownKey | AuthError::KeyRequired => StatusCode::UNAUTHORIZED,
         AuthError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        AuthError::TooManyAnonymous(_) => StatusCode::TOO_MANY_REQUESTS,
     };
     let code = match err {
         AuthError::UnknownKey | AuthError::KeyRequired => "unauthorized",
         AuthError::ShuttingDown => "unavailable",
+        AuthError::TooManyAnonymous(_) => "too_many_connections",
     };
     let body = serde_json::json!({"type": "error", "code": code, "message": err.to_string()}).to_string();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -90,6 +262,7 @@ async fn ws_handler(
     State(hub): State<Hub>,
     Query(query): Query<AuthQuery>,
     headers: HeaderMap,
+    extensions: axum::http::Extensions,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let key = match api_key(query.api_key, &headers) {
@@ -99,6 +272,17 @@ async fn ws_handler(
     let user_id = match hub.authenticate(key.as_deref()) {
         Ok(u) => u,
         Err(e) => return refuse(e),
+    };
+    // Anonymous connections count against their address (known when served by [`serve`]).
+    let (limiter, slot) = match &key {
+        Some(k) => (hub.limiter(k), None),
+        None => {
+            let ip = extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+            match hub.admit_anonymous(ip) {
+                Ok(slot) => (slot.limiter.clone(), Some(slot)),
+                Err(e) => return refuse(e),
+            }
+        }
     };
     let ws = match ws {
         Ok(ws) => ws,
@@ -110,7 +294,10 @@ async fn ws_handler(
     ws.read_buffer_size(8 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| connection::run(hub, socket, user_id, key))
+        .on_upgrade(move |socket| async move {
+            let _slot = slot;
+            connection::run(hub, socket, user_id, limiter).await
+        })
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
 use schemas::{Alert, Event, EventData};
 
-use super::{Hub, WsConfig, router, serve};
+use super::{HttpLimits, Hub, WsConfig, router, serve};
 
 type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -32,7 +32,14 @@ async fn start(cfg: WsConfig) -> (Hub, SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = router(hub.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = hub.clone();
+    tokio::spawn(serve(
+        listener,
+        app,
+        server,
+        HttpLimits::default(),
+        std::future::pending(),
+    ));
     (hub, addr)
 }
 
@@ -621,6 +628,8 @@ async fn five_hundred_connections_all_receive_a_broadcast() {
     const EVENTS: usize = 20;
     let (hub, addr) = start(WsConfig {
         allow_anonymous: true,
+        // All from 127.0.0.1.
+        max_anonymous_per_ip: 0,
         ..WsConfig::default()
     })
     .await;
@@ -665,9 +674,15 @@ async fn shutdown_closes_connections_with_1001() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, router(hub.clone()), hub.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    let server = tokio::spawn(serve(
+        listener,
+        router(hub.clone()),
+        hub.clone(),
+        HttpLimits::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     let mut a = connect(addr, None).await;
     let mut b = connect(addr, None).await;
     subscribe(&mut a, &["prices"]).await;
@@ -769,4 +784,155 @@ fn config_debug_hides_api_keys() {
     let shown = format!("{cfg:?} {:?}", Hub::new(cfg.clone()));
     assert!(!shown.contains("secret-key-1"), "{shown}");
     assert!(shown.contains("<1 keys>"), "{shown}");
+}
+
+// ---------- the HTTP server's bounds ----------
+
+/// Starts [`serve`] with `limits`; the returned sender stops it.
+async fn start_limited(
+    cfg: WsConfig,
+    limits: HttpLimits,
+) -> (
+    Hub,
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let hub = Hub::new(cfg);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, router(hub.clone()), hub.clone(), limits, async move {
+        let _ = stop_rx.await;
+    }));
+    (hub, addr, stop_tx, server)
+}
+
+/// Reads until the server closes the connection; what it sent.
+async fn read_to_close(s: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let _ = timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("the server closes the connection");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test]
+async fn half_sent_headers_and_idle_connections_time_out_and_do_not_hold_up_shutdown() {
+    use tokio::io::AsyncWriteExt;
+    let limits = HttpLimits {
+        header_timeout: Duration::from_millis(300),
+        shutdown_grace: Duration::from_secs(1),
+        ..HttpLimits::default()
+    };
+    let (_hub, addr, stop, server) = start_limited(WsConfig::default(), limits).await;
+    // Half a request: closed once the header timeout passes.
+    let mut half = TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let t = Instant::now();
+    let _ = read_to_close(&mut half).await;
+    assert!(t.elapsed() < Duration::from_secs(3), "closed after {:?}", t.elapsed());
+    // Connected and silent: closed too.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    let _ = read_to_close(&mut idle).await;
+    // A half request pending at shutdown does not keep the server from returning.
+    let mut pending = TcpStream::connect(addr).await.unwrap();
+    pending.write_all(b"GET /ws HTTP/1.1\r\nHost").await.unwrap();
+    let t = Instant::now();
+    stop.send(()).unwrap();
+    timeout(Duration::from_secs(10), server)
+        .await
+        .expect("serve returns")
+        .unwrap()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(3), "shutdown took {:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_get_503_and_a_freed_slot_is_reused() {
+    use tokio::io::AsyncWriteExt;
+    let limits = HttpLimits {
+        max_connections: 2,
+        ..HttpLimits::default()
+    };
+    let cfg = WsConfig {
+        allow_anonymous: true,
+        ..WsConfig::default()
+    };
+    let (_hub, addr, _stop, _server) = start_limited(cfg, limits).await;
+    // A WebSocket and an idle connection take both slots.
+    let ws = connect(addr, None).await;
+    let idle = TcpStream::connect(addr).await.unwrap();
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    let answer = read_to_close(&mut third).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    // Closing the WebSocket frees its slot (held for the socket's life, not the handshake's).
+    drop(ws);
+    drop(idle);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_close(&mut s).await;
+        if !answer.starts_with("HTTP/1.1 503") {
+            // A plain GET of /ws is not an upgrade: refused by the handler, not by the cap.
+            assert!(answer.starts_with("HTTP/1.1 4"), "{answer:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slots were never freed");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn anonymous_connections_are_capped_per_address_and_share_one_rate_bucket() {
+    let cfg = WsConfig {
+        allow_anonymous: true,
+        max_anonymous_per_ip: 2,
+        max_msgs_per_sec: 3,
+        api_keys: keys(&[("k", "u")]),
+        ..WsConfig::default()
+    };
+    let (_hub, addr, _stop, _server) = start_limited(cfg, HttpLimits::default()).await;
+    let mut a = connect(addr, None).await;
+    let mut b = connect(addr, None).await;
+    let req = url(addr, None).into_client_request().unwrap();
+    assert_eq!(
+        refused_status(req).await,
+        429,
+        "a third anonymous connection from 127.0.0.1"
+    );
+    // Keys are not anonymous: not counted.
+    let _keyed = connect(addr, Some("k")).await;
+    // The two share 3 messages per second: six pings at once cannot all be answered.
+    for c in [&mut a, &mut b] {
+        for _ in 0..3 {
+            send(c, json!({"type":"ping"})).await;
+        }
+    }
+    let mut limited = 0;
+    for c in [&mut a, &mut b] {
+        for _ in 0..3 {
+            if recv(c).await["code"] == "rate_limited" {
+                limited += 1;
+            }
+        }
+    }
+    assert!(limited >= 2, "{limited} of 6 rate-limited");
+    // A closed anonymous connection frees its place.
+    drop(a);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match timeout(WAIT, connect_async(url(addr, None))).await.unwrap() {
+            Ok(_) => break,
+            Err(tungstenite::Error::Http(r)) if r.status() == 429 => {
+                assert!(Instant::now() < deadline, "the place was never freed");
+                sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
