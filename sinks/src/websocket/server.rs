@@ -170,6 +170,7 @@ where
                 stream.try_write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
             continue;
         };
+        // Frames go out as they are written (Nagle would hold small ones back).
         let _ = stream.set_nodelay(true);
         let io = Counted {
             io: stream,
