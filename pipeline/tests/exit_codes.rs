@@ -90,3 +90,76 @@ fn exit_codes_follow_spec_section_4() {
         }
     }
 }
+
+/// A stop that comes while a sink is still connecting (Postgres unreachable, retried with
+/// backoff) ends the job at once with exit 0: `--duration-secs` counts from the start, and
+/// SIGTERM is handled (not the default action, exit by signal 143).
+#[test]
+fn a_stop_while_a_sink_connects_is_clean_and_on_time() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("unreachable-pg.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipeline]\nlisten = \"127.0.0.1:{}\"\ncheckpoint_dir = \"\"\n\n[sources.demo]\n\n\
+             [sinks.postgres]\nurl = \"postgres://u:p@127.0.0.1:1/db\"\n",
+            testkit::free_port()
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str], log: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_llamaflow"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let wait = |child: &mut std::process::Child, within: Duration| {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "still running after {within:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    let log = dir.path().join("duration.log");
+    let started = Instant::now();
+    let mut job = run(&["--duration-secs", "2"], &log);
+    let status = wait(&mut job, Duration::from_secs(15));
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}: {stderr}",
+        started.elapsed()
+    );
+    assert!(stderr.contains("stopped while connecting the sinks"), "{stderr}");
+
+    let log = dir.path().join("sigterm.log");
+    let mut job = run(&[], &log);
+    // Once it says it is retrying the connection, it is connecting.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap().contains("retrying") {
+        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let term = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &job.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = wait(&mut job, Duration::from_secs(15));
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "exit 0, not by signal: {status:?}\n{stderr}");
+    assert!(term.elapsed() < Duration::from_secs(3), "took {:?}", term.elapsed());
+}

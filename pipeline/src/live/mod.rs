@@ -56,6 +56,9 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // SIGTERM / Ctrl-C and `--duration-secs` count from here: a stop while the sinks or
+    // sources are still connecting ends the job cleanly (exit 0), and in time.
+    let stop_when = StopWhen::start(&rt, stop_after);
 
     let ws_cfg = cfg.sinks.websocket.as_ref().map(|w| w.ws_config());
     let hub = match (&cfg.pipeline.listen, ws_cfg) {
@@ -72,7 +75,11 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     // Durable sinks run as tasks; each acknowledges epochs to the coordinator.
     let health = Arc::new(crate::health::Health::default());
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<u64>();
-    let connected = rt.block_on(output::connect_sinks(&cfg, dead.clone()))?;
+    let Some(connected) = rt.block_on(stop_when.unless_stopped(output::connect_sinks(&cfg, dead.clone()))) else {
+        eprintln!("llamaflow: stopped while connecting the sinks; nothing was read");
+        return Ok(());
+    };
+    let connected = connected?;
     let (sinks, sink_tasks) = SinkTasks::start(&rt, connected, dead, health.clone(), ack_tx);
     let coordinator = Arc::new(Mutex::new(Coordinator::new(sinks.len())));
 
@@ -141,9 +148,12 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     let handles = Arc::new(tokio::sync::Mutex::new(SourceHandles::default()));
     let mut snapshot_len = 0;
     if let Some(c) = &cfg.sources.postgres_cdc {
-        let h = rt
-            .block_on(sources::postgres_cdc::start(c.clone(), live_tx.clone()))
-            .context("sources.postgres_cdc")?;
+        let Some(h) = rt.block_on(stop_when.unless_stopped(sources::postgres_cdc::start(c.clone(), live_tx.clone())))
+        else {
+            eprintln!("llamaflow: stopped while connecting to the CDC source; nothing was read");
+            return Ok(());
+        };
+        let h = h.context("sources.postgres_cdc")?;
         snapshot_len = h.snapshot_len();
         rt.block_on(handles.lock()).add(Box::new(h));
     }
@@ -304,16 +314,17 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         let limits = cfg.pipeline.http_limits(open_files);
         let stop2 = stop.clone();
         let fatal2 = fatal.clone();
+        let stop_when2 = stop_when.clone();
         let served = rt.block_on(async move {
             let shutdown = async move {
-                wait_for_stop(stop_after, &fatal2).await;
+                stop_when2.wait_or(&fatal2).await;
                 stop2.store(true, Ordering::Relaxed);
             };
             sinks::websocket::serve(listener, app, hub, limits, shutdown).await
         });
         served.context("HTTP server failed")?;
     } else {
-        rt.block_on(wait_for_stop(stop_after, &fatal));
+        rt.block_on(stop_when.wait_or(&fatal));
     }
     stop.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
@@ -431,16 +442,57 @@ impl Fatal {
     }
 }
 
-async fn wait_for_stop(limit: Option<Duration>, fatal: &Fatal) {
-    let limit = async {
-        match limit {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
+/// When the job stops: SIGTERM / Ctrl-C (listened for from the job's start) or the
+/// `--duration-secs` deadline.
+#[derive(Clone)]
+struct StopWhen {
+    signal: tokio::sync::watch::Receiver<bool>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl StopWhen {
+    fn start(rt: &tokio::runtime::Runtime, limit: Option<Duration>) -> Self {
+        let (tx, signal) = tokio::sync::watch::channel(false);
+        rt.spawn(async move {
+            crate::shutdown_signal().await;
+            eprintln!("llamaflow: stopping");
+            let _ = tx.send(true);
+        });
+        StopWhen {
+            signal,
+            deadline: limit.map(|d| tokio::time::Instant::now() + d),
         }
-    };
-    tokio::select! {
-        _ = crate::shutdown_signal() => eprintln!("llamaflow: stopping"),
-        _ = limit => {}
-        _ = fatal.notify.notified() => {}
+    }
+
+    /// Resolves at a signal or the deadline.
+    async fn wait(&self) {
+        let mut signal = self.signal.clone();
+        let signalled = async move {
+            let _ = signal.wait_for(|s| *s).await.map(|_| ());
+        };
+        match self.deadline {
+            Some(d) => tokio::select! {
+                () = signalled => {}
+                () = tokio::time::sleep_until(d) => {}
+            },
+            None => signalled.await,
+        }
+    }
+
+    /// Resolves at a stop, or when a background task fails.
+    async fn wait_or(&self, fatal: &Fatal) {
+        tokio::select! {
+            () = self.wait() => {}
+            () = fatal.notify.notified() => {}
+        }
+    }
+
+    /// Runs `f` unless a stop comes first (`None`).
+    async fn unless_stopped<T>(&self, f: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            t = f => Some(t),
+            () = self.wait() => None,
+        }
     }
 }
