@@ -722,6 +722,49 @@ impl Config {
     }
 }
 
+/// Fuzzing config text (`${VAR}` expansion and TOML): no panic; a rejection names the file;
+/// an accepted config yields its derived settings. Cases: `LLAMAFLOW_FUZZ_CASES` (see
+/// testkit::fuzz).
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use testkit::fuzz::{Count, config, text};
+
+    use super::*;
+
+    const CONFIGS: &[&str] = &[
+        "[pipeline]\nworkers = 2\nbatch_ms = 10\nlisten = \"127.0.0.1:8080\"\ncheckpoint_dir = \"\"\n\n[sources.demo]\nspeed = 60.0\n",
+        "[sources.kafka]\nbrokers = \"${LLAMAFLOW_FUZZ_BROKERS}\"\ngroup_id = \"g\"\n\n[sinks.postgres]\nurl = \"postgres://u@h/db\"\n",
+        "[[sources.files]]\nkind = \"prices\"\npath = \"p.jsonl\"\nfollow = true\n\n[sinks.websocket]\nallow_anonymous = true\n[sinks.websocket.api_keys]\ndemo = \"demo\"\n",
+        "[operators]\nhistory_days = 30\n\n[sinks.jsonl]\nalerts = \"a.jsonl\"\n\n[sinks.parquet]\ndir = \"out\"\nrollover = \"hourly\"\n",
+    ];
+
+    static CASES: Count = Count::new("config files");
+
+    proptest! {
+        #![proptest_config(config(3_000))]
+
+        #[test]
+        fn fuzz_config_text(raw in text(CONFIGS)) {
+            CASES.add();
+            // SAFETY: only this test reads this variable.
+            unsafe { std::env::set_var("LLAMAFLOW_FUZZ_BROKERS", "b:9092\"\n[x]") };
+            match Config::parse(&raw, Path::new("fuzz.toml")) {
+                Ok(c) => {
+                    let _ = (c.operators.op_config(), c.operators.view_config(), c.cluster(), c.summary(), c.pipeline.http_limits(1024));
+                }
+                Err(e) => prop_assert!(e.0.starts_with("fuzz.toml"), "{}", e.0),
+            }
+        }
+    }
+
+    /// Prints the count (after the fuzz test with `--test-threads 1`).
+    #[test]
+    fn zz_report_fuzz_count() {
+        CASES.report();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,9 @@
 //!
 //! Binaries are found on the usual Debian paths (`/usr/lib/postgresql/*/bin`,
 //! `redis-server`, `moto_server` on PATH or in `$LLAMAFLOW_MOTO_VENV/bin`); `.ci/run`
-//! installs what a fresh machine lacks.
+//! installs what a fresh machine lacks. [`fuzz`] holds the inputs of the decoders' fuzz tests.
+
+pub mod fuzz;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

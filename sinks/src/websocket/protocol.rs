@@ -189,3 +189,48 @@ mod tests {
         assert_eq!(v, json!({"type":"pong","timestamp":42}));
     }
 }
+
+/// Fuzzing client frames (outside bytes from any WebSocket client): no panic; a frame is
+/// either refused with the message of a `bad_request` reply, or each of its channels is
+/// accepted or refused with a reason. Cases: `LLAMAFLOW_FUZZ_CASES` (see testkit::fuzz).
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use testkit::fuzz::{Count, config, text};
+
+    use super::*;
+
+    const FRAMES: &[&str] = &[
+        r#"{"type":"subscribe","channels":["prices","prices:coingecko:ethereum","tvl:2269","chain:Ethereum","alerts"]}"#,
+        r#"{"type":"unsubscribe","channels":["gas:ethereum","depeg","whales","liquidations","categories","chains"]}"#,
+        r#"{"type":"ping"}"#,
+    ];
+
+    static CASES: Count = Count::new("WebSocket client frames");
+
+    proptest! {
+        #![proptest_config(config(3_000))]
+
+        #[test]
+        fn fuzz_client_frames(frame in text(FRAMES), authenticated in any::<bool>()) {
+            CASES.add();
+            match parse_client_frame(&frame) {
+                Ok(ClientFrame::Subscribe { channels } | ClientFrame::Unsubscribe { channels }) => {
+                    for c in &channels {
+                        if let Err(e) = crate::websocket::channel::for_subscription(c, authenticated) {
+                            prop_assert!(!e.to_string().is_empty(), "{:?}", c);
+                        }
+                    }
+                }
+                Ok(ClientFrame::Ping) => {}
+                Err(message) => prop_assert!(!message.is_empty(), "{:?}", frame),
+            }
+        }
+    }
+
+    /// Prints the count (after the fuzz test with `--test-threads 1`).
+    #[test]
+    fn zz_report_fuzz_count() {
+        CASES.report();
+    }
+}

@@ -606,3 +606,67 @@ mod proptests {
         }
     }
 }
+
+/// Fuzzing an export's files (outside bytes: the summary, the manifest and the data lines),
+/// one of them mutated per case: opening and reading never panics; a broken summary or
+/// manifest is an error naming the file, a broken data line a dead letter with a reason.
+/// Cases: `LLAMAFLOW_FUZZ_CASES` (see testkit::fuzz).
+mod fuzz {
+    use proptest::prelude::*;
+    use testkit::fuzz::{Count, config, text};
+
+    use super::*;
+
+    const SUMMARIES: &[&str] = &[
+        r#"{"version":"2020-06-30","exportTime":"2024-06-03T17:00:00.000Z","exportType":"FULL_EXPORT","itemCount":2,"outputFormat":"DYNAMODB_JSON","manifestFilesS3Key":"AWSDynamoDB/01717430000000-aaaaaaaa/manifest-files.json"}"#,
+        r#"{"startTime":1717430400,"exportType":"INCREMENTAL_EXPORT","manifestFilesS3Key":"p/AWSDynamoDB/01717430000000-aaaaaaaa/manifest-files.json"}"#,
+    ];
+    const MANIFESTS: &[&str] = &[
+        r#"{"itemCount":2,"md5Checksum":"x","etag":"y","dataFileS3Key":"AWSDynamoDB/01717430000000-aaaaaaaa/data/a.json.gz"}"#,
+        r#"{"itemCount":1,"dataFileS3Key":"data/a.json.gz"}"#,
+    ];
+    const LINES: &[&str] = &[
+        r#"{"Item":{"PK":{"S":"coingecko#ethereum"},"SK":{"N":"1717430000"},"price":{"N":"3500"}}}"#,
+        r#"{"Item":{"PK":{"S":"hourlyTvl#1"},"SK":{"N":"1717430400"},"ethereum":{"N":"100"},"tvl":{"N":"100"}}}"#,
+        r#"{"Metadata":{"WriteTimeMicros":{"N":"1717430400000000"}},"Keys":{"PK":{"S":"coingecko#x"},"SK":{"N":"0"}},"NewImage":{"PK":{"S":"coingecko#x"},"SK":{"N":"0"},"price":{"N":"2"},"timestamp":{"N":"1717430400"}}}"#,
+    ];
+
+    static CASES: Count = Count::new("DynamoDB export files");
+
+    proptest! {
+        #![proptest_config(config(1_000))]
+
+        #[test]
+        fn fuzz_export_files(
+            summary in text(SUMMARIES),
+            manifest in text(MANIFESTS),
+            line in text(LINES),
+            which in 0..3usize,
+        ) {
+            CASES.add();
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join(AWS_DIR).join(FULL);
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join(SUMMARY), if which == 0 { summary.as_str() } else { SUMMARIES[0] }).unwrap();
+            fs::write(dir.join(MANIFEST), if which == 1 { manifest.as_str() } else { MANIFESTS[0] }).unwrap();
+            let data = if which == 2 { line } else { LINES[0].to_string() };
+            write_gz(&dir.join("data/a.json.gz"), &[data, LINES[1].to_string()]);
+            match open(tmp.path()) {
+                Ok(source) => {
+                    for input in source {
+                        if let Input::Dead(d) = input {
+                            prop_assert!(!d.reason.is_empty());
+                        }
+                    }
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+
+    /// Prints the count (after the fuzz test with `--test-threads 1`).
+    #[test]
+    fn zz_report_fuzz_count() {
+        CASES.report();
+    }
+}

@@ -268,3 +268,55 @@ mod tests {
         assert!(parse_message("{").is_err());
     }
 }
+
+/// Fuzzing wal2json messages (outside bytes from the replication slot): no panic; a message
+/// either decodes, and its row then gives a change or a dead-letter reason, or is refused
+/// with a reason. Cases: `LLAMAFLOW_FUZZ_CASES` (see testkit::fuzz).
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use testkit::fuzz::{Count, config, text};
+
+    use super::*;
+
+    const MESSAGES: &[&str] = &[
+        r#"{"action":"B"}"#,
+        r#"{"action":"C"}"#,
+        r#"{"action":"I","schema":"public","table":"alert_rules","columns":[{"name":"id","type":"text","value":"r1"},{"name":"user_id","type":"text","value":"u1"},{"name":"alert_type","type":"text","value":"price_threshold"},{"name":"conditions","type":"jsonb","value":"{\"coin\":\"coingecko:ethereum\",\"operator\":\">\",\"value\":3000}"},{"name":"channels","type":"jsonb","value":"[\"websocket\"]"},{"name":"enabled","type":"boolean","value":true},{"name":"throttle_minutes","type":"integer","value":5}]}"#,
+        r#"{"action":"U","schema":"public","table":"protocols","columns":[{"name":"id","type":"text","value":"2269"},{"name":"name","type":"text","value":"Aave V3"},{"name":"category","type":"text","value":"Lending"},{"name":"chains","type":"jsonb","value":"[\"Ethereum\"]"}],"identity":[{"name":"id","type":"text","value":"2269"}]}"#,
+        r#"{"action":"D","schema":"public","table":"api_keys","identity":[{"name":"key","type":"text","value":"k1"}]}"#,
+        r#"{"action":"I","schema":"public","table":"api_keys","columns":[{"name":"key","type":"text","value":"k1"},{"name":"user_id","type":"text","value":"u1"},{"name":"revoked","type":"boolean","value":false}]}"#,
+        r#"{"action":"M","transactional":false,"prefix":"p","content":"x"}"#,
+    ];
+
+    static CASES: Count = Count::new("wal2json messages");
+
+    proptest! {
+        #![proptest_config(config(3_000))]
+
+        #[test]
+        fn fuzz_wal2json_messages(data in text(MESSAGES)) {
+            CASES.add();
+            match parse_message(&data) {
+                Ok(m) => {
+                    if let Some(table) = m.table {
+                        let change = match m.action {
+                            Action::Delete => delete_change(table, &m.identity),
+                            _ => upsert_change(table, &m.columns),
+                        };
+                        if let Err(reason) = change {
+                            prop_assert!(!reason.is_empty(), "{:?}", data);
+                        }
+                    }
+                }
+                Err(reason) => prop_assert!(reason.starts_with("bad wal2json message"), "{:?}", data),
+            }
+        }
+    }
+
+    /// Prints the count (after the fuzz test with `--test-threads 1`).
+    #[test]
+    fn zz_report_fuzz_count() {
+        CASES.report();
+    }
+}
