@@ -3,9 +3,11 @@
 //! starting or while a sink is down).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sources::live::Reach;
 
 use serde_json::{Value, json};
 
@@ -15,10 +17,16 @@ struct SinkState {
     last_error: Option<String>,
 }
 
+/// How recent a source's error must be to count as failing (librdkafka reports an
+/// unreachable broker again at least every 10 s).
+const SOURCE_ERROR_RECENT: Duration = Duration::from_secs(15);
+
 /// Shared health state, updated by the sink tasks and the ingest front.
 #[derive(Debug, Default)]
 pub struct Health {
     sinks: Mutex<BTreeMap<&'static str, SinkState>>,
+    /// Live sources that report whether they reach their broker or database.
+    sources: Mutex<BTreeMap<&'static str, Arc<Reach>>>,
     started: AtomicBool,
 }
 
@@ -62,12 +70,19 @@ impl Health {
         }
     }
 
+    /// Watches whether the live source `name` reaches its broker or database.
+    pub fn register_source(&self, name: &'static str, reach: Arc<Reach>) {
+        if let Ok(mut s) = self.sources.lock() {
+            s.insert(name, reach);
+        }
+    }
+
     /// Start-up (CDC snapshot and history) is done; live sources are starting.
     pub fn set_started(&self) {
         self.started.store(true, Ordering::Relaxed);
     }
 
-    /// `(ready, state as JSON)`: ready once started and while no sink is failing.
+    /// `(ready, state as JSON)`: ready once started and while no sink or source is failing.
     pub fn report(&self) -> (bool, Value) {
         let started = self.started.load(Ordering::Relaxed);
         let mut sinks = serde_json::Map::new();
@@ -84,6 +99,23 @@ impl Health {
                 sinks.insert((*name).to_string(), v);
             }
         }
+        let mut sources = serde_json::Map::new();
+        if let Ok(s) = self.sources.lock() {
+            for (name, reach) in s.iter() {
+                let v = match reach.failing(SOURCE_ERROR_RECENT) {
+                    Some(e) => {
+                        degraded = true;
+                        metrics::gauge!("llamaflow_source_up", "source" => *name).set(0.0);
+                        json!({"status": "failing", "error": e})
+                    }
+                    None => {
+                        metrics::gauge!("llamaflow_source_up", "source" => *name).set(1.0);
+                        json!({"status": "ok"})
+                    }
+                };
+                sources.insert((*name).to_string(), v);
+            }
+        }
         let status = if degraded {
             "degraded"
         } else if started {
@@ -91,7 +123,11 @@ impl Health {
         } else {
             "starting"
         };
-        (started && !degraded, json!({"status": status, "sinks": sinks}))
+        let mut v = json!({"status": status, "sinks": sinks});
+        if !sources.is_empty() {
+            v["sources"] = Value::Object(sources);
+        }
+        (started && !degraded, v)
     }
 }
 
@@ -118,5 +154,23 @@ mod tests {
             h.report(),
             (true, json!({"status": "ok", "sinks": {"redis": {"status": "ok"}}}))
         );
+        // A source that cannot reach its broker makes the job degraded, named.
+        let kafka = Arc::new(Reach::default());
+        h.register_source("kafka", kafka.clone());
+        assert!(h.report().0);
+        kafka.error("BrokerTransportFailure: Connection refused".into());
+        let (ready, v) = h.report();
+        assert!(!ready);
+        assert_eq!(v["status"], "degraded");
+        assert_eq!(v["sources"]["kafka"]["status"], "failing");
+        assert!(
+            v["sources"]["kafka"]["error"]
+                .as_str()
+                .unwrap()
+                .contains("Connection refused")
+        );
+        std::thread::sleep(Duration::from_millis(2));
+        kafka.ok();
+        assert!(h.report().0);
     }
 }

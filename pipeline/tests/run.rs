@@ -144,3 +144,61 @@ async fn embedded_run_serves_live_data_and_stops_cleanly() {
     let first: Value = serde_json::from_str(stdout.lines().next().expect("alerts on stdout")).unwrap();
     assert_eq!(first["user_id"], "demo");
 }
+
+/// Issue 15 #7: a Kafka source that cannot reach its broker is visible — `/readyz` 503 and
+/// `/healthz` degraded naming the source and the error — and librdkafka's stream of errors is
+/// logged at most once per 10 s per kind, with a count.
+#[test]
+fn an_unreachable_kafka_source_is_degraded_and_its_warnings_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("llamaflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipeline]\nlisten = \"127.0.0.1:{port}\"\ncheckpoint_dir = \"\"\n\n\
+             [sources.kafka]\nbrokers = \"127.0.0.1:1\"\ngroup_id = \"g\"\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut job = Running(
+        Command::new(env!("CARGO_BIN_EXE_llamaflow"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("LLAMAFLOW_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(port);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    let health = loop {
+        let ready = http_get(port, "/readyz");
+        let health = http_get(port, "/healthz");
+        let body = health.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        if ready.starts_with("HTTP/1.1 503") && body.contains("\"kafka\"") && body.contains("failing") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never degraded: {ready}\n{health}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let v: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(v["status"], "degraded", "{v}");
+    assert_eq!(v["sources"]["kafka"]["status"], "failing", "{v}");
+    assert!(!v["sources"]["kafka"]["error"].as_str().unwrap_or("").is_empty(), "{v}");
+    // Keep it failing for a while: librdkafka reports the broker many times a second.
+    while started.elapsed() < Duration::from_secs(6) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = job.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = job.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let kafka_warnings = text.lines().filter(|l| l.contains("kafka source")).count();
+    // Two kinds (client errors, librdkafka log lines), once per 10 s each: a handful at most.
+    assert!(kafka_warnings <= 6, "{kafka_warnings} kafka warnings in ~6 s:\n{text}");
+    assert!(kafka_warnings >= 1, "the failure is logged:\n{text}");
+}

@@ -129,6 +129,11 @@ pub trait LiveSource: Send + Sync {
 
     /// Stops the source and waits for its tasks.
     fn stop(self: Box<Self>) -> BoxFuture<'static, ()>;
+
+    /// Whether it reaches its broker or database (for `/healthz` and `/readyz`).
+    fn reach(&self) -> Option<std::sync::Arc<Reach>> {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -167,6 +172,34 @@ mod tests {
     }
 
     #[test]
+    fn reach_fails_until_a_success_and_only_while_recent() {
+        let r = Reach::default();
+        let recent = std::time::Duration::from_secs(60);
+        assert_eq!(r.failing(recent), None);
+        r.error("all brokers down".into());
+        assert_eq!(r.failing(recent).as_deref(), Some("all brokers down"));
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        assert_eq!(
+            r.failing(std::time::Duration::from_millis(1)),
+            None,
+            "an old error is not failing"
+        );
+        r.ok();
+        assert_eq!(r.failing(recent), None, "succeeded since");
+    }
+
+    #[test]
+    fn a_rate_limited_warning_repeats_once_per_interval() {
+        let w = RateLimitedWarning::new(std::time::Duration::from_secs(60));
+        assert!(w.warn("broker down"));
+        assert!(!w.warn("broker down"));
+        assert!(!w.warn("broker down"));
+        assert_eq!(w.held.load(std::sync::atomic::Ordering::Relaxed), 2);
+        let w = RateLimitedWarning::new(std::time::Duration::ZERO);
+        assert!(w.warn("a") && w.warn("b"));
+    }
+
+    #[test]
     fn streams_are_kafka_partitions_and_tailed_files() {
         let kafka = Ack::Kafka {
             topic: "prices".into(),
@@ -181,5 +214,96 @@ mod tests {
         assert_eq!(file.stream().as_deref(), Some("/feeds/tvl.jsonl"));
         assert_eq!(Ack::Lsn(5).stream(), None);
         assert_eq!(Ack::None.stream(), None);
+    }
+}
+
+/// Whether a live source reaches its broker or database, shared between the source (which
+/// reports) and the pipeline's `/healthz` and `/readyz`: failing while it has failed within
+/// the last seconds and not succeeded since.
+#[derive(Debug)]
+pub struct Reach {
+    origin: std::time::Instant,
+    /// When it last succeeded (ms since `origin`, 0: never).
+    last_ok_ms: std::sync::atomic::AtomicU64,
+    /// When it last failed, and why.
+    last_error: std::sync::Mutex<Option<(u64, String)>>,
+}
+
+impl Default for Reach {
+    fn default() -> Self {
+        Reach {
+            origin: std::time::Instant::now(),
+            last_ok_ms: std::sync::atomic::AtomicU64::new(0),
+            last_error: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl Reach {
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The source succeeded (a message, an assignment): cheap enough for every message.
+    pub fn ok(&self) {
+        self.last_ok_ms
+            .store(self.now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The source failed with `error`.
+    pub fn error(&self, error: String) {
+        let now = self.now_ms();
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((now, error));
+    }
+
+    /// The last error, while it is newer than the last success and at most `recent` old.
+    pub fn failing(&self, recent: std::time::Duration) -> Option<String> {
+        let now = self.now_ms();
+        let ok = self.last_ok_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        last.as_ref()
+            .filter(|(at, _)| *at > ok && now.saturating_sub(*at) <= recent.as_millis() as u64)
+            .map(|(_, e)| e.clone())
+    }
+}
+
+/// A warning that repeats at most once per interval, with how many were held back meanwhile.
+#[derive(Debug)]
+pub struct RateLimitedWarning {
+    every: std::time::Duration,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl RateLimitedWarning {
+    /// At most one warning per `every`.
+    pub fn new(every: std::time::Duration) -> Self {
+        RateLimitedWarning {
+            every,
+            last: std::sync::Mutex::new(None),
+            held: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Logs `message` (at warn level) unless one was logged within the interval; returns
+    /// whether it was.
+    pub fn warn(&self, message: impl std::fmt::Display) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < self.every) {
+            self.held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        match self.held.swap(0, std::sync::atomic::Ordering::Relaxed) {
+            0 => tracing::warn!("{message}"),
+            n => tracing::warn!("{message} ({n} more like it in the last {:?})", self.every),
+        }
+        true
     }
 }

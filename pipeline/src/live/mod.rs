@@ -179,6 +179,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
             })
             .collect();
         let (handles, stop, fatal) = (handles.clone(), stop.clone(), fatal.clone());
+        let health_sources = health.clone();
         let stop_rx = stop_rx.clone();
         rt.spawn(async move {
             if history_done_rx.await.is_err() {
@@ -200,7 +201,12 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
             }
             if let Some(c) = kafka {
                 match sources::kafka::start(&c, live_tx.clone()).await {
-                    Ok(k) => handles.lock().await.add(Box::new(k)),
+                    Ok(k) => {
+                        if let Some(reach) = sources::live::LiveSource::reach(&k) {
+                            health_sources.register_source("kafka", reach);
+                        }
+                        handles.lock().await.add(Box::new(k))
+                    }
                     Err(e) => fatal.fail(format!("sources.kafka: {e}")),
                 }
             }

@@ -42,6 +42,10 @@ pub(crate) struct SourceContext {
     resume: BTreeMap<(String, i32), i64>,
     /// Partitions this process has been assigned at least once.
     seen: Mutex<HashSet<(String, i32)>>,
+    /// Whether the brokers answer (errors here, messages and assignments in the consumer).
+    pub(crate) reach: Arc<crate::live::Reach>,
+    /// librdkafka repeats a broker error many times a second: one warning per 10 s.
+    warn: crate::live::RateLimitedWarning,
 }
 
 impl SourceContext {
@@ -50,6 +54,8 @@ impl SourceContext {
             start_from_ms,
             resume,
             seen: Mutex::new(HashSet::new()),
+            reach: Arc::default(),
+            warn: crate::live::RateLimitedWarning::new(std::time::Duration::from_secs(10)),
         }
     }
 
@@ -118,11 +124,20 @@ impl SourceContext {
 
 impl ClientContext for SourceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        log_librdkafka("kafka source", level, fac, log_message);
+        match level {
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info | RDKafkaLogLevel::Debug => {
+                log_librdkafka("kafka source", level, fac, log_message)
+            }
+            _ => {
+                self.warn
+                    .warn(format_args!("kafka source: librdkafka {fac}: {log_message}"));
+            }
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!("kafka source: {error}: {reason}");
+        self.reach.error(format!("{error}: {reason}"));
+        self.warn.warn(format_args!("kafka source: {error}: {reason}"));
     }
 }
 
@@ -132,6 +147,7 @@ impl ConsumerContext for SourceContext {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.reach.ok();
                 self.apply_start_offsets(consumer, tpl);
                 tracing::info!("kafka source: assigned {}", describe(tpl));
                 if cooperative {
@@ -308,6 +324,7 @@ pub(crate) async fn consume(
             },
             msg = consumer.recv() => match msg {
                 Ok(m) => {
+                    consumer.context().reach.ok();
                     if let Some(item) = decoder.item(&m) {
                         if pending.is_empty() {
                             match tx.try_send(item) {
@@ -333,7 +350,11 @@ pub(crate) async fn consume(
                         source: KafkaError::MessageConsumptionFatal(code),
                     });
                 }
-                Err(e) => tracing::warn!("kafka source: {e}"),
+                Err(e) => {
+                    let context = consumer.context();
+                    context.reach.error(e.to_string());
+                    context.warn.warn(format_args!("kafka source: {e}"));
+                }
             },
         }
     };

@@ -322,6 +322,10 @@ impl crate::live::LiveSource for KafkaSourceHandle {
         })
     }
 
+    fn reach(&self) -> Option<Arc<crate::live::Reach>> {
+        self.consumer.as_ref().map(|c| c.context().reach.clone())
+    }
+
     fn stop(self: Box<Self>) -> futures_util::future::BoxFuture<'static, ()> {
         Box::pin(async move {
             if let Err(e) = KafkaSourceHandle::stop(*self).await {
