@@ -2,6 +2,8 @@
 //! `llamaflow run --config`, and `llamaflow replay --dynamodb-export s3://…` against moto's S3,
 //! which must give exactly the alerts of the same export read from disk.
 
+mod common;
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const T0: i64 = 1_717_430_400;
 
@@ -20,14 +22,6 @@ impl Drop for Job {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn lines(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect()
 }
 
 #[test]
@@ -76,12 +70,16 @@ fn followed_file_feeds_the_running_job() {
     writeln!(f, "{}\n{}", tick(2800.0, T0 + 120), tick(3300.0, T0 + 180)).unwrap();
     f.flush().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while lines(&alerts).len() < 2 {
-        assert!(Instant::now() < deadline, "alerts so far: {:?}", lines(&alerts));
+    while common::json_lines(&alerts).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "alerts so far: {:?}",
+            common::json_lines(&alerts)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let got: Vec<i64> = lines(&alerts)
+    let got: Vec<i64> = common::json_lines(&alerts)
         .iter()
         .map(|a| a["triggered_at"].as_i64().unwrap())
         .collect();

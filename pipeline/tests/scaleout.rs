@@ -101,14 +101,6 @@ fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect()
-}
-
 fn coin(i: usize) -> String {
     format!("coingecko:coin-{i}")
 }
@@ -253,8 +245,8 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
     assert_eq!(common::records_in(one.port, "price") as usize, total);
     terminate(&job);
     wait_exit(job, &one.log);
-    let expected = lines(&one.alerts);
-    let expected_events = lines(&one.events);
+    let expected = common::json_lines(&one.alerts);
+    let expected_events = common::json_lines(&one.events);
     assert!(expected.len() >= 50, "a meaningful workload: {} alerts", expected.len());
     assert_eq!(expected_events.len(), total, "a price_update per tick");
 
@@ -302,7 +294,7 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
         wait_exit(j, &r.log);
     }
 
-    let got: Vec<Value> = runs.iter().flat_map(|r| lines(&r.alerts)).collect();
+    let got: Vec<Value> = runs.iter().flat_map(|r| common::json_lines(&r.alerts)).collect();
     let ids = |v: &[Value]| {
         let mut ids: Vec<String> = v.iter().map(|a| a["alert_id"].as_str().unwrap().to_string()).collect();
         ids.sort();
@@ -317,7 +309,7 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
         sorted_strings(expected),
         "the same alerts, field for field"
     );
-    let events: Vec<Value> = runs.iter().flat_map(|r| lines(&r.events)).collect();
+    let events: Vec<Value> = runs.iter().flat_map(|r| common::json_lines(&r.events)).collect();
     assert_eq!(
         sorted_strings(events),
         sorted_strings(expected_events),

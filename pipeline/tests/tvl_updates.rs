@@ -4,25 +4,16 @@
 //! alert with the same `alert_id`.
 
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 mod common;
 
 use common::{Job, records_in, wait_until};
 
 const T0: i64 = 1_717_430_400;
-
-fn lines(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect()
-}
 
 fn tvl(chain: &str, v: f64, t: i64) -> String {
     json!({"protocol_id": "2269", "chain": chain, "tvl": v, "timestamp": t}).to_string() + "\n"
@@ -86,23 +77,25 @@ fn an_update_split_over_epochs_is_evaluated_once_and_a_late_chain_is_dead_letter
         records_in(port, "tvl") == 3
     });
     append(&tvl("arbitrum", 150.0, T0 + 3600));
-    wait_until("the total alert", within, || !lines(&alerts).is_empty());
+    wait_until("the total alert", within, || !common::json_lines(&alerts).is_empty());
     // The update has closed: a chain it did not have is late; a repeated chain is a duplicate.
     append(&(tvl("base", 7.0, T0 + 3600) + &tvl("ethereum", 150.0, T0 + 3600)));
-    wait_until("the late chain's dead letter", within, || !lines(&dead).is_empty());
+    wait_until("the late chain's dead letter", within, || {
+        !common::json_lines(&dead).is_empty()
+    });
     wait_until("the repeated chain at the ingest front", within, || {
         records_in(port, "tvl") == 6
     });
     let status = job.terminate();
     assert!(status.success(), "{status:?}");
 
-    let got = lines(&alerts);
+    let got = common::json_lines(&alerts);
     assert_eq!(got.len(), 1, "one alert for the update, with all its chains: {got:?}");
     assert_eq!(got[0]["rule_id"], "tot");
     assert_eq!(got[0]["triggered_at"], T0 + 3600);
     // 200 → 300 is +50 %; the ethereum part alone (250) would have been +25 %.
     assert_eq!(got[0]["value"], 50.0, "{got:?}");
-    let dead = lines(&dead);
+    let dead = common::json_lines(&dead);
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["reason"], "late");
     assert!(

@@ -53,6 +53,15 @@ pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// The JSON values of a JSON-lines file (none while it does not exist).
+pub fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
 /// Records of `kind` the job on `port` took in (`llamaflow_records_in_total{kind=…}` of its
 /// `/metrics`); 0 while nothing answers.
 pub fn records_in(port: u16, kind: &str) -> u64 {
