@@ -4,6 +4,8 @@
 
 use std::process::Command;
 
+mod common;
+
 #[test]
 fn exit_codes_follow_spec_section_4() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,16 +120,7 @@ fn a_stop_while_a_sink_connects_is_clean_and_on_time() {
             .spawn()
             .unwrap()
     };
-    let wait = |child: &mut std::process::Child, within: Duration| {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "still running after {within:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let wait = common::wait_exit;
 
     let log = dir.path().join("duration.log");
     let started = Instant::now();

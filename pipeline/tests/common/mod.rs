@@ -31,15 +31,17 @@ pub fn sigterm(child: &mut Child) -> ExitStatus {
             .unwrap()
             .success()
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_exit(child, Duration::from_secs(30))
+}
+
+/// Waits (≤ `within`) for `child` to exit, failing the test after that.
+pub fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
+    let deadline = Instant::now() + within;
     loop {
         if let Some(s) = child.try_wait().unwrap() {
             return s;
         }
-        assert!(
-            Instant::now() < deadline,
-            "llamaflow did not stop within 30 s of SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "llamaflow still running after {within:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -413,10 +413,13 @@ impl Hub {
     /// The rate limiter of a connection with an API key: shared per key; `None` when
     /// unlimited. (Anonymous connections get theirs from [`Hub::admit_anonymous`].)
     pub(crate) fn limiter(&self, key: &str) -> Option<Limiter> {
-        let bucket = self.fresh_bucket()?;
-        Some(Arc::clone(
-            lock(&self.inner.buckets).entry(key.to_string()).or_insert(bucket),
-        ))
+        let mut buckets = lock(&self.inner.buckets);
+        if let Some(b) = buckets.get(key) {
+            return Some(Arc::clone(b));
+        }
+        let b = self.fresh_bucket()?;
+        buckets.insert(key.to_string(), Arc::clone(&b));
+        Some(b)
     }
 
     /// Admits one more anonymous connection from `ip`: refused once the address has
