@@ -221,9 +221,14 @@ impl Default for DemoSection {
 }
 
 /// `[sources]`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourcesSection {
+    /// Longest input line of a JSONL/.gz file (read or tailed) or a DynamoDB export's data
+    /// file, in bytes: a longer line is a dead letter (counted in
+    /// `llamaflow_lines_too_long_total`) and is never held in memory. Default 1 MiB.
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: usize,
     /// History read first, in timestamp order, before live sources start.
     #[serde(default)]
     pub files: Vec<FileEntry>,
@@ -241,6 +246,27 @@ pub struct SourcesSection {
     pub kafka: Option<sources::kafka::KafkaSourceConfig>,
     /// Postgres CDC of alert_rules, protocols and api_keys.
     pub postgres_cdc: Option<sources::postgres_cdc::CdcConfig>,
+}
+
+fn default_max_line_bytes() -> usize {
+    sources::DEFAULT_MAX_LINE_BYTES
+}
+
+/// The largest `max_line_bytes` accepted (1 GiB).
+pub const MAX_LINE_BYTES_LIMIT: usize = 1 << 30;
+
+impl Default for SourcesSection {
+    fn default() -> Self {
+        SourcesSection {
+            max_line_bytes: default_max_line_bytes(),
+            files: Vec::new(),
+            dynamodb_export: Vec::new(),
+            s3: Default::default(),
+            demo: None,
+            kafka: None,
+            postgres_cdc: None,
+        }
+    }
 }
 
 /// `[sinks.websocket]` (served on `pipeline.listen`).
@@ -597,6 +623,13 @@ impl Config {
         }
         if self.pipeline.batch_max == 0 {
             return Err(err("pipeline.batch_max", "must be at least 1".into()));
+        }
+        let line = self.sources.max_line_bytes;
+        if line == 0 || line > MAX_LINE_BYTES_LIMIT {
+            return Err(err(
+                "sources.max_line_bytes",
+                format!("must be 1..={MAX_LINE_BYTES_LIMIT}, got {line}"),
+            ));
         }
         for (i, f) in self.sources.files.iter().enumerate() {
             if Kind::parse(&f.kind).is_none() {

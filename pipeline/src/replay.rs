@@ -68,6 +68,19 @@ pub struct InputArgs {
     /// liquidations; an empty topic drops the kind).
     #[arg(long = "kafka-topic", value_name = "KIND=TOPIC", requires = "kafka_brokers")]
     pub kafka_topic: Vec<String>,
+    /// Longest input line (JSONL/.gz, DynamoDB export data files), in bytes: a longer line is
+    /// a dead letter, never held in memory.
+    #[arg(long, value_name = "BYTES", default_value_t = sources::DEFAULT_MAX_LINE_BYTES,
+          value_parser = parse_max_line_bytes)]
+    pub max_line_bytes: usize,
+}
+
+fn parse_max_line_bytes(s: &str) -> Result<usize, String> {
+    let max = crate::config::MAX_LINE_BYTES_LIMIT;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a line length in bytes from 1 to {max}")),
+    }
 }
 
 fn parse_time(s: &str) -> Result<i64, String> {
@@ -336,7 +349,8 @@ pub fn open_inputs(args: &InputArgs) -> Result<Inputs> {
     ];
     for (kind, paths) in groups {
         for p in paths {
-            let src = sources::files::open(p, kind).map_err(|e| UsageError(format!("--{}: {e}", flag_name(kind))))?;
+            let src = sources::files::open(p, kind, args.max_line_bytes)
+                .map_err(|e| UsageError(format!("--{}: {e}", flag_name(kind))))?;
             out.push(Box::new(src));
         }
     }
@@ -351,7 +365,7 @@ pub fn open_inputs(args: &InputArgs) -> Result<Inputs> {
         };
         for dir in &args.dynamodb_export {
             let src = rt
-                .block_on(open_export(dir, &s3))
+                .block_on(open_export(dir, &s3, args.max_line_bytes))
                 .map_err(|e| UsageError(format!("--dynamodb-export: {e:#}")))?;
             out.push(src);
         }
@@ -483,14 +497,23 @@ pub fn feed(inputs: Inputs, mut engine: Option<&mut Engine>, batch_size: usize, 
 
 /// Opens a DynamoDB export: a local directory, or `s3://bucket/prefix` (downloaded, then read
 /// like a local one).
-pub async fn open_export(dir: &std::path::Path, s3: &sources::dynamodb_export::s3::S3Config) -> Result<Source> {
+pub async fn open_export(
+    dir: &std::path::Path,
+    s3: &sources::dynamodb_export::s3::S3Config,
+    max_line_bytes: usize,
+) -> Result<Source> {
+    use sources::dynamodb_export::{self as export, ExportOptions};
+    let opts = ExportOptions {
+        max_line_bytes,
+        ..ExportOptions::default()
+    };
     if let Some(url) = dir.to_str().filter(|d| d.starts_with("s3://")) {
-        let loc = sources::dynamodb_export::s3::S3Location::parse(url).map_err(|e| UsageError(e.to_string()))?;
-        let src = sources::dynamodb_export::s3::open_s3(&loc, s3).await?;
+        let loc = export::s3::S3Location::parse(url).map_err(|e| UsageError(e.to_string()))?;
+        let src = export::s3::open_s3(&loc, s3, &opts).await?;
         return Ok(Box::new(src));
     }
     Ok(Box::new(
-        sources::dynamodb_export::open(dir).map_err(|e| UsageError(e.to_string()))?,
+        export::open_with(dir, &opts).map_err(|e| UsageError(e.to_string()))?,
     ))
 }
 

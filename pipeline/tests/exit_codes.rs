@@ -18,6 +18,7 @@ fn exit_codes_follow_spec_section_4() {
     let bad_pg = write("bad-pg.toml", "[sources.demo]\n[sinks.postgres]\nurl = \"notaurl\"\n");
     let bad_cdc = write("bad-cdc.toml", "[sources.postgres_cdc]\nurl = \"mysql://x@y/z\"\n");
     let good = write("good.toml", "[sources.demo]\n");
+    let no_lines = write("no-lines.toml", "[sources]\nmax_line_bytes = 0\n[sources.demo]\n");
     let prices = write(
         "prices.jsonl",
         "{\"coin\":\"coingecko:x\",\"price\":1,\"timestamp\":1}\n",
@@ -50,6 +51,24 @@ fn exit_codes_follow_spec_section_4() {
             "sinks.postgres.url",
         ),
         (vec!["check-config", "--config", &good], 0, ""),
+        (
+            vec!["check-config", "--config", &no_lines],
+            2,
+            "sources.max_line_bytes: must be 1..=1073741824, got 0",
+        ),
+        (
+            vec![
+                "replay",
+                "--prices",
+                &prices,
+                "--alerts-out",
+                &alerts,
+                "--max-line-bytes",
+                "0",
+            ],
+            2,
+            "--max-line-bytes",
+        ),
         (
             vec!["replay", "--prices", &a_dir, "--alerts-out", &alerts],
             2,

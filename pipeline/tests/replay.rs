@@ -397,4 +397,32 @@ fn a_line_past_the_limit_is_dead_lettered_without_holding_it() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no peak RSS in {summary}"));
     assert!(rss < 100.0, "peak RSS {rss} MiB");
+
+    // `--max-line-bytes` sets the limit: at 40 bytes the tick after the bomb is too long too.
+    let out = bin()
+        .args(["replay", "--quiet", "--max-line-bytes", "40", "--prices"])
+        .arg(&prices)
+        .arg("--alerts-out")
+        .arg(dir.path().join("alerts.jsonl"))
+        .arg("--dead-letter-out")
+        .arg(&dead)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let letters = std::fs::read_to_string(&dead).unwrap();
+    let reasons: Vec<String> = letters
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["reason"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("line of 268435511 bytes is longer than the limit of 40 bytes"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("longer than the limit of 40 bytes"), "{reasons:?}");
 }

@@ -10,6 +10,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+mod common;
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -201,4 +203,111 @@ fn an_unreachable_kafka_source_is_degraded_and_its_warnings_are_rate_limited() {
     // Two kinds (client errors, librdkafka log lines), once per 10 s each: a handful at most.
     assert!(kafka_warnings <= 6, "{kafka_warnings} kafka warnings in ~6 s:\n{text}");
     assert!(kafka_warnings >= 1, "the failure is logged:\n{text}");
+}
+
+/// The value of the first `/metrics` line starting with `prefix` (0 when absent).
+fn metric(port: u16, prefix: &str) -> f64 {
+    let body = http_get(port, "/metrics");
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Issue 15 #1 against the real binary under a low open-file limit (512, soft and hard): 600
+/// idle connections used to take every descriptor, so `/metrics`, `/healthz` and `/ws` went
+/// silently unreachable and the job could no longer open files. Now the connection cap (the
+/// limit less 256) answers the excess with 503 (counted), the header timeout closes the idle
+/// ones, and the job keeps serving, writing and stops cleanly.
+#[test]
+fn under_a_low_open_file_limit_idle_connections_are_capped_then_closed() {
+    use std::os::unix::process::CommandExt;
+    const LIMIT: u64 = 512;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("llamaflow.toml");
+    let events = dir.path().join("events.jsonl");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipeline]\nlisten = \"127.0.0.1:{port}\"\ncheckpoint_dir = \"\"\nhttp_header_timeout_ms = 2000\n\n\
+             [sources.demo]\nspeed = 60.0\nwarmup_minutes = 1\n\n\
+             [sinks.jsonl]\nevents = \"{}\"\n",
+            events.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llamaflow"));
+    cmd.args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut job = Running(cmd.spawn().unwrap());
+    wait_for_port(port);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", job.0.id())).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 512 ")),
+        "{limits}"
+    );
+    let written = || std::fs::metadata(&events).map(|m| m.len()).unwrap_or(0);
+    common::wait_until("first events written", Duration::from_secs(20), || written() > 0);
+
+    // More idle connections than the process has descriptors: none sends a byte.
+    let idle: Vec<TcpStream> = (0..600)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    // Those beyond the cap (512 - 256) are answered 503 and closed at once.
+    let mut refused = 0;
+    for mut s in idle.iter().skip(300) {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut head = [0u8; 12];
+        if s.read_exact(&mut head).is_ok() && &head == b"HTTP/1.1 503" {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 300, "every connection past the cap is refused with 503");
+    // The held ones are closed by the header timeout (the client sees EOF), the job keeps
+    // writing meanwhile, and the endpoints answer again.
+    let before = written();
+    for mut s in idle.iter().take(200) {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).unwrap_or(usize::MAX);
+        assert!(
+            n == 0 || std::str::from_utf8(&buf[..n]).is_ok_and(|t| t.starts_with("HTTP/1.1 408")),
+            "closed: {n}"
+        );
+    }
+    common::wait_until("/healthz answers", Duration::from_secs(10), || {
+        http_get(port, "/healthz").starts_with("HTTP/1.1 200")
+    });
+    assert!(
+        metric(port, "llamaflow_http_refused_total{reason=\"connections\"}") >= 300.0,
+        "{}",
+        http_get(port, "/metrics")
+    );
+    common::wait_until("more events written", Duration::from_secs(20), || written() > before);
+    drop(idle);
+    let pid = job.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = common::wait_exit(&mut job.0, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("Too many open files"), "{text}");
 }

@@ -106,21 +106,23 @@ pub(crate) enum Line<'a> {
     Eof,
     /// An I/O error (e.g. a corrupt gzip stream); the partial line is in the buffer.
     Err(io::Error),
-    /// A line longer than [`MAX_LINE_BYTES`] (its length in bytes): skipped, its first
-    /// [`MAX_LINE_BYTES`] bytes are in the buffer.
+    /// A line longer than the limit (its length in bytes): skipped, its first bytes up to
+    /// the limit are in the buffer.
     TooLong(u64),
 }
 
-/// Longest input line read, in bytes: a longer one (say, a 1 GiB line in a 1 MB gzip file) is
-/// skipped as a dead letter instead of being held in memory.
-pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// Default longest input line, in bytes (`[sources] max_line_bytes`, `--max-line-bytes`): a
+/// longer one (say, a 1 GiB line in a 1 MB gzip file) is skipped as a dead letter instead of
+/// being held in memory.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
 
-/// Reads the next line into `buf` (cleared first), holding at most [`MAX_LINE_BYTES`] of it.
-pub(crate) fn read_line<'a>(reader: &mut dyn BufRead, buf: &'a mut Vec<u8>) -> Line<'a> {
-    read_line_max(reader, buf, MAX_LINE_BYTES)
+/// The dead-letter reason of a line of `bytes` bytes over the limit of `max` bytes.
+pub(crate) fn too_long_reason(bytes: u64, max: usize) -> String {
+    format!("line of {bytes} bytes is longer than the limit of {max} bytes (max_line_bytes): skipped")
 }
 
-fn read_line_max<'a>(reader: &mut dyn BufRead, buf: &'a mut Vec<u8>, max: usize) -> Line<'a> {
+/// Reads the next line into `buf` (cleared first), holding at most `max` bytes of it.
+pub(crate) fn read_line<'a>(reader: &mut dyn BufRead, buf: &'a mut Vec<u8>, max: usize) -> Line<'a> {
     buf.clear();
     // Bytes of the line (without its line end), whether it ended with `\n`, and whether a `\r`
     // stood before that `\n`.
@@ -182,23 +184,20 @@ mod tests {
         let mut reader = io::BufReader::with_capacity(7, input.as_bytes());
         let mut buf = Vec::new();
         let max = 50;
-        assert!(matches!(read_line_max(&mut reader, &mut buf, max), Line::TooLong(100)));
+        assert!(matches!(read_line(&mut reader, &mut buf, max), Line::TooLong(100)));
         assert_eq!(buf.len(), max, "only the limit is held");
         assert!(matches!(
-            read_line_max(&mut reader, &mut buf, max),
+            read_line(&mut reader, &mut buf, max),
             Line::Text(Ok("{\"ok\":1}"))
         ));
         let forty = "y".repeat(40);
-        assert!(matches!(read_line_max(&mut reader, &mut buf, max), Line::Text(Ok(t)) if t == forty));
-        assert!(matches!(
-            read_line_max(&mut reader, &mut buf, max),
-            Line::Text(Ok("last"))
-        ));
-        assert!(matches!(read_line_max(&mut reader, &mut buf, max), Line::Eof));
+        assert!(matches!(read_line(&mut reader, &mut buf, max), Line::Text(Ok(t)) if t == forty));
+        assert!(matches!(read_line(&mut reader, &mut buf, max), Line::Text(Ok("last"))));
+        assert!(matches!(read_line(&mut reader, &mut buf, max), Line::Eof));
         // Exactly the limit (with \r\n) is a line.
         let at = format!("{}\r\n", "z".repeat(max));
         let mut reader = io::BufReader::with_capacity(3, at.as_bytes());
-        assert!(matches!(read_line_max(&mut reader, &mut buf, max), Line::Text(Ok(t)) if t.len() == max));
+        assert!(matches!(read_line(&mut reader, &mut buf, max), Line::Text(Ok(t)) if t.len() == max));
     }
 
     #[test]

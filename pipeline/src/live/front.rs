@@ -442,11 +442,12 @@ pub(super) async fn history(cfg: &Config) -> Result<Vec<Source>> {
     for f in cfg.sources.files.iter().filter(|f| !f.follow) {
         let kind = Kind::parse(&f.kind).unwrap_or(Kind::Price);
         out.push(Box::new(
-            sources::files::open(&f.path, kind).map_err(|e| crate::UsageError(e.to_string()))?,
+            sources::files::open(&f.path, kind, cfg.sources.max_line_bytes)
+                .map_err(|e| crate::UsageError(e.to_string()))?,
         ));
     }
     for d in &cfg.sources.dynamodb_export {
-        out.push(crate::replay::open_export(d, &cfg.sources.s3).await?);
+        out.push(crate::replay::open_export(d, &cfg.sources.s3, cfg.sources.max_line_bytes).await?);
     }
     Ok(out)
 }

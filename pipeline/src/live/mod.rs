@@ -162,6 +162,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     let fatal = Arc::new(Fatal::default());
     {
         let (demo, kafka) = (cfg.sources.demo.clone(), cfg.sources.kafka.clone());
+        let max_line = cfg.sources.max_line_bytes;
         let follows: Vec<(PathBuf, Kind, u64)> = cfg
             .sources
             .files
@@ -189,8 +190,16 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                 let (tx, stop_rx, fatal) = (live_tx.clone(), stop_rx.clone(), fatal.clone());
                 tokio::spawn(async move {
                     let name = path.display().to_string();
-                    if let Err(e) =
-                        sources::files::follow::follow(path, kind, offset, Duration::from_millis(50), tx, stop_rx).await
+                    if let Err(e) = sources::files::follow::follow(
+                        path,
+                        kind,
+                        offset,
+                        Duration::from_millis(50),
+                        max_line,
+                        tx,
+                        stop_rx,
+                    )
+                    .await
                     {
                         fatal.fail(format!("sources.files ({name}, follow): {e}"));
                     }

@@ -29,7 +29,7 @@ use schemas::dynamo::{DynamoRecord, ExportLine, PriceItem, decode_item, parse_ex
 use schemas::{DeadLetter, Millis, PriceTick, Record, SourcePos, format_seconds};
 use serde_json::Value;
 
-use crate::{Input, Line, MAX_LINE_BYTES, SourceError, io_reason, open_lines, read_line};
+use crate::{Input, Line, SourceError, io_reason, open_lines, read_line, too_long_reason};
 use spill::{Body, DeadLetters, DeadSink, Entry, Merge, Price, Sorter, SpillDir};
 
 pub mod s3;
@@ -65,6 +65,9 @@ pub struct ExportOptions {
     /// Directory in which the temporary spill directory is created (default: the system's
     /// temporary directory).
     pub spill_dir: Option<PathBuf>,
+    /// Longest data-file line, in bytes: a longer one is a dead letter. Default
+    /// [`crate::DEFAULT_MAX_LINE_BYTES`].
+    pub max_line_bytes: usize,
 }
 
 impl Default for ExportOptions {
@@ -73,6 +76,7 @@ impl Default for ExportOptions {
             run_records: DEFAULT_RUN_RECORDS,
             merge_fan_in: DEFAULT_MERGE_FAN_IN,
             spill_dir: None,
+            max_line_bytes: crate::DEFAULT_MAX_LINE_BYTES,
         }
     }
 }
@@ -479,6 +483,7 @@ struct Loader {
     ids: HashMap<String, u32>,
     files: Vec<Arc<str>>,
     buf: Vec<u8>,
+    max_line: usize,
 }
 
 impl Loader {
@@ -492,6 +497,7 @@ impl Loader {
             ids: HashMap::new(),
             files: Vec::new(),
             buf: Vec::new(),
+            max_line: opts.max_line_bytes,
         }
     }
 
@@ -550,7 +556,7 @@ impl Loader {
         let mut buf = std::mem::take(&mut self.buf);
         let (mut line_no, mut lines) = (0u64, 0u64);
         loop {
-            let text = match read_line(&mut *reader, &mut buf) {
+            let text = match read_line(&mut *reader, &mut buf, self.max_line) {
                 Line::Eof => break,
                 Line::Err(e) => {
                     // A read error makes the count meaningless: no itemCount check for this file.
@@ -568,8 +574,7 @@ impl Loader {
                     lines += 1;
                     self.stats.invalid_lines += 1;
                     let pos = SourcePos::new(source.clone(), line_no);
-                    let reason =
-                        format!("line of {bytes} bytes is longer than the limit of {MAX_LINE_BYTES} bytes: skipped");
+                    let reason = too_long_reason(bytes, self.max_line);
                     self.dead(DeadLetter::new(pos, reason, &String::from_utf8_lossy(&buf)))?;
                     continue;
                 }

@@ -183,9 +183,9 @@ impl S3Config {
 /// Errors name the `s3://` location: no export under the prefix, a listing or download that
 /// failed (missing bucket, access denied, unreachable endpoint), or what the local reader
 /// rejects (malformed manifests, missing data files).
-pub async fn open_s3(loc: &S3Location, cfg: &S3Config) -> Result<ExportSource, SourceError> {
+pub async fn open_s3(loc: &S3Location, cfg: &S3Config, opts: &ExportOptions) -> Result<ExportSource, SourceError> {
     let sdk = cfg.loader().load().await;
-    open_s3_with(&cfg.client(&sdk), loc).await
+    open_s3_with_options(&cfg.client(&sdk), loc, opts).await
 }
 
 /// [`open_s3`] with a given client.

@@ -339,6 +339,7 @@ fn tiny(run_records: usize, merge_fan_in: usize) -> ExportOptions {
         run_records,
         merge_fan_in,
         spill_dir: None,
+        ..ExportOptions::default()
     }
 }
 

@@ -5,7 +5,7 @@
 //! resume at a committed offset. A last line without its newline waits until the newline
 //! arrives; blank lines are skipped (their bytes are covered by the next line's offset);
 //! lines that fail validation (and invalid UTF-8) become [`Change::Dead`], as does a line
-//! longer than [`MAX_LINE_BYTES`] (at once, with [`Ack::None`]; its bytes are skipped).
+//! longer than `max_line_bytes` (at once, with [`Ack::None`]; its bytes are skipped).
 //!
 //! The file is polled: at its end, [`follow`] sleeps for the poll interval and reads again.
 //! - **Truncation** (the file is shorter than what was read): reading restarts at offset 0
@@ -39,11 +39,6 @@ mod tests;
 /// Read size.
 const CHUNK: usize = 64 * 1024;
 
-/// Longest line kept (the same bound as every line reader): a longer one is one dead letter
-/// (with its first 4 KiB) and is skipped up to its newline, so a file without newlines cannot
-/// exhaust memory.
-pub use crate::MAX_LINE_BYTES;
-
 /// Shortest poll interval (a zero interval would spin).
 const MIN_POLL: Duration = Duration::from_millis(1);
 
@@ -54,13 +49,14 @@ const MIN_POLL: Duration = Duration::from_millis(1);
 ///
 /// A `start_offset` beyond the end of the file, or not just past a newline, means the file
 /// was replaced: reading starts at 0 (logged). Line numbers count from the start of the
-/// file, also when resuming. Errors: the file cannot be opened (other than not existing) or
+/// file, also when resuming. A line longer than `max_line_bytes` is one dead letter. Errors: the file cannot be opened (other than not existing) or
 /// read.
 pub async fn follow(
     path: impl Into<PathBuf>,
     kind: Kind,
     start_offset: u64,
     poll: Duration,
+    max_line_bytes: usize,
     tx: mpsc::Sender<LiveItem>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), SourceError> {
@@ -71,6 +67,7 @@ pub async fn follow(
         ack_path: path.display().to_string(),
         path,
         kind,
+        max_line: max_line_bytes,
         file: None,
         id: None,
         offset: 0,
@@ -172,6 +169,9 @@ fn file_id(_meta: &std::fs::Metadata) -> Option<(u64, u64)> {
 struct Tail {
     path: PathBuf,
     kind: Kind,
+    /// Longest line kept: a longer one is one dead letter (with its first 4 KiB) and is
+    /// skipped up to its newline, so a file without newlines cannot exhaust memory.
+    max_line: usize,
     /// `"<path>:"`.
     source: Arc<str>,
     /// The path as configured, for acks.
@@ -300,7 +300,7 @@ impl Tail {
                 }
             }
             pending.drain(..start);
-            if flow == Flow::Go && (self.skipping.is_some() || pending.len() > MAX_LINE_BYTES) {
+            if flow == Flow::Go && (self.skipping.is_some() || pending.len() > self.max_line) {
                 flow = self.skip_long_line(&pending, stop).await;
                 pending.clear();
             }
@@ -319,9 +319,10 @@ impl Tail {
         }
         self.skipping = Some(part.len() as u64);
         let pos = SourcePos::new(self.source.clone(), self.line + 1);
-        tracing::warn!(path = %self.path.display(), line = self.line + 1, "line longer than {MAX_LINE_BYTES} bytes; skipping it");
+        let max = self.max_line;
+        tracing::warn!(path = %self.path.display(), line = self.line + 1, "line longer than {max} bytes (max_line_bytes); skipping it");
         let head = String::from_utf8_lossy(&part[..part.len().min(4096)]);
-        let reason = format!("line longer than {MAX_LINE_BYTES} bytes");
+        let reason = format!("line longer than the limit of {max} bytes (max_line_bytes): skipped");
         let change = Change::Dead(DeadLetter::new(&pos, reason, &head));
         self.send(
             LiveItem {

@@ -10,19 +10,21 @@ use std::sync::Arc;
 
 use schemas::{DeadLetter, Kind, SourcePos, parse_record};
 
-use crate::{Input, Line, MAX_LINE_BYTES, SourceError, io_reason, open_lines, read_line};
+use crate::{Input, Line, SourceError, io_reason, open_lines, read_line, too_long_reason};
 
 pub mod follow;
 
 #[cfg(test)]
 mod tests;
 
-/// Opens a JSONL file (gunzipped when the name ends in `.gz`) of records of `kind`.
-pub fn open(path: &Path, kind: Kind) -> Result<FileSource, SourceError> {
+/// Opens a JSONL file (gunzipped when the name ends in `.gz`) of records of `kind`; a line
+/// longer than `max_line_bytes` is a dead letter (see [`crate::DEFAULT_MAX_LINE_BYTES`]).
+pub fn open(path: &Path, kind: Kind, max_line_bytes: usize) -> Result<FileSource, SourceError> {
     let reader = open_lines(path)?;
     Ok(FileSource {
         reader,
         kind,
+        max_line: max_line_bytes,
         source: Arc::from(format!("{}:", path.display())),
         line: 0,
         buf: Vec::new(),
@@ -34,6 +36,7 @@ pub fn open(path: &Path, kind: Kind) -> Result<FileSource, SourceError> {
 pub struct FileSource {
     reader: Box<dyn BufRead + Send>,
     kind: Kind,
+    max_line: usize,
     source: Arc<str>,
     line: u64,
     buf: Vec<u8>,
@@ -58,7 +61,7 @@ impl Iterator for FileSource {
     fn next(&mut self) -> Option<Input> {
         while !self.done {
             let pos = SourcePos::new(self.source.clone(), self.line + 1);
-            let text = match read_line(&mut *self.reader, &mut self.buf) {
+            let text = match read_line(&mut *self.reader, &mut self.buf, self.max_line) {
                 Line::Eof => break,
                 Line::Err(e) => {
                     self.done = true;
@@ -74,7 +77,7 @@ impl Iterator for FileSource {
                     let raw = String::from_utf8_lossy(&self.buf);
                     return Some(Input::Dead(DeadLetter::new(
                         pos,
-                        format!("line of {bytes} bytes is longer than the limit of {MAX_LINE_BYTES} bytes: skipped"),
+                        too_long_reason(bytes, self.max_line),
                         &raw,
                     )));
                 }

@@ -19,7 +19,7 @@ fn gz(data: &[u8]) -> Vec<u8> {
 }
 
 fn check_body(path: &Path) {
-    let src = open(path, Kind::Price).unwrap();
+    let src = open(path, Kind::Price, crate::DEFAULT_MAX_LINE_BYTES).unwrap();
     let prefix = format!("{}:", path.display());
     let items: Vec<Input> = src.collect();
     assert_eq!(items.len(), 3, "{items:?}");
@@ -55,7 +55,7 @@ fn plain_and_gzip_files() {
     two.extend(gz(format!("{GOOD}\n").as_bytes()));
     std::fs::write(&packed, two).unwrap();
     assert_eq!(
-        open(&packed, Kind::Price)
+        open(&packed, Kind::Price, crate::DEFAULT_MAX_LINE_BYTES)
             .unwrap()
             .filter(|i| matches!(i, Input::Record(..)))
             .count(),
@@ -70,7 +70,7 @@ fn invalid_utf8_is_one_dead_letter() {
     let mut body = b"{\"chain\":\"eth\xff\",\"gwei\":1,\"timestamp\":1}\n".to_vec();
     body.extend(br#"{"chain":"ethereum","gwei":21.5,"timestamp":1717430402}"#);
     std::fs::write(&path, body).unwrap();
-    let items: Vec<Input> = open(&path, Kind::Gas).unwrap().collect();
+    let items: Vec<Input> = open(&path, Kind::Gas, crate::DEFAULT_MAX_LINE_BYTES).unwrap().collect();
     assert!(matches!(&items[0], Input::Dead(d) if d.reason.starts_with("invalid UTF-8") && d.source.ends_with(":1")));
     assert!(matches!(&items[1], Input::Record(pos, Record::Gas(g)) if pos.offset == 2 && g.gwei == 21.5));
 }
@@ -86,7 +86,7 @@ fn corrupt_gzip_yields_one_read_error_then_ends() {
     let n = bytes.len();
     bytes.truncate(n / 2);
     std::fs::write(&path, &bytes).unwrap();
-    let mut src = open(&path, Kind::Price).unwrap();
+    let mut src = open(&path, Kind::Price, crate::DEFAULT_MAX_LINE_BYTES).unwrap();
     let items: Vec<Input> = src.by_ref().collect();
     let Some(Input::Dead(d)) = items.last() else {
         panic!("{:?}", items.last())
@@ -96,17 +96,43 @@ fn corrupt_gzip_yields_one_read_error_then_ends() {
     assert!(src.next().is_none());
 
     std::fs::write(&path, b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03garbage garbage").unwrap();
-    let items: Vec<Input> = open(&path, Kind::Price).unwrap().collect();
+    let items: Vec<Input> = open(&path, Kind::Price, crate::DEFAULT_MAX_LINE_BYTES)
+        .unwrap()
+        .collect();
     assert!(matches!(&items[..], [Input::Dead(d)] if d.reason.starts_with("read error: ") && d.source.ends_with(":1")));
 }
 
 #[test]
 fn missing_file_names_it() {
-    let e = open(Path::new("prices.jsonl"), Kind::Price)
+    let e = open(Path::new("prices.jsonl"), Kind::Price, crate::DEFAULT_MAX_LINE_BYTES)
         .err()
         .map(|e| e.to_string());
     assert_eq!(
         e.as_deref(),
         Some("cannot open prices.jsonl: No such file or directory")
     );
+}
+
+#[test]
+fn a_line_over_the_configured_limit_is_a_dead_letter_naming_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prices.jsonl");
+    let ok = r#"{"coin":"coingecko:a","price":1,"timestamp":1}"#;
+    let long = format!(r#"{{"coin":"coingecko:{}","price":1,"timestamp":2}}"#, "b".repeat(100));
+    std::fs::write(&path, format!("{ok}\n{long}\n{ok}\n")).unwrap();
+    let items: Vec<Input> = open(&path, Kind::Price, 60).unwrap().collect();
+    assert_eq!(items.len(), 3, "{items:?}");
+    assert!(matches!(&items[0], Input::Record(..)), "{:?}", items[0]);
+    let Input::Dead(d) = &items[1] else {
+        panic!("{:?}", items[1])
+    };
+    let reason = format!("line of {} bytes is longer than the limit of 60 bytes", long.len());
+    assert!(d.reason.starts_with(&reason), "{}", d.reason);
+    assert!(d.source.ends_with(":2"), "{}", d.source);
+    assert!(matches!(&items[2], Input::Record(..)), "{:?}", items[2]);
+    // The same file under the default limit: three records.
+    let all: Vec<Input> = open(&path, Kind::Price, crate::DEFAULT_MAX_LINE_BYTES)
+        .unwrap()
+        .collect();
+    assert!(all.iter().all(|i| matches!(i, Input::Record(..))), "{all:?}");
 }

@@ -114,6 +114,7 @@ async fn s3_export_reads_like_the_local_tree() {
         run_records: 1,
         merge_fan_in: 2,
         spill_dir: None,
+        ..ExportOptions::default()
     };
     let mut spilled = open_s3_with_options(&client, &loc, &tiny).await.unwrap();
     assert!(spilled.spill_files() > 10);

@@ -7,6 +7,9 @@ use tokio::task::JoinHandle;
 
 use super::*;
 
+/// A small line limit, so an over-long line is cheap to write.
+const MAX_LINE_BYTES: usize = 1000;
+
 const L1: &str = r#"{"coin":"coingecko:ethereum","price":3791.12,"timestamp":1717430350,"symbol":"ETH"}"#;
 const L2: &str = r#"{"coin":"coingecko:bitcoin","price":67000.5,"timestamp":1717430351,"symbol":"BTC"}"#;
 const L3: &str = r#"{"coin":"coingecko:solana","price":170.25,"timestamp":1717430352,"symbol":"SOL"}"#;
@@ -23,7 +26,15 @@ impl Follower {
     fn start(path: &Path, start_offset: u64) -> Follower {
         let (tx, rx) = mpsc::channel(16);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(follow(path.to_path_buf(), Kind::Price, start_offset, POLL, tx, stop_rx));
+        let task = tokio::spawn(follow(
+            path.to_path_buf(),
+            Kind::Price,
+            start_offset,
+            POLL,
+            MAX_LINE_BYTES,
+            tx,
+            stop_rx,
+        ));
         Follower { rx, stop, task }
     }
 
