@@ -16,11 +16,14 @@ use anyhow::{Context, Result, anyhow};
 use operators::{Sequencer, Snapshots, WorkerState};
 use serde::{Deserialize, Serialize};
 
-/// First bytes of a checkpoint file (format version 4: with protocol metadata, the live
-/// aggregates' state and the open TVL updates).
-const MAGIC: &[u8; 8] = b"LLFCKPT4";
+/// First bytes of a checkpoint file (format version 5: with protocol metadata, the live
+/// aggregates' state, the open TVL updates and the JSONL files' lengths).
+const MAGIC: &[u8; 8] = b"LLFCKPT5";
 /// Checkpoint files kept in the directory.
 const KEEP: usize = 2;
+/// The JSONL files' lengths when a job started without a checkpoint: a restart before the
+/// first checkpoint goes back to them (removed once a checkpoint exists).
+const START_FILES: &str = "jsonl-lengths-at-start.json";
 
 pub use sources::live::Positions;
 
@@ -41,6 +44,9 @@ pub struct Checkpoint {
     /// encoded); `None` for a job without a read view.
     #[serde(with = "serde_bytes_opt")]
     pub view: Option<Vec<u8>>,
+    /// Each appended JSONL file's length at the cut (`sinks::jsonl::FileMarks::through`): a
+    /// restore truncates the file back to it.
+    pub files: BTreeMap<PathBuf, u64>,
 }
 
 /// `Option<Vec<u8>>` as one byte slice (not byte by byte).
@@ -77,9 +83,13 @@ impl Checkpoint {
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         let bytes = file.metadata().map(|m| m.len()).unwrap_or_default();
         std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("cannot sync directory {}", dir.display()))?;
+        sync_dir(dir)?;
+        match std::fs::remove_file(dir.join(START_FILES)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!("cannot remove {}: {e}", dir.join(START_FILES).display());
+            }
+            _ => {}
+        }
         let mut all = list(dir)?;
         while all.len() > KEEP {
             let (_, old) = all.remove(0);
@@ -101,7 +111,7 @@ impl Checkpoint {
         let bytes = std::fs::read(&path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         let body = bytes.strip_prefix(MAGIC.as_slice()).with_context(|| {
             format!(
-                "{} is not a llamaflow checkpoint of this version (4); move it away to start over",
+                "{} is not a llamaflow checkpoint of this version (5); move it away to start over",
                 path.display()
             )
         })?;
@@ -113,6 +123,40 @@ impl Checkpoint {
         })?;
         Ok(Some(ckpt))
     }
+}
+
+/// Records the JSONL files' lengths at the start of a job without a checkpoint in `dir`
+/// (atomically), for [`start_files`].
+pub fn save_start_files(dir: &Path, lengths: &BTreeMap<PathBuf, u64>) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+    let (path, tmp) = (dir.join(START_FILES), dir.join(format!(".{START_FILES}.tmp")));
+    let text = serde_json::to_vec(lengths)?;
+    std::fs::write(&tmp, text)
+        .and_then(|()| File::open(&tmp)?.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    sync_dir(dir)
+}
+
+/// The JSONL files' lengths saved by [`save_start_files`] (none once a checkpoint was written).
+pub fn start_files(dir: &Path) -> Result<BTreeMap<PathBuf, u64>> {
+    let path = dir.join(START_FILES);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} is corrupt; move it away to keep the JSONL files as they are",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync directory {}", dir.display()))
 }
 
 /// Checkpoint files in `dir`, oldest first.
@@ -161,6 +205,8 @@ pub struct Checkpointer {
     pending: Mutex<BTreeMap<u64, Prepared>>,
     next_id: Mutex<u64>,
     last_done: Mutex<Instant>,
+    /// The JSONL files' lengths per epoch.
+    files: sinks::jsonl::FileMarks,
 }
 
 impl Checkpointer {
@@ -174,7 +220,14 @@ impl Checkpointer {
             pending: Mutex::new(BTreeMap::new()),
             next_id: Mutex::new(last_id + 1),
             last_done: Mutex::new(Instant::now()),
+            files: Default::default(),
         }
+    }
+
+    /// Checkpoints also hold the lengths of the JSONL files that report to `marks`.
+    pub fn with_files(mut self, marks: sinks::jsonl::FileMarks) -> Self {
+        self.files = marks;
+        self
     }
 
     /// Checkpoints also hold the read view's history (see [`Checkpointer::deposit_view`]).
@@ -279,6 +332,7 @@ impl Checkpointer {
             else {
                 break;
             };
+            let files = self.files.through(epoch);
             if let (Some((dir, _)), Some(state)) = (&self.store, state) {
                 let id = {
                     let mut next = self.next_id.lock().unwrap_or_else(PoisonError::into_inner);
@@ -292,6 +346,7 @@ impl Checkpointer {
                     state,
                     positions: prepared.positions.clone(),
                     view,
+                    files,
                 };
                 let bytes = ckpt.write(dir)?;
                 metrics::gauge!("llamaflow_checkpoint_bytes").set(bytes as f64);
@@ -372,6 +427,7 @@ mod tests {
                 state: vec![WorkerState::default(); 2],
                 positions,
                 view: (id == 4).then(|| vec![1, 2, 3]),
+                files: BTreeMap::from([(PathBuf::from("alerts.jsonl"), id * 100)]),
             }
             .write(dir.path())
             .unwrap();
@@ -382,6 +438,7 @@ mod tests {
             (4, Some(40), 4)
         );
         assert_eq!(latest.view, Some(vec![1, 2, 3]));
+        assert_eq!(latest.files[Path::new("alerts.jsonl")], 400);
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -69,27 +69,42 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         })),
         (None, _) => None,
     };
-    let dead = DeadLetters::open(cfg.pipeline.dead_letter_out.as_deref())
+    // Checkpoints: resume from the newest one, if any. The JSONL files go back to their
+    // length at it before they are opened: what was written after it is written again.
+    // Without a checkpoint yet, a restart goes back to the lengths at the first start.
+    let restored = match &cfg.pipeline.checkpoint_dir {
+        Some(dir) => Checkpoint::load_latest(dir)?,
+        None => None,
+    };
+    let lengths = match (&restored, &cfg.pipeline.checkpoint_dir) {
+        (Some(ck), _) => ck.files.clone(),
+        (None, Some(dir)) => crate::checkpoint::start_files(dir)?,
+        (None, None) => Default::default(),
+    };
+    sinks::jsonl::restore(&lengths).context("cannot restore the JSONL files to the checkpoint")?;
+    let marks = sinks::jsonl::FileMarks::default();
+    let dead = DeadLetters::open(cfg.pipeline.dead_letter_out.as_deref(), &marks)
         .map_err(|e| crate::UsageError(format!("pipeline.dead_letter_out: {e}")))?;
 
     // Durable sinks run as tasks; each acknowledges epochs to the coordinator.
     let health = Arc::new(crate::health::Health::default());
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<u64>();
-    let Some(connected) = rt.block_on(stop_when.unless_stopped(output::connect_sinks(&cfg, dead.clone()))) else {
+    let Some(connected) = rt.block_on(stop_when.unless_stopped(output::connect_sinks(&cfg, dead.clone(), &marks)))
+    else {
         eprintln!("llamaflow: stopped while connecting the sinks; nothing was read");
         return Ok(());
     };
     let connected = connected?;
+    if let (None, Some(dir)) = (&restored, &cfg.pipeline.checkpoint_dir)
+        && lengths.is_empty()
+    {
+        crate::checkpoint::save_start_files(dir, &marks.lengths())?;
+    }
     let (sinks, sink_tasks) = SinkTasks::start(&rt, connected, dead, health.clone(), ack_tx);
     let coordinator = Arc::new(Mutex::new(Coordinator::new(sinks.len())));
 
-    // Checkpoints: resume from the newest one, if any.
     let workers = cfg.pipeline.workers.max(1) as usize;
     let first_worker = cluster.process * workers;
-    let restored = match &cfg.pipeline.checkpoint_dir {
-        Some(dir) => Checkpoint::load_latest(dir)?,
-        None => None,
-    };
     let mut cfg = cfg;
     let mut engine_ckpt = EngineCheckpoint {
         snapshots: cfg
@@ -124,7 +139,8 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     let checkpointer = Checkpointer::new(
         cfg.pipeline.checkpoint_dir.clone().zip(engine_ckpt.snapshots.clone()),
         last_id,
-    );
+    )
+    .with_files(marks);
     // The read view (SPEC §8) is served where the WebSocket is; its history is checkpointed.
     let live_view = hub
         .as_ref()
@@ -468,8 +484,12 @@ struct StopWhen {
 impl StopWhen {
     fn start(rt: &tokio::runtime::Runtime, limit: Option<Duration>) -> Self {
         let (tx, signal) = tokio::sync::watch::channel(false);
+        let signalled = {
+            let _rt = rt.enter();
+            crate::shutdown_signal()
+        };
         rt.spawn(async move {
-            crate::shutdown_signal().await;
+            signalled.await;
             eprintln!("llamaflow: stopping");
             let _ = tx.send(true);
         });

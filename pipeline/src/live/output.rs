@@ -194,7 +194,11 @@ impl sinks::websocket::SnapshotSource for ViewSnapshots {
 
 /// Connects the configured `[sinks]` that acknowledge durable writes, and the dead-letter
 /// output, which is always one of them.
-pub(super) async fn connect_sinks(cfg: &Config, dead: DeadLetters) -> Result<Vec<Box<dyn Sink>>> {
+pub(super) async fn connect_sinks(
+    cfg: &Config,
+    dead: DeadLetters,
+    marks: &sinks::jsonl::FileMarks,
+) -> Result<Vec<Box<dyn Sink>>> {
     let usage = |e: sinks::jsonl::JsonlError| crate::UsageError(e.to_string());
     let s = &cfg.sinks;
     let mut out: Vec<Box<dyn Sink>> = vec![Box::new(OffRuntime::new(dead))];
@@ -235,7 +239,7 @@ pub(super) async fn connect_sinks(cfg: &Config, dead: DeadLetters) -> Result<Vec
     }
     if let Some(c) = &s.jsonl {
         out.push(Box::new(OffRuntime::new(
-            sinks::jsonl::JsonlSink::open(c).map_err(usage)?,
+            sinks::jsonl::JsonlSink::open(c, marks).map_err(usage)?,
         )));
     }
     Ok(out)
@@ -281,7 +285,7 @@ impl SinkTasks {
                     let mut backoff = Backoff::new("dead_letters", epoch);
                     while !rejected.is_empty() {
                         let (d, r) = (dead.clone(), rejected.clone());
-                        match tokio::task::spawn_blocking(move || d.write(&r)).await {
+                        match tokio::task::spawn_blocking(move || d.write(epoch, &r)).await {
                             Ok(Ok(())) => break,
                             Ok(Err(e)) => backoff.wait(&health, &e).await,
                             Err(e) => backoff.wait(&health, &e).await,

@@ -5,11 +5,15 @@
 //! - [`JsonlSink`]: the continuous job's alert/event files, fsynced per batch.
 //! - [`DeadLetters`]: the dead-letter output, shared by the dataflow's epochs and the sinks
 //!   that give up on alerts; each write is fsynced before the epoch is acknowledged.
+//! - [`FileMarks`] / [`restore`]: each appended file's length per epoch, recorded in
+//!   checkpoints and truncated back to on restore (each record once, never a fragment).
 
 mod config;
+mod marks;
 mod sink;
 mod writer;
 
 pub use config::JsonlConfig;
+pub use marks::{FileMarks, restore};
 pub use sink::{DeadLetters, JsonlSink};
 pub use writer::{JsonlError, JsonlWriter};

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::FileMarks;
+use super::marks::whole_lines_len;
+
 /// Why a JSONL file could not be written; names the file.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot write {path}: {source}")]
@@ -20,10 +23,33 @@ pub struct JsonlError {
 /// Writes serializable values as JSON lines to a file (or to stderr).
 pub struct JsonlWriter {
     path: PathBuf,
-    out: BufWriter<Box<dyn Write + Send>>,
+    out: BufWriter<Counted>,
     written: u64,
     /// The file again, for fsync (files opened with [`JsonlWriter::append`]).
     file: Option<File>,
+    /// The file's length at the last [`JsonlWriter::sync`] (appended files: from its whole
+    /// lines at open).
+    synced: u64,
+    /// Where durable writes are reported, per epoch.
+    marks: Option<FileMarks>,
+}
+
+/// A writer that counts the bytes it took.
+struct Counted {
+    inner: Box<dyn Write + Send>,
+    bytes: u64,
+}
+
+impl Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 impl JsonlWriter {
@@ -36,22 +62,37 @@ impl JsonlWriter {
         Ok(Self::from_writer(path.to_path_buf(), Box::new(file)))
     }
 
-    /// Opens `path` for appending (created when missing): the continuous job's files.
-    pub fn append(path: &Path) -> Result<Self, JsonlError> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| JsonlError {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let sync = file.try_clone().map_err(|source| JsonlError {
+    /// Opens `path` for appending (created when missing): the continuous job's files. A
+    /// partial last line (the job was killed while writing it) is cut off first, so every
+    /// line stays whole; each [`JsonlWriter::sync_epoch`] is reported to `marks`.
+    pub fn append(path: &Path, marks: &FileMarks) -> Result<Self, JsonlError> {
+        let err = |source| JsonlError {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        let whole = whole_lines_len(&mut file).map_err(err)?;
+        if whole < len {
+            file.set_len(whole).and_then(|()| file.sync_all()).map_err(err)?;
+            tracing::warn!(
+                path = %path.display(),
+                "cut off a partial last line of {} bytes (the job was stopped while writing it)",
+                len - whole
+            );
+        }
+        let sync = file.try_clone().map_err(err)?;
         let mut w = Self::from_writer(path.to_path_buf(), Box::new(file));
         w.file = Some(sync);
+        w.synced = whole;
+        w.out.get_mut().bytes = whole;
+        marks.opened(path, whole);
+        w.marks = Some(marks.clone());
         Ok(w)
     }
 
@@ -63,9 +104,11 @@ impl JsonlWriter {
     fn from_writer(path: PathBuf, w: Box<dyn Write + Send>) -> Self {
         JsonlWriter {
             path,
-            out: BufWriter::with_capacity(1 << 16, w),
+            out: BufWriter::with_capacity(1 << 16, Counted { inner: w, bytes: 0 }),
             written: 0,
             file: None,
+            synced: 0,
+            marks: None,
         }
     }
 
@@ -99,6 +142,20 @@ impl JsonlWriter {
         self.flush()?;
         if let Some(f) = &self.file {
             f.sync_data().map_err(|e| self.err(e))?;
+        }
+        self.synced = self.out.get_ref().bytes;
+        Ok(())
+    }
+
+    /// [`JsonlWriter::sync`] for the results of `epoch`: what was written since the last
+    /// sync is reported to the file's [`FileMarks`] as that epoch's.
+    pub fn sync_epoch(&mut self, epoch: u64) -> Result<(), JsonlError> {
+        let start = self.synced;
+        self.sync()?;
+        if let Some(m) = &self.marks
+            && self.synced > start
+        {
+            m.wrote(&self.path, epoch, start, self.synced);
         }
         Ok(())
     }
