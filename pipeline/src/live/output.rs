@@ -248,7 +248,7 @@ pub(super) async fn connect_sinks(
 /// The durable sinks, each a task writing the epochs queued to it in order; every written
 /// epoch is acknowledged on one channel.
 pub(super) struct SinkTasks {
-    queues: Vec<mpsc::Sender<Arc<OutputBatch>>>,
+    queues: Vec<mpsc::Sender<(Arc<OutputBatch>, Instant)>>,
 }
 
 impl SinkTasks {
@@ -265,13 +265,13 @@ impl SinkTasks {
         let mut queues = Vec::new();
         let mut tasks = Vec::new();
         for mut sink in sinks {
-            let (tx, mut rx) = mpsc::channel::<Arc<OutputBatch>>(64);
+            let (tx, mut rx) = mpsc::channel::<(Arc<OutputBatch>, Instant)>(64);
             queues.push(tx);
             let (acks, dead, health) = (acks.clone(), dead.clone(), health.clone());
             health.register(sink.name());
             tasks.push(rt.spawn(async move {
                 let name = sink.name();
-                while let Some(batch) = rx.recv().await {
+                while let Some((batch, queued)) = rx.recv().await {
                     let epoch = batch.epoch;
                     let mut backoff = Backoff::new(name, epoch);
                     let written = loop {
@@ -291,6 +291,9 @@ impl SinkTasks {
                             Err(e) => backoff.wait(&health, &e).await,
                         }
                     }
+                    // How far behind the sink is: its queue wait plus the write.
+                    metrics::gauge!("llamaflow_sink_behind_seconds", "sink" => name)
+                        .set(queued.elapsed().as_secs_f64());
                     let _ = acks.send(epoch);
                 }
             }));
@@ -300,9 +303,9 @@ impl SinkTasks {
 
     /// Queues one epoch's batch to every sink (blocking while a sink is 64 epochs behind).
     fn send(&self, batch: OutputBatch) {
-        let batch = Arc::new(batch);
+        let (batch, now) = (Arc::new(batch), Instant::now());
         for tx in &self.queues {
-            let _ = tx.blocking_send(batch.clone());
+            let _ = tx.blocking_send((batch.clone(), now));
         }
     }
 

@@ -43,6 +43,9 @@ pub struct SqsSinkConfig {
     /// Timeout of one `SendMessageBatch` call, connect included, in ms (default 10000;
     /// 0 = none).
     pub attempt_timeout_ms: u64,
+    /// `SendMessageBatch` calls in flight at once (default 8, at least 1). On a FIFO queue
+    /// the alerts of one message group (user) go through one lane of calls, in order.
+    pub max_concurrent_calls: usize,
 }
 
 impl Default for SqsSinkConfig {
@@ -59,6 +62,7 @@ impl Default for SqsSinkConfig {
             max_backoff_ms: 5000,
             connect_timeout_ms: 2000,
             attempt_timeout_ms: 10_000,
+            max_concurrent_calls: 8,
         }
     }
 }
@@ -78,6 +82,7 @@ impl fmt::Debug for SqsSinkConfig {
             .field("max_backoff_ms", &self.max_backoff_ms)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("attempt_timeout_ms", &self.attempt_timeout_ms)
+            .field("max_concurrent_calls", &self.max_concurrent_calls)
             .finish()
     }
 }
@@ -98,6 +103,9 @@ impl SqsSinkConfig {
         }
         if self.max_attempts == 0 {
             return Err(SqsSinkError::Config("max_attempts must be at least 1".into()));
+        }
+        if self.max_concurrent_calls == 0 {
+            return Err(SqsSinkError::Config("max_concurrent_calls must be at least 1".into()));
         }
         if self.access_key_id.is_some() != self.secret_access_key.is_some() {
             return Err(SqsSinkError::Config(

@@ -21,7 +21,11 @@
 //!
 //! # What one batch sends
 //!
-//! The alerts, in batch order, go out as `SendMessageBatch` calls of at most 10 entries. Each
+//! The alerts go out as `SendMessageBatch` calls of at most 10 entries, up to
+//! [`SqsSinkConfig::max_concurrent_calls`] (default 8) calls in flight: the alerts are split
+//! into that many lanes, each sent call after call in batch order — on a FIFO queue by
+//! message group (a user's alerts share a lane, so SQS receives them in order), otherwise ten
+//! by ten in turn. Each
 //! message body is `serde_json` of the [`Alert`](schemas::Alert), byte for byte the alert
 //! record of every other sink. On a FIFO queue (a `queue_url` ending in `.fifo`) each entry
 //! also carries `MessageGroupId` = `user_id` (alerts of one user keep their order) and

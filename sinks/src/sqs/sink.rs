@@ -238,8 +238,23 @@ impl SqsSink {
             round += 1;
             let mut retry = Vec::new();
             let mut unavailable = None;
-            for chunk in pending.chunks(MAX_BATCH_ENTRIES) {
-                let r = self.send_chunk(batch, &bodies, chunk).await?;
+            // Lanes send concurrently; a lane's calls go one after the other.
+            let lanes = self.lanes(batch, &pending);
+            let sent_lanes = futures_util::future::join_all(lanes.iter().map(|lane| async {
+                let mut results = Vec::new();
+                for chunk in lane.chunks(MAX_BATCH_ENTRIES) {
+                    let r = self.send_chunk(batch, &bodies, chunk).await;
+                    let stop = r.is_err();
+                    results.push(r);
+                    if stop {
+                        break;
+                    }
+                }
+                results
+            }))
+            .await;
+            for r in sent_lanes.into_iter().flatten() {
+                let r = r?;
                 unavailable = unavailable.or(r.unavailable);
                 sent += r.sent;
                 failed.extend(r.failed);
@@ -285,6 +300,28 @@ impl SqsSink {
             .filter_map(|(i, reason)| batch.alerts.get(i).map(|a| (a.clone(), reason)))
             .collect();
         Ok(SqsOutcome { sent, failed })
+    }
+
+    /// `pending` (batch indexes, in batch order) split into at most `max_concurrent_calls`
+    /// lanes, each in batch order: on a FIFO queue by message group (a user's alerts share a
+    /// lane, so they are sent in order), otherwise call by call.
+    fn lanes(&self, batch: &OutputBatch, pending: &[usize]) -> Vec<Vec<usize>> {
+        let n = self.cfg.max_concurrent_calls.max(1);
+        let mut lanes = vec![Vec::new(); n];
+        for (pos, &i) in pending.iter().enumerate() {
+            let lane = match (self.fifo, batch.alerts.get(i)) {
+                (true, Some(a)) => {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    a.user_id.hash(&mut h);
+                    (h.finish() % n as u64) as usize
+                }
+                _ => (pos / MAX_BATCH_ENTRIES) % n,
+            };
+            lanes[lane].push(i);
+        }
+        lanes.retain(|l| !l.is_empty());
+        lanes
     }
 
     /// One `SendMessageBatch` call for the alerts at batch indexes `chunk` (at most 10). Entry

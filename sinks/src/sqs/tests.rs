@@ -426,6 +426,11 @@ struct ProxyState {
     fail_always: HashSet<String>,
     /// Alert ids of each `SendMessageBatch` call, as sent by the sink.
     calls: Mutex<Vec<Vec<String>>>,
+    /// How long each `SendMessageBatch` call is held before it goes on to moto.
+    delay: Duration,
+    /// `SendMessageBatch` calls in the proxy now, and the most at once.
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for FaultProxy {
@@ -447,7 +452,14 @@ async fn proxy(
         .unwrap_or_default();
     let mut body = body.to_vec();
     let mut injected = Vec::new();
-    if target == "AmazonSQS.SendMessageBatch" {
+    let batch_call = target == "AmazonSQS.SendMessageBatch";
+    if batch_call {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = s.in_flight.fetch_add(1, SeqCst) + 1;
+        s.max_in_flight.fetch_max(now, SeqCst);
+        tokio::time::sleep(s.delay).await;
+    }
+    if batch_call {
         let mut v: Value = serde_json::from_slice(&body).unwrap();
         let mut keep = Vec::new();
         let mut ids = Vec::new();
@@ -468,6 +480,7 @@ async fn proxy(
         }
         s.calls.lock().unwrap().push(ids);
         if keep.is_empty() {
+            s.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             let out = json!({"Successful": [], "Failed": injected}).to_string();
             return ([(CONTENT_TYPE, "application/x-amz-json-1.0")], out).into_response();
         }
@@ -496,12 +509,23 @@ async fn proxy(
     if let Some(ct) = content_type {
         response.headers_mut().insert(CONTENT_TYPE, ct);
     }
+    if batch_call {
+        s.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
     response
 }
 
 impl FaultProxy {
     async fn start(moto: &Moto, fail_once: &[&Alert], fail_always: &[&Alert]) -> FaultProxy {
+        Self::start_with(moto, fail_once, fail_always, Duration::ZERO).await
+    }
+
+    /// [`FaultProxy::start`] holding each `SendMessageBatch` call for `delay`.
+    async fn start_with(moto: &Moto, fail_once: &[&Alert], fail_always: &[&Alert], delay: Duration) -> FaultProxy {
         let state = Arc::new(ProxyState {
+            delay,
+            in_flight: Default::default(),
+            max_in_flight: Default::default(),
             upstream: moto.endpoint(),
             client: reqwest::Client::new(),
             fail_once: Mutex::new(fail_once.iter().map(|a| a.alert_id.clone()).collect()),
@@ -555,9 +579,10 @@ async fn sqs_retries_only_the_entries_that_failed_and_returns_sender_faults() {
         outcome.failed[0].1
     );
 
-    // Calls: 10 + 3 entries, then only the entry that failed transiently.
+    // Calls: 10 + 3 entries (at once), then only the entry that failed transiently.
     let calls = proxy.state.calls.lock().unwrap().clone();
-    let sizes: Vec<usize> = calls.iter().map(Vec::len).collect();
+    let mut sizes: Vec<usize> = calls.iter().map(Vec::len).collect();
+    sizes[..2].sort_unstable_by(|a, b| b.cmp(a));
     assert_eq!(sizes, [10, 3, 1], "{calls:?}");
     assert_eq!(calls[2], std::slice::from_ref(&flaky.alert_id));
 
@@ -588,4 +613,55 @@ async fn sqs_retries_only_the_entries_that_failed_and_returns_sender_faults() {
         Some(&1),
         "{counters:?}"
     );
+}
+
+/// Calls go out concurrently (up to `max_concurrent_calls`), and on a FIFO queue each user's
+/// alerts still arrive in batch order; with one call at a time nothing overlaps.
+#[tokio::test]
+async fn sqs_sends_calls_concurrently_keeping_each_groups_order() {
+    let moto = Moto::start();
+    let url = boto3(&moto, "create", "lanes.fifo");
+    let alerts: Vec<Alert> = (0..120).map(|n| alert(n, &format!("user-{}", n % 9))).collect();
+    for (limit, want_overlap) in [(1, false), (4, true)] {
+        let proxy = FaultProxy::start_with(&moto, &[], &[], Duration::from_millis(40)).await;
+        let mut sink = SqsSink::connect(SqsSinkConfig {
+            endpoint_url: Some(format!("http://{}", proxy.addr)),
+            max_concurrent_calls: limit,
+            ..cfg(&moto, &url)
+        })
+        .await
+        .unwrap();
+        let batch = OutputBatch {
+            epoch: limit as u64,
+            alerts: alerts
+                .iter()
+                .map(|a| Alert {
+                    alert_id: format!("{}-{limit}", a.alert_id),
+                    ..a.clone()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let outcome = sink.write(&batch).await.unwrap();
+        assert_eq!((outcome.sent, outcome.failed.len()), (120, 0));
+        let most = proxy.state.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(most <= limit, "{most} calls at once, limit {limit}");
+        assert_eq!(most > 1, want_overlap, "{most} calls at once, limit {limit}");
+        let got = drain(&moto, &url);
+        assert_eq!(got.len(), 120);
+        for user in (0..9).map(|u| format!("user-{u}")) {
+            let order: Vec<String> = got
+                .iter()
+                .filter(|r| r.group.as_deref() == Some(user.as_str()))
+                .map(|r| serde_json::from_str::<Alert>(&r.body).unwrap().alert_id)
+                .collect();
+            let expected: Vec<String> = batch
+                .alerts
+                .iter()
+                .filter(|a| a.user_id == user)
+                .map(|a| a.alert_id.clone())
+                .collect();
+            assert_eq!(order, expected, "{user}, limit {limit}");
+        }
+    }
 }
