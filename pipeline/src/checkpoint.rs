@@ -27,6 +27,8 @@ const START_FILES: &str = "jsonl-lengths-at-start.json";
 
 pub use sources::live::Positions;
 
+use crate::live::reclock::{self, LogMark};
+
 /// A consistent cut of the job.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -47,6 +49,8 @@ pub struct Checkpoint {
     /// Each appended JSONL file's length at the cut (`sinks::jsonl::FileMarks::through`): a
     /// restore truncates the file back to it.
     pub files: BTreeMap<PathBuf, u64>,
+    /// Where the epochs after the cut are logged (reclocking); `None` without an epoch log.
+    pub epoch_log: Option<LogMark>,
 }
 
 /// `Option<Vec<u8>>` as one byte slice (not byte by byte).
@@ -190,6 +194,7 @@ struct Prepared {
     requested: Instant,
     sequencer: Sequencer,
     positions: Positions,
+    log: Option<LogMark>,
 }
 
 /// Drives checkpoints: the ingest front [prepares](Checkpointer::prepare) one at an epoch; it
@@ -207,6 +212,8 @@ pub struct Checkpointer {
     last_done: Mutex<Instant>,
     /// The JSONL files' lengths per epoch.
     files: sinks::jsonl::FileMarks,
+    /// The epoch-log marks of the checkpoints kept (oldest first): older segments go.
+    log_marks: Mutex<std::collections::VecDeque<LogMark>>,
 }
 
 impl Checkpointer {
@@ -221,7 +228,19 @@ impl Checkpointer {
             next_id: Mutex::new(last_id + 1),
             last_done: Mutex::new(Instant::now()),
             files: Default::default(),
+            log_marks: Default::default(),
         }
+    }
+
+    /// The restored checkpoint's epoch-log mark, kept until newer checkpoints replace it.
+    pub fn with_log_mark(self, mark: Option<LogMark>) -> Self {
+        if let Some(m) = mark {
+            self.log_marks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push_back(m);
+        }
+        self
     }
 
     /// Checkpoints also hold the lengths of the JSONL files that report to `marks`.
@@ -254,8 +273,9 @@ impl Checkpointer {
             .insert(epoch, state);
     }
 
-    /// Requests a checkpoint after `epoch` (call before sending it) with the front's state.
-    pub fn prepare(&self, epoch: u64, sequencer: Sequencer, positions: Positions) {
+    /// Requests a checkpoint after `epoch` (call before sending it) with the front's state
+    /// and where the epochs after it are logged.
+    pub fn prepare(&self, epoch: u64, sequencer: Sequencer, positions: Positions, log: Option<LogMark>) {
         if let Some((_, snapshots)) = &self.store {
             snapshots.request(epoch);
         }
@@ -265,6 +285,7 @@ impl Checkpointer {
                 requested: Instant::now(),
                 sequencer,
                 positions,
+                log,
             },
         );
     }
@@ -347,8 +368,19 @@ impl Checkpointer {
                     positions: prepared.positions.clone(),
                     view,
                     files,
+                    epoch_log: prepared.log.clone(),
                 };
                 let bytes = ckpt.write(dir)?;
+                if let Some(mark) = prepared.log {
+                    let mut marks = self.log_marks.lock().unwrap_or_else(PoisonError::into_inner);
+                    marks.push_back(mark);
+                    while marks.len() > KEEP {
+                        marks.pop_front();
+                    }
+                    if let Some(oldest) = marks.front() {
+                        reclock::prune(dir, oldest);
+                    }
+                }
                 metrics::gauge!("llamaflow_checkpoint_bytes").set(bytes as f64);
                 metrics::gauge!("llamaflow_checkpoint_id").set(id as f64);
             }
@@ -428,6 +460,7 @@ mod tests {
                 positions,
                 view: (id == 4).then(|| vec![1, 2, 3]),
                 files: BTreeMap::from([(PathBuf::from("alerts.jsonl"), id * 100)]),
+                epoch_log: None,
             }
             .write(dir.path())
             .unwrap();

@@ -240,6 +240,10 @@ alerts = "{alerts}"
         log_text.contains("resuming from checkpoint"),
         "restarts resumed from checkpoints:\n{log_text}"
     );
+    assert!(
+        log_text.contains("logged epochs again (reclocking)") && !log_text.contains("could not be followed"),
+        "restarts formed the logged epochs again, to the end of the log:\n{log_text}"
+    );
 
     let got = counts(&alerts, "alert_id");
     let twice: Vec<_> = got.iter().filter(|(_, n)| **n > 1).collect();

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use super::commit::Coordinator;
 use super::output::LiveOutput;
+use super::reclock::{EpochInput, EpochLog, Pending, Step, stream_of};
 use super::{Fatal, PanicIsFatal};
 use crate::checkpoint::{Checkpointer, Positions};
 use crate::config::{Config, DemoSection};
@@ -56,7 +57,14 @@ pub(super) struct Ingest {
     /// Fired once history is in: the live streams start then.
     pub history_done: tokio::sync::oneshot::Sender<()>,
     pub engine: Engine,
+    /// The epoch log (with checkpoints, one process, no demo feed) and the epochs logged
+    /// after the restored checkpoint, formed again before going live.
+    pub reclock: Option<(EpochLog, Vec<EpochInput>)>,
 }
+
+/// How long re-forming a logged epoch waits for an item of its stream before it gives up
+/// (the stream no longer delivers what was logged: the job goes on live).
+const REFORM_PATIENCE: Duration = Duration::from_secs(10);
 
 impl Ingest {
     /// Runs the front on its own thread until stop (or the end of every input); then finishes
@@ -98,7 +106,15 @@ impl Ingest {
             snapshot_len,
             history_done,
             mut engine,
+            reclock,
         } = self;
+        let (mut log, replay) = match reclock {
+            Some((log, replay)) => (Some(log), replay),
+            None => (None, Vec::new()),
+        };
+        let mut pending = Pending::default();
+        // What the epoch being gathered holds, for the log.
+        let mut current = EpochInput::default();
         let idle_epoch = Duration::from_millis(batch_ms.max(1));
         let mut batch = Vec::new();
         let mut live_rx = live_rx;
@@ -200,13 +216,32 @@ impl Ingest {
             ends,
             passed: Default::default(),
         });
+        if !replay.is_empty() {
+            let logged = replay.len();
+            let mut reform = Reform {
+                live: &mut live,
+                engine: &mut engine,
+                batch: &mut batch,
+                positions: &mut positions,
+                current: &mut current,
+                pending: &mut pending,
+                live_rx: &mut live_rx,
+                rt: &rt_handle,
+                stop: &stop,
+                log: log.as_mut(),
+            };
+            let formed = reform.all(&replay)?;
+            dirty = true;
+            metrics::counter!("llamaflow_reclocked_epochs_total").increment(formed as u64);
+            eprintln!("llamaflow: formed {formed} of {logged} logged epochs again (reclocking)");
+        }
         health_front.set_started();
         let mut sent_positions = positions.clone();
         let mut first_arrival: Option<Instant> = None;
         let mut last_send = Instant::now();
         loop {
             let stopping = stop.load(Ordering::Relaxed);
-            live.settling.close_due(&mut engine, &mut batch);
+            live.settling.close_due(&mut engine, &mut batch, &mut current);
             let moved = positions != sent_positions;
             // Dead letters alone make an epoch too: they are written (durably) with it.
             let refused = output.holds(engine.epochs());
@@ -214,8 +249,17 @@ impl Ingest {
             // A checkpoint every `interval` while records flow, and a final one on stop.
             let checkpoint = dirty && (stopping || last_ckpt.elapsed() >= interval);
             if !batch.is_empty() || moved || refused || checkpoint {
+                // The epoch's input is on disk before the epoch goes in; a checkpoint starts
+                // a new log segment, which holds the epochs after it.
+                let mut mark = None;
+                if let Some(log) = log.as_mut() {
+                    log.append(&std::mem::take(&mut current))?;
+                    if checkpoint {
+                        mark = Some(log.rotate()?);
+                    }
+                }
                 if checkpoint {
-                    checkpointer.prepare(engine.epochs(), engine.sequencer().clone(), positions.clone());
+                    checkpointer.prepare(engine.epochs(), engine.sequencer().clone(), positions.clone(), mark);
                     dirty = false;
                     last_ckpt = Instant::now();
                 }
@@ -243,7 +287,7 @@ impl Ingest {
             // Wait for the first item, then gather for at most batch_ms.
             // Idle, it blocks on the channel (for ≤ 1 ms, to notice stops and checkpoints),
             // so the first item of a quiet stream goes in at once.
-            let first = match live_rx.try_recv() {
+            let first = match pending.pop().map(Ok).unwrap_or_else(|| live_rx.try_recv()) {
                 Ok(i) => i,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     let wait = async { tokio::time::timeout(Duration::from_millis(1), live_rx.recv()).await };
@@ -259,12 +303,15 @@ impl Ingest {
             let deadline = Instant::now() + Duration::from_millis(batch_ms);
             let mut next = Some(first);
             while let Some(item) = next.take() {
+                if log.is_some() {
+                    current.item(&item);
+                }
                 live.apply(item, &mut engine, &mut batch, &mut positions);
                 if batch.len() >= batch_max {
                     break;
                 }
                 while next.is_none() && Instant::now() < deadline {
-                    match live_rx.try_recv() {
+                    match pending.pop().map(Ok).unwrap_or_else(|| live_rx.try_recv()) {
                         Ok(i) => next = Some(i),
                         Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_micros(200)),
                         Err(mpsc::error::TryRecvError::Disconnected) => break,
@@ -376,8 +423,8 @@ impl Settling {
         self.queue.push_back((now, protocol.to_string()));
     }
 
-    /// Closes the updates that have settled, into `batch`.
-    fn close_due(&mut self, engine: &mut Engine, batch: &mut Vec<operators::Envelope>) {
+    /// Closes the updates that have settled, into `batch` (and notes them in `input`).
+    fn close_due(&mut self, engine: &mut Engine, batch: &mut Vec<operators::Envelope>, input: &mut EpochInput) {
         let now = Instant::now();
         while self
             .queue
@@ -391,6 +438,7 @@ impl Settling {
                 self.last.remove(&protocol);
                 let pos = SourcePos::new("tvl settle".into(), 0);
                 engine.sequencer().close_update(pos, &protocol, batch);
+                input.close(&protocol);
             }
         }
     }
@@ -432,6 +480,95 @@ impl Front {
                 }
             }
             Change::Dead(d) => self.output.dead(engine.epochs(), std::slice::from_ref(&d)),
+        }
+    }
+}
+
+/// Forms logged epochs again from the live streams (see [`super::reclock`]).
+struct Reform<'a> {
+    live: &'a mut Front,
+    engine: &'a mut Engine,
+    batch: &'a mut Vec<operators::Envelope>,
+    positions: &'a mut Positions,
+    current: &'a mut EpochInput,
+    pending: &'a mut Pending,
+    live_rx: &'a mut mpsc::Receiver<LiveItem>,
+    rt: &'a tokio::runtime::Handle,
+    stop: &'a AtomicBool,
+    log: Option<&'a mut EpochLog>,
+}
+
+impl Reform<'_> {
+    /// Forms the logged epochs again, in order, and sends each (logged again in this run's
+    /// log); stops early, with a warning, where the streams no longer match the log. Returns
+    /// how many were formed.
+    fn all(&mut self, replay: &[EpochInput]) -> Result<usize> {
+        for (formed, input) in replay.iter().enumerate() {
+            if let Err(why) = self.epoch(input) {
+                tracing::warn!(
+                    "the epoch log could not be followed after {formed} of {} epochs ({why}); going on live",
+                    replay.len()
+                );
+                return Ok(formed);
+            }
+            if let Some(log) = self.log.as_mut() {
+                log.append(self.current)?;
+            }
+            *self.current = EpochInput::default();
+            self.engine.send(std::mem::take(self.batch))?;
+        }
+        Ok(replay.len())
+    }
+
+    /// Applies one logged epoch's input into the batch; `Err` (why) when the streams no
+    /// longer deliver what was logged (what was applied stays in the batch).
+    fn epoch(&mut self, input: &EpochInput) -> Result<(), String> {
+        for step in &input.steps {
+            match step {
+                Step::Close(protocol) => {
+                    let pos = SourcePos::new("tvl settle".into(), 0);
+                    self.engine.sequencer().close_update(pos, protocol, self.batch);
+                    self.current.close(protocol);
+                }
+                Step::Items { stream, first, count } => {
+                    for i in 0..*count {
+                        let item = self.next_of(stream)?;
+                        if i == 0 && first.is_some() && stream_of(&item).1 != *first {
+                            let found = stream_of(&item).1;
+                            self.pending.push(item);
+                            return Err(format!("{stream} is at {found:?}, the log says {first:?}"));
+                        }
+                        self.current.item(&item);
+                        self.live.apply(item, self.engine, self.batch, self.positions);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next item of `stream`, keeping the others for later.
+    fn next_of(&mut self, stream: &str) -> Result<LiveItem, String> {
+        if let Some(item) = self.pending.take(stream) {
+            return Ok(item);
+        }
+        let deadline = Instant::now() + REFORM_PATIENCE;
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err("stopping".into());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("no more items of {stream} within {REFORM_PATIENCE:?}"));
+            }
+            let wait = left.min(Duration::from_millis(100));
+            let rx = &mut *self.live_rx;
+            match self.rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                Ok(Some(item)) if stream_of(&item).0 == stream => return Ok(item),
+                Ok(Some(item)) => self.pending.push(item),
+                Ok(None) => return Err("the live sources ended".into()),
+                Err(_) => {}
+            }
         }
     }
 }

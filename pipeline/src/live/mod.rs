@@ -11,12 +11,13 @@
 mod commit;
 mod front;
 mod output;
+pub mod reclock;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -114,6 +115,33 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
             .map(|_| Snapshots::for_process(workers, first_worker)),
         ..Default::default()
     };
+    // Reclocking: the epochs logged after the checkpoint (or, before the first one, since the
+    // last run's start) are formed again first; this run logs its own.
+    let reclocking = cfg
+        .pipeline
+        .checkpoint_dir
+        .as_ref()
+        .filter(|_| !cluster.is_multi() && cfg.sources.demo.is_none());
+    let replay_from = match (&restored, reclocking) {
+        (Some(ck), Some(_)) => ck.epoch_log.clone(),
+        (None, Some(dir)) => reclock::newest_run(dir)?,
+        (_, None) => None,
+    };
+    let reclock = match reclocking {
+        Some(dir) => {
+            let replay = match &replay_from {
+                Some(mark) => reclock::read_after(dir, mark)?,
+                None => Vec::new(),
+            };
+            let run = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default();
+            Some((reclock::EpochLog::create(dir, run)?, replay))
+        }
+        None => None,
+    };
+    let restored_mark = restored.as_ref().and_then(|ck| ck.epoch_log.clone());
     let (resume_positions, last_id, restored_view) = match restored {
         Some(ck) => {
             eprintln!(
@@ -140,7 +168,8 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         cfg.pipeline.checkpoint_dir.clone().zip(engine_ckpt.snapshots.clone()),
         last_id,
     )
-    .with_files(marks);
+    .with_files(marks)
+    .with_log_mark(restored_mark);
     // The read view (SPEC §8) is served where the WebSocket is; its history is checkpointed.
     let live_view = hub
         .as_ref()
@@ -325,6 +354,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         snapshot_len,
         history_done,
         engine,
+        reclock,
     }
     .start(fatal.clone())?;
 

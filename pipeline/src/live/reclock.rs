@@ -1,0 +1,362 @@
+//! Reclocking: which input each live epoch holds, logged durably before the epoch goes into
+//! the dataflow, so that after a restart the epochs after the checkpoint are formed again
+//! exactly — the same items, in the same order, with the same TVL-update closes — before the
+//! job goes on live. Results that join streams (a transfer valued at the newest price read)
+//! are then computed again as they were, and every sink converges on one set of alerts.
+//!
+//! The log lives in the checkpoint directory as segments `epochs-<run>-<seq>.log` (run: the
+//! job's start in unix ms; a new segment at every checkpoint), each a sequence of frames
+//! `[length u32][crc32 u32][bincode EpochInput]`, fsynced per epoch (one write per epoch: the
+//! group commit). A checkpoint names the segment that starts after it ([`LogMark`]); a restore
+//! re-forms the epochs of that segment and the later ones of its run. A torn last frame (a
+//! kill mid-write) ends the log: that epoch never reached the dataflow.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sources::live::{Ack, LiveItem};
+
+/// One step of an epoch's input, in the order the ingest front applied it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Step {
+    /// `count` consecutive items of one stream; `first` is the first one's position (Kafka
+    /// offset, file offset, LSN), checked when the epoch is formed again.
+    Items {
+        /// The stream ([`stream_of`]).
+        stream: String,
+        /// The first item's position, when it has one.
+        first: Option<u64>,
+        /// Items in the run.
+        count: u32,
+    },
+    /// A live TVL update closed because it settled (wall-clock time: logged, not recomputed).
+    Close(String),
+}
+
+/// The input of one live epoch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochInput {
+    /// What the front applied, in order.
+    pub steps: Vec<Step>,
+}
+
+impl EpochInput {
+    /// Records that `item` was applied.
+    pub fn item(&mut self, item: &LiveItem) {
+        let (stream, pos) = stream_of(item);
+        if let Some(Step::Items { stream: s, count, .. }) = self.steps.last_mut()
+            && *s == stream
+        {
+            *count += 1;
+            return;
+        }
+        self.steps.push(Step::Items {
+            stream,
+            first: pos,
+            count: 1,
+        });
+    }
+
+    /// Records that the update of `protocol` was closed by settling.
+    pub fn close(&mut self, protocol: &str) {
+        self.steps.push(Step::Close(protocol.to_string()));
+    }
+}
+
+/// The stream an item comes from (each delivers its items in the same order after a
+/// restart) and its position in it.
+pub fn stream_of(item: &LiveItem) -> (String, Option<u64>) {
+    match &item.ack {
+        Ack::Kafka {
+            topic,
+            partition,
+            offset,
+        } => (format!("kafka:{topic}/{partition}"), u64::try_from(*offset).ok()),
+        Ack::File { path, offset } => (format!("file:{path}"), Some(*offset)),
+        Ack::Lsn(lsn) => ("cdc".to_string(), Some(*lsn)),
+        // Unacknowledged items (a tailed file's over-long line): named by their source.
+        Ack::None => {
+            let pos = item.pos.to_string();
+            let source = pos.rsplit_once(':').map_or(pos.as_str(), |(s, _)| s);
+            (format!("pos:{source}"), None)
+        }
+    }
+}
+
+/// Where the epochs after a checkpoint are logged: the segment that starts after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogMark {
+    /// The segment's file name (`epochs-<run>-<seq>.log`).
+    pub segment: String,
+}
+
+/// The epoch log of this run (see the [module docs](self)).
+pub struct EpochLog {
+    dir: PathBuf,
+    run: u64,
+    seq: u64,
+    file: File,
+    frame: Vec<u8>,
+}
+
+fn segment_name(run: u64, seq: u64) -> String {
+    format!("epochs-{run:013}-{seq:08}.log")
+}
+
+/// (run, seq) of a segment's file name.
+fn parse_segment(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix("epochs-")?.strip_suffix(".log")?;
+    let (run, seq) = rest.split_once('-')?;
+    Some((run.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The log segments in `dir`, oldest first.
+fn segments(dir: &Path) -> Result<Vec<(u64, u64, String)>> {
+    let mut out = Vec::new();
+    if !dir.exists() {
+        return Ok(out);
+    }
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some((run, seq)) = parse_segment(&name) {
+            out.push((run, seq, name));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl EpochLog {
+    /// Starts this run's log in `dir` (its first segment) for a run started at `run` (unix
+    /// ms).
+    pub fn create(dir: &Path, run: u64) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let file = Self::open_segment(dir, run, 0)?;
+        Ok(EpochLog {
+            dir: dir.to_path_buf(),
+            run,
+            seq: 0,
+            file,
+            frame: Vec::new(),
+        })
+    }
+
+    fn open_segment(dir: &Path, run: u64, seq: u64) -> Result<File> {
+        let path = dir.join(segment_name(run, seq));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot create the epoch log {}", path.display()))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync directory {}", dir.display()))?;
+        Ok(file)
+    }
+
+    /// Appends one epoch's input and returns once it is on disk.
+    pub fn append(&mut self, input: &EpochInput) -> Result<()> {
+        let body = bincode::serialize(input).context("cannot encode an epoch's input")?;
+        self.frame.clear();
+        self.frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        self.frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        self.frame.extend_from_slice(&body);
+        self.file
+            .write_all(&self.frame)
+            .and_then(|()| self.file.sync_data())
+            .context("cannot write the epoch log")?;
+        metrics::counter!("llamaflow_epoch_log_syncs_total").increment(1);
+        metrics::counter!("llamaflow_epoch_log_bytes_total").increment(self.frame.len() as u64);
+        Ok(())
+    }
+
+    /// Starts a new segment (at a checkpoint): the epochs after it are logged there.
+    pub fn rotate(&mut self) -> Result<LogMark> {
+        self.seq += 1;
+        self.file = Self::open_segment(&self.dir, self.run, self.seq)?;
+        Ok(LogMark {
+            segment: segment_name(self.run, self.seq),
+        })
+    }
+
+    /// The segment that starts a run without a checkpoint yet: for a restart before the
+    /// first checkpoint.
+    pub fn first(&self) -> LogMark {
+        LogMark {
+            segment: segment_name(self.run, 0),
+        }
+    }
+}
+
+/// The epochs logged after `mark`: its segment and the later ones of its run, in order, up to
+/// the first torn frame.
+pub fn read_after(dir: &Path, mark: &LogMark) -> Result<Vec<EpochInput>> {
+    let Some((run, seq)) = parse_segment(&mark.segment) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (r, s, name) in segments(dir)? {
+        if r != run || s < seq {
+            continue;
+        }
+        let path = dir.join(&name);
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read the epoch log {}", path.display()))?;
+        let mut rest = &bytes[..];
+        while rest.len() >= 8 {
+            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+            let Some(body) = rest.get(8..8 + len) else {
+                return Ok(out);
+            };
+            if crc32fast::hash(body) != crc {
+                return Ok(out);
+            }
+            match bincode::deserialize(body) {
+                Ok(input) => out.push(input),
+                Err(_) => return Ok(out),
+            }
+            rest = &rest[8 + len..];
+        }
+        if !rest.is_empty() {
+            return Ok(out);
+        }
+    }
+    Ok(out)
+}
+
+/// The first segment of the newest run logged in `dir` (a job killed before its first
+/// checkpoint), if any.
+pub fn newest_run(dir: &Path) -> Result<Option<LogMark>> {
+    let all = segments(dir)?;
+    let Some(&(run, _, _)) = all.last() else {
+        return Ok(None);
+    };
+    Ok(all
+        .into_iter()
+        .find(|(r, _, _)| *r == run)
+        .map(|(_, _, segment)| LogMark { segment }))
+}
+
+/// Removes the segments older than `oldest` (the mark of the oldest checkpoint kept): no
+/// restore can need them.
+pub fn prune(dir: &Path, oldest: &LogMark) {
+    let Some(keep_from) = parse_segment(&oldest.segment) else {
+        return;
+    };
+    let Ok(all) = segments(dir) else {
+        return;
+    };
+    for (run, seq, name) in all {
+        if (run, seq) < keep_from
+            && let Err(e) = std::fs::remove_file(dir.join(&name))
+        {
+            tracing::warn!("cannot remove the old epoch log {name}: {e}");
+        }
+    }
+}
+
+/// Items received while an epoch is formed again, waiting for their turn (arrival order).
+#[derive(Default)]
+pub struct Pending(VecDeque<LiveItem>);
+
+impl Pending {
+    /// The first waiting item of `stream`, if any.
+    pub fn take(&mut self, stream: &str) -> Option<LiveItem> {
+        let i = self.0.iter().position(|item| stream_of(item).0 == stream)?;
+        self.0.remove(i)
+    }
+
+    /// Keeps `item` for later.
+    pub fn push(&mut self, item: LiveItem) {
+        self.0.push_back(item);
+    }
+
+    /// The next waiting item (arrival order).
+    pub fn pop(&mut self) -> Option<LiveItem> {
+        self.0.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::SourcePos;
+    use sources::live::Change;
+
+    fn kafka(partition: i32, offset: i64) -> LiveItem {
+        LiveItem {
+            pos: SourcePos::new(format!("prices/{partition}@").into(), offset as u64),
+            ack: Ack::Kafka {
+                topic: "prices".into(),
+                partition,
+                offset,
+            },
+            change: Change::DeleteRule("r".into()),
+        }
+    }
+
+    #[test]
+    fn runs_of_one_stream_are_counted_and_closes_kept_in_order() {
+        let mut e = EpochInput::default();
+        for item in [kafka(0, 5), kafka(0, 6), kafka(1, 9), kafka(0, 7)] {
+            e.item(&item);
+        }
+        e.close("aave");
+        let run = |p: i32, first: u64, count: u32| Step::Items {
+            stream: format!("kafka:prices/{p}"),
+            first: Some(first),
+            count,
+        };
+        assert_eq!(
+            e.steps,
+            vec![run(0, 5, 2), run(1, 9, 1), run(0, 7, 1), Step::Close("aave".into())]
+        );
+    }
+
+    #[test]
+    fn the_log_reads_back_after_a_mark_and_stops_at_a_torn_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = EpochLog::create(dir.path(), 1000).unwrap();
+        let epoch = |n: u32| EpochInput {
+            steps: vec![Step::Items {
+                stream: "cdc".into(),
+                first: Some(n as u64),
+                count: n,
+            }],
+        };
+        log.append(&epoch(1)).unwrap();
+        let mark = log.rotate().unwrap();
+        log.append(&epoch(2)).unwrap();
+        log.rotate().unwrap();
+        log.append(&epoch(3)).unwrap();
+        log.append(&epoch(4)).unwrap();
+        assert_eq!(
+            read_after(dir.path(), &mark).unwrap(),
+            vec![epoch(2), epoch(3), epoch(4)]
+        );
+        assert_eq!(read_after(dir.path(), &log.first()).unwrap().len(), 4);
+        // A kill in the middle of the last frame: that epoch is not in the log.
+        let last = dir.path().join(segment_name(1000, 2));
+        let len = std::fs::metadata(&last).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&last)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        assert_eq!(read_after(dir.path(), &mark).unwrap(), vec![epoch(2), epoch(3)]);
+        // The newest run, pruning.
+        let other = EpochLog::create(dir.path(), 2000).unwrap();
+        assert_eq!(newest_run(dir.path()).unwrap(), Some(other.first()));
+        prune(dir.path(), &mark);
+        let names: Vec<String> = segments(dir.path()).unwrap().into_iter().map(|s| s.2).collect();
+        assert_eq!(
+            names,
+            [segment_name(1000, 1), segment_name(1000, 2), segment_name(2000, 0)]
+        );
+    }
+}
