@@ -127,9 +127,9 @@ fn workload(rng: &mut Lcg) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
             *p = (*p * 10_000.0).round() / 10_000.0;
             ticks.push(json!({"coin": format!("coingecko:coin{c}"), "price": *p, "timestamp": T0 + 10 * i as i64}));
         }
-        // A transfer of 50,000 coins (≈ $5M at ≈ $100) 5 s after every other round.
-        if i % 2 == 1 {
-            let c = (i / 2) % COINS;
+        // A transfer of 50,000 coins (≈ $5M at ≈ $100) 5 s after every round.
+        {
+            let c = i % COINS;
             transfers.push(json!({"chain": "ethereum", "tx_hash": format!("0x{i:x}"),
                 "coin": format!("coingecko:coin{c}"), "from": "0x1", "to": "0x2", "amount": 50_000.0,
                 "timestamp": T0 + 10 * i as i64 + 5}));

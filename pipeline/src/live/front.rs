@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::commit::Coordinator;
 use super::output::LiveOutput;
-use super::reclock::{EpochInput, EpochLog, Pending, Step, stream_of};
+use super::reclock::{EpochInput, EpochLog, Formed, Pending};
 use super::{Fatal, PanicIsFatal};
 use crate::checkpoint::{Checkpointer, Positions};
 use crate::config::{Config, DemoSection};
@@ -523,53 +523,35 @@ impl Reform<'_> {
     /// Applies one logged epoch's input into the batch; `Err` (why) when the streams no
     /// longer deliver what was logged (what was applied stays in the batch).
     fn epoch(&mut self, input: &EpochInput) -> Result<(), String> {
-        for step in &input.steps {
-            match step {
-                Step::Close(protocol) => {
-                    let pos = SourcePos::new("tvl settle".into(), 0);
-                    self.engine.sequencer().close_update(pos, protocol, self.batch);
-                    self.current.close(protocol);
-                }
-                Step::Items { stream, first, count } => {
-                    for i in 0..*count {
-                        let item = self.next_of(stream)?;
-                        if i == 0 && first.is_some() && stream_of(&item).1 != *first {
-                            let found = stream_of(&item).1;
-                            self.pending.push(item);
-                            return Err(format!("{stream} is at {found:?}, the log says {first:?}"));
-                        }
-                        self.current.item(&item);
-                        self.live.apply(item, self.engine, self.batch, self.positions);
-                    }
-                }
+        let (rx, rt, stop) = (&mut *self.live_rx, self.rt, self.stop);
+        let recv = || {
+            if stop.load(Ordering::Relaxed) {
+                return Err("stopping".to_string());
             }
-        }
-        Ok(())
-    }
-
-    /// The next item of `stream`, keeping the others for later.
-    fn next_of(&mut self, stream: &str) -> Result<LiveItem, String> {
-        if let Some(item) = self.pending.take(stream) {
-            return Ok(item);
-        }
-        let deadline = Instant::now() + REFORM_PATIENCE;
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return Err("stopping".into());
+            match rt.block_on(async { tokio::time::timeout(Duration::from_millis(100), rx.recv()).await }) {
+                Ok(Some(item)) => Ok(Some(item)),
+                Ok(None) => Err("the live sources ended".to_string()),
+                Err(_) => Ok(None),
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!("no more items of {stream} within {REFORM_PATIENCE:?}"));
+        };
+        let (live, engine, batch, positions, current) = (
+            &mut *self.live,
+            &mut *self.engine,
+            &mut *self.batch,
+            &mut *self.positions,
+            &mut *self.current,
+        );
+        self.pending.form(input, REFORM_PATIENCE, recv, |step| match step {
+            Formed::Item(item) => {
+                current.item(&item);
+                live.apply(item, engine, batch, positions);
             }
-            let wait = left.min(Duration::from_millis(100));
-            let rx = &mut *self.live_rx;
-            match self.rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
-                Ok(Some(item)) if stream_of(&item).0 == stream => return Ok(item),
-                Ok(Some(item)) => self.pending.push(item),
-                Ok(None) => return Err("the live sources ended".into()),
-                Err(_) => {}
+            Formed::Close(protocol) => {
+                let pos = SourcePos::new("tvl settle".into(), 0);
+                engine.sequencer().close_update(pos, &protocol, batch);
+                current.close(&protocol);
             }
-        }
+        })
     }
 }
 

@@ -279,6 +279,71 @@ impl Pending {
     pub fn pop(&mut self) -> Option<LiveItem> {
         self.0.pop_front()
     }
+
+    /// Forms `input` again: hands each of its items (in the logged order, whatever order
+    /// they arrive in) and closes to `out`. Items come from those waiting here, then from
+    /// `recv` (`Ok(None)`: nothing yet; `Err`: nothing more will come); items of other
+    /// streams wait here. `Err` (why) when a stream no longer delivers what was logged —
+    /// another first position, or nothing within `patience` — with what was handed out so
+    /// far already handed out.
+    pub fn form(
+        &mut self,
+        input: &EpochInput,
+        patience: std::time::Duration,
+        mut recv: impl FnMut() -> Result<Option<LiveItem>, String>,
+        mut out: impl FnMut(Formed),
+    ) -> Result<(), String> {
+        for step in &input.steps {
+            match step {
+                Step::Close(protocol) => out(Formed::Close(protocol.clone())),
+                Step::Items { stream, first, count } => {
+                    for i in 0..*count {
+                        let item = self.next_of(stream, patience, &mut recv)?;
+                        if i == 0 && first.is_some() && stream_of(&item).1 != *first {
+                            let found = stream_of(&item).1;
+                            self.0.push_front(item);
+                            return Err(format!("{stream} is at {found:?}, the log says {first:?}"));
+                        }
+                        out(Formed::Item(item));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next item of `stream`, keeping the others for later.
+    fn next_of(
+        &mut self,
+        stream: &str,
+        patience: std::time::Duration,
+        recv: &mut impl FnMut() -> Result<Option<LiveItem>, String>,
+    ) -> Result<LiveItem, String> {
+        if let Some(item) = self.take(stream) {
+            return Ok(item);
+        }
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match recv()? {
+                Some(item) if stream_of(&item).0 == stream => return Ok(item),
+                Some(item) => self.push(item),
+                None if std::time::Instant::now() >= deadline => {
+                    return Err(format!("no more items of {stream} within {patience:?}"));
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// One step of an epoch formed again ([`Pending::form`]).
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // handed out one at a time, never stored
+pub enum Formed {
+    /// An item, to apply.
+    Item(LiveItem),
+    /// A settled TVL update, to close.
+    Close(String),
 }
 
 #[cfg(test)]
@@ -315,6 +380,48 @@ mod tests {
             e.steps,
             vec![run(0, 5, 2), run(1, 9, 1), run(0, 7, 1), Step::Close("aave".into())]
         );
+    }
+
+    /// Items that arrive in another order (the streams interleave differently after a
+    /// restart) are handed out in the logged order; a stream at another position ends it.
+    #[test]
+    fn an_epoch_is_formed_in_the_logged_order_whatever_the_arrival_order() {
+        let mut logged = EpochInput::default();
+        for item in [kafka(0, 5), kafka(1, 9), kafka(0, 6), kafka(1, 10)] {
+            logged.item(&item);
+        }
+        logged.close("aave");
+        // After the restart partition 1 comes first, and an item of the next epoch too.
+        let mut arriving: VecDeque<LiveItem> =
+            [kafka(1, 9), kafka(1, 10), kafka(1, 11), kafka(0, 5), kafka(0, 6)].into();
+        let mut pending = Pending::default();
+        let mut out = Vec::new();
+        let patience = std::time::Duration::from_millis(50);
+        pending
+            .form(
+                &logged,
+                patience,
+                || Ok(arriving.pop_front()),
+                |f| {
+                    out.push(match f {
+                        Formed::Item(i) => format!("{}", stream_of(&i).1.unwrap()),
+                        Formed::Close(p) => p,
+                    })
+                },
+            )
+            .unwrap();
+        assert_eq!(out, ["5", "9", "6", "10", "aave"]);
+        // The item of the next epoch waits.
+        assert_eq!(pending.pop().map(|i| stream_of(&i).1), Some(Some(11)));
+        // A stream that restarts elsewhere, or runs dry, is an error.
+        let mut at_7: VecDeque<LiveItem> = [kafka(0, 7)].into();
+        let e = pending
+            .form(&logged, patience, || Ok(at_7.pop_front()), |_| {})
+            .unwrap_err();
+        assert!(e.contains("the log says Some(5)"), "{e}");
+        let mut pending = Pending::default();
+        let e = pending.form(&logged, patience, || Ok(None), |_| {}).unwrap_err();
+        assert!(e.contains("no more items of kafka:prices/0"), "{e}");
     }
 
     #[test]
