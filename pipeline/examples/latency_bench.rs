@@ -49,13 +49,15 @@ struct Args {
     clients: usize,
     linger_ms: u64,
     fetch_wait_ms: u64,
+    /// Checkpoints (every 5 s) and the epoch log on, as a production job runs.
+    checkpoints: bool,
     llamaflow: PathBuf,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: latency_bench [--rates 10000,50000] [--secs 20] [--warmup 5] [--coins 20000] \
-         [--partitions 4] [--batch-ms 1] [--workers 1] [--clients 1] [--linger-ms 1] [--fetch-wait-ms 5] [--llamaflow PATH]"
+         [--partitions 4] [--batch-ms 1] [--workers 1] [--clients 1] [--linger-ms 1] [--fetch-wait-ms 5] [--checkpoints on|off] [--llamaflow PATH]"
     );
     std::process::exit(2)
 }
@@ -72,6 +74,7 @@ fn parse_args() -> Args {
         clients: 1,
         linger_ms: 1,
         fetch_wait_ms: 5,
+        checkpoints: false,
         llamaflow: testkit::llamaflow_beside_example(),
     };
     let mut it = std::env::args().skip(1);
@@ -90,6 +93,7 @@ fn parse_args() -> Args {
             "--linger-ms" => a.linger_ms = num(&val),
             "--fetch-wait-ms" => a.fetch_wait_ms = num(&val),
             "--llamaflow" => a.llamaflow = PathBuf::from(val),
+            "--checkpoints" => a.checkpoints = val == "on",
             _ => usage(),
         }
     }
@@ -183,6 +187,8 @@ fn metrics(port: u16) -> String {
                 "llamaflow_publish_latency_seconds{",
                 "llamaflow_ws_frames_sent_total",
                 "llamaflow_ws_disconnects_total",
+                "llamaflow_epoch_log_syncs_total",
+                "llamaflow_checkpoints_total",
             ]
             .iter()
             .any(|m| l.starts_with(m))
@@ -277,7 +283,7 @@ fn phase(
 workers = {workers}
 batch_ms = {batch_ms}
 listen = "127.0.0.1:{port}"
-checkpoint_dir = ""
+checkpoint_dir = "{checkpoint_dir}"
 
 [sources.kafka]
 brokers = "{brokers}"
@@ -297,6 +303,11 @@ send_queue = 100000
             workers = args.workers,
             batch_ms = args.batch_ms,
             fetch_wait = args.fetch_wait_ms,
+            checkpoint_dir = if args.checkpoints {
+                dir.path().join("checkpoints").display().to_string()
+            } else {
+                String::new()
+            },
         ),
     )
     .expect("config written");
