@@ -51,13 +51,16 @@ struct Args {
     fetch_wait_ms: u64,
     /// Checkpoints (every 5 s) and the epoch log on, as a production job runs.
     checkpoints: bool,
+    /// Durable sinks besides the WebSocket: `all` adds Postgres, Redis, Kafka and a JSONL
+    /// events file (and turns checkpoints on: their lag is what a slow sink shows in).
+    all_sinks: bool,
     llamaflow: PathBuf,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: latency_bench [--rates 10000,50000] [--secs 20] [--warmup 5] [--coins 20000] \
-         [--partitions 4] [--batch-ms 1] [--workers 1] [--clients 1] [--linger-ms 1] [--fetch-wait-ms 5] [--checkpoints on|off] [--llamaflow PATH]"
+         [--partitions 4] [--batch-ms 1] [--workers 1] [--clients 1] [--linger-ms 1] [--fetch-wait-ms 5] [--checkpoints on|off] [--sinks ws|all] [--llamaflow PATH]"
     );
     std::process::exit(2)
 }
@@ -75,6 +78,7 @@ fn parse_args() -> Args {
         linger_ms: 1,
         fetch_wait_ms: 5,
         checkpoints: false,
+        all_sinks: false,
         llamaflow: testkit::llamaflow_beside_example(),
     };
     let mut it = std::env::args().skip(1);
@@ -94,6 +98,7 @@ fn parse_args() -> Args {
             "--fetch-wait-ms" => a.fetch_wait_ms = num(&val),
             "--llamaflow" => a.llamaflow = PathBuf::from(val),
             "--checkpoints" => a.checkpoints = val == "on",
+            "--sinks" => a.all_sinks = val == "all",
             _ => usage(),
         }
     }
@@ -189,6 +194,8 @@ fn metrics(port: u16) -> String {
                 "llamaflow_ws_disconnects_total",
                 "llamaflow_epoch_log_syncs_total",
                 "llamaflow_checkpoints_total",
+                "llamaflow_checkpoint_duration_seconds{",
+                "llamaflow_sink_behind_seconds{",
             ]
             .iter()
             .any(|m| l.starts_with(m))
@@ -251,8 +258,29 @@ fn main() {
         "{} worker(s), batch_ms {}, {} partitions, {} coins, {} client(s), producer linger.ms {}, consumer fetch.wait.max.ms {}",
         args.workers, args.batch_ms, args.partitions, args.coins, args.clients, args.linger_ms, args.fetch_wait_ms
     );
+    // The other durable sinks, when asked for: real servers, as the tests use.
+    let services = args.all_sinks.then(|| {
+        for t in ["defi-events", "defi-alerts"] {
+            cluster.create_topic(t, 1, 1).expect("topic");
+        }
+        let pg = testkit::Postgres::start();
+        let out = Command::new(&args.llamaflow)
+            .args(["migrate", "--database-url", &pg.url()])
+            .output()
+            .expect("llamaflow migrate runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (pg, testkit::Redis::start(None))
+    });
+    let sinks = match &services {
+        Some((pg, redis)) => format!(
+            "\n[sinks.postgres]\nurl = \"{}\"\n\n[sinks.redis]\nurl = \"{}\"\n\n[sinks.kafka]\nbrokers = \"{brokers}\"\n",
+            pg.url(),
+            redis.url()
+        ),
+        None => String::new(),
+    };
     for &rate in &args.rates {
-        phase(&args, &cluster, &brokers, &rt, rate);
+        phase(&args, &cluster, &brokers, &rt, rate, &sinks);
     }
 }
 
@@ -263,6 +291,7 @@ fn phase(
     brokers: &str,
     rt: &tokio::runtime::Runtime,
     rate: u64,
+    sinks: &str,
 ) {
     let topic = format!("prices-{rate}");
     cluster.create_topic(&topic, args.partitions, 1).expect("topic");
@@ -299,11 +328,20 @@ stdout = false
 allow_anonymous = true
 max_anonymous_per_ip = 0
 send_queue = 100000
+{sinks}{jsonl}
 "#,
             workers = args.workers,
             batch_ms = args.batch_ms,
             fetch_wait = args.fetch_wait_ms,
-            checkpoint_dir = if args.checkpoints {
+            jsonl = if args.all_sinks {
+                format!(
+                    "\n[sinks.jsonl]\nevents = \"{}\"\n",
+                    dir.path().join("events.jsonl").display()
+                )
+            } else {
+                String::new()
+            },
+            checkpoint_dir = if args.checkpoints || args.all_sinks {
                 dir.path().join("checkpoints").display().to_string()
             } else {
                 String::new()
