@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -21,29 +21,12 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{alert_ids_in_topic, boto3, psql, sigterm, sqs_alert_ids};
+use common::{Lcg, alert_ids_in_topic, boto3, psql, sigterm, sqs_alert_ids};
 
 const T0: i64 = 1_717_430_400;
 const COINS: usize = 8;
 const TICKS: usize = 400;
 const KILLS: usize = 10;
-
-/// A small deterministic generator (the test prints its seed).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Per (topic, partition): the end of the partition and the group's committed offset.
 type Offsets = BTreeMap<(String, i32), i64>;
@@ -78,16 +61,6 @@ fn watermarks_and_commits(brokers: &str) -> (Offsets, Offsets) {
         })
         .collect();
     (high, committed)
-}
-
-fn start(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_llamaflow"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("LLAMAFLOW_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
-        .spawn()
-        .expect("llamaflow starts")
 }
 
 /// The workload: per coin a random walk of prices, every 10 s of event time; rules that
@@ -153,16 +126,7 @@ fn types_in_file(path: &Path) -> BTreeMap<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_random_moments_every_alert_exactly_once() {
-    let seed = std::env::var("LLAMAFLOW_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("crash test seed {seed} (LLAMAFLOW_CRASH_SEED={seed} repeats it)");
+    let seed = common::crash_seed("crash test");
     let mut rng = Lcg(seed);
     let dir = tempfile::tempdir().unwrap();
     let (rules, ticks, transfers) = workload(&mut Lcg(7));
@@ -331,7 +295,7 @@ secret_access_key = "testing"
     });
 
     let log = dir.path().join("llamaflow.log");
-    let mut job = start(&config, &log);
+    let mut job = common::start_run(&config, &log);
     for kill in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(400 + rng.below(1400))).await;
         assert!(
@@ -346,7 +310,7 @@ secret_access_key = "testing"
             kill + 1,
             psql(&pg, "SELECT count(*) FROM alert_history")
         );
-        job = start(&config, &log);
+        job = common::start_run(&config, &log);
     }
     feed.await.unwrap();
 

@@ -9,12 +9,14 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 mod common;
+
+use common::Lcg;
 
 const T0: i64 = 1_717_430_400;
 const COINS: usize = 8;
@@ -22,23 +24,6 @@ const TICKS: usize = 500;
 const KILLS: usize = 25;
 /// One bad line every this many ticks.
 const BAD_EVERY: usize = 50;
-
-/// A small deterministic generator (the test prints its seed).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Rules that fire often (threshold crossings, 5-minute changes with a throttle) and the
 /// ticks of a random walk per coin, every 10 s of event time.
@@ -84,16 +69,6 @@ fn price_lines(ticks: &[Value]) -> Vec<String> {
     lines
 }
 
-fn start(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_llamaflow"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("LLAMAFLOW_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
-        .spawn()
-        .expect("llamaflow starts")
-}
-
 /// Every line of `path` parsed (failing the test on a fragment), counted by `key`.
 fn counts(path: &Path, key: &str) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
@@ -107,16 +82,7 @@ fn counts(path: &Path, key: &str) -> BTreeMap<String, usize> {
 
 #[test]
 fn a_jsonl_job_killed_25_times_keeps_whole_lines_and_each_record_once() {
-    let seed = std::env::var("LLAMAFLOW_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("JSONL crash test seed {seed} (LLAMAFLOW_CRASH_SEED={seed} repeats it)");
+    let seed = common::crash_seed("JSONL crash test");
     let mut rng = Lcg(seed);
     let dir = tempfile::tempdir().unwrap();
     let (rules, ticks) = workload(&mut Lcg(11));
@@ -205,7 +171,7 @@ alerts = "{alerts}"
     };
 
     let log = dir.path().join("llamaflow.log");
-    let mut job = start(&config, &log);
+    let mut job = common::start_run(&config, &log);
     for kill in 0..KILLS {
         std::thread::sleep(Duration::from_millis(60 + rng.below(400)));
         assert!(
@@ -222,7 +188,7 @@ alerts = "{alerts}"
             written.lines().count(),
             written.is_empty() || written.ends_with('\n')
         );
-        job = start(&config, &log);
+        job = common::start_run(&config, &log);
     }
     feed.join().unwrap();
 

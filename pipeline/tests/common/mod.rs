@@ -190,3 +190,49 @@ pub fn alert_ids_in_topic(brokers: &str) -> Vec<String> {
     assert_eq!(ids.len() as i64, high, "read all of defi-alerts");
     ids
 }
+
+/// A small deterministic generator for the crash tests (which print their seed).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The next value (31 bits).
+    pub fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    /// A value in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The seed of a crash test: `LLAMAFLOW_CRASH_SEED`, else the clock; printed so a failing run
+/// can be repeated.
+pub fn crash_seed(test: &str) -> u64 {
+    let seed = std::env::var("LLAMAFLOW_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("{test} seed {seed} (LLAMAFLOW_CRASH_SEED={seed} repeats it)");
+    seed
+}
+
+/// Starts `llamaflow run --config <config>` with warnings only, its stderr appended to `log`.
+pub fn start_run(config: &std::path::Path, log: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_llamaflow"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("LLAMAFLOW_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
+        .spawn()
+        .expect("llamaflow starts")
+}
