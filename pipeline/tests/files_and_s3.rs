@@ -41,6 +41,7 @@ fn followed_file_feeds_the_running_job() {
     )
     .unwrap();
     std::fs::write(&prices, "").unwrap();
+    let port = testkit::free_port();
     let config = dir.path().join("llamaflow.toml");
     std::fs::write(
         &config,
@@ -48,7 +49,6 @@ fn followed_file_feeds_the_running_job() {
             "[pipeline]\nlisten = \"127.0.0.1:{port}\"\n\n[[sources.files]]\nkind = \"rules\"\npath = \"{rules}\"\n\n\
              [[sources.files]]\nkind = \"prices\"\npath = \"{prices}\"\nfollow = true\n\n[sinks]\nstdout = false\n\n\
              [sinks.jsonl]\nalerts = \"{alerts}\"\n",
-            port = testkit::free_port(),
             rules = rules.display(),
             prices = prices.display(),
             alerts = alerts.display()
@@ -62,10 +62,13 @@ fn followed_file_feeds_the_running_job() {
         .unwrap());
     let mut f = std::fs::OpenOptions::new().append(true).open(&prices).unwrap();
     let tick = |p: f64, t: i64| json!({"coin": "coingecko:ethereum", "price": p, "timestamp": t}).to_string();
-    // A line written in two parts is read once it is complete.
+    // A line written in two parts is read once it is complete: the second part is written
+    // once the job has taken the line before it (so it has read the first part too).
     write!(f, "{}\n{}", tick(2900.0, T0), &tick(3100.0, T0 + 60)[..10]).unwrap();
     f.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    common::wait_until("the first tick taken in", Duration::from_secs(30), || {
+        common::records_in(port, "price") >= 1
+    });
     writeln!(f, "{}", &tick(3100.0, T0 + 60)[10..]).unwrap();
     writeln!(f, "{}\n{}", tick(2800.0, T0 + 120), tick(3300.0, T0 + 180)).unwrap();
     f.flush().unwrap();
