@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -140,18 +139,16 @@ async fn killed_at_random_moments_every_alert_exactly_once() {
     let (prices_file, rules_file) = (write_jsonl("prices.jsonl", &ticks), write_jsonl("rules.jsonl", &rules));
     let transfers_file = write_jsonl("transfers.jsonl", &transfers);
     let expected_file = dir.path().join("expected.jsonl");
-    let replay = Command::new(env!("CARGO_BIN_EXE_llamaflow"))
-        .args(["replay", "--quiet", "--prices"])
-        .arg(&prices_file)
-        .arg("--transfers")
-        .arg(&transfers_file)
-        .arg("--rules")
-        .arg(&rules_file)
-        .arg("--alerts-out")
-        .arg(&expected_file)
-        .output()
-        .unwrap();
-    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    common::replay(&[
+        "--prices".as_ref(),
+        prices_file.as_os_str(),
+        "--transfers".as_ref(),
+        transfers_file.as_os_str(),
+        "--rules".as_ref(),
+        rules_file.as_os_str(),
+        "--alerts-out".as_ref(),
+        expected_file.as_os_str(),
+    ]);
     // The per-coin alerts of the uninterrupted run (whale alerts depend on the interleaving).
     let expected_types = types_in_file(&expected_file);
     let expected: BTreeSet<String> = expected_types

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -98,18 +97,17 @@ fn a_jsonl_job_killed_25_times_keeps_whole_lines_and_each_record_once() {
     let all_prices = dir.path().join("all-prices.jsonl");
     std::fs::write(&all_prices, lines.iter().map(|l| l.clone() + "\n").collect::<String>()).unwrap();
     let expected_file = dir.path().join("expected.jsonl");
-    let replay = Command::new(env!("CARGO_BIN_EXE_llamaflow"))
-        .args(["replay", "--quiet", "--prices"])
-        .arg(&all_prices)
-        .arg("--rules")
-        .arg(&rules_file)
-        .arg("--alerts-out")
-        .arg(&expected_file)
-        .arg("--dead-letter-out")
-        .arg(dir.path().join("expected-dead.jsonl"))
-        .output()
-        .unwrap();
-    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    let expected_dead = dir.path().join("expected-dead.jsonl");
+    common::replay(&[
+        "--prices".as_ref(),
+        all_prices.as_os_str(),
+        "--rules".as_ref(),
+        rules_file.as_os_str(),
+        "--alerts-out".as_ref(),
+        expected_file.as_os_str(),
+        "--dead-letter-out".as_ref(),
+        expected_dead.as_os_str(),
+    ]);
     let expected = counts(&expected_file, "alert_id");
     assert!(expected.len() > 300, "the workload alerts often: {}", expected.len());
     assert!(expected.values().all(|&n| n == 1));

@@ -47,13 +47,14 @@ pub struct EpochInput {
 impl EpochInput {
     /// Records that `item` was applied.
     pub fn item(&mut self, item: &LiveItem) {
-        let (stream, pos) = stream_of(item);
-        if let Some(Step::Items { stream: s, count, .. }) = self.steps.last_mut()
-            && *s == stream
+        // Called for every live item: the stream is named (allocated) only when a run starts.
+        if let Some(Step::Items { stream, count, .. }) = self.steps.last_mut()
+            && in_stream(item, stream)
         {
             *count += 1;
             return;
         }
+        let (stream, pos) = stream_of(item);
         self.steps.push(Step::Items {
             stream,
             first: pos,
@@ -84,6 +85,19 @@ pub fn stream_of(item: &LiveItem) -> (String, Option<u64>) {
             let source = pos.rsplit_once(':').map_or(pos.as_str(), |(s, _)| s);
             (format!("pos:{source}"), None)
         }
+    }
+}
+
+/// Whether `item` is of `stream` (as [`stream_of`] names it), without naming it.
+fn in_stream(item: &LiveItem, stream: &str) -> bool {
+    match &item.ack {
+        Ack::Kafka { topic, partition, .. } => stream
+            .strip_prefix("kafka:")
+            .and_then(|s| s.rsplit_once('/'))
+            .is_some_and(|(t, p)| t == topic && p.parse::<i32>().ok() == Some(*partition)),
+        Ack::File { path, .. } => stream.strip_prefix("file:") == Some(path.as_str()),
+        Ack::Lsn(_) => stream == "cdc",
+        Ack::None => stream_of(item).0 == stream,
     }
 }
 
@@ -182,14 +196,6 @@ impl EpochLog {
             segment: segment_name(self.run, self.seq),
         })
     }
-
-    /// The segment that starts a run without a checkpoint yet: for a restart before the
-    /// first checkpoint.
-    pub fn first(&self) -> LogMark {
-        LogMark {
-            segment: segment_name(self.run, 0),
-        }
-    }
 }
 
 /// The epochs logged after `mark`: its segment and the later ones of its run, in order, up to
@@ -266,7 +272,7 @@ pub struct Pending(VecDeque<LiveItem>);
 impl Pending {
     /// The first waiting item of `stream`, if any.
     pub fn take(&mut self, stream: &str) -> Option<LiveItem> {
-        let i = self.0.iter().position(|item| stream_of(item).0 == stream)?;
+        let i = self.0.iter().position(|item| in_stream(item, stream))?;
         self.0.remove(i)
     }
 
@@ -325,7 +331,7 @@ impl Pending {
         let deadline = std::time::Instant::now() + patience;
         loop {
             match recv()? {
-                Some(item) if stream_of(&item).0 == stream => return Ok(item),
+                Some(item) if in_stream(&item, stream) => return Ok(item),
                 Some(item) => self.push(item),
                 None if std::time::Instant::now() >= deadline => {
                     return Err(format!("no more items of {stream} within {patience:?}"));
@@ -445,7 +451,10 @@ mod tests {
             read_after(dir.path(), &mark).unwrap(),
             vec![epoch(2), epoch(3), epoch(4)]
         );
-        assert_eq!(read_after(dir.path(), &log.first()).unwrap().len(), 4);
+        let first = |run| LogMark {
+            segment: segment_name(run, 0),
+        };
+        assert_eq!(read_after(dir.path(), &first(1000)).unwrap().len(), 4);
         // A kill in the middle of the last frame: that epoch is not in the log.
         let last = dir.path().join(segment_name(1000, 2));
         let len = std::fs::metadata(&last).unwrap().len();
@@ -457,8 +466,8 @@ mod tests {
             .unwrap();
         assert_eq!(read_after(dir.path(), &mark).unwrap(), vec![epoch(2), epoch(3)]);
         // The newest run, pruning.
-        let other = EpochLog::create(dir.path(), 2000).unwrap();
-        assert_eq!(newest_run(dir.path()).unwrap(), Some(other.first()));
+        let _other = EpochLog::create(dir.path(), 2000).unwrap();
+        assert_eq!(newest_run(dir.path()).unwrap(), Some(first(2000)));
         prune(dir.path(), &mark);
         let names: Vec<String> = segments(dir.path()).unwrap().into_iter().map(|s| s.2).collect();
         assert_eq!(

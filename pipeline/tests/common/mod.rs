@@ -236,3 +236,14 @@ pub fn start_run(config: &std::path::Path, log: &std::path::Path) -> Child {
         .spawn()
         .expect("llamaflow starts")
 }
+
+/// Runs `llamaflow replay --quiet` with `args` (inputs and outputs), failing the test unless
+/// it succeeds.
+pub fn replay<S: AsRef<std::ffi::OsStr>>(args: &[S]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_llamaflow"))
+        .args(["replay", "--quiet"])
+        .args(args)
+        .output()
+        .expect("llamaflow replay runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
