@@ -146,6 +146,38 @@ impl Candidate {
     }
 }
 
+/// What the throttle stage takes: rule matches, and deleted rules to forget.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Throttled {
+    /// A rule match.
+    Match(Candidate),
+    /// A deleted rule whose throttle can no longer matter (its own `seq`).
+    Forget {
+        /// The forget's sequence number.
+        seq: u64,
+        /// The rule.
+        rule_id: String,
+    },
+}
+
+impl Throttled {
+    /// The order the throttle stage takes them in: by sequence number, then rule.
+    pub fn order_key(&self) -> (u64, &str) {
+        match self {
+            Throttled::Match(c) => c.order_key(),
+            Throttled::Forget { seq, rule_id } => (*seq, rule_id),
+        }
+    }
+
+    /// The rule it is about (the throttle stage is partitioned by rule).
+    pub fn rule_id(&self) -> &str {
+        match self {
+            Throttled::Match(c) => &c.rule.id,
+            Throttled::Forget { rule_id, .. } => rule_id,
+        }
+    }
+}
+
 /// Per-rule throttle: after a rule fires at event time t it does not fire again for records
 /// with timestamp < t + throttle. Feed matches of one rule in `seq` order.
 #[derive(Default, Debug, Serialize, Deserialize)]
@@ -154,8 +186,20 @@ pub struct Throttle {
 }
 
 impl Throttle {
+    /// Takes one item (in [`Throttled::order_key`] order): a match that fires is returned,
+    /// and recorded; a forget drops the rule's last firing.
+    pub fn take(&mut self, item: Throttled) -> Option<Candidate> {
+        match item {
+            Throttled::Match(c) => self.admit(&c).then_some(c),
+            Throttled::Forget { rule_id, .. } => {
+                self.last_fired.remove(&rule_id);
+                None
+            }
+        }
+    }
+
     /// Whether the match fires; records the firing.
-    pub fn admit(&mut self, c: &Candidate) -> bool {
+    fn admit(&mut self, c: &Candidate) -> bool {
         if let Some(&last) = self.last_fired.get(&c.rule.id)
             && c.triggered_at < last.saturating_add(c.rule.throttle_ms())
         {
@@ -173,5 +217,47 @@ impl Throttle {
     /// Whether no rule has fired yet.
     pub fn is_empty(&self) -> bool {
         self.last_fired.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_forget_drops_the_rules_last_firing() {
+        let rule = Arc::new(
+            AlertRule::from_json(&json!({"id":"r","user_id":"u","alert_type":"gas_price",
+                "throttle_minutes":1,"conditions":{"chain":"c","operator":">","gwei":1}}))
+            .expect("valid rule"),
+        );
+        let info = Arc::new(RecordInfo {
+            subject: "c".into(),
+            identity: "i".into(),
+            label: "c".into(),
+            chain: None,
+        });
+        let at = |seq, t| {
+            Throttled::Match(Candidate {
+                seq,
+                rule: rule.clone(),
+                info: info.clone(),
+                triggered_at: t,
+                value: 2.0,
+                detail: Detail::Plain,
+            })
+        };
+        let mut throttle = Throttle::default();
+        assert!(throttle.take(at(1, 1_000)).is_some());
+        assert!(throttle.take(at(2, 2_000)).is_none(), "within the minute");
+        assert_eq!(throttle.len(), 1);
+        let forget = Throttled::Forget {
+            seq: 3,
+            rule_id: "r".into(),
+        };
+        assert!(throttle.take(forget).is_none());
+        assert!(throttle.is_empty());
+        assert!(throttle.take(at(4, 3_000)).is_some(), "a new rule");
     }
 }

@@ -1,7 +1,7 @@
 //! The timely dataflow: keyed state → throttle → ordered alerts.
 //!
 //! ```text
-//! envelopes ─exchange(route)─► Keyed ─┬─ candidates ─exchange(rule)─► Throttle ─exchange(0)─► Order ─► alerts
+//! envelopes ─exchange(route)─► Keyed ─┬─ candidates, forgets ─exchange(rule)─► Throttle ─exchange(0)─► Order ─► alerts
 //!                                     ├─ events (per worker)
 //!                                     └─ dead letters (per worker)
 //! ```
@@ -21,7 +21,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::{Map, Partition};
 
 use crate::aggregate::{self, AggIn, AggOut, Aggregates, StateOut};
-use crate::candidate::{Candidate, Throttle};
+use crate::candidate::{Candidate, Throttle, Throttled};
 use crate::checkpoint::{Checkpointing, Encode, Part, Snapshots};
 use crate::config::OpConfig;
 use crate::envelope::{Envelope, Item, Key, mix};
@@ -184,7 +184,7 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         },
     );
     let mut parts = keyed.partition(5, |o| match o {
-        KeyedOut::Candidate(_) => (0, o),
+        KeyedOut::Candidate(_) | KeyedOut::Forget { .. } => (0, o),
         KeyedOut::Event(_) => (1, o),
         KeyedOut::Dead(_) => (2, o),
         KeyedOut::State(_) => (3, o),
@@ -232,7 +232,8 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         AggOut::State(_) => None,
     });
     let candidates = candidates.flat_map(|o| match o {
-        KeyedOut::Candidate(c) => Some(c),
+        KeyedOut::Candidate(c) => Some(Throttled::Match(c)),
+        KeyedOut::Forget { seq, rule_id } => Some(Throttled::Forget { seq, rule_id }),
         _ => None,
     });
     let events = events
@@ -245,7 +246,7 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         KeyedOut::Dead(d) => Some(d),
         _ => None,
     });
-    let rule_route = |c: &Candidate| mix(Key::Chain(&c.rule.id).hash());
+    let rule_route = |t: &Throttled| mix(Key::Chain(t.rule_id()).hash());
     let fired = per_epoch(
         candidates,
         Exchange::new(rule_route),
@@ -254,8 +255,8 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         duty(Part::Throttle),
         None,
         move |throttle, mut batch, out| {
-            batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
-            out.extend(batch.into_iter().filter(|c| throttle.admit(c)));
+            batch.sort_by(|a: &Throttled, b: &Throttled| a.order_key().cmp(&b.order_key()));
+            out.extend(batch.into_iter().filter_map(|t| throttle.take(t)));
             throttle_gauge.set(throttle.len() as f64);
         },
     );

@@ -1,7 +1,7 @@
 //! What enters the dataflow: records stamped with a global ingest sequence number and a
 //! route, produced by the single-threaded [`Sequencer`] in front of the workers.
 
-use schemas::{AlertRule, Conditions, Record, SourcePos};
+use schemas::{AlertRule, Conditions, Millis, Record, SourcePos};
 use serde::{Deserialize, Serialize};
 
 /// One item on its way into the dataflow.
@@ -26,9 +26,12 @@ pub enum Item {
     DeleteRule(String),
     /// Removes a protocol's metadata and TVL from the live state.
     DeleteProtocol(String),
-    /// Comes with a rule arriving from another route (a key change, or re-created after a
-    /// delete): it may have fired elsewhere, so only the throttle stage may throttle it.
+    /// Comes with a rule arriving from another route (a key change) or re-created after a
+    /// delete: it may have fired before, elsewhere, so only the throttle stage may throttle it.
     ForeignRule(String),
+    /// A deleted rule's throttle can no longer matter (SPEC §2 as docs/ARCHITECTURE.md
+    /// decides it): the throttle stage forgets the rule's last firing.
+    ForgetRule(String),
     /// Closes a protocol's TVL update (its records at one timestamp, SPEC §2): its total is
     /// evaluated now. Updates also close when a newer record of the protocol arrives.
     CloseUpdate {
@@ -116,9 +119,16 @@ enum Route {
 pub struct Sequencer {
     workers: u64,
     next_seq: u64,
-    rule_routes: imbl::HashMap<String, Route>,
-    /// Where deleted rules lived: a rule re-created under another key may have fired there.
-    retired: imbl::HashMap<String, Route>,
+    /// Each live rule's route and throttle.
+    rule_routes: imbl::HashMap<String, (Route, Millis)>,
+    /// Deleted rules whose throttle may still matter, until their deadline: the newest event
+    /// time at the delete plus the deleted version's throttle. A rule re-created before then
+    /// keeps its throttle; once a record reaches the deadline, it is forgotten.
+    retired: imbl::HashMap<String, Millis>,
+    /// `retired` ordered by deadline.
+    deadlines: imbl::OrdSet<(Millis, String)>,
+    /// The newest event time of any record so far.
+    newest: Millis,
     /// The open TVL update of each protocol (its newest timestamp), until closed.
     open_updates: imbl::HashMap<String, schemas::Millis>,
 }
@@ -131,6 +141,8 @@ impl Sequencer {
             next_seq: first_seq,
             rule_routes: imbl::HashMap::new(),
             retired: imbl::HashMap::new(),
+            deadlines: imbl::OrdSet::new(),
+            newest: Millis::MIN,
             open_updates: imbl::HashMap::new(),
         }
     }
@@ -168,20 +180,31 @@ impl Sequencer {
 
     /// Stamps one record and appends its envelope(s) to `out`.
     pub fn push(&mut self, pos: SourcePos, record: Record, out: &mut Vec<Envelope>) {
+        let ts = record.timestamp();
+        if ts > self.newest {
+            self.newest = ts;
+            self.forget_expired(&pos, out);
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Record::Rule(rule) = &record {
             let route = rule_key(rule).map_or(Route::All, |k| Route::One(k.hash()));
-            let before = match self.rule_routes.insert(rule.id.clone(), route) {
-                Some(old) => {
-                    if old != route {
-                        self.emit(old, seq, &pos, Item::DeleteRule(rule.id.clone()), out);
-                    }
-                    Some(old)
+            // Whether the rule may have fired under another route, or before a delete.
+            let foreign = match self.rule_routes.insert(rule.id.clone(), (route, rule.throttle_ms())) {
+                Some((old, _)) if old != route => {
+                    self.emit(old, seq, &pos, Item::DeleteRule(rule.id.clone()), out);
+                    true
                 }
-                None => self.retired.remove(&rule.id),
+                Some(_) => false,
+                None => match self.retired.remove(&rule.id) {
+                    Some(deadline) => {
+                        self.deadlines.remove(&(deadline, rule.id.clone()));
+                        true
+                    }
+                    None => false,
+                },
             };
-            if matches!(route, Route::One(_)) && before.is_some_and(|old| old != route) {
+            if foreign && matches!(route, Route::One(_)) {
                 self.emit(route, seq, &pos, Item::ForeignRule(rule.id.clone()), out);
             }
             self.emit(route, seq, &pos, Item::Record(record), out);
@@ -215,12 +238,13 @@ impl Sequencer {
     }
 
     /// Entries of each kind of state the ingest front holds, for the `llamaflow_state_entries`
-    /// gauges: `rule_routes` (live rules), `retired_routes` (where deleted rules lived) and
+    /// gauges: `rule_routes` (live rules), `retired_rules` (deleted rules whose throttle may
+    /// still matter) and
     /// `open_tvl_updates`.
     pub fn sizes(&self) -> [(&'static str, usize); 3] {
         [
             ("rule_routes", self.rule_routes.len()),
-            ("retired_routes", self.retired.len()),
+            ("retired_rules", self.retired.len()),
             ("open_tvl_updates", self.open_updates.len()),
         ]
     }
@@ -261,9 +285,33 @@ impl Sequencer {
     pub fn delete_rule(&mut self, pos: SourcePos, rule_id: &str, out: &mut Vec<Envelope>) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        if let Some(route) = self.rule_routes.remove(rule_id) {
+        if let Some((route, throttle)) = self.rule_routes.remove(rule_id) {
             self.emit(route, seq, &pos, Item::DeleteRule(rule_id.to_string()), out);
-            self.retired.insert(rule_id.to_string(), route);
+            let deadline = self.newest.saturating_add(throttle);
+            self.retired.insert(rule_id.to_string(), deadline);
+            self.deadlines.insert((deadline, rule_id.to_string()));
+        }
+    }
+
+    /// Forgets the deleted rules whose deadline the newest event time has reached: every
+    /// firing of theirs was at or before the newest event time at their delete, so no record
+    /// from here on is within their throttle. Each gets its own `seq`, before the record that
+    /// reached the deadline (one envelope: only the throttle stage holds anything).
+    fn forget_expired(&mut self, pos: &SourcePos, out: &mut Vec<Envelope>) {
+        while let Some((deadline, id)) = self.deadlines.get_min().cloned() {
+            if deadline > self.newest {
+                break;
+            }
+            self.deadlines.remove(&(deadline, id.clone()));
+            self.retired.remove(&id);
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            out.push(Envelope {
+                seq,
+                route: 0,
+                pos: pos.clone(),
+                item: Item::ForgetRule(id),
+            });
         }
     }
 }
@@ -317,11 +365,13 @@ mod tests {
         out.clear();
         s.delete_rule(pos.clone(), "r", &mut out);
         assert!(out.is_empty());
-        // Re-created under the same key: nothing foreign; under another key: foreign.
+        // Re-created (under the same key or another) before its throttle deadline: foreign,
+        // as it may have fired before.
         let bitcoin = json!({"id":"r","user_id":"u","alert_type":"whale_movement",
             "conditions":{"coin":"coingecko:bitcoin","min_usd":1}});
         s.push(pos.clone(), rule(bitcoin.clone()), &mut out);
-        assert_eq!(out.len(), 1);
+        assert_eq!(out.len(), 2);
+        assert!(matches!(out[0].item, Item::ForeignRule(_)));
         out.clear();
         s.delete_rule(pos.clone(), "r", &mut out);
         out.clear();
@@ -330,6 +380,49 @@ mod tests {
         s.push(pos, rule(eth), &mut out);
         assert_eq!(out.len(), 2);
         assert!(matches!(out[0].item, Item::ForeignRule(_)));
+    }
+
+    fn gas(t: Millis) -> Record {
+        Record::Gas(schemas::GasTick {
+            chain: "ethereum".into(),
+            gwei: 1.0,
+            timestamp: t,
+        })
+    }
+
+    #[test]
+    fn a_deleted_rules_throttle_is_forgotten_once_event_time_reaches_its_deadline() {
+        let mut s = Sequencer::new(2, 0);
+        let pos = SourcePos::new("t:".into(), 1);
+        let mut out = Vec::new();
+        let r = |id: &str| {
+            rule(
+                json!({"id":id,"user_id":"u","alert_type":"gas_price","throttle_minutes":1,
+                "conditions":{"chain":"ethereum","operator":">","gwei":5}}),
+            )
+        };
+        s.push(pos.clone(), r("a"), &mut out);
+        s.push(pos.clone(), r("b"), &mut out);
+        s.push(pos.clone(), gas(10_000), &mut out);
+        s.delete_rule(pos.clone(), "a", &mut out);
+        s.delete_rule(pos.clone(), "b", &mut out);
+        // Both deadlines are 10 s + 1 min; "b" comes back before it and is not forgotten.
+        s.push(pos.clone(), r("b"), &mut out);
+        assert_eq!(s.sizes()[1], ("retired_rules", 1));
+        out.clear();
+        s.push(pos.clone(), gas(69_999), &mut out);
+        assert_eq!(out.len(), 1, "before the deadline nothing is forgotten");
+        out.clear();
+        s.push(pos.clone(), gas(70_000), &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(matches!(&out[0].item, Item::ForgetRule(id) if id == "a"));
+        assert!(out[0].seq < out[1].seq, "the forget comes before the record");
+        assert_eq!(s.sizes()[1], ("retired_rules", 0));
+        // Re-created after its deadline: a new rule, nothing foreign.
+        out.clear();
+        s.push(pos, r("a"), &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(out[0].item, Item::Record(_)));
     }
 
     #[test]

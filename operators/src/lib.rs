@@ -15,7 +15,7 @@ mod format;
 mod state;
 
 pub use aggregate::{StateDelta, StateOut};
-pub use candidate::{Candidate, Detail, RecordInfo, Throttle};
+pub use candidate::{Candidate, Detail, RecordInfo, Throttle, Throttled};
 pub use checkpoint::{Checkpointing, Snapshots, WorkerState};
 pub use config::OpConfig;
 pub use dataflow::{Outputs, build};

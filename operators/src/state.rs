@@ -28,6 +28,13 @@ pub enum KeyedOut {
     Event(Event),
     /// A rule match, before throttling.
     Candidate(Candidate),
+    /// A deleted rule whose throttle the throttle stage forgets ([`Item::ForgetRule`]).
+    Forget {
+        /// The forget's own sequence number.
+        seq: u64,
+        /// The rule.
+        rule_id: String,
+    },
     /// A record rejected by the dataflow (e.g. `late`).
     Dead(DeadLetter),
     /// A change to the inputs of the live aggregates.
@@ -276,8 +283,9 @@ struct RuleIndex {
     protocol: FastMap<String, Vec<Watched>>,
     chain: FastMap<String, Vec<Watched>>,
     any_key: Vec<Watched>,
-    /// Early-throttle state of rules not in the index: deleted (a rule re-created with its id
-    /// keeps its throttle), or announced as foreign before they arrive.
+    /// Early-throttle state announced for rules not in the index: `Foreign` from the
+    /// [`Item::ForeignRule`] just before the rule's record (or kept for a rule whose version
+    /// was refused). A deleted rule leaves nothing here: a re-created one arrives as foreign.
     parked: FastMap<String, Early>,
 }
 
@@ -307,19 +315,31 @@ impl RuleIndex {
         Some((list, i))
     }
 
-    fn remove(&mut self, id: &str) {
-        if let Some((list, i)) = self.find(id) {
-            let gone = list.remove(i);
-            if let Some(early) = gone.early {
-                self.parked.insert(id.to_string(), early);
-            }
-        }
+    /// Takes a rule out of the index; returns its early-throttle state.
+    fn take(&mut self, id: &str) -> Option<Early> {
+        let early = self.find(id).and_then(|(list, i)| list.remove(i).early);
         self.by_id.remove(id);
+        early
+    }
+
+    /// Deletes a rule (or it moved to another worker), with anything announced for it.
+    fn remove(&mut self, id: &str) {
+        self.take(id);
+        self.parked.remove(id);
+    }
+
+    /// A version of the rule was refused: the older one goes, but a rule that may have fired
+    /// elsewhere stays announced as such for a later version.
+    fn refuse(&mut self, id: &str) {
+        if let Some(Early::Foreign) = self.take(id) {
+            self.parked.insert(id.to_string(), Early::Foreign);
+        }
     }
 
     fn upsert(&mut self, rule: AlertRule) {
-        self.remove(&rule.id);
-        let early = self.parked.remove(&rule.id);
+        // An update in place keeps its early state; an announcement takes precedence.
+        let kept = self.take(&rule.id);
+        let early = self.parked.remove(&rule.id).or(kept);
         let rule = Arc::new(rule);
         let keyed = crate::envelope::rule_key(&rule).is_some();
         self.slot(&rule).push(Watched {
@@ -436,8 +456,8 @@ impl KeyedState {
     }
 
     /// Entries of each kind of state this worker holds, for the `llamaflow_state_entries`
-    /// gauges: keys (`coins`, `protocols`, `chains`), `rules`, and `parked_rules` (throttle
-    /// state of deleted rules and of rules announced before they arrive).
+    /// gauges: keys (`coins`, `protocols`, `chains`), `rules`, and `parked_rules` (rules
+    /// announced as foreign whose version was refused; nothing between batches otherwise).
     pub fn sizes(&self) -> [(&'static str, usize); 5] {
         [
             ("coins", self.coins.len()),
@@ -470,11 +490,12 @@ impl KeyedState {
         match item {
             Item::DeleteRule(id) => self.rules.remove(&id),
             Item::ForeignRule(id) => self.rules.foreign(id),
+            Item::ForgetRule(rule_id) => out.push(KeyedOut::Forget { seq, rule_id }),
             Item::Record(Record::Rule(rule)) => match rule_window(&rule).filter(|w| *w > self.cfg.max_rule_window) {
                 // A window longer than the bound would keep unbounded history for its key: the
                 // rule is refused (and an earlier version of it removed).
                 Some(w) => {
-                    self.rules.remove(&rule.id);
+                    self.rules.refuse(&rule.id);
                     metrics::counter!("llamaflow_rules_refused_total", "reason" => "window").increment(1);
                     let reason = format!(
                         "invalid rule: window {} is longer than the maximum of {} (operators.max_rule_window_days)",

@@ -735,6 +735,45 @@ fn throttle_holds_when_a_rule_moves_between_workers() {
 }
 
 #[test]
+fn a_deleted_rules_throttle_lasts_its_throttle_period_in_event_time() {
+    // "g" fires at 2 s with a 1-minute throttle and is deleted: its deadline is 62 s. It is
+    // re-created with a 10-minute throttle and matches at 6 s on ethereum (whose own clock is
+    // at 2 s). Re-created before any record reached 62 s it keeps its throttle (6 s < 2 s +
+    // 10 min: held); once an arbitrum record at 62 s has passed the deadline, it is a new rule
+    // and fires.
+    let gas = |chain: &str, g: f64, t: i64| {
+        Op::Rec(Record::Gas(GasTick {
+            chain: chain.into(),
+            gwei: g,
+            timestamp: t * 1000,
+        }))
+    };
+    let g = |minutes: f64| {
+        rule(
+            json!({"id":"g","user_id":"u","alert_type":"gas_price","throttle_minutes":minutes,
+            "conditions":{"chain":"ethereum","operator":">","gwei":50}}),
+        )
+    };
+    for (passed, expected) in [(61, vec![2]), (62, vec![2, 6])] {
+        let batches = vec![
+            vec![g(1.0), gas("ethereum", 40.0, 1), gas("ethereum", 60.0, 2)],
+            vec![Op::Del("g".into()), gas("arbitrum", 1.0, passed)],
+            vec![g(10.0), gas("ethereum", 40.0, 5), gas("ethereum", 60.0, 6)],
+        ];
+        let m = model(&batches).alerts;
+        assert_eq!(
+            m.iter().map(|a| a.3 / 1000).collect::<Vec<_>>(),
+            expected,
+            "model, {passed} s"
+        );
+        for workers in 1..=4 {
+            let got = as_model(&run(workers, &batches, OpConfig::default()).alerts);
+            assert_eq!(got, m, "{workers} workers, {passed} s");
+        }
+    }
+}
+
+#[test]
 fn a_rule_window_past_the_bound_is_dead_lettered_and_replaces_nothing_silently() {
     let c = "coingecko:x";
     let window_rule = |days: i64| {

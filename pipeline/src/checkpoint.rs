@@ -16,9 +16,10 @@ use anyhow::{Context, Result, anyhow};
 use operators::{Sequencer, Snapshots, WorkerState};
 use serde::{Deserialize, Serialize};
 
-/// First bytes of a checkpoint file (format version 5: with protocol metadata, the live
-/// aggregates' state, the open TVL updates and the JSONL files' lengths).
-const MAGIC: &[u8; 8] = b"LLFCKPT5";
+/// First bytes of a checkpoint file (format version 6: with protocol metadata, the live
+/// aggregates' state, the open TVL updates, the JSONL files' lengths, the epoch log's mark
+/// and the deleted rules' throttle deadlines).
+const MAGIC: &[u8; 8] = b"LLFCKPT6";
 /// Checkpoint files kept in the directory.
 const KEEP: usize = 2;
 /// The JSONL files' lengths when a job started without a checkpoint: a restart before the
@@ -115,7 +116,7 @@ impl Checkpoint {
         let bytes = std::fs::read(&path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         let body = bytes.strip_prefix(MAGIC.as_slice()).with_context(|| {
             format!(
-                "{} is not a llamaflow checkpoint of this version (5); move it away to start over",
+                "{} is not a llamaflow checkpoint of this version (6); move it away to start over",
                 path.display()
             )
         })?;

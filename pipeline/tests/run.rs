@@ -268,7 +268,10 @@ fn under_a_low_open_file_limit_idle_connections_are_capped_then_closed() {
     let written = || std::fs::metadata(&events).map(|m| m.len()).unwrap_or(0);
     common::wait_until("first events written", Duration::from_secs(20), || written() > 0);
 
-    // More idle connections than the process has descriptors: none sends a byte.
+    // More idle connections than the process has descriptors: none sends a byte. They arrive
+    // faster than the server accepts them: with a listen backlog of 128 the kernel dropped
+    // SYNs, connecting took seconds, held connections timed out meanwhile and freed slots
+    // for later ones (`sinks::websocket::LISTEN_BACKLOG`).
     let idle: Vec<TcpStream> = (0..600)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();

@@ -41,6 +41,14 @@ pub struct Model {
     throttle: HashMap<String, Millis>,
     /// (seq, rule_id, subject, t, value, identity, throttle_ms) of the current batch.
     matches: Vec<(u64, String, String, Millis, f64, String, Millis)>,
+    /// (seq, rule_id) of the current batch's forgotten throttles.
+    forgets: Vec<(u64, String)>,
+    /// The newest record timestamp so far.
+    newest: Option<Millis>,
+    /// Deleted rules and the event time from which their throttle is forgotten: the newest
+    /// timestamp at the delete plus the deleted rule's throttle (docs/ARCHITECTURE.md,
+    /// "Deleted rules"). A re-created rule before then keeps its throttle.
+    deadlines: BTreeMap<String, Millis>,
     /// Alerts so far.
     pub alerts: Vec<ModelAlert>,
     /// Positions (op indexes) of records rejected as late.
@@ -90,6 +98,18 @@ fn model_alert_id(rule_id: &str, subject: &str, t: Millis, identity: &str) -> St
     h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A data record's event time (rules and protocols have none).
+fn event_time(r: &Record) -> Option<Millis> {
+    match r {
+        Record::Price(p) => Some(p.timestamp),
+        Record::Tvl(t) => Some(t.timestamp),
+        Record::Transfer(t) => Some(t.timestamp),
+        Record::Gas(g) => Some(g.timestamp),
+        Record::Liquidation(l) => Some(l.timestamp),
+        Record::Protocol(_) | Record::Rule(_) => None,
+    }
+}
+
 /// Value as of `t`: the last point with time ≤ t (linear scan).
 fn as_of(h: &[(Millis, f64)], t: Millis) -> Option<f64> {
     h.iter().rev().find(|(ts, _)| *ts <= t).map(|x| x.1)
@@ -135,13 +155,35 @@ impl Model {
                 }
                 continue;
             }
+            if let Op::Rec(r) = op
+                && let Some(t) = event_time(r)
+                && self.newest.is_none_or(|n| t > n)
+            {
+                self.newest = Some(t);
+                let due: Vec<String> = self
+                    .deadlines
+                    .iter()
+                    .filter(|(_, d)| **d <= t)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in due {
+                    // Each forget takes a sequence number of its own, before the record.
+                    self.deadlines.remove(&id);
+                    self.forgets.push((self.next_seq, id));
+                    self.next_seq += 1;
+                }
+            }
             let seq = self.next_seq;
             self.next_seq += 1;
             self.step(seq, pos, op);
         }
         let mut ms = std::mem::take(&mut self.matches);
         ms.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        for (_, rule_id, subject, t, value, identity, throttle) in ms {
+        let mut forgets = std::mem::take(&mut self.forgets).into_iter().peekable();
+        for (seq, rule_id, subject, t, value, identity, throttle) in ms {
+            while let Some((_, id)) = forgets.next_if(|(s, _)| *s < seq) {
+                self.throttle.remove(&id);
+            }
             if let Some(&last) = self.throttle.get(&rule_id)
                 && t < last + throttle
             {
@@ -156,12 +198,19 @@ impl Model {
                 value,
             ));
         }
+        for (_, id) in forgets {
+            self.throttle.remove(&id);
+        }
     }
 
     fn step(&mut self, seq: u64, pos: u64, op: &Op) {
         let rec = match op {
             Op::Del(id) => {
-                self.rules.remove(id);
+                if let Some(rule) = self.rules.remove(id) {
+                    let throttle = (rule.throttle_minutes * 60_000.0).round() as Millis;
+                    let deadline = self.newest.unwrap_or(Millis::MIN).saturating_add(throttle);
+                    self.deadlines.insert(id.clone(), deadline);
+                }
                 return;
             }
             Op::Close => return,
@@ -169,6 +218,7 @@ impl Model {
         };
         match rec {
             Record::Rule(r) => {
+                self.deadlines.remove(&r.id);
                 self.rules.insert(r.id.clone(), r.clone());
             }
             Record::Protocol(_) => {}

@@ -315,7 +315,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
 
     let listener = match cfg.pipeline.listen {
         Some(addr) => Some(
-            rt.block_on(tokio::net::TcpListener::bind(addr))
+            rt.block_on(async { sinks::websocket::bind(addr) })
                 .with_context(|| format!("cannot listen on {addr} (set pipeline.listen or --listen)"))?,
         ),
         None => None,

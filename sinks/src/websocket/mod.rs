@@ -87,7 +87,7 @@ use std::fmt;
 use std::time::Duration;
 
 pub use hub::{Hub, SnapshotSource};
-pub use server::{HttpLimits, router, serve};
+pub use server::{HttpLimits, LISTEN_BACKLOG, bind, router, serve};
 
 /// Configuration of the WebSocket fanout.
 ///

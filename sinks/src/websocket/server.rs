@@ -219,6 +219,28 @@ where
     Ok(())
 }
 
+/// Connections the kernel queues for the server before it accepts them (capped by
+/// `net.core.somaxconn`). The usual default, 128, drops the SYNs of a burst — thousands of
+/// WebSocket clients reconnecting after a restart — and each dropped one is retried only a
+/// second later.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the server's listener on `addr` with [`LISTEN_BACKLOG`]; call inside the runtime.
+///
+/// # Errors
+///
+/// The address is taken or cannot be bound.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Resolves once `stop` says true (or its sender is gone).
 async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
