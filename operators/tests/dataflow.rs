@@ -876,3 +876,65 @@ fn finite_input_never_gives_infinite_output() {
         assert_eq!(r.dead.len(), 2, "{reasons:?}");
     }
 }
+
+#[test]
+fn nothing_of_deleted_rules_outlives_their_throttle() {
+    // 1,000 gas rules fire, move to another chain, and are deleted; once event time has
+    // passed their throttle (1 min), no stage holds anything for them.
+    let mut seq = Sequencer::new(2, 0);
+    let mut states = [
+        operators::KeyedState::new(OpConfig::default()),
+        operators::KeyedState::new(OpConfig::default()),
+    ];
+    let mut throttle = operators::Throttle::default();
+    let pos = || SourcePos::new("t:".into(), 0);
+    let g = |i: usize, chain: &str| {
+        Record::Rule(
+            AlertRule::from_json(&json!({"id": format!("g{i}"),"user_id":"u","alert_type":"gas_price",
+                "throttle_minutes":1,"conditions":{"chain":chain,"operator":">","gwei":50}}))
+            .expect("valid rule"),
+        )
+    };
+    let gas = |chain: &str, gwei: f64, t: Millis| {
+        Record::Gas(GasTick {
+            chain: chain.into(),
+            gwei,
+            timestamp: t,
+        })
+    };
+    let mut envs = Vec::new();
+    for i in 0..1000 {
+        seq.push(pos(), g(i, "ethereum"), &mut envs);
+    }
+    seq.push(pos(), gas("ethereum", 40.0, 1_000), &mut envs);
+    seq.push(pos(), gas("ethereum", 60.0, 2_000), &mut envs);
+    for i in 0..1000 {
+        seq.push(pos(), g(i, "arbitrum"), &mut envs);
+        seq.delete_rule(pos(), &format!("g{i}"), &mut envs);
+    }
+    // One record reaches the deadlines (2 s + 1 min).
+    seq.push(pos(), gas("base", 1.0, 62_000), &mut envs);
+    let mut fired = 0;
+    let mut out = Vec::new();
+    for e in envs {
+        states[(e.route % 2) as usize].process(e, &mut out);
+        for o in out.drain(..) {
+            let item = match o {
+                operators::KeyedOut::Candidate(c) => operators::Throttled::Match(c),
+                operators::KeyedOut::Forget { seq, rule_id } => operators::Throttled::Forget { seq, rule_id },
+                _ => continue,
+            };
+            fired += usize::from(throttle.take(item).is_some());
+        }
+    }
+    assert_eq!(fired, 1000, "every rule fired once");
+    assert!(throttle.is_empty(), "throttle holds {}", throttle.len());
+    assert!(seq.sizes().iter().all(|(_, n)| *n == 0), "{:?}", seq.sizes());
+    for s in &states {
+        assert!(
+            s.sizes().iter().filter(|(k, _)| *k != "chains").all(|(_, n)| *n == 0),
+            "{:?}",
+            s.sizes()
+        );
+    }
+}
