@@ -36,6 +36,23 @@ const CATEGORIES: usize = 2;
 const TOTAL_DAILY: usize = 3;
 const CHARTS: usize = 4;
 
+/// Empties the cached answers of `next` whose inputs differ from `prev`'s (compared by
+/// identity: a map touched at all counts as changed).
+pub(crate) fn refresh(prev: &State, next: &mut State) {
+    let changed = [
+        (PROTOCOLS, !prev.protocols.ptr_eq(&next.protocols)),
+        (CHAINS, !prev.chains.ptr_eq(&next.chains)),
+        (CATEGORIES, !prev.categories.ptr_eq(&next.categories)),
+        (TOTAL_DAILY, !Arc::ptr_eq(&prev.total_daily, &next.total_daily)),
+        (CHARTS, !Arc::ptr_eq(&prev.total_daily, &next.total_daily)),
+    ];
+    for (slot, changed) in changed {
+        if changed {
+            next.cache.clear(slot);
+        }
+    }
+}
+
 /// The read API's routes, to merge into the job's router.
 pub fn router(view: Arc<LiveView>, keys: KeyResolver) -> Router {
     Router::new()
@@ -359,4 +376,78 @@ async fn alerts_recent(c: AxState<Ctx>, Query(q): Query<KeyQuery>, headers: Head
         })
         .unwrap_or_default();
     reply(&s, StatusCode::OK, &Value::Array(list))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Epoch, LiveView, ViewConfig};
+    use schemas::Event;
+
+    fn chain_tvl(tvl: f64, t: i64) -> Event {
+        Event {
+            subject: "ethereum".into(),
+            timestamp: t,
+            data: EventData::ChainTvlUpdate {
+                chain: "ethereum".into(),
+                name: "Ethereum".into(),
+                tvl,
+                change_1d: None,
+                change_7d: None,
+                protocols: 1,
+            },
+        }
+    }
+
+    fn price(t: i64) -> Event {
+        Event {
+            subject: "coingecko:x".into(),
+            timestamp: t,
+            data: EventData::PriceUpdate {
+                coin: "coingecko:x".into(),
+                price: 1.0,
+                symbol: None,
+                confidence: None,
+                decimals: None,
+                timestamp: t,
+                change_1h: None,
+                change_24h: None,
+            },
+        }
+    }
+
+    fn epoch(events: Vec<Event>) -> Epoch {
+        Epoch {
+            events,
+            ..Epoch::default()
+        }
+    }
+
+    #[test]
+    fn a_cached_answer_lives_until_its_inputs_change() {
+        let view = LiveView::new(ViewConfig::default());
+        let chains_of = |view: &LiveView, make: &dyn Fn(&State) -> String| {
+            let s = view.current();
+            s.cache.get(CHAINS, || make(&s))
+        };
+        let computed = |s: &State| chains(s).to_string();
+        view.apply(1, &epoch(vec![chain_tvl(100.0, 1_000)]));
+        let first = chains_of(&view, &computed);
+        assert!(
+            std::str::from_utf8(&first).is_ok_and(|b| b.contains("\"tvl\":100.0")),
+            "{first:?}"
+        );
+        // A price tick leaves the chains alone: the answer is shared, not recomputed.
+        view.apply(2, &epoch(vec![price(2_000)]));
+        let again = chains_of(&view, &|_| panic!("recomputed though no chain changed"));
+        assert_eq!(again, first);
+        assert_eq!(view.current().epochs, 2);
+        // A chain's new TVL empties the slot.
+        view.apply(3, &epoch(vec![chain_tvl(250.0, 3_000)]));
+        let changed = chains_of(&view, &computed);
+        assert!(
+            std::str::from_utf8(&changed).is_ok_and(|b| b.contains("\"tvl\":250.0")),
+            "{changed:?}"
+        );
+    }
 }

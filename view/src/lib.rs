@@ -89,17 +89,12 @@ pub struct State {
     pub(crate) cache: Cache,
 }
 
-/// Answers of one [`State`] version that do not depend on the request, computed on first use
-/// (a new version starts empty).
-#[derive(Debug, Default)]
+/// Answers of one [`State`] version that do not depend on the request, computed on first use.
+/// A new version shares the previous one's answers whose inputs it did not change (a price
+/// tick does not recompute `/v2/chains`); see [`api::refresh`].
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Cache {
-    answers: [std::sync::OnceLock<axum::body::Bytes>; api::CACHED],
-}
-
-impl Clone for Cache {
-    fn clone(&self) -> Self {
-        Cache::default()
-    }
+    answers: [Arc<std::sync::OnceLock<axum::body::Bytes>>; api::CACHED],
 }
 
 impl Cache {
@@ -108,6 +103,13 @@ impl Cache {
         match self.answers.get(slot) {
             Some(cell) => cell.get_or_init(|| make().into()).clone(),
             None => make().into(),
+        }
+    }
+
+    /// Empties slot `slot` (its inputs changed).
+    pub(crate) fn clear(&mut self, slot: usize) {
+        if let Some(cell) = self.answers.get_mut(slot) {
+            *cell = Arc::default();
         }
     }
 }
@@ -322,7 +324,8 @@ impl LiveView {
     /// Protocol deletions apply after the epoch's events: a protocol deleted in an epoch is
     /// gone at its end.
     pub fn apply(&self, upto: u64, changes: &Epoch) {
-        let mut next = (*self.current()).clone();
+        let prev = self.current();
+        let mut next = (*prev).clone();
         let (deletions, others): (Vec<&StateOut>, Vec<&StateOut>) =
             changes.state.iter().partition(|s| matches!(s, StateOut::Deleted(_)));
         for s in others {
@@ -338,6 +341,7 @@ impl LiveView {
             next.alert(a);
         }
         next.epochs = next.epochs.max(upto);
+        api::refresh(&prev, &mut next);
         metrics::gauge!("llamaflow_view_entries", "kind" => "prices").set(next.prices.len() as f64);
         metrics::gauge!("llamaflow_view_entries", "kind" => "protocols").set(next.protocols.len() as f64);
         metrics::gauge!("llamaflow_view_entries", "kind" => "chains").set(next.chains.len() as f64);
