@@ -361,6 +361,15 @@ fn price(coin: &str, p: f64, t: i64) -> Op {
     }))
 }
 
+/// A gas tick at `t` seconds.
+fn gas(chain: &str, gwei: f64, t: i64) -> Op {
+    Op::Rec(Record::Gas(GasTick {
+        chain: chain.into(),
+        gwei,
+        timestamp: t * 1000,
+    }))
+}
+
 fn rule(v: serde_json::Value) -> Op {
     Op::Rec(Record::Rule(AlertRule::from_json(&v).expect("valid rule")))
 }
@@ -694,13 +703,6 @@ fn throttle_holds_when_a_rule_moves_between_workers() {
     // A gas rule fires on ethereum, moves to arbitrum, is deleted and re-created on ethereum.
     // Its throttle (1 min) spans the moves: matches at 4 s and 65 s are throttled by the
     // firings at 2 s and 63 s made under the other chain, and 63 s and 124 s fire.
-    let gas = |chain: &str, g: f64, t: i64| {
-        Op::Rec(Record::Gas(GasTick {
-            chain: chain.into(),
-            gwei: g,
-            timestamp: t * 1000,
-        }))
-    };
     let g = |chain: &str| {
         rule(
             json!({"id":"g","user_id":"u","alert_type":"gas_price","throttle_minutes":1,
@@ -741,13 +743,6 @@ fn a_deleted_rules_throttle_lasts_its_throttle_period_in_event_time() {
     // at 2 s). Re-created before any record reached 62 s it keeps its throttle (6 s < 2 s +
     // 10 min: held); once an arbitrum record at 62 s has passed the deadline, it is a new rule
     // and fires.
-    let gas = |chain: &str, g: f64, t: i64| {
-        Op::Rec(Record::Gas(GasTick {
-            chain: chain.into(),
-            gwei: g,
-            timestamp: t * 1000,
-        }))
-    };
     let g = |minutes: f64| {
         rule(
             json!({"id":"g","user_id":"u","alert_type":"gas_price","throttle_minutes":minutes,
