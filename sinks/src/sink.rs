@@ -43,6 +43,14 @@ pub trait Sink: Send + 'static {
     /// twice (after a failure, or a restart that re-delivers input) leaves the same state.
     /// Blocking work (files, fsync) runs off the async runtime's threads.
     fn write(&mut self, batch: Arc<OutputBatch>) -> BoxFuture<'_, Result<Written, SinkError>>;
+
+    /// Whether consecutive epochs waiting for the sink may be written as one
+    /// ([`OutputBatch::merge`]): true for sinks whose writes do not depend on epoch boundaries
+    /// and reject nothing, so that a sink that fell behind catches up in one round trip per
+    /// group of epochs instead of one per epoch. Default false.
+    fn merges(&self) -> bool {
+        false
+    }
 }
 
 /// A sink whose writes are blocking file I/O (JSONL, dead letters, Parquet spools): the same
@@ -113,11 +121,22 @@ impl From<()> for Written {
 
 /// Implements [`Sink`] for a sink whose inherent `async fn write(&mut self, &OutputBatch)`
 /// returns `Result<T, E>` with `T: Into<Written>`.
+/// With `merges`, the sink also takes merged epochs ([`Sink::merges`]).
 macro_rules! plain_sink {
     ($ty:ty, $name:literal) => {
+        $crate::sink::plain_sink!($ty, $name, false);
+    };
+    ($ty:ty, $name:literal, merges) => {
+        $crate::sink::plain_sink!($ty, $name, true);
+    };
+    ($ty:ty, $name:literal, $merges:literal) => {
         impl $crate::Sink for $ty {
             fn name(&self) -> &'static str {
                 $name
+            }
+
+            fn merges(&self) -> bool {
+                $merges
             }
 
             fn write(

@@ -245,6 +245,11 @@ pub(super) async fn connect_sinks(
     Ok(out)
 }
 
+/// Epochs queued for a sink (and most merged into one write).
+const QUEUED: usize = 64;
+/// Most epochs one write of a merging sink takes ([`Sink::merges`]).
+const MAX_MERGED: usize = QUEUED;
+
 /// The durable sinks, each a task writing the epochs queued to it in order; every written
 /// epoch is acknowledged on one channel.
 pub(super) struct SinkTasks {
@@ -265,13 +270,29 @@ impl SinkTasks {
         let mut queues = Vec::new();
         let mut tasks = Vec::new();
         for mut sink in sinks {
-            let (tx, mut rx) = mpsc::channel::<(Arc<OutputBatch>, Instant)>(64);
+            let (tx, mut rx) = mpsc::channel::<(Arc<OutputBatch>, Instant)>(QUEUED);
             queues.push(tx);
             let (acks, dead, health) = (acks.clone(), dead.clone(), health.clone());
             health.register(sink.name());
             tasks.push(rt.spawn(async move {
                 let name = sink.name();
-                while let Some((batch, queued)) = rx.recv().await {
+                while let Some((first, queued)) = rx.recv().await {
+                    // A sink that merges takes every epoch waiting for it in one write.
+                    let mut epochs = vec![first];
+                    while sink.merges() && epochs.len() < MAX_MERGED {
+                        match rx.try_recv() {
+                            Ok((next, _)) => epochs.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    let batch = match epochs.as_slice() {
+                        [one] => one.clone(),
+                        many => {
+                            metrics::counter!("llamaflow_sink_epochs_merged_total", "sink" => name)
+                                .increment(many.len() as u64);
+                            Arc::new(OutputBatch::merge(many))
+                        }
+                    };
                     let epoch = batch.epoch;
                     let mut backoff = Backoff::new(name, epoch);
                     let written = loop {
@@ -294,7 +315,9 @@ impl SinkTasks {
                     // How far behind the sink is: its queue wait plus the write.
                     metrics::gauge!("llamaflow_sink_behind_seconds", "sink" => name)
                         .set(queued.elapsed().as_secs_f64());
-                    let _ = acks.send(epoch);
+                    for b in &epochs {
+                        let _ = acks.send(b.epoch);
+                    }
                 }
             }));
         }
@@ -346,5 +369,120 @@ impl Backoff {
         tracing::error!("sink {name}: epoch {epoch}: {text}; retrying in {delay:?}");
         tokio::time::sleep(delay).await;
         self.delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::future::BoxFuture;
+    use sinks::{SinkError, Written};
+
+    /// Records the epochs of each write; the first write waits until released, so that the
+    /// epochs after it queue up meanwhile.
+    struct Recording {
+        merges: bool,
+        writes: Arc<Mutex<Vec<Vec<String>>>>,
+        started: Option<tokio::sync::oneshot::Sender<()>>,
+        release: Option<tokio::sync::oneshot::Receiver<()>>,
+    }
+
+    impl Sink for Recording {
+        fn name(&self) -> &'static str {
+            "recording"
+        }
+
+        fn merges(&self) -> bool {
+            self.merges
+        }
+
+        fn write(&mut self, batch: Arc<OutputBatch>) -> BoxFuture<'_, Result<Written, SinkError>> {
+            Box::pin(async move {
+                if let Some(started) = self.started.take() {
+                    let _ = started.send(());
+                }
+                if let Some(release) = self.release.take() {
+                    let _ = release.await;
+                }
+                let ids = batch.alerts.iter().map(|a| a.alert_id.clone()).collect();
+                self.writes.lock().map_err(|e| e.to_string())?.push(ids);
+                Ok(Written::default())
+            })
+        }
+    }
+
+    fn batch(epoch: u64) -> OutputBatch {
+        let alert = Alert {
+            alert_id: format!("a{epoch}"),
+            rule_id: "r".into(),
+            user_id: "u".into(),
+            alert_type: "gas_price".into(),
+            subject: "ethereum".into(),
+            triggered_at: 0,
+            value: 1.0,
+            threshold: 0.0,
+            message: String::new(),
+            channels: vec!["websocket".into()],
+            webhook_url: None,
+        };
+        OutputBatch {
+            epoch,
+            alerts: vec![alert],
+            ..Default::default()
+        }
+    }
+
+    /// Sends epoch 0 to one sink and, while its write is held, epochs 1..5; returns its writes
+    /// and the acknowledgements.
+    fn run(merges: bool) -> (Vec<Vec<String>>, Vec<u64>) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marks = sinks::jsonl::FileMarks::default();
+        let dead = DeadLetters::open(Some(&dir.path().join("dead.jsonl")), &marks).expect("dead letters");
+        let (release_tx, release) = tokio::sync::oneshot::channel();
+        let (started, started_rx) = tokio::sync::oneshot::channel();
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let sink = Recording {
+            merges,
+            writes: writes.clone(),
+            started: Some(started),
+            release: Some(release),
+        };
+        let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
+        let (tasks, handles) = SinkTasks::start(&rt, vec![Box::new(sink)], dead, Arc::default(), acks_tx);
+        tasks.send(batch(0));
+        rt.block_on(started_rx).expect("the first write starts");
+        for e in 1..5 {
+            tasks.send(batch(e));
+        }
+        let _ = release_tx.send(());
+        drop(tasks);
+        let acks = rt.block_on(async move {
+            for h in handles {
+                h.await.expect("sink task");
+            }
+            let mut acks = Vec::new();
+            while let Some(e) = acks_rx.recv().await {
+                acks.push(e);
+            }
+            acks
+        });
+        let writes = writes.lock().expect("writes").clone();
+        (writes, acks)
+    }
+
+    #[test]
+    fn a_merging_sink_takes_the_waiting_epochs_in_one_write_and_acknowledges_each() {
+        let ids = |r: std::ops::Range<u64>| r.map(|e| format!("a{e}")).collect::<Vec<_>>();
+        let (writes, acks) = run(true);
+        assert_eq!(writes, vec![ids(0..1), ids(1..5)]);
+        assert_eq!(acks, vec![0, 1, 2, 3, 4]);
+        let (writes, acks) = run(false);
+        assert_eq!(writes, (0..5).map(|e| ids(e..e + 1)).collect::<Vec<_>>());
+        assert_eq!(acks, vec![0, 1, 2, 3, 4]);
     }
 }

@@ -218,4 +218,4 @@ impl KafkaSink {
     }
 }
 
-crate::sink::plain_sink!(KafkaSink, "kafka");
+crate::sink::plain_sink!(KafkaSink, "kafka", merges);

@@ -332,4 +332,4 @@ impl<'a> Rows<'a> {
     }
 }
 
-crate::sink::plain_sink!(PgSink, "postgres");
+crate::sink::plain_sink!(PgSink, "postgres", merges);

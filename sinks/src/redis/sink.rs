@@ -322,4 +322,4 @@ impl RedisSink {
     }
 }
 
-crate::sink::plain_sink!(RedisSink, "redis");
+crate::sink::plain_sink!(RedisSink, "redis", merges);
