@@ -54,13 +54,15 @@ struct Args {
     /// Durable sinks besides the WebSocket: `all` adds Postgres, Redis, Kafka and a JSONL
     /// events file (and turns checkpoints on: their lag is what a slow sink shows in).
     all_sinks: bool,
+    /// A Kafka-protocol broker to use instead of the in-process mock cluster (`host:port`).
+    brokers: Option<String>,
     llamaflow: PathBuf,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: latency_bench [--rates 10000,50000] [--secs 20] [--warmup 5] [--coins 20000] \
-         [--partitions 4] [--batch-ms 1] [--workers 1] [--clients 1] [--linger-ms 1] [--fetch-wait-ms 5] [--checkpoints on|off] [--sinks ws|all] [--llamaflow PATH]"
+         [--partitions 4] [--batch-ms 1] [--workers 1] [--clients 1] [--linger-ms 1] [--fetch-wait-ms 5] [--checkpoints on|off] [--sinks ws|all] [--brokers HOST:PORT (default: an in-process mock cluster)] [--llamaflow PATH]"
     );
     std::process::exit(2)
 }
@@ -79,6 +81,7 @@ fn parse_args() -> Args {
         fetch_wait_ms: 5,
         checkpoints: false,
         all_sinks: false,
+        brokers: None,
         llamaflow: testkit::llamaflow_beside_example(),
     };
     let mut it = std::env::args().skip(1);
@@ -99,6 +102,7 @@ fn parse_args() -> Args {
             "--llamaflow" => a.llamaflow = PathBuf::from(val),
             "--checkpoints" => a.checkpoints = val == "on",
             "--sinks" => a.all_sinks = val == "all",
+            "--brokers" => a.brokers = Some(val),
             _ => usage(),
         }
     }
@@ -238,6 +242,53 @@ fn report(rate: u64, clock: &Clock, measured: std::ops::Range<u64>, secs: f64, c
     );
 }
 
+/// Where the ticks go: librdkafka's in-process mock cluster, or a real broker.
+enum Broker {
+    Mock(MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+    External(String),
+}
+
+impl Broker {
+    fn bootstrap_servers(&self) -> String {
+        match self {
+            Broker::Mock(c) => c.bootstrap_servers(),
+            Broker::External(b) => b.clone(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Broker::Mock(_) => "librdkafka mock cluster (in this process)".into(),
+            Broker::External(b) => format!("external, {b}"),
+        }
+    }
+
+    /// Creates `topic` (an existing one is kept).
+    fn create_topic(&self, rt: &tokio::runtime::Runtime, topic: &str, partitions: i32) {
+        match self {
+            Broker::Mock(c) => c.create_topic(topic, partitions, 1).expect("topic"),
+            Broker::External(b) => {
+                use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+                let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", b)
+                    .create()
+                    .expect("admin client");
+                let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+                let res = rt
+                    .block_on(admin.create_topics([&new], &AdminOptions::new()))
+                    .expect("create topics");
+                for r in res {
+                    if let Err((t, e)) = r
+                        && e != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+                    {
+                        panic!("cannot create topic {t} on {b}: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn main() {
     let args = parse_args();
     if !args.llamaflow.exists() {
@@ -247,13 +298,17 @@ fn main() {
         );
         std::process::exit(2);
     }
-    let cluster = MockCluster::new(1).expect("mock cluster starts");
-    let brokers = cluster.bootstrap_servers();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
+    let cluster = match &args.brokers {
+        Some(b) => Broker::External(b.clone()),
+        None => Broker::Mock(MockCluster::new(1).expect("mock cluster starts")),
+    };
+    let brokers = cluster.bootstrap_servers();
+    println!("broker: {}", cluster.describe());
     println!(
         "{} worker(s), batch_ms {}, {} partitions, {} coins, {} client(s), producer linger.ms {}, consumer fetch.wait.max.ms {}",
         args.workers, args.batch_ms, args.partitions, args.coins, args.clients, args.linger_ms, args.fetch_wait_ms
@@ -261,7 +316,7 @@ fn main() {
     // The other durable sinks, when asked for: real servers, as the tests use.
     let services = args.all_sinks.then(|| {
         for t in ["defi-events", "defi-alerts"] {
-            cluster.create_topic(t, 1, 1).expect("topic");
+            cluster.create_topic(&rt, t, 1);
         }
         let pg = testkit::Postgres::start();
         let out = Command::new(&args.llamaflow)
@@ -285,16 +340,10 @@ fn main() {
 }
 
 /// One rate on a fresh `llamaflow run` and topic.
-fn phase(
-    args: &Args,
-    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
-    brokers: &str,
-    rt: &tokio::runtime::Runtime,
-    rate: u64,
-    sinks: &str,
-) {
-    let topic = format!("prices-{rate}");
-    cluster.create_topic(&topic, args.partitions, 1).expect("topic");
+fn phase(args: &Args, cluster: &Broker, brokers: &str, rt: &tokio::runtime::Runtime, rate: u64, sinks: &str) {
+    // A fresh topic per phase (and per run, on a broker that outlives the bench).
+    let topic = format!("prices-{rate}-{}", std::process::id());
+    cluster.create_topic(rt, &topic, args.partitions);
     let total = PRIME + rate * args.secs;
     let clock = Arc::new(Clock {
         start: Instant::now(),
