@@ -307,6 +307,7 @@ impl Engine {
         }
         let receivers = Arc::new(receivers);
         let config = if cluster.is_multi() {
+            exit_when_a_peer_is_lost(cluster);
             timely::Config {
                 communication: timely::CommunicationConfig::Cluster {
                     threads: workers,
@@ -427,6 +428,58 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// The message when the connection to `peer` breaks.
+fn lost_peer_message(cluster: &Cluster, peer: Option<usize>) -> String {
+    let who = match peer {
+        Some(p) => format!(
+            "process {p} ({})",
+            cluster.hosts.get(p).map_or("unknown host", String::as_str)
+        ),
+        None => "a peer process".into(),
+    };
+    format!(
+        "llamaflow: process {} lost the connection to {who}: it stopped or the network failed. \
+         Stopping at once: nothing more is committed (the sources keep the positions of the last \
+         epoch every process wrote). Restart every process of the cluster.",
+        cluster.process
+    )
+}
+
+/// The remote process a timely networking thread serves (`timely:send-1`, `timely:recv-1`).
+fn peer_of_thread(name: &str) -> Option<usize> {
+    let rest = name
+        .strip_prefix("timely:send-")
+        .or_else(|| name.strip_prefix("timely:recv-"))?;
+    rest.parse().ok()
+}
+
+/// In a cluster, a peer that dies closes its sockets, and timely's networking threads panic
+/// ("timely communication error"), which would poison every worker and abort the process
+/// with a pile of backtraces. This hook turns the first such panic into one clear message and
+/// exit status 1 (a supervisor restarts the cluster), before anything else is committed.
+fn exit_when_a_peer_is_lost(cluster: &Cluster) {
+    let cluster = cluster.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or_default();
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        let peer = peer_of_thread(name);
+        if peer.is_some() || text.contains("timely communication error") || text.contains("MergeQueue poisoned") {
+            eprintln!("{}", lost_peer_message(&cluster, peer));
+            eprintln!("llamaflow: ({name}: {text})");
+            metrics::counter!("llamaflow_cluster_peer_lost_total").increment(1);
+            std::process::exit(1);
+        }
+        previous(info);
+    }));
 }
 
 fn run_worker(
@@ -557,6 +610,19 @@ fn run_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_peer_is_named_by_its_networking_thread() {
+        assert_eq!(peer_of_thread("timely:recv-1"), Some(1));
+        assert_eq!(peer_of_thread("timely:send-12"), Some(12));
+        assert_eq!(peer_of_thread("timely:work-0"), None);
+        let msg = lost_peer_message(&two(0), Some(1));
+        assert!(
+            msg.contains("process 0 lost the connection to process 1 (127.0.0.1:2102)"),
+            "{msg}"
+        );
+        assert!(lost_peer_message(&two(1), None).contains("to a peer process"));
+    }
 
     fn two(process: usize) -> Cluster {
         Cluster {

@@ -175,3 +175,46 @@ fn a_stop_while_a_sink_connects_is_clean_and_on_time() {
     assert_eq!(status.code(), Some(0), "exit 0, not by signal: {status:?}\n{stderr}");
     assert!(term.elapsed() < Duration::from_secs(3), "took {:?}", term.elapsed());
 }
+
+/// The configurations shipped under `deploy/` pass `check-config`: the example file, the
+/// compose file's, and the one in the Kubernetes manifest (its `llamaflow.toml: |` block).
+#[test]
+fn the_shipped_configurations_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = std::fs::read_to_string(root.join("deploy/kubernetes/llamaflow.yaml")).unwrap();
+    let block: String = manifest
+        .lines()
+        .skip_while(|l| l.trim() != "llamaflow.toml: |")
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert!(
+        block.contains("[sources.kafka]"),
+        "the manifest's configuration: {block}"
+    );
+    let k8s = dir.path().join("k8s.toml");
+    std::fs::write(&k8s, block).unwrap();
+    for config in [
+        root.join("llamaflow.example.toml"),
+        root.join("deploy/llamaflow.compose.toml"),
+        k8s,
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_llamaflow"))
+            .args(["check-config", "--config", config.to_str().unwrap()])
+            .env("DATABASE_URL", "postgres://llamaflow@db/llamaflow")
+            .env("PREMIUM_DB", "postgres://llamaflow@db/llamaflow")
+            .env("LLAMAFLOW_WS_API_KEY", "ci")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            config.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -320,3 +320,84 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
         assert!(!log.contains("ERROR"), "{log}");
     }
 }
+
+/// Issue 16 #3: when one process of a cluster dies (SIGKILL, the process chosen at random,
+/// the seed printed), the other notices within a bounded time, commits nothing more, and
+/// exits non-zero with a message naming the lost peer, so that a supervisor restarts the
+/// cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_peer_stops_the_cluster_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("prices", PARTITIONS, 1).unwrap();
+    for t in ["tvl", "transfers", "gas", "liquidations"] {
+        cluster.create_topic(t, 1, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    let rules = dir.path().join("rules.jsonl");
+    write_rules(&rules);
+    let total = produce_workload(&brokers).await;
+    let hw = high_watermarks(&brokers);
+    assert_eq!(hw.values().sum::<i64>() as usize, total);
+    let hosts = dir.path().join("hosts.txt");
+    std::fs::write(
+        &hosts,
+        format!(
+            "127.0.0.1:{}\n127.0.0.1:{}\n",
+            testkit::free_port(),
+            testkit::free_port()
+        ),
+    )
+    .unwrap();
+    let hosts = hosts.to_str().unwrap().to_string();
+    let mut runs = Vec::new();
+    let mut jobs = Vec::new();
+    for p in 0..2 {
+        let (cfg, run) = config(dir.path(), &format!("p{p}"), &brokers, "cluster", 1, &rules);
+        let id = p.to_string();
+        jobs.push(start(
+            &cfg,
+            &["--processes", "2", "--process-id", &id, "--hosts", &hosts],
+            &run.log,
+        ));
+        runs.push(run);
+    }
+    wait_until("the cluster to commit every partition", Duration::from_secs(90), || {
+        committed(&brokers, "cluster") == hw
+    });
+    let victim = (common::crash_seed("dead peer") % 2) as usize;
+    eprintln!("killing process {victim}");
+    let survivor = 1 - victim;
+    let mut jobs: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
+    let mut dead = jobs[victim].take().unwrap();
+    dead.0.kill().unwrap();
+    dead.0.wait().unwrap();
+    let committed_before = committed(&brokers, "cluster");
+    // More input arrives: the survivor must not commit it (no cluster-wide durable epoch).
+    produce_workload(&brokers).await;
+    let mut job = jobs[survivor].take().unwrap();
+    let log = &runs[survivor].log;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = job.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {survivor} still runs 30 s after its peer died; stderr:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stderr = std::fs::read_to_string(log).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "exit status {status:?}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("lost the connection to process {victim}")),
+        "the message names the lost peer; stderr:\n{stderr}"
+    );
+    assert_eq!(
+        committed(&brokers, "cluster"),
+        committed_before,
+        "nothing committed after the peer died"
+    );
+}
