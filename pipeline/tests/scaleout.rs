@@ -209,6 +209,54 @@ events = "{events}"
     (path, run)
 }
 
+/// A mock cluster with the topics, the rules file in `dir` and the workload produced: (the
+/// cluster, its brokers, the rules file, records produced, high watermarks of `prices`).
+async fn setup(
+    dir: &Path,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+    PathBuf,
+    usize,
+    BTreeMap<i32, i64>,
+) {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("prices", PARTITIONS, 1).unwrap();
+    for t in ["tvl", "transfers", "gas", "liquidations"] {
+        cluster.create_topic(t, 1, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    let rules = dir.join("rules.jsonl");
+    write_rules(&rules);
+    let total = produce_workload(&brokers).await;
+    let hw = high_watermarks(&brokers);
+    assert_eq!(hw.values().sum::<i64>() as usize, total);
+    (cluster, brokers, rules, total, hw)
+}
+
+/// Starts `n` processes of `workers` workers each as one cluster on loopback, consuming with
+/// group `group`.
+fn start_cluster(dir: &Path, n: usize, brokers: &str, group: &str, workers: u32, rules: &Path) -> (Vec<Job>, Vec<Run>) {
+    let hosts = dir.join(format!("{group}-hosts.txt"));
+    let list: String = (0..n)
+        .map(|_| format!("127.0.0.1:{}\n", testkit::free_port()))
+        .collect();
+    std::fs::write(&hosts, format!("# process 0 first\n{list}")).unwrap();
+    let hosts = hosts.to_str().unwrap().to_string();
+    let (mut jobs, mut runs) = (Vec::new(), Vec::new());
+    for p in 0..n {
+        let (cfg, run) = config(dir, &format!("{group}-p{p}"), brokers, group, workers, rules);
+        let (id, count) = (p.to_string(), n.to_string());
+        jobs.push(start(
+            &cfg,
+            &["--processes", &count, "--process-id", &id, "--hosts", &hosts],
+            &run.log,
+        ));
+        runs.push(run);
+    }
+    (jobs, runs)
+}
+
 fn sorted_strings(values: impl IntoIterator<Item = Value>) -> Vec<String> {
     let mut v: Vec<String> = values.into_iter().map(|v| v.to_string()).collect();
     v.sort();
@@ -218,17 +266,7 @@ fn sorted_strings(values: impl IntoIterator<Item = Value>) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_produce_exactly_the_alerts_of_one() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("prices", PARTITIONS, 1).unwrap();
-    for t in ["tvl", "transfers", "gas", "liquidations"] {
-        cluster.create_topic(t, 1, 1).unwrap();
-    }
-    let brokers = cluster.bootstrap_servers();
-    let rules = dir.path().join("rules.jsonl");
-    write_rules(&rules);
-    let total = produce_workload(&brokers).await;
-    let hw = high_watermarks(&brokers);
-    assert_eq!(hw.values().sum::<i64>() as usize, total);
+    let (_cluster, brokers, rules, total, hw) = setup(dir.path()).await;
     assert!(
         hw.values().filter(|n| **n > 0).count() >= 2,
         "the coins spread over several partitions: {hw:?}"
@@ -251,29 +289,7 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
     assert_eq!(expected_events.len(), total, "a price_update per tick");
 
     // Two processes of two workers each, a fresh consumer group, the same topics.
-    let hosts = dir.path().join("hosts.txt");
-    std::fs::write(
-        &hosts,
-        format!(
-            "# process 0, then process 1\n127.0.0.1:{}\n127.0.0.1:{}\n",
-            testkit::free_port(),
-            testkit::free_port()
-        ),
-    )
-    .unwrap();
-    let hosts = hosts.to_str().unwrap().to_string();
-    let mut runs = Vec::new();
-    let mut jobs = Vec::new();
-    for p in 0..2 {
-        let (cfg, run) = config(dir.path(), &format!("p{p}"), &brokers, "cluster", 2, &rules);
-        let id = p.to_string();
-        jobs.push(start(
-            &cfg,
-            &["--processes", "2", "--process-id", &id, "--hosts", &hosts],
-            &run.log,
-        ));
-        runs.push(run);
-    }
+    let (jobs, runs) = start_cluster(dir.path(), 2, &brokers, "cluster", 2, &rules);
     wait_until("the cluster to commit every partition", Duration::from_secs(90), || {
         committed(&brokers, "cluster") == hw
     });
@@ -328,40 +344,8 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_peer_stops_the_cluster_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("prices", PARTITIONS, 1).unwrap();
-    for t in ["tvl", "transfers", "gas", "liquidations"] {
-        cluster.create_topic(t, 1, 1).unwrap();
-    }
-    let brokers = cluster.bootstrap_servers();
-    let rules = dir.path().join("rules.jsonl");
-    write_rules(&rules);
-    let total = produce_workload(&brokers).await;
-    let hw = high_watermarks(&brokers);
-    assert_eq!(hw.values().sum::<i64>() as usize, total);
-    let hosts = dir.path().join("hosts.txt");
-    std::fs::write(
-        &hosts,
-        format!(
-            "127.0.0.1:{}\n127.0.0.1:{}\n",
-            testkit::free_port(),
-            testkit::free_port()
-        ),
-    )
-    .unwrap();
-    let hosts = hosts.to_str().unwrap().to_string();
-    let mut runs = Vec::new();
-    let mut jobs = Vec::new();
-    for p in 0..2 {
-        let (cfg, run) = config(dir.path(), &format!("p{p}"), &brokers, "cluster", 1, &rules);
-        let id = p.to_string();
-        jobs.push(start(
-            &cfg,
-            &["--processes", "2", "--process-id", &id, "--hosts", &hosts],
-            &run.log,
-        ));
-        runs.push(run);
-    }
+    let (_cluster, brokers, rules, _, hw) = setup(dir.path()).await;
+    let (jobs, runs) = start_cluster(dir.path(), 2, &brokers, "cluster", 1, &rules);
     wait_until("the cluster to commit every partition", Duration::from_secs(90), || {
         committed(&brokers, "cluster") == hw
     });
