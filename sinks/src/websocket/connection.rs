@@ -1,5 +1,5 @@
-//! One WebSocket connection: a reader (client requests) and a writer (queued frames, pings)
-//! driven together in the connection's task.
+//! One WebSocket connection: a reader (client requests) in a task of its own, and a writer
+//! (queued frames, pings) in the connection's task.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
@@ -88,11 +88,28 @@ pub(crate) async fn run(hub: Hub, mut socket: WebSocket, user_id: Option<String>
     };
     let (mut sink, mut stream) = socket.split();
     let started = Instant::now();
-    let last_seen = AtomicU64::new(0);
+    let last_seen = Arc::new(AtomicU64::new(0));
     let (ctrl_tx, ctrl_rx) = mpsc::channel::<Utf8Bytes>(CTRL_QUEUE);
 
+    // The reader runs in a task of its own: the writer is woken for every frame it sends, and
+    // polling an idle read half on each of those wakeups cost CPU per frame.
+    let mut reader = tokio::spawn({
+        let (hub, conn, last_seen) = (hub.clone(), conn.clone(), last_seen.clone());
+        async move {
+            read_loop(
+                &hub,
+                &conn,
+                limiter.as_ref(),
+                &mut stream,
+                &ctrl_tx,
+                started,
+                &last_seen,
+            )
+            .await
+        }
+    });
     let end = tokio::select! {
-        end = read_loop(&hub, &conn, limiter.as_ref(), &mut stream, &ctrl_tx, started, &last_seen) => end,
+        end = &mut reader => end.unwrap_or(End::Lost),
         end = write_loop(&hub, &conn, &mut sink, ctrl_rx, data_rx, started, &last_seen) => end,
     };
     hub.unregister(conn.id);
@@ -120,16 +137,14 @@ pub(crate) async fn run(hub: Hub, mut socket: WebSocket, user_id: Option<String>
                 if sink.send(close_message(code)).await.is_err() {
                     return;
                 }
-                // Wait for the client's close reply so the socket is not reset under it.
-                while let Some(Ok(msg)) = stream.next().await {
-                    if matches!(msg, Message::Close(_)) {
-                        break;
-                    }
-                }
+                // Wait for the client's close reply (the reader ends on it) so the socket is
+                // not reset under it.
+                let _ = (&mut reader).await;
             })
             .await;
         }
     }
+    reader.abort();
 }
 
 fn elapsed_ms(started: Instant) -> u64 {
