@@ -79,6 +79,10 @@ pub struct PipelineSection {
     /// Scale-out: `host:port` of every process in process order, where the processes connect
     /// to each other (each process listens on its own entry).
     pub hosts: Vec<String>,
+    /// Scale-out: how long the cluster may go without completing an epoch that this process
+    /// has sent before the process gives up (a peer frozen or cut off by the network), in ms;
+    /// 0: never. A peer that dies is noticed at once, without this.
+    pub peer_timeout_ms: u64,
 }
 
 impl Default for PipelineSection {
@@ -97,6 +101,7 @@ impl Default for PipelineSection {
             processes: 1,
             process_id: 0,
             hosts: Vec::new(),
+            peer_timeout_ms: 60_000,
         }
     }
 }
@@ -684,6 +689,8 @@ impl Config {
             processes: self.pipeline.processes as usize,
             process: self.pipeline.process_id as usize,
             hosts: self.pipeline.hosts.clone(),
+            peer_timeout: (self.pipeline.peer_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.pipeline.peer_timeout_ms)),
         }
     }
 

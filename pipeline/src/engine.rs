@@ -58,6 +58,9 @@ pub struct Cluster {
     /// `host:port` of every process, in process order (timely's TCP mesh); empty for one
     /// process.
     pub hosts: Vec<String>,
+    /// How long epochs this process sent may stay incomplete before it gives up on its
+    /// peers (`None`: wait forever).
+    pub peer_timeout: Option<Duration>,
 }
 
 impl Cluster {
@@ -67,6 +70,7 @@ impl Cluster {
             processes: 1,
             process: 0,
             hosts: Vec::new(),
+            peer_timeout: None,
         }
     }
 
@@ -137,6 +141,9 @@ pub struct ClusterBus {
     state: Mutex<BusState>,
     /// The largest epoch + 1 any output of this process has carried.
     seen: AtomicU64,
+    /// How long epochs may stay incomplete before the process gives up on its peers, with
+    /// the cluster for the message (`None`: one process, or no timeout).
+    stall: Option<(Duration, Cluster)>,
 }
 
 impl ClusterBus {
@@ -150,6 +157,10 @@ impl ClusterBus {
                 ..Default::default()
             }),
             seen: AtomicU64::new(0),
+            stall: cluster
+                .peer_timeout
+                .filter(|_| cluster.is_multi())
+                .map(|t| (t, cluster.clone())),
         })
     }
 
@@ -447,6 +458,26 @@ fn lost_peer_message(cluster: &Cluster, peer: Option<usize>) -> String {
     )
 }
 
+/// The message when the cluster completed no epoch for `timeout` although this process sent
+/// epochs up to `sent` (only those below `upto` are complete).
+fn stalled_message(cluster: &Cluster, timeout: Duration, upto: u64, sent: u64, bus: &ClusterBus) -> String {
+    let reports = {
+        let s = bus.lock();
+        (0..cluster.processes)
+            .filter(|p| *p != cluster.process)
+            .map(|p| format!("process {p}: {}", s.durable.get(p).copied().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "llamaflow: process {} has waited {timeout:?} for the cluster to complete epoch {upto} (it sent \
+         up to {sent}): a peer process is frozen or cut off by the network (epochs the peers reported \
+         written: {reports}). Stopping at once: nothing more is committed. Restart every process of the \
+         cluster ([pipeline] peer_timeout_ms sets the wait).",
+        cluster.process
+    )
+}
+
 /// The remote process a timely networking thread serves (`timely:send-1`, `timely:recv-1`).
 fn peer_of_thread(name: &str) -> Option<usize> {
     let rest = name
@@ -543,6 +574,7 @@ fn run_worker(
     // The first worker of each process reports completed epochs and sends the process's
     // control messages: the probe covers every output stream of every worker.
     let mut done = 0u64;
+    let mut progressed = std::time::Instant::now();
     let mut report = |probe: &ProbeHandle<u64>, sent: u64| {
         if !first_local {
             return;
@@ -556,7 +588,19 @@ fn run_worker(
         });
         if upto > done {
             done = upto;
+            progressed = std::time::Instant::now();
             output.epochs_done(upto);
+        } else if upto >= sent {
+            // Nothing in flight: nothing to wait for.
+            progressed = std::time::Instant::now();
+        } else if let Some((timeout, cluster)) = &bus.stall
+            && progressed.elapsed() > *timeout
+        {
+            // A peer that dies closes its sockets (see `exit_when_a_peer_is_lost`); one that
+            // is frozen or cut off by the network leaves every epoch incomplete.
+            eprintln!("{}", stalled_message(cluster, *timeout, upto, sent, &bus));
+            metrics::counter!("llamaflow_cluster_peer_lost_total").increment(1);
+            std::process::exit(1);
         }
     };
     let forward = |control: &mut InputHandle<u64, CapacityContainerBuilder<Vec<Control>>>| {
@@ -629,6 +673,7 @@ mod tests {
             processes: 2,
             process,
             hosts: vec!["127.0.0.1:2101".into(), "127.0.0.1:2102".into()],
+            peer_timeout: None,
         }
     }
 

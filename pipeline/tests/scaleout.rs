@@ -164,7 +164,16 @@ struct Run {
     port: u16,
 }
 
-fn config(dir: &Path, name: &str, brokers: &str, group: &str, workers: u32, rules: &Path) -> (PathBuf, Run) {
+/// A process's configuration; `extra` goes into its `[pipeline]` section.
+fn config(
+    dir: &Path,
+    name: &str,
+    brokers: &str,
+    group: &str,
+    workers: u32,
+    rules: &Path,
+    extra: &str,
+) -> (PathBuf, Run) {
     let port = testkit::free_port();
     let run = Run {
         alerts: dir.join(format!("{name}-alerts.jsonl")),
@@ -183,6 +192,7 @@ listen = "127.0.0.1:{port}"
 checkpoint_dir = ""
 checkpoint_interval_ms = 200
 dead_letter_out = "{dead}"
+{extra}
 
 [[sources.files]]
 kind = "rules"
@@ -236,7 +246,15 @@ async fn setup(
 
 /// Starts `n` processes of `workers` workers each as one cluster on loopback, consuming with
 /// group `group`.
-fn start_cluster(dir: &Path, n: usize, brokers: &str, group: &str, workers: u32, rules: &Path) -> (Vec<Job>, Vec<Run>) {
+fn start_cluster(
+    dir: &Path,
+    n: usize,
+    brokers: &str,
+    group: &str,
+    workers: u32,
+    rules: &Path,
+    extra: &str,
+) -> (Vec<Job>, Vec<Run>) {
     let hosts = dir.join(format!("{group}-hosts.txt"));
     let list: String = (0..n)
         .map(|_| format!("127.0.0.1:{}\n", testkit::free_port()))
@@ -245,7 +263,7 @@ fn start_cluster(dir: &Path, n: usize, brokers: &str, group: &str, workers: u32,
     let hosts = hosts.to_str().unwrap().to_string();
     let (mut jobs, mut runs) = (Vec::new(), Vec::new());
     for p in 0..n {
-        let (cfg, run) = config(dir, &format!("{group}-p{p}"), brokers, group, workers, rules);
+        let (cfg, run) = config(dir, &format!("{group}-p{p}"), brokers, group, workers, rules, extra);
         let (id, count) = (p.to_string(), n.to_string());
         jobs.push(start(
             &cfg,
@@ -273,7 +291,7 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
     );
 
     // One process, two workers.
-    let (cfg, one) = config(dir.path(), "one", &brokers, "single", 2, &rules);
+    let (cfg, one) = config(dir.path(), "one", &brokers, "single", 2, &rules, "");
     let job = start(&cfg, &[], &one.log);
     wait_until(
         "the single process to commit every partition",
@@ -289,7 +307,7 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
     assert_eq!(expected_events.len(), total, "a price_update per tick");
 
     // Two processes of two workers each, a fresh consumer group, the same topics.
-    let (jobs, runs) = start_cluster(dir.path(), 2, &brokers, "cluster", 2, &rules);
+    let (jobs, runs) = start_cluster(dir.path(), 2, &brokers, "cluster", 2, &rules, "");
     wait_until("the cluster to commit every partition", Duration::from_secs(90), || {
         committed(&brokers, "cluster") == hw
     });
@@ -345,7 +363,7 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
 async fn a_dead_peer_stops_the_cluster_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let (_cluster, brokers, rules, _, hw) = setup(dir.path()).await;
-    let (jobs, runs) = start_cluster(dir.path(), 2, &brokers, "cluster", 1, &rules);
+    let (jobs, runs) = start_cluster(dir.path(), 2, &brokers, "cluster", 1, &rules, "");
     wait_until("the cluster to commit every partition", Duration::from_secs(90), || {
         committed(&brokers, "cluster") == hw
     });
@@ -383,5 +401,55 @@ async fn a_dead_peer_stops_the_cluster_with_a_clear_error() {
         committed(&brokers, "cluster"),
         committed_before,
         "nothing committed after the peer died"
+    );
+}
+
+/// Issue 16 #3: a peer that is frozen (SIGSTOP: its sockets stay open, as when the network
+/// drops its packets) leaves every epoch incomplete; the other process gives up after
+/// `peer_timeout_ms` with status 1 and a message saying so, committing nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_peer_stops_the_cluster_after_the_peer_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_cluster, brokers, rules, _, hw) = setup(dir.path()).await;
+    let (mut jobs, runs) = start_cluster(dir.path(), 2, &brokers, "frozen", 1, &rules, "peer_timeout_ms = 3000");
+    wait_until("the cluster to commit every partition", Duration::from_secs(90), || {
+        committed(&brokers, "frozen") == hw
+    });
+    let victim = (common::crash_seed("frozen peer") % 2) as usize;
+    eprintln!("freezing process {victim}");
+    let survivor = 1 - victim;
+    let pid = jobs[victim].0.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let frozen_at = Instant::now();
+    let committed_before = committed(&brokers, "frozen");
+    produce_workload(&brokers).await;
+    let job = &mut jobs[survivor];
+    let log = &runs[survivor].log;
+    let status = loop {
+        if let Some(s) = job.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            frozen_at.elapsed() < Duration::from_secs(30),
+            "process {survivor} still runs 30 s after its peer froze; stderr:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let waited = frozen_at.elapsed();
+    let stderr = std::fs::read_to_string(log).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "exit status {status:?}; stderr:\n{stderr}");
+    assert!(
+        waited >= Duration::from_secs(3),
+        "gave up after {waited:?}, before the timeout"
+    );
+    assert!(
+        stderr.contains("a peer process is frozen or cut off"),
+        "the message says why; stderr:\n{stderr}"
+    );
+    assert_eq!(
+        committed(&brokers, "frozen"),
+        committed_before,
+        "nothing committed after the freeze"
     );
 }
