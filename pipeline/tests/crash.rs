@@ -295,13 +295,7 @@ secret_access_key = "testing"
     let mut job = common::start_run(&config, &log);
     for kill in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(400 + rng.below(1400))).await;
-        assert!(
-            job.try_wait().unwrap().is_none(),
-            "llamaflow exited early; log:\n{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        job.kill().unwrap(); // SIGKILL
-        job.wait().unwrap();
+        common::sigkill(&mut job, &log);
         eprintln!(
             "kill {} of {KILLS}: {} alerts in Postgres so far",
             kill + 1,

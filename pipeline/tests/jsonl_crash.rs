@@ -172,13 +172,7 @@ alerts = "{alerts}"
     let mut job = common::start_run(&config, &log);
     for kill in 0..KILLS {
         std::thread::sleep(Duration::from_millis(60 + rng.below(400)));
-        assert!(
-            job.try_wait().unwrap().is_none(),
-            "llamaflow exited early; log:\n{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        job.kill().unwrap(); // SIGKILL
-        job.wait().unwrap();
+        common::sigkill(&mut job, &log);
         let written = std::fs::read_to_string(&alerts).unwrap_or_default();
         eprintln!(
             "kill {} of {KILLS}: {} alert lines, ends with a newline: {}",

@@ -287,7 +287,7 @@ impl Ingest {
             // Wait for the first item, then gather for at most batch_ms.
             // Idle, it blocks on the channel (for ≤ 1 ms, to notice stops and checkpoints),
             // so the first item of a quiet stream goes in at once.
-            let first = match pending.pop().map(Ok).unwrap_or_else(|| live_rx.try_recv()) {
+            let first = match pending.next(&mut live_rx) {
                 Ok(i) => i,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     let wait = async { tokio::time::timeout(Duration::from_millis(1), live_rx.recv()).await };
@@ -311,7 +311,7 @@ impl Ingest {
                     break;
                 }
                 while next.is_none() && Instant::now() < deadline {
-                    match pending.pop().map(Ok).unwrap_or_else(|| live_rx.try_recv()) {
+                    match pending.next(&mut live_rx) {
                         Ok(i) => next = Some(i),
                         Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_micros(200)),
                         Err(mpsc::error::TryRecvError::Disconnected) => break,

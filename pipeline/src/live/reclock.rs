@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sources::live::{Ack, LiveItem};
+use tokio::sync::mpsc::error::TryRecvError;
 
 /// One step of an epoch's input, in the order the ingest front applied it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,9 +282,9 @@ impl Pending {
         self.0.push_back(item);
     }
 
-    /// The next waiting item (arrival order).
-    pub fn pop(&mut self) -> Option<LiveItem> {
-        self.0.pop_front()
+    /// The next item to apply: a waiting one (arrival order), else the next on `rx`.
+    pub fn next(&mut self, rx: &mut tokio::sync::mpsc::Receiver<LiveItem>) -> Result<LiveItem, TryRecvError> {
+        self.0.pop_front().map_or_else(|| rx.try_recv(), Ok)
     }
 
     /// Forms `input` again: hands each of its items (in the logged order, whatever order
@@ -418,7 +419,8 @@ mod tests {
             .unwrap();
         assert_eq!(out, ["5", "9", "6", "10", "aave"]);
         // The item of the next epoch waits.
-        assert_eq!(pending.pop().map(|i| stream_of(&i).1), Some(Some(11)));
+        let (_tx, mut rx) = tokio::sync::mpsc::channel(1);
+        assert_eq!(pending.next(&mut rx).ok().map(|i| stream_of(&i).1), Some(Some(11)));
         // A stream that restarts elsewhere, or runs dry, is an error.
         let mut at_7: VecDeque<LiveItem> = [kafka(0, 7)].into();
         let e = pending

@@ -226,6 +226,18 @@ pub fn crash_seed(test: &str) -> u64 {
     seed
 }
 
+/// SIGKILLs a job that must still be running (its log, `log`, says why if it is not) and
+/// reaps it.
+pub fn sigkill(job: &mut Child, log: &std::path::Path) {
+    assert!(
+        job.try_wait().unwrap().is_none(),
+        "llamaflow exited early; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    job.kill().unwrap();
+    job.wait().unwrap();
+}
+
 /// Starts `llamaflow run --config <config>` with warnings only, its stderr appended to `log`.
 pub fn start_run(config: &std::path::Path, log: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_llamaflow"))

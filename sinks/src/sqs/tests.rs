@@ -452,14 +452,10 @@ async fn proxy(
         .unwrap_or_default();
     let mut body = body.to_vec();
     let mut injected = Vec::new();
-    let batch_call = target == "AmazonSQS.SendMessageBatch";
-    if batch_call {
-        use std::sync::atomic::Ordering::SeqCst;
-        let now = s.in_flight.fetch_add(1, SeqCst) + 1;
-        s.max_in_flight.fetch_max(now, SeqCst);
+    // Counted as in flight until the answer is built (every return path).
+    let _in_flight = (target == "AmazonSQS.SendMessageBatch").then(|| InFlight::enter(&s));
+    if _in_flight.is_some() {
         tokio::time::sleep(s.delay).await;
-    }
-    if batch_call {
         let mut v: Value = serde_json::from_slice(&body).unwrap();
         let mut keep = Vec::new();
         let mut ids = Vec::new();
@@ -480,7 +476,6 @@ async fn proxy(
         }
         s.calls.lock().unwrap().push(ids);
         if keep.is_empty() {
-            s.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             let out = json!({"Successful": [], "Failed": injected}).to_string();
             return ([(CONTENT_TYPE, "application/x-amz-json-1.0")], out).into_response();
         }
@@ -509,10 +504,26 @@ async fn proxy(
     if let Some(ct) = content_type {
         response.headers_mut().insert(CONTENT_TYPE, ct);
     }
-    if batch_call {
-        s.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
     response
+}
+
+/// One `SendMessageBatch` call in the proxy: counted in `in_flight` (and `max_in_flight`)
+/// while it lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(s: &'a ProxyState) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = s.in_flight.fetch_add(1, SeqCst) + 1;
+        s.max_in_flight.fetch_max(now, SeqCst);
+        InFlight(&s.in_flight)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl FaultProxy {
