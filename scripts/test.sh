@@ -26,9 +26,9 @@ pgmajor=$(ls /usr/lib/postgresql | sort -n | tail -1)
 [ -f "/usr/lib/postgresql/$pgmajor/lib/wal2json.so" ] || apt_install "postgresql-$pgmajor-wal2json"
 
 venv="${LLAMAFLOW_VENV:-$HOME/.cache/llamaflow-venv}"
-if ! "$venv/bin/python" -c 'import moto, boto3, websockets, pyarrow, duckdb' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import moto, boto3, websockets, pyarrow, duckdb, aiosmtpd' 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q 'moto[server]' boto3 websockets pyarrow duckdb
+  "$venv/bin/pip" install -q 'moto[server]' boto3 websockets pyarrow duckdb aiosmtpd
 fi
 export LLAMAFLOW_VENV="$venv" LLAMAFLOW_MOTO_VENV="$venv"
 

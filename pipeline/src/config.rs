@@ -350,6 +350,8 @@ pub struct SinksSection {
     pub webhook: Option<sinks::webhook::WebhookConfig>,
     /// Parquet dataset (`dir`, `rollover`), one part file per kind and period.
     pub parquet: Option<sinks::parquet::ParquetSinkConfig>,
+    /// Alert channels for people: e-mail, Telegram, Discord, mobile push.
+    pub notify: Option<sinks::notify::NotifyConfig>,
 }
 
 impl Default for SinksSection {
@@ -364,6 +366,7 @@ impl Default for SinksSection {
             sqs: None,
             webhook: None,
             parquet: None,
+            notify: None,
         }
     }
 }
@@ -607,11 +610,19 @@ impl Config {
                 "sources.postgres_cdc.url",
                 self.sources.postgres_cdc.as_ref().and_then(|p| p.url.as_deref()),
             ),
+            (
+                "sinks.notify.url",
+                self.sinks.notify.as_ref().and_then(|p| p.url.as_deref()),
+            ),
         ];
         for (field, url) in urls {
             if let Some(url) = url {
                 crate::check_postgres_url(url).map_err(|e| err(field, e))?;
             }
+        }
+        if let Some(n) = &self.sinks.notify {
+            n.validate()
+                .map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
         }
         if self.pipeline.workers == 0 || self.pipeline.workers > 64 {
             return Err(err(
@@ -738,6 +749,7 @@ impl Config {
             (self.sinks.sqs.is_some(), "sqs"),
             (self.sinks.webhook.is_some(), "webhook"),
             (self.sinks.parquet.is_some(), "parquet"),
+            (self.sinks.notify.is_some(), "notify"),
         ] {
             if on {
                 snk.push(name);

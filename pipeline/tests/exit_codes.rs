@@ -18,6 +18,18 @@ fn exit_codes_follow_spec_section_4() {
     let bad_pg = write("bad-pg.toml", "[sources.demo]\n[sinks.postgres]\nurl = \"notaurl\"\n");
     let bad_cdc = write("bad-cdc.toml", "[sources.postgres_cdc]\nurl = \"mysql://x@y/z\"\n");
     let good = write("good.toml", "[sources.demo]\n");
+    let bad_notify = write(
+        "bad-notify.toml",
+        "[sources.demo]\n[sinks.notify]\nurl = \"postgres://u@h/db\"\n[sinks.notify.telegram]\nbot_token = \"\"\n",
+    );
+    let bad_smtp = write(
+        "bad-smtp.toml",
+        "[sources.demo]\n[sinks.notify]\nurl = \"postgres://u@h/db\"\n[sinks.notify.email]\nhost = \"smtp.example.com\"\nfrom = \"not an address\"\n",
+    );
+    let good_notify = write(
+        "good-notify.toml",
+        "[sources.demo]\n[sinks.notify]\nurl = \"postgres://u@h/db\"\n[sinks.notify.discord]\n",
+    );
     let no_lines = write("no-lines.toml", "[sources]\nmax_line_bytes = 0\n[sources.demo]\n");
     let prices = write(
         "prices.jsonl",
@@ -51,6 +63,17 @@ fn exit_codes_follow_spec_section_4() {
             "sinks.postgres.url",
         ),
         (vec!["check-config", "--config", &good], 0, ""),
+        (
+            vec!["check-config", "--config", &bad_notify],
+            2,
+            "[sinks.notify.telegram] `bot_token` must be the token from @BotFather",
+        ),
+        (
+            vec!["check-config", "--config", &bad_smtp],
+            2,
+            "[sinks.notify.email] `from` is not an e-mail address",
+        ),
+        (vec!["check-config", "--config", &good_notify], 0, ""),
         (
             vec!["check-config", "--config", &no_lines],
             2,

@@ -11,12 +11,14 @@ pub mod env;
 pub mod migrations;
 pub mod output;
 pub mod parse;
+pub mod recipients;
 pub mod records;
 pub mod rule;
 pub mod time;
 
 pub use output::{Alert, DeadLetter, Event, EventData, SourcePos, alert_id, truncate_raw};
 pub use parse::{InvalidRecord, parse_record, parse_rule, parse_rule_value};
+pub use recipients::{Contact, Device};
 pub use records::{GasTick, Kind, Liquidation, PriceTick, Protocol, Record, Transfer, TvlUpdate};
 pub use rule::{AlertRule, AlertType, Conditions, Direction, Operator, RuleError};
 pub use time::{Millis, format_seconds, parse_time_ms, parse_window, utc_date};

@@ -8,6 +8,10 @@ pub const ALL: &[(&str, &str)] = &[
         "0002_protocol_symbol",
         include_str!("../migrations/0002_protocol_symbol.sql"),
     ),
+    (
+        "0003_alert_channels",
+        include_str!("../migrations/0003_alert_channels.sql"),
+    ),
 ];
 
 /// The bookkeeping table, created before any migration runs.

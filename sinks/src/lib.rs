@@ -24,6 +24,7 @@ pub mod batch;
 pub use batch::OutputBatch;
 pub mod jsonl;
 pub mod kafka;
+pub mod notify;
 pub mod parquet;
 pub mod postgres;
 pub mod redis;

@@ -62,6 +62,14 @@ pub enum Change {
         /// Its user, or `None` when the key no longer grants access.
         user_id: Option<String>,
     },
+    /// A user was added or changed their alert channel addresses.
+    User(schemas::Contact),
+    /// A user was deleted.
+    DeleteUser(String),
+    /// A push device was added or changed.
+    Device(schemas::Device),
+    /// A push device was deleted (by its `user_devices.id`).
+    DeleteDevice(String),
     /// Input that failed validation.
     Dead(DeadLetter),
 }

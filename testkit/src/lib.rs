@@ -591,3 +591,70 @@ mod tests {
         assert_eq!(&buf, b"+PONG\r\n");
     }
 }
+
+/// The Python of the test venv: `$LLAMAFLOW_VENV/bin/python`, else `python3`.
+pub fn python() -> PathBuf {
+    match std::env::var_os("LLAMAFLOW_VENV") {
+        Some(v) => Path::new(&v).join("bin/python"),
+        None => PathBuf::from("python3"),
+    }
+}
+
+/// An SMTP server (Python `aiosmtpd`, `testkit/smtp_sink.py`) on a free port that parses
+/// every accepted mail and keeps it as a JSON line: `from`, `to`, `header_from`, `subject`,
+/// `message_id`, `text`, `html`, `authenticated`. Recipients at `@bounce.example` are refused
+/// with 550, those at `@flaky.example` with 451 on their first try.
+pub struct Smtp {
+    child: Child,
+    /// Port on 127.0.0.1.
+    pub port: u16,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Smtp {
+    /// Starts the server; with `auth`, it requires AUTH with that user and password.
+    pub fn start(auth: Option<(&str, &str)>) -> Smtp {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let script = dir.path().join("smtp_sink.py");
+        std::fs::write(&script, include_str!("../smtp_sink.py")).expect("write smtp_sink.py");
+        let out = dir.path().join("mails.jsonl");
+        let port = free_port();
+        let mut cmd = Command::new(python());
+        cmd.arg(&script).arg(port.to_string()).arg(&out);
+        if let Some((u, p)) = auth {
+            cmd.args([u, p]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python with aiosmtpd (set LLAMAFLOW_VENV to a venv with aiosmtpd)");
+        let mut s = Smtp {
+            child,
+            port,
+            out,
+            _dir: dir,
+        };
+        if !wait_for_port(port, Duration::from_secs(30)) {
+            kill(&mut s.child);
+            panic!("the aiosmtpd server did not start on port {port} (pip install aiosmtpd)");
+        }
+        s
+    }
+
+    /// The mails received so far, one JSON object per line, in arrival order.
+    pub fn mails(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}

@@ -44,6 +44,8 @@ pub(super) struct Ingest {
     pub process: usize,
     /// API-key changes go to the hub.
     pub hub: Option<Hub>,
+    /// `users` / `user_devices` changes go to the alert channels' recipients.
+    pub recipients: Option<sinks::notify::Directory>,
     pub output: Arc<LiveOutput>,
     pub stop: Arc<AtomicBool>,
     pub rt: tokio::runtime::Handle,
@@ -96,6 +98,7 @@ impl Ingest {
             multi,
             process,
             hub,
+            recipients,
             output,
             stop,
             rt: rt_handle,
@@ -123,6 +126,7 @@ impl Ingest {
         let mut last_ckpt = Instant::now();
         let mut live = Front {
             hub: hub.clone(),
+            recipients,
             output: output.clone(),
             handoff: None,
             settling: Settling::new(tvl_settle),
@@ -393,6 +397,7 @@ impl crate::replay::Feed for HistoryFeed<'_> {
 /// Applies live items at the ingest front.
 struct Front {
     hub: Option<Hub>,
+    recipients: Option<sinks::notify::Directory>,
     output: Arc<LiveOutput>,
     handoff: Option<Handoff>,
     settling: Settling,
@@ -445,8 +450,8 @@ impl Settling {
 }
 
 impl Front {
-    /// Stamps a record (or rule deletion) into `batch`, applies API-key changes to the hub,
-    /// dead-letters invalid input, and remembers the item's commit position.
+    /// Stamps a record (or rule deletion) into `batch`, applies API-key changes to the hub and
+    /// user and device changes to the recipients, dead-letters invalid input, and remembers the item's commit position.
     fn apply(
         &mut self,
         item: LiveItem,
@@ -479,6 +484,10 @@ impl Front {
                     }
                 }
             }
+            Change::User(contact) => self.recipients.iter().for_each(|r| r.set_user(contact.clone())),
+            Change::DeleteUser(id) => self.recipients.iter().for_each(|r| r.remove_user(&id)),
+            Change::Device(device) => self.recipients.iter().for_each(|r| r.set_device(device.clone())),
+            Change::DeleteDevice(id) => self.recipients.iter().for_each(|r| r.remove_device(&id)),
             Change::Dead(d) => self.output.dead(engine.epochs(), std::slice::from_ref(&d)),
         }
     }

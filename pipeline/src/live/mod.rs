@@ -90,7 +90,10 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     // Durable sinks run as tasks; each acknowledges epochs to the coordinator.
     let health = Arc::new(crate::health::Health::default());
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<u64>();
-    let Some(connected) = rt.block_on(stop_when.unless_stopped(output::connect_sinks(&cfg, dead.clone(), &marks)))
+    // The alert channels' recipients: loaded by the notify sink, kept current by the front.
+    let recipients = cfg.sinks.notify.as_ref().map(|_| sinks::notify::Directory::default());
+    let Some(connected) =
+        rt.block_on(stop_when.unless_stopped(output::connect_sinks(&cfg, dead.clone(), &marks, recipients.as_ref())))
     else {
         eprintln!("llamaflow: stopped while connecting the sinks; nothing was read");
         return Ok(());
@@ -344,6 +347,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         multi: cluster.is_multi(),
         process: cluster.process,
         hub: hub.clone(),
+        recipients,
         output: output.clone(),
         stop: stop.clone(),
         rt: rt.handle().clone(),

@@ -193,11 +193,13 @@ impl sinks::websocket::SnapshotSource for ViewSnapshots {
 }
 
 /// Connects the configured `[sinks]` that acknowledge durable writes, and the dead-letter
-/// output, which is always one of them.
+/// output, which is always one of them. The alert channels' dispatcher starts here, on the
+/// current runtime, with `recipients` as its directory.
 pub(super) async fn connect_sinks(
     cfg: &Config,
     dead: DeadLetters,
     marks: &sinks::jsonl::FileMarks,
+    recipients: Option<&sinks::notify::Directory>,
 ) -> Result<Vec<Box<dyn Sink>>> {
     let usage = |e: sinks::jsonl::JsonlError| crate::UsageError(e.to_string());
     let s = &cfg.sinks;
@@ -232,6 +234,23 @@ pub(super) async fn connect_sinks(
         out.push(Box::new(
             sinks::webhook::WebhookSink::new(c.clone()).context("sinks.webhook")?,
         ));
+    }
+    if let (Some(c), Some(directory)) = (&s.notify, recipients) {
+        let (sink, dispatcher) = sinks::notify::NotifySink::connect(c.clone(), directory.clone(), dead.clone())
+            .await
+            .context("sinks.notify")?;
+        tokio::spawn(dispatcher.run());
+        // Without CDC of `users` / `user_devices` here (none configured, or another process
+        // of a cluster reads it), the recipients are read again every 10 s.
+        let followed = cfg.sources.postgres_cdc.as_ref().is_some_and(|c| {
+            ["users", "user_devices"]
+                .iter()
+                .all(|t| c.tables.iter().any(|x| x.strip_prefix("public.").unwrap_or(x) == *t))
+        });
+        if !followed {
+            tokio::spawn(sink.refresher(Duration::from_secs(10)));
+        }
+        out.push(Box::new(sink));
     }
     if let Some(c) = &s.parquet {
         let p = sinks::parquet::ParquetSink::open(c.clone()).context("sinks.parquet")?;

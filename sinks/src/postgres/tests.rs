@@ -198,7 +198,11 @@ async fn migrate_applies_once_concurrently_and_creates_the_tables() {
     applied.sort();
     assert_eq!(
         applied,
-        vec!["0001_init".to_string(), "0002_protocol_symbol".to_string()],
+        vec![
+            "0001_init".to_string(),
+            "0002_protocol_symbol".to_string(),
+            "0003_alert_channels".to_string()
+        ],
         "exactly one caller applies each"
     );
     assert_eq!(migrate(&a).await.unwrap(), Vec::<String>::new());
@@ -207,7 +211,7 @@ async fn migrate_applies_once_concurrently_and_creates_the_tables() {
             &pg,
             "SELECT string_agg(name, ',' ORDER BY name) FROM llamaflow_migrations"
         ),
-        "0001_init,0002_protocol_symbol"
+        "0001_init,0002_protocol_symbol,0003_alert_channels"
     );
     assert_eq!(
         psql(

@@ -18,11 +18,21 @@ pub enum CdcTable {
     Protocols,
     /// `api_keys` → `Change::ApiKey`.
     ApiKeys,
+    /// `users` → `Change::User` / `DeleteUser` (alert channel addresses).
+    Users,
+    /// `user_devices` → `Change::Device` / `DeleteDevice` (push tokens).
+    UserDevices,
 }
 
 impl CdcTable {
     /// Every readable table.
-    pub const ALL: [CdcTable; 3] = [CdcTable::AlertRules, CdcTable::Protocols, CdcTable::ApiKeys];
+    pub const ALL: [CdcTable; 5] = [
+        CdcTable::AlertRules,
+        CdcTable::Protocols,
+        CdcTable::ApiKeys,
+        CdcTable::Users,
+        CdcTable::UserDevices,
+    ];
 
     /// Table name (in schema `public`).
     pub fn name(self) -> &'static str {
@@ -30,13 +40,15 @@ impl CdcTable {
             CdcTable::AlertRules => "alert_rules",
             CdcTable::Protocols => "protocols",
             CdcTable::ApiKeys => "api_keys",
+            CdcTable::Users => "users",
+            CdcTable::UserDevices => "user_devices",
         }
     }
 
     /// The primary-key column.
     pub fn key_column(self) -> &'static str {
         match self {
-            CdcTable::AlertRules | CdcTable::Protocols => "id",
+            CdcTable::AlertRules | CdcTable::Protocols | CdcTable::Users | CdcTable::UserDevices => "id",
             CdcTable::ApiKeys => "key",
         }
     }
@@ -58,6 +70,8 @@ impl CdcTable {
             ],
             CdcTable::Protocols => &["id", "name", "symbol", "slug", "category", "chains"],
             CdcTable::ApiKeys => &["key", "user_id", "revoked"],
+            CdcTable::Users => &["id", "email", "telegram_chat_id", "discord_webhook_url"],
+            CdcTable::UserDevices => &["id", "user_id", "device_token", "platform"],
         }
     }
 
@@ -81,7 +95,8 @@ pub struct CdcConfig {
     pub url: Option<String>,
     /// Logical replication slot (wal2json), created when absent (default `llamaflow`).
     pub slot: String,
-    /// Tables to read, of `alert_rules`, `protocols`, `api_keys` (default all three).
+    /// Tables to read, of `alert_rules`, `protocols`, `api_keys`, `users`, `user_devices`
+    /// (default all five).
     pub tables: Vec<String>,
     /// Pause between polls of the slot when nothing is pending, in ms (default 100).
     pub poll_interval_ms: u64,
@@ -156,7 +171,7 @@ impl CdcConfig {
         for t in &self.tables {
             let table = CdcTable::parse(t).ok_or_else(|| {
                 CdcError::Config(format!(
-                    "`tables`: unknown table {t:?} (expected alert_rules, protocols, api_keys)"
+                    "`tables`: unknown table {t:?} (expected alert_rules, protocols, api_keys, users, user_devices)"
                 ))
             })?;
             if !tables.contains(&table) {

@@ -160,6 +160,32 @@ pub(crate) fn upsert_change(table: CdcTable, row: &Row) -> Result<Change, String
                 user_id: (!revoked).then_some(user_id),
             })
         }
+        CdcTable::Users => Ok(Change::User(schemas::Contact {
+            user_id: key_of(table, row).ok_or("missing field `id`")?,
+            email: text(row, "email")?,
+            telegram_chat_id: match row.get("telegram_chat_id") {
+                // A numeric column holds a chat id too.
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => text(row, "telegram_chat_id")?,
+            },
+            discord_webhook_url: text(row, "discord_webhook_url")?,
+        })),
+        CdcTable::UserDevices => Ok(Change::Device(schemas::Device {
+            id: key_of(table, row).ok_or("missing field `id`")?,
+            user_id: text(row, "user_id")?.ok_or("missing field `user_id`")?,
+            token: text(row, "device_token")?.ok_or("missing field `device_token`")?,
+            platform: text(row, "platform")?.unwrap_or_else(|| "android".to_string()),
+        })),
+    }
+}
+
+/// An optional text column: `None` when null, absent or blank.
+fn text(row: &Row, column: &str) -> Result<Option<String>, String> {
+    match row.get(column) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.trim().to_string())),
+        Some(_) => Err(format!("field `{column}` must be text")),
     }
 }
 
@@ -171,6 +197,8 @@ pub(crate) fn delete_change(table: CdcTable, identity: &Row) -> Result<Change, S
         CdcTable::AlertRules => Change::DeleteRule(key),
         CdcTable::Protocols => Change::DeleteProtocol(key),
         CdcTable::ApiKeys => Change::ApiKey { key, user_id: None },
+        CdcTable::Users => Change::DeleteUser(key),
+        CdcTable::UserDevices => Change::DeleteDevice(key),
     })
 }
 
@@ -256,6 +284,68 @@ mod tests {
         assert_eq!(
             upsert_change(CdcTable::Protocols, &bad),
             Err("missing field `name`".to_string())
+        );
+    }
+
+    #[test]
+    fn users_and_devices() {
+        let row = |v: serde_json::Value| -> Row { serde_json::from_value(v).unwrap() };
+        assert_eq!(
+            upsert_change(
+                CdcTable::Users,
+                &row(
+                    serde_json::json!({"id": "u1", "email": " a@example.com ", "telegram_chat_id": "",
+                    "discord_webhook_url": null, "created_at": "2026-12-06"})
+                )
+            ),
+            Ok(Change::User(schemas::Contact {
+                user_id: "u1".into(),
+                email: Some("a@example.com".into()),
+                telegram_chat_id: None,
+                discord_webhook_url: None,
+            }))
+        );
+        let Ok(Change::User(c)) = upsert_change(
+            CdcTable::Users,
+            &row(serde_json::json!({"id": 7, "telegram_chat_id": -1001})),
+        ) else {
+            panic!("not a user")
+        };
+        assert_eq!(
+            (c.user_id.as_str(), c.telegram_chat_id.as_deref()),
+            ("7", Some("-1001"))
+        );
+        assert_eq!(
+            upsert_change(CdcTable::Users, &row(serde_json::json!({"id": "u1", "email": 5}))),
+            Err("field `email` must be text".to_string())
+        );
+        assert_eq!(
+            upsert_change(
+                CdcTable::UserDevices,
+                &row(serde_json::json!({"id": "d1", "user_id": "u1", "device_token": "tok", "platform": "ios"}))
+            ),
+            Ok(Change::Device(schemas::Device {
+                id: "d1".into(),
+                user_id: "u1".into(),
+                token: "tok".into(),
+                platform: "ios".into(),
+            }))
+        );
+        assert_eq!(
+            upsert_change(
+                CdcTable::UserDevices,
+                &row(serde_json::json!({"id": "d1", "user_id": "u1"}))
+            ),
+            Err("missing field `device_token`".to_string())
+        );
+        let key = row(serde_json::json!({"id": "d1"}));
+        assert_eq!(
+            delete_change(CdcTable::UserDevices, &key),
+            Ok(Change::DeleteDevice("d1".into()))
+        );
+        assert_eq!(
+            delete_change(CdcTable::Users, &key),
+            Ok(Change::DeleteUser("d1".into()))
         );
     }
 

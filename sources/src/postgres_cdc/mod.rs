@@ -1,5 +1,5 @@
-//! Postgres change data capture (SPEC §6): `alert_rules`, `protocols` and `api_keys` through a
-//! logical replication slot with the wal2json output plugin.
+//! Postgres change data capture (SPEC §6): `alert_rules`, `protocols`, `api_keys`, `users` and
+//! `user_devices` through a logical replication slot with the wal2json output plugin.
 //!
 //! ```no_run
 //! use sources::postgres_cdc::{CdcConfig, start};
@@ -28,7 +28,8 @@
 //! - `alert_rules` insert/update → `Record::Rule` (the `jsonb` columns parsed, then
 //!   [`schemas::parse_rule_value`]); delete → `DeleteRule(id)`. `protocols` → `Record::Protocol`
 //!   / `DeleteProtocol(id)`. `api_keys` → `ApiKey { key, user_id }` with `user_id: None` when
-//!   the key is revoked or deleted. An update that changes the primary key first deletes the
+//!   the key is revoked or deleted. `users` → `User(Contact)` / `DeleteUser(id)` and
+//!   `user_devices` → `Device` / `DeleteDevice(id)` (the alert channels' recipients). An update that changes the primary key first deletes the
 //!   old key.
 //! - A row that fails validation becomes `Change::Dead` (source `<table>@<X/Y lsn>`, or
 //!   `<table>@snapshot`; raw = the row as JSON) and the stream goes on. A TRUNCATE is

@@ -440,7 +440,7 @@ fn the_slot_advances_on_confirm_and_when_idle_but_never_past_unconfirmed_changes
             assert_eq!(pg.slot_confirmed("llamaflow"), a);
 
             // Idle for the source (only other tables change): the slot keeps moving.
-            pg.sql("INSERT INTO users (id) VALUES ('u1')");
+            pg.sql("INSERT INTO token_prices (coin, timestamp, price) VALUES ('coingecko:x', now(), 1)");
             tokio::time::sleep(Duration::from_millis(2500)).await;
             let idle = pg.slot_confirmed("llamaflow");
             assert!(idle > a, "{} > {}", format_lsn(idle), format_lsn(a));
@@ -508,14 +508,14 @@ async fn start_rejects_bad_config_and_foreign_slots() {
     let (tx, _rx) = channel(1);
     let err = start(
         CdcConfig {
-            tables: vec!["alert_rules".into(), "users".into()],
+            tables: vec!["alert_rules".into(), "trades".into()],
             ..cfg(&pg, true)
         },
         tx.clone(),
     )
     .await
     .unwrap_err();
-    assert!(err.to_string().contains("unknown table \"users\""), "{err}");
+    assert!(err.to_string().contains("unknown table \"trades\""), "{err}");
     let err = start(
         CdcConfig {
             slot: "Bad-Slot".into(),
@@ -555,7 +555,9 @@ fn config_defaults_and_tables() {
         vec![
             "alert_rules".to_string(),
             "protocols".to_string(),
-            "api_keys".to_string()
+            "api_keys".to_string(),
+            "users".to_string(),
+            "user_devices".to_string()
         ]
     );
     let (_, tables) = CdcConfig {
