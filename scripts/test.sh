@@ -2,7 +2,8 @@
 # The whole test suite on a fresh Debian machine: installs what the integration tests start
 # (PostgreSQL with wal2json, redis-server, headless Chromium + chromedriver for the dashboard test,
 # a Python venv with moto, boto3, websockets, and pyarrow and duckdb as independent Parquet
-# readers), then runs `cargo test --release --workspace`. Re-runs reuse everything installed.
+# readers, and aiosmtpd as the SMTP server of the alert-channel tests), then runs
+# `cargo test --release --workspace`. Re-runs reuse everything installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The build goes where `cargo run` puts it (./target, or $CARGO_TARGET_DIR when set), so the

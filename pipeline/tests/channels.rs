@@ -52,9 +52,9 @@ async fn peer(State((log, delay)): State<(Log, Duration)>, uri: Uri, body: Bytes
             format!("telegram:{}", body["chat_id"].as_str().unwrap_or("")),
             linked_id(body["text"].as_str().unwrap_or("")),
         )
-    } else if path.starts_with("/discord/") {
+    } else if let Some(user) = path.strip_prefix("/discord/") {
         (
-            format!("discord:{}", &path["/discord/".len()..]),
+            format!("discord:{user}"),
             linked_id(body["embeds"][0]["url"].as_str().unwrap_or("")),
         )
     } else if path.ends_with("messages:send") {
@@ -138,6 +138,7 @@ fn config(dir: &Path, pg: &testkit::Postgres, smtp: &testkit::Smtp, peers: &Peer
             r#"
 [pipeline]
 workers = 1
+listen = "127.0.0.1:{port}"
 dead_letter_out = "{dead}"
 checkpoint_dir = "{ckpt}"
 checkpoint_interval_ms = 300
@@ -186,6 +187,7 @@ service_account_key = "{key}"
 api_base = "{base}"
 per_second = 1000
 "#,
+            port = testkit::free_port(),
             dead = dir.join("dead.jsonl").display(),
             ckpt = dir.join("ckpt").display(),
             prices = prices.display(),
@@ -230,6 +232,21 @@ fn rule(pg: &testkit::Postgres, channels: &str) {
               '{{\"coin\":\"coingecko:ethereum\",\"operator\":\">\",\"value\":3000}}', '{channels}', 0)"
         ),
     );
+}
+
+/// Waits (≤ 60 s) until `n` deliveries are done; on a timeout, shows the log and the rows.
+fn wait_deliveries(pg: &testkit::Postgres, log: &Path, n: usize) {
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while delivered(pg) < n {
+        assert!(
+            std::time::Instant::now() < until,
+            "{} of {n} deliveries; states: {}\njob log:\n{}",
+            delivered(pg),
+            psql(pg, "SELECT status, count(*) FROM alert_deliveries GROUP BY 1"),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn delivered(pg: &testkit::Postgres) -> usize {
@@ -377,14 +394,12 @@ async fn a_job_killed_while_delivering_reaches_every_channel_with_counted_duplic
     for round in 0..2 {
         let kill_at = (10 + rng.below((total / 2) as u64) as usize + round * total / 4).max(delivered(&pg) + 10);
         let mut job = start_run(&config, &log);
-        wait_until(&format!("{kill_at} deliveries"), Duration::from_secs(60), || {
-            delivered(&pg) >= kill_at
-        });
+        wait_deliveries(&pg, &log, kill_at);
         eprintln!("round {round}: kill -9 after {} of {total} deliveries", delivered(&pg));
         sigkill(&mut job, &log);
     }
     let job = common::Job(start_run(&config, &log));
-    wait_until("every delivery", Duration::from_secs(90), || delivered(&pg) == total);
+    wait_deliveries(&pg, &log, total);
 
     let ids: Vec<String> = psql(&pg, "SELECT DISTINCT alert_id FROM alert_deliveries ORDER BY 1")
         .lines()

@@ -564,34 +564,6 @@ pub fn cpu_secs(pid: u32) -> (f64, f64) {
     (secs(11), secs(12))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn postgres_and_redis_start_and_answer() {
-        let pg = Postgres::start();
-        let out = Command::new(pg_bin_dir().join("psql"))
-            .args([&pg.url(), "-tAc", "show wal_level"])
-            .output()
-            .expect("psql");
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "logical");
-        pg.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (7)");
-        let mut pg = pg;
-        pg.stop();
-        assert!(TcpStream::connect(("127.0.0.1", pg.port)).is_err(), "stopped");
-        pg.restart();
-        assert_eq!(pg.psql("SELECT x FROM t"), "7", "restart keeps the data");
-        let r = Redis::start(None);
-        let mut s = TcpStream::connect(("127.0.0.1", r.port)).expect("redis accepts");
-        use std::io::{Read, Write};
-        s.write_all(b"PING\r\n").expect("write");
-        let mut buf = [0u8; 7];
-        s.read_exact(&mut buf).expect("read");
-        assert_eq!(&buf, b"+PONG\r\n");
-    }
-}
-
 /// The Python of the test venv: `$LLAMAFLOW_VENV/bin/python`, else `python3`.
 pub fn python() -> PathBuf {
     match std::env::var_os("LLAMAFLOW_VENV") {
@@ -656,5 +628,33 @@ impl Smtp {
 impl Drop for Smtp {
     fn drop(&mut self) {
         kill(&mut self.child);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_and_redis_start_and_answer() {
+        let pg = Postgres::start();
+        let out = Command::new(pg_bin_dir().join("psql"))
+            .args([&pg.url(), "-tAc", "show wal_level"])
+            .output()
+            .expect("psql");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "logical");
+        pg.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (7)");
+        let mut pg = pg;
+        pg.stop();
+        assert!(TcpStream::connect(("127.0.0.1", pg.port)).is_err(), "stopped");
+        pg.restart();
+        assert_eq!(pg.psql("SELECT x FROM t"), "7", "restart keeps the data");
+        let r = Redis::start(None);
+        let mut s = TcpStream::connect(("127.0.0.1", r.port)).expect("redis accepts");
+        use std::io::{Read, Write};
+        s.write_all(b"PING\r\n").expect("write");
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).expect("read");
+        assert_eq!(&buf, b"+PONG\r\n");
     }
 }

@@ -203,7 +203,7 @@ pub(super) async fn connect_sinks(
 ) -> Result<Vec<Box<dyn Sink>>> {
     let usage = |e: sinks::jsonl::JsonlError| crate::UsageError(e.to_string());
     let s = &cfg.sinks;
-    let mut out: Vec<Box<dyn Sink>> = vec![Box::new(OffRuntime::new(dead))];
+    let mut out: Vec<Box<dyn Sink>> = vec![Box::new(OffRuntime::new(dead.clone()))];
     if let Some(c) = &s.redis {
         out.push(Box::new(
             sinks::redis::RedisSink::connect(c.clone())

@@ -15,6 +15,9 @@ use super::Channel;
 #[derive(Clone, Default)]
 pub struct Directory(Arc<RwLock<Book>>);
 
+/// `users` (id, email, telegram_chat_id, discord_webhook_url).
+type UserRow = (String, Option<String>, Option<String>, Option<String>);
+
 #[derive(Default)]
 struct Book {
     users: HashMap<String, Contact>,
@@ -38,10 +41,9 @@ impl Directory {
     /// Reads every row of `users` and `user_devices` (replacing what is held); returns the
     /// numbers of users and devices.
     pub async fn load(&self, pool: &PgPool) -> Result<(usize, usize), sqlx::Error> {
-        let users: Vec<(String, Option<String>, Option<String>, Option<String>)> =
-            sqlx::query_as("SELECT id, email, telegram_chat_id, discord_webhook_url FROM users")
-                .fetch_all(pool)
-                .await?;
+        let users: Vec<UserRow> = sqlx::query_as("SELECT id, email, telegram_chat_id, discord_webhook_url FROM users")
+            .fetch_all(pool)
+            .await?;
         let devices: Vec<(String, String, String, String)> =
             sqlx::query_as("SELECT id, user_id, device_token, platform FROM user_devices")
                 .fetch_all(pool)

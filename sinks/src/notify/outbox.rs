@@ -57,6 +57,10 @@ WHERE d.alert_id = due.alert_id AND d.channel = due.channel AND d.recipient = du
 RETURNING d.alert_id, d.alert::text, d.channel, d.recipient, d.rule_name, d.attempts,
     extract(epoch FROM now() - d.created_at)::float8";
 
+/// A claimed row: alert_id, alert (JSON text), channel, recipient, rule_name, attempts, age in
+/// seconds.
+type ClaimedRow = (String, String, String, String, Option<String>, i32, f64);
+
 impl Outbox {
     /// The log in `pool`'s database (the migrations create the table).
     pub fn new(pool: PgPool) -> Self {
@@ -105,7 +109,7 @@ impl Outbox {
     /// Claims up to `limit` due deliveries for `lease`. A row whose stored alert no longer
     /// parses is marked failed and left out (with a warning).
     pub async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<Delivery>, sqlx::Error> {
-        let rows: Vec<(String, String, String, String, Option<String>, i32, f64)> = sqlx::query_as(CLAIM_SQL)
+        let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_SQL)
             .bind(limit as i64)
             .bind(lease.as_secs_f64())
             .fetch_all(&self.pool)

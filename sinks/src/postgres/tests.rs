@@ -219,7 +219,7 @@ async fn migrate_applies_once_concurrently_and_creates_the_tables() {
             "SELECT string_agg(table_name, ',' ORDER BY table_name) FROM information_schema.tables \
              WHERE table_schema = 'public' AND table_name <> 'llamaflow_migrations'"
         ),
-        "alert_history,alert_rules,api_keys,protocol_tvl,protocols,token_prices,users"
+        "alert_deliveries,alert_history,alert_rules,api_keys,protocol_tvl,protocols,token_prices,user_devices,users"
     );
 }
 

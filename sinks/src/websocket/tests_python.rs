@@ -5,7 +5,6 @@
 
 use super::tests::alert;
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -22,13 +21,6 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/websocket/py_clie
 /// Bound on the whole exchange (the script's own timeout is lower).
 const LIMIT: Duration = Duration::from_secs(30);
 const SCRIPT_TIMEOUT_SECS: &str = "20";
-
-fn python() -> PathBuf {
-    match std::env::var_os("LLAMAFLOW_VENV") {
-        Some(venv) => PathBuf::from(venv).join("bin").join("python"),
-        None => PathBuf::from("python3"),
-    }
-}
 
 /// Kills the script if the test ends early.
 struct Script(Child);
@@ -59,7 +51,7 @@ async fn python_websockets_client_gets_prices_and_only_its_own_alerts() {
     let app = router(hub.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let python = python();
+    let python = testkit::python();
     let channels = ["prices:coingecko:ethereum", "alerts"];
     // The `subscribed` ack, the price update, u1's alert, and a last price update.
     let frames = 4;
