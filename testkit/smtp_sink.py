@@ -1,7 +1,8 @@
 """An SMTP server for tests (aiosmtpd): parses every accepted mail with Python's email package
 and appends it as one JSON line to the output file.
 
-Usage: smtp_sink.py PORT OUT_FILE [USER PASSWORD]
+Usage: smtp_sink.py PORT OUT_FILE [USER PASSWORD [CERT KEY]]
+With CERT and KEY, STARTTLS is offered and required (AUTH only after it).
 Recipients at @bounce.example are refused for good (550); those at @flaky.example are refused
 for now (451) on their first try, then accepted.
 """
@@ -17,10 +18,11 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 warnings.filterwarnings("ignore")
-logging.getLogger("mail.log").setLevel(logging.ERROR)
+logging.getLogger("mail.log").setLevel(logging.CRITICAL)
 
 port, out = int(sys.argv[1]), sys.argv[2]
 user, password = (sys.argv[3], sys.argv[4]) if len(sys.argv) > 4 else (None, None)
+cert, key = (sys.argv[5], sys.argv[6]) if len(sys.argv) > 6 else (None, None)
 tries = {}
 
 
@@ -49,6 +51,7 @@ class Handler:
             "text": text.get_content().replace("\r\n", "\n") if text is not None else None,
             "html": html.get_content().replace("\r\n", "\n") if html is not None else None,
             "authenticated": bool(session.authenticated),
+            "tls": session.ssl is not None,
         }
         with open(out, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -66,7 +69,13 @@ def authenticator(server, session, envelope, mechanism, auth_data):
 
 kwargs = {}
 if user:
-    kwargs = dict(authenticator=authenticator, auth_require_tls=False, auth_required=True)
+    kwargs = dict(authenticator=authenticator, auth_require_tls=cert is not None, auth_required=True)
+if cert:
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    kwargs.update(tls_context=context, require_starttls=True)
 controller = Controller(Handler(), hostname="127.0.0.1", port=port, **kwargs)
 controller.start()
 print("ready", flush=True)

@@ -587,6 +587,12 @@ pub struct Smtp {
 impl Smtp {
     /// Starts the server; with `auth`, it requires AUTH with that user and password.
     pub fn start(auth: Option<(&str, &str)>) -> Smtp {
+        Smtp::start_with(auth, None)
+    }
+
+    /// As [`Smtp::start`]; with `tls` (certificate and key PEM files), STARTTLS is offered and
+    /// required, and AUTH is taken only over it.
+    pub fn start_with(auth: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Smtp {
         let dir = tempfile::tempdir().expect("temp dir");
         let script = dir.path().join("smtp_sink.py");
         std::fs::write(&script, include_str!("../smtp_sink.py")).expect("write smtp_sink.py");
@@ -596,6 +602,9 @@ impl Smtp {
         cmd.arg(&script).arg(port.to_string()).arg(&out);
         if let Some((u, p)) = auth {
             cmd.args([u, p]);
+            if let Some((cert, key)) = tls {
+                cmd.arg(cert).arg(key);
+            }
         }
         let child = cmd
             .stdout(Stdio::null())

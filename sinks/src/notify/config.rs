@@ -118,6 +118,10 @@ pub struct EmailConfig {
     /// `starttls` (default), `tls` or `none`.
     #[serde(default)]
     pub tls: SmtpTls,
+    /// A PEM file of extra trusted root certificates (a relay with a private CA); the system's
+    /// roots are trusted too.
+    #[serde(default)]
+    pub ca_file: Option<String>,
     /// SMTP AUTH user (none: no authentication).
     #[serde(default)]
     pub username: Option<String>,
@@ -152,6 +156,7 @@ impl fmt::Debug for EmailConfig {
             .field("host", &self.host)
             .field("port", &self.port())
             .field("tls", &self.tls)
+            .field("ca_file", &self.ca_file)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("from", &self.from)

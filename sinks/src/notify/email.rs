@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::NotifyError;
@@ -29,6 +30,22 @@ impl Email {
             SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&cfg.host),
         };
         let mut builder = builder.port(cfg.port()).timeout(Some(timeout));
+        if let Some(path) = &cfg.ca_file
+            && cfg.tls != SmtpTls::None
+        {
+            let pem = std::fs::read(path)
+                .map_err(|e| NotifyError::Config(format!("[sinks.notify.email] `ca_file` {path:?}: {e}")))?;
+            let cert = Certificate::from_pem(&pem)
+                .map_err(|e| NotifyError::Config(format!("[sinks.notify.email] `ca_file` {path:?}: {}", chain(&e))))?;
+            let params = TlsParameters::builder(cfg.host.clone())
+                .add_root_certificate(cert)
+                .build_rustls()
+                .map_err(bad)?;
+            builder = builder.tls(match cfg.tls {
+                SmtpTls::Tls => Tls::Wrapper(params),
+                _ => Tls::Required(params),
+            });
+        }
         if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
             builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
         }

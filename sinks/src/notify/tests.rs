@@ -268,6 +268,7 @@ async fn email_goes_out_over_smtp_as_text_and_html_once_each() {
             host: "127.0.0.1".into(),
             port: Some(smtp.port),
             tls: SmtpTls::None,
+            ca_file: None,
             username: Some("llama".into()),
             password: Some("s3cret".into()),
             from: "DeFi alerts <alerts@llamaflow.test>".into(),
@@ -330,6 +331,111 @@ async fn email_goes_out_over_smtp_as_text_and_html_once_each() {
     assert!(written.rejected.is_empty());
     assert_eq!(env.count("status IN ('pending', 'sending')"), 0, "{:#?}", env.rows());
     assert_eq!(env.count("true"), 3);
+    task.abort();
+}
+
+/// A private CA and a `localhost` server certificate it signed (`openssl`): (CA, cert, key).
+fn localhost_cert(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |n: &str| dir.join(n);
+    let ext = p("ext.cnf");
+    std::fs::write(&ext, "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n").unwrap();
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=llamaflow test CA",
+        ],
+        &["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost"],
+        &["x509", "-req", "-days", "2", "-CAcreateserial"],
+    ];
+    let files: [Vec<std::ffi::OsString>; 3] = [
+        vec!["-keyout".into(), p("ca.key").into(), "-out".into(), p("ca.crt").into()],
+        vec![
+            "-keyout".into(),
+            p("srv.key").into(),
+            "-out".into(),
+            p("srv.csr").into(),
+        ],
+        vec![
+            "-in".into(),
+            p("srv.csr").into(),
+            "-CA".into(),
+            p("ca.crt").into(),
+            "-CAkey".into(),
+            p("ca.key").into(),
+            "-extfile".into(),
+            ext.into(),
+            "-out".into(),
+            p("srv.crt").into(),
+        ],
+    ];
+    for (args, files) in steps.iter().zip(files) {
+        let out = std::process::Command::new("openssl")
+            .args(*args)
+            .args(files)
+            .output()
+            .expect("run openssl");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    (p("ca.crt"), p("srv.crt"), p("srv.key"))
+}
+
+#[tokio::test]
+async fn email_uses_starttls_with_a_private_ca_and_refuses_an_untrusted_relay() {
+    let env = Env::start().await;
+    let (ca, cert, key) = localhost_cert(env.dir.path());
+    let smtp = testkit::Smtp::start_with(Some(("llama", "s3cret")), Some((&cert, &key)));
+    env.user("u1", "email", "alice@example.com");
+    let email = |ca_file: Option<String>| EmailConfig {
+        host: "localhost".into(),
+        port: Some(smtp.port),
+        tls: SmtpTls::Starttls,
+        ca_file,
+        username: Some("llama".into()),
+        password: Some("s3cret".into()),
+        from: "alerts@llamaflow.test".into(),
+        per_second: 100.0,
+    };
+    // Without the CA, the certificate is not trusted: nothing is sent, the alert is dead-lettered.
+    let (mut sink, task) = env
+        .sink(fast(NotifyConfig {
+            max_attempts: 2,
+            email: Some(email(None)),
+            ..NotifyConfig::default()
+        }))
+        .await;
+    sink.write(&batch(vec![alert(1, "u1", &["email"])])).await.unwrap();
+    env.settled(1, Duration::from_secs(20)).await;
+    assert!(
+        env.rows()[0].starts_with("email|alice@example.com|failed|"),
+        "{:?}",
+        env.rows()
+    );
+    assert!(smtp.mails().is_empty());
+    task.abort();
+    // With it: STARTTLS, then AUTH over TLS.
+    let (mut sink, task) = env
+        .sink(fast(NotifyConfig {
+            email: Some(email(Some(ca.display().to_string()))),
+            ..NotifyConfig::default()
+        }))
+        .await;
+    sink.write(&batch(vec![alert(2, "u1", &["email"])])).await.unwrap();
+    env.settled(2, Duration::from_secs(20)).await;
+    assert_eq!(env.rows()[1], "email|alice@example.com|delivered|1|");
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 1);
+    let mail: Value = serde_json::from_str(&mails[0]).unwrap();
+    assert_eq!(
+        (mail["authenticated"].clone(), mail["tls"].clone()),
+        (Value::Bool(true), Value::Bool(true))
+    );
     task.abort();
 }
 
@@ -585,6 +691,11 @@ async fn push_signs_in_with_the_service_account_and_removes_unregistered_tokens(
                         "errorCode": "UNREGISTERED"}]}}),
                 ),
                 "tok-flaky" if earlier == 0 => (StatusCode::INTERNAL_SERVER_ERROR, vec![], "oops".into()),
+                "tok-busy" if earlier == 0 => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    vec![("retry-after", "1".into())],
+                    serde_json::json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}).to_string(),
+                ),
                 _ => ok_json(serde_json::json!({"name": "projects/llama-test/messages/0:1"})),
             }
         }
@@ -604,7 +715,8 @@ async fn push_signs_in_with_the_service_account_and_removes_unregistered_tokens(
     std::fs::write(&key_path, key.to_string()).unwrap();
     env.pg.psql(
         "INSERT INTO user_devices (id, user_id, device_token, platform) VALUES \
-         ('d1', 'u1', 'tok-ok', 'android'), ('d2', 'u1', 'tok-dead', 'ios'), ('d3', 'u2', 'tok-flaky', 'web')",
+         ('d1', 'u1', 'tok-ok', 'android'), ('d2', 'u1', 'tok-dead', 'ios'), ('d3', 'u2', 'tok-flaky', 'web'), \
+         ('d4', 'u2', 'tok-busy', 'android')",
     );
     let cfg = fast(NotifyConfig {
         push: Some(PushConfig {
@@ -620,19 +732,30 @@ async fn push_signs_in_with_the_service_account_and_removes_unregistered_tokens(
     sink.write(&batch(vec![alert(1, "u1", &["push"]), alert(2, "u2", &["push"])]))
         .await
         .unwrap();
-    env.settled(3, Duration::from_secs(20)).await;
+    env.settled(4, Duration::from_secs(20)).await;
     let rows = env.rows();
     assert_eq!(
         rows[0],
         "push|tok-dead|failed|1|fcm: the device token is unregistered (HTTP 404 Not Found); the device was removed from user_devices"
     );
     assert_eq!(rows[1], "push|tok-ok|delivered|1|");
-    assert_eq!(rows[2], "push|tok-flaky|delivered|2|");
+    assert_eq!(rows[2], "push|tok-busy|delivered|2|");
+    assert_eq!(rows[3], "push|tok-flaky|delivered|2|");
     assert_eq!(
         env.pg.psql("SELECT string_agg(id, ',' ORDER BY id) FROM user_devices"),
-        "d1,d3"
+        "d1,d3,d4"
     );
     assert_eq!(env.directory.recipients("u1", Channel::Push).unwrap(), vec!["tok-ok"]);
+    let busy: Vec<Instant> = server
+        .received()
+        .iter()
+        .filter(|r| r.json()["message"]["token"] == "tok-busy")
+        .map(|r| r.at)
+        .collect();
+    assert!(
+        busy[1] - busy[0] >= Duration::from_millis(950),
+        "Retry-After: 1 honoured"
+    );
     let sent = server
         .received()
         .into_iter()
@@ -651,14 +774,14 @@ async fn push_signs_in_with_the_service_account_and_removes_unregistered_tokens(
 
     // A later alert goes to the remaining device only, with the cached access token.
     sink.write(&batch(vec![alert(3, "u1", &["push"])])).await.unwrap();
-    env.settled(4, Duration::from_secs(20)).await;
+    env.settled(5, Duration::from_secs(20)).await;
     let got = server.received();
     assert_eq!(
         got.iter().filter(|r| r.path == "/token").count(),
         1,
         "the access token is cached"
     );
-    assert_eq!(got.iter().filter(|r| r.path.ends_with("messages:send")).count(), 5);
+    assert_eq!(got.iter().filter(|r| r.path.ends_with("messages:send")).count(), 7);
     task.abort();
 }
 
@@ -779,6 +902,7 @@ fn configs_are_checked_with_clear_messages() {
                     host: "smtp.example.com".into(),
                     port: None,
                     tls: SmtpTls::Starttls,
+                    ca_file: None,
                     username: Some("u".into()),
                     password: None,
                     from: "alerts@example.com".into(),
