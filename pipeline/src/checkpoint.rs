@@ -3,7 +3,10 @@
 //! the results of those epochs. See docs/ARCHITECTURE.md ("Checkpoints") for the protocol.
 //!
 //! Files: `<dir>/checkpoint-<n>.bin` (a magic header, then bincode), written to a temporary
-//! name, synced, renamed, and the directory synced; the two newest are kept.
+//! name, synced, renamed, and the directory synced; the two newest are kept. A cluster writes
+//! one part per process, `checkpoint-<n>.part-<p>.bin`, and process 0 writes
+//! `manifest-<n>.json` once every part of checkpoint n is durable: only checkpoints with a
+//! manifest count.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -70,10 +73,32 @@ mod serde_bytes_opt {
 impl Checkpoint {
     /// Writes the checkpoint atomically into `dir` and prunes old ones; returns its size.
     pub fn write(&self, dir: &Path) -> Result<u64> {
+        let bytes = self.write_as(dir, &format!("checkpoint-{:012}.bin", self.id))?;
+        remove_start_files(dir, None);
+        let mut all = list(dir)?;
+        while all.len() > KEEP {
+            let (_, old) = all.remove(0);
+            if let Err(e) = std::fs::remove_file(&old) {
+                tracing::warn!("cannot remove old checkpoint {}: {e}", old.display());
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Writes process `process`'s part of a cluster checkpoint atomically into `dir`; returns
+    /// its size. Old parts go once newer manifests exist ([`prune_cluster`]).
+    pub fn write_part(&self, dir: &Path, process: usize) -> Result<u64> {
+        let bytes = self.write_as(dir, &part_name(self.id, process))?;
+        remove_start_files(dir, Some(process));
+        Ok(bytes)
+    }
+
+    /// Writes the checkpoint to `dir/name` through a synced temporary file and a rename.
+    fn write_as(&self, dir: &Path, name: &str) -> Result<u64> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
-        let path = dir.join(format!("checkpoint-{:012}.bin", self.id));
-        let tmp = dir.join(format!(".checkpoint-{:012}.tmp", self.id));
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp"));
         let file = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
         // Streamed to the file: a large state is not first copied into one buffer.
         let mut out = BufWriter::with_capacity(1 << 20, file);
@@ -89,19 +114,6 @@ impl Checkpoint {
         let bytes = file.metadata().map(|m| m.len()).unwrap_or_default();
         std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
         sync_dir(dir)?;
-        match std::fs::remove_file(dir.join(START_FILES)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                tracing::warn!("cannot remove {}: {e}", dir.join(START_FILES).display());
-            }
-            _ => {}
-        }
-        let mut all = list(dir)?;
-        while all.len() > KEEP {
-            let (_, old) = all.remove(0);
-            if let Err(e) = std::fs::remove_file(&old) {
-                tracing::warn!("cannot remove old checkpoint {}: {e}", old.display());
-            }
-        }
         Ok(bytes)
     }
 
@@ -113,28 +125,148 @@ impl Checkpoint {
         let Some((_, path)) = list(dir)?.pop() else {
             return Ok(None);
         };
-        let bytes = std::fs::read(&path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        Checkpoint::read(&path).map(Some)
+    }
+
+    /// Process `process`'s part of the newest cluster checkpoint of `processes` processes
+    /// with a manifest in `dir`, if any.
+    pub fn load_cluster(dir: &Path, process: usize, processes: usize) -> Result<Option<Checkpoint>> {
+        let Some(manifest) = newest_manifest(dir)? else {
+            return Ok(None);
+        };
+        if manifest.processes != processes {
+            return Err(anyhow!(
+                "checkpoint {} in {} was taken by {} processes, this cluster has {processes};                  start it with {} processes (or move the checkpoints away to start over)",
+                manifest.id,
+                dir.display(),
+                manifest.processes,
+                manifest.processes
+            ));
+        }
+        let path = dir.join(part_name(manifest.id, process));
+        let ckpt = Checkpoint::read(&path).with_context(|| {
+            format!(
+                "checkpoint {} has a manifest but process {process}'s part is not readable;                  every process needs the same checkpoint directory (a shared volume)",
+                manifest.id
+            )
+        })?;
+        Ok(Some(ckpt))
+    }
+
+    fn read(path: &Path) -> Result<Checkpoint> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         let body = bytes.strip_prefix(MAGIC.as_slice()).with_context(|| {
             format!(
                 "{} is not a llamaflow checkpoint of this version (6); move it away to start over",
                 path.display()
             )
         })?;
-        let ckpt = bincode::deserialize(body).with_context(|| {
+        bincode::deserialize(body).with_context(|| {
             format!(
                 "checkpoint {} is corrupt; move it away to start from the previous one",
                 path.display()
             )
-        })?;
-        Ok(Some(ckpt))
+        })
+    }
+}
+
+/// The file of process `process`'s part of cluster checkpoint `id`.
+fn part_name(id: u64, process: usize) -> String {
+    format!("checkpoint-{id:012}.part-{process}.bin")
+}
+
+/// What a cluster checkpoint's manifest records.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The checkpoint.
+    pub id: u64,
+    /// How many processes took it (each wrote a part).
+    pub processes: usize,
+    /// When the manifest was written (unix ms).
+    pub created_ms: i64,
+}
+
+/// Process 0: writes the manifest of cluster checkpoint `id` (atomically, synced), after
+/// every process's part is durable.
+pub fn write_manifest(dir: &Path, id: u64, processes: usize) -> Result<()> {
+    let m = Manifest {
+        id,
+        processes,
+        created_ms: now_ms(),
+    };
+    let name = format!("manifest-{id:012}.json");
+    let (path, tmp) = (dir.join(&name), dir.join(format!(".{name}.tmp")));
+    std::fs::write(&tmp, serde_json::to_vec(&m)?)
+        .and_then(|()| File::open(&tmp)?.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    sync_dir(dir)
+}
+
+/// The newest manifest in `dir`, if any.
+pub fn newest_manifest(dir: &Path) -> Result<Option<Manifest>> {
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let Some((_, path)) = list_named(dir, "manifest-", ".json")?.pop() else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| {
+            format!(
+                "{} is corrupt; move it away to start from the previous checkpoint",
+                path.display()
+            )
+        })
+        .map(Some)
+}
+
+/// Once cluster checkpoint `id` counts: removes process `process`'s parts older than the
+/// checkpoint before it and, for process 0, the older manifests (the newest two stay).
+pub fn prune_cluster(dir: &Path, id: u64, process: usize) {
+    let keep_from = id.saturating_sub(1);
+    let mut old = Vec::new();
+    let suffix = format!(".part-{process}.bin");
+    if let Ok(parts) = list_named(dir, "checkpoint-", &suffix) {
+        old.extend(parts.into_iter().filter(|(n, _)| *n < keep_from));
+    }
+    if process == 0
+        && let Ok(manifests) = list_named(dir, "manifest-", ".json")
+    {
+        old.extend(manifests.into_iter().filter(|(n, _)| *n < keep_from));
+    }
+    for (_, path) in old {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!("cannot remove old checkpoint file {}: {e}", path.display());
+        }
+    }
+}
+
+/// The start-files record of one process (`part`, in a cluster) or of a single-process job.
+fn start_files_name(part: Option<usize>) -> String {
+    match part {
+        Some(p) => format!("jsonl-lengths-at-start.part-{p}.json"),
+        None => START_FILES.to_string(),
+    }
+}
+
+fn remove_start_files(dir: &Path, part: Option<usize>) {
+    let path = dir.join(start_files_name(part));
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!("cannot remove {}: {e}", path.display());
+        }
+        _ => {}
     }
 }
 
 /// Records the JSONL files' lengths at the start of a job without a checkpoint in `dir`
-/// (atomically), for [`start_files`].
-pub fn save_start_files(dir: &Path, lengths: &BTreeMap<PathBuf, u64>) -> Result<()> {
+/// (atomically), for [`start_files`]; `part` is the process of a cluster.
+pub fn save_start_files(dir: &Path, part: Option<usize>, lengths: &BTreeMap<PathBuf, u64>) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
-    let (path, tmp) = (dir.join(START_FILES), dir.join(format!(".{START_FILES}.tmp")));
+    let name = start_files_name(part);
+    let (path, tmp) = (dir.join(&name), dir.join(format!(".{name}.tmp")));
     let text = serde_json::to_vec(lengths)?;
     std::fs::write(&tmp, text)
         .and_then(|()| File::open(&tmp)?.sync_all())
@@ -144,8 +276,8 @@ pub fn save_start_files(dir: &Path, lengths: &BTreeMap<PathBuf, u64>) -> Result<
 }
 
 /// The JSONL files' lengths saved by [`save_start_files`] (none once a checkpoint was written).
-pub fn start_files(dir: &Path) -> Result<BTreeMap<PathBuf, u64>> {
-    let path = dir.join(START_FILES);
+pub fn start_files(dir: &Path, part: Option<usize>) -> Result<BTreeMap<PathBuf, u64>> {
+    let path = dir.join(start_files_name(part));
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
             format!(
@@ -166,14 +298,19 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Checkpoint files in `dir`, oldest first.
 fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    list_named(dir, "checkpoint-", ".bin")
+}
+
+/// Files `<prefix><number><suffix>` in `dir` with their numbers, oldest first.
+fn list_named(dir: &Path, prefix: &str, suffix: &str) -> Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let path = entry?.path();
         let id = path
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("checkpoint-"))
-            .and_then(|n| n.strip_suffix(".bin"))
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|n| n.strip_suffix(suffix))
             .and_then(|n| n.parse::<u64>().ok());
         if let Some(id) = id {
             out.push((id, path));
@@ -192,6 +329,8 @@ fn now_ms() -> i64 {
 
 /// A requested checkpoint waiting for its snapshot and for the sinks.
 struct Prepared {
+    /// The cluster checkpoint's id (all processes agree on it); `None`: the next number.
+    id: Option<u64>,
     requested: Instant,
     sequencer: Sequencer,
     positions: Positions,
@@ -215,6 +354,8 @@ pub struct Checkpointer {
     files: sinks::jsonl::FileMarks,
     /// The epoch-log marks of the checkpoints kept (oldest first): older segments go.
     log_marks: Mutex<std::collections::VecDeque<LogMark>>,
+    /// In a cluster: this process, which writes parts (`checkpoint-<n>.part-<p>.bin`).
+    part: Option<usize>,
 }
 
 impl Checkpointer {
@@ -230,7 +371,14 @@ impl Checkpointer {
             last_done: Mutex::new(Instant::now()),
             files: Default::default(),
             log_marks: Default::default(),
+            part: None,
         }
+    }
+
+    /// In a cluster: this is process `process`; it writes its part of each checkpoint.
+    pub fn with_part(mut self, process: usize) -> Self {
+        self.part = Some(process);
+        self
     }
 
     /// The restored checkpoint's epoch-log mark, kept until newer checkpoints replace it.
@@ -275,14 +423,22 @@ impl Checkpointer {
     }
 
     /// Requests a checkpoint after `epoch` (call before sending it) with the front's state
-    /// and where the epochs after it are logged.
-    pub fn prepare(&self, epoch: u64, sequencer: Sequencer, positions: Positions, log: Option<LogMark>) {
+    /// and where the epochs after it are logged; a cluster gives the id all processes use.
+    pub fn prepare(
+        &self,
+        epoch: u64,
+        id: Option<u64>,
+        sequencer: Sequencer,
+        positions: Positions,
+        log: Option<LogMark>,
+    ) {
         if let Some((_, snapshots)) = &self.store {
             snapshots.request(epoch);
         }
         self.pending.lock().unwrap_or_else(PoisonError::into_inner).insert(
             epoch,
             Prepared {
+                id,
                 requested: Instant::now(),
                 sequencer,
                 positions,
@@ -306,9 +462,10 @@ impl Checkpointer {
     }
 
     /// Completes, in order, the prepared checkpoints before `durable_upto` (every epoch below
-    /// it is written by every sink) whose snapshots are in; returns the positions of the
-    /// newest one completed, which the sources may now commit.
-    pub fn complete(&self, durable_upto: u64) -> Result<Option<Positions>> {
+    /// it is written by every sink) whose snapshots are in; returns the id and positions of
+    /// the newest one completed, which the sources may now commit (in a cluster: once its
+    /// manifest is written).
+    pub fn complete(&self, durable_upto: u64) -> Result<Option<(u64, Positions)>> {
         let mut done = None;
         loop {
             let epoch = {
@@ -355,12 +512,13 @@ impl Checkpointer {
                 break;
             };
             let files = self.files.through(epoch);
+            let id = {
+                let mut next = self.next_id.lock().unwrap_or_else(PoisonError::into_inner);
+                let id = prepared.id.unwrap_or(*next);
+                *next = id + 1;
+                id
+            };
             if let (Some((dir, _)), Some(state)) = (&self.store, state) {
-                let id = {
-                    let mut next = self.next_id.lock().unwrap_or_else(PoisonError::into_inner);
-                    *next += 1;
-                    *next - 1
-                };
                 let ckpt = Checkpoint {
                     id,
                     created_ms: now_ms(),
@@ -371,7 +529,10 @@ impl Checkpointer {
                     files,
                     epoch_log: prepared.log.clone(),
                 };
-                let bytes = ckpt.write(dir)?;
+                let bytes = match self.part {
+                    Some(p) => ckpt.write_part(dir, p)?,
+                    None => ckpt.write(dir)?,
+                };
                 if let Some(mark) = prepared.log {
                     let mut marks = self.log_marks.lock().unwrap_or_else(PoisonError::into_inner);
                     marks.push_back(mark);
@@ -389,7 +550,7 @@ impl Checkpointer {
             metrics::histogram!("llamaflow_checkpoint_duration_seconds")
                 .record(prepared.requested.elapsed().as_secs_f64());
             *self.last_done.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
-            done = Some(prepared.positions);
+            done = Some((id, prepared.positions));
         }
         Ok(done)
     }
@@ -403,7 +564,7 @@ pub struct Completer {
 }
 
 /// Where the checkpoint thread sends one [`Checkpointer::complete`] result.
-type Reply = tokio::sync::oneshot::Sender<Result<Option<Positions>>>;
+type Reply = tokio::sync::oneshot::Sender<Result<Option<(u64, Positions)>>>;
 
 impl Completer {
     /// Starts the checkpoint thread for `checkpointer`; it ends with the last `Completer`.
@@ -422,7 +583,7 @@ impl Completer {
     }
 
     /// [`Checkpointer::complete`], run on the checkpoint thread.
-    pub async fn complete(&self, durable_upto: u64) -> Result<Option<Positions>> {
+    pub async fn complete(&self, durable_upto: u64) -> Result<Option<(u64, Positions)>> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.tx
             .send((durable_upto, reply))
@@ -481,5 +642,78 @@ mod tests {
         std::fs::write(dir.path().join("checkpoint-000000000009.bin"), b"garbage").unwrap();
         let err = Checkpoint::load_latest(dir.path()).unwrap_err();
         assert!(format!("{err:#}").contains("not a llamaflow checkpoint"), "{err:#}");
+    }
+
+    fn part(id: u64, process: usize) -> Checkpoint {
+        Checkpoint {
+            id,
+            created_ms: 0,
+            sequencer: Sequencer::new(4, id),
+            state: vec![WorkerState::default(); 2],
+            positions: Positions {
+                lsn: Some(id * 10 + process as u64),
+                ..Default::default()
+            },
+            view: None,
+            files: BTreeMap::new(),
+            epoch_log: None,
+        }
+    }
+
+    #[test]
+    fn a_cluster_checkpoint_is_restored_only_with_its_manifest_and_old_parts_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(Checkpoint::load_cluster(d, 1, 2).unwrap().is_none());
+        save_start_files(d, Some(1), &BTreeMap::from([(PathBuf::from("a.jsonl"), 7)])).unwrap();
+        assert_eq!(start_files(d, Some(1)).unwrap().len(), 1);
+        assert!(start_files(d, Some(0)).unwrap().is_empty(), "each process has its own");
+        for id in 1..=4 {
+            for p in 0..2 {
+                part(id, p).write_part(d, p).unwrap();
+            }
+        }
+        assert!(
+            start_files(d, Some(1)).unwrap().is_empty(),
+            "a written part replaces them"
+        );
+        // Parts without a manifest do not count; single-process checkpoints ignore them.
+        assert!(Checkpoint::load_cluster(d, 1, 2).unwrap().is_none());
+        assert!(Checkpoint::load_latest(d).unwrap().is_none());
+        write_manifest(d, 2, 2).unwrap();
+        write_manifest(d, 3, 2).unwrap();
+        let got = Checkpoint::load_cluster(d, 1, 2).unwrap().unwrap();
+        assert_eq!((got.id, got.positions.lsn), (3, Some(31)));
+        let err = Checkpoint::load_cluster(d, 0, 3).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("taken by 2 processes, this cluster has 3"),
+            "{err:#}"
+        );
+        prune_cluster(d, 3, 0);
+        prune_cluster(d, 3, 1);
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "checkpoint-000000000002.part-0.bin",
+                "checkpoint-000000000002.part-1.bin",
+                "checkpoint-000000000003.part-0.bin",
+                "checkpoint-000000000003.part-1.bin",
+                "checkpoint-000000000004.part-0.bin",
+                "checkpoint-000000000004.part-1.bin",
+                "manifest-000000000002.json",
+                "manifest-000000000003.json",
+            ]
+        );
+        std::fs::remove_file(d.join("checkpoint-000000000003.part-0.bin")).unwrap();
+        let err = Checkpoint::load_cluster(d, 0, 2).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("process 0's part is not readable"),
+            "{err:#}"
+        );
     }
 }

@@ -14,6 +14,7 @@
 //! stream (see [`ClusterBus`]): where the history of process 0 ends, and how far each
 //! process's sinks have written.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -122,6 +123,19 @@ pub enum Control {
         /// Epochs below this are durable there.
         upto: u64,
     },
+    /// `process` has made its part of cluster checkpoint `id` durable.
+    PartWritten {
+        /// The process.
+        process: usize,
+        /// The checkpoint.
+        id: u64,
+    },
+    /// Process 0 has written the manifest of cluster checkpoint `id`: it counts, and every
+    /// process may commit its positions.
+    Manifest {
+        /// The checkpoint.
+        id: u64,
+    },
 }
 
 #[derive(Default)]
@@ -130,6 +144,10 @@ struct BusState {
     history: Option<(u64, Vec<(String, i64)>)>,
     durable: Vec<u64>,
     local_durable: u64,
+    /// The processes whose part of each cluster checkpoint is durable.
+    parts: BTreeMap<u64, BTreeSet<usize>>,
+    /// The newest cluster checkpoint with a manifest.
+    manifest: u64,
 }
 
 /// The processes' shared knowledge, exchanged through the dataflow's control stream: the
@@ -162,6 +180,16 @@ impl ClusterBus {
                 .filter(|_| cluster.is_multi())
                 .map(|t| (t, cluster.clone())),
         })
+    }
+
+    /// This process.
+    pub fn process(&self) -> usize {
+        self.process
+    }
+
+    /// How many processes form the cluster.
+    pub fn processes(&self) -> usize {
+        self.processes
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BusState> {
@@ -212,6 +240,38 @@ impl ClusterBus {
             .unwrap_or(s.local_durable)
     }
 
+    /// This process's part of cluster checkpoint `id` is durable.
+    pub fn part_written(&self, id: u64) {
+        let mut s = self.lock();
+        s.parts.entry(id).or_default().insert(self.process);
+        if self.processes > 1 {
+            s.outbox.push(Control::PartWritten {
+                process: self.process,
+                id,
+            });
+        }
+    }
+
+    /// Whether every process's part of cluster checkpoint `id` is durable.
+    pub fn parts_complete(&self, id: u64) -> bool {
+        self.lock().parts.get(&id).is_some_and(|p| p.len() >= self.processes)
+    }
+
+    /// Process 0: the manifest of cluster checkpoint `id` is written.
+    pub fn announce_manifest(&self, id: u64) {
+        let mut s = self.lock();
+        s.manifest = s.manifest.max(id);
+        s.parts.retain(|k, _| *k > id);
+        if self.processes > 1 {
+            s.outbox.push(Control::Manifest { id });
+        }
+    }
+
+    /// The newest cluster checkpoint with a manifest (0: none yet in this run).
+    pub fn manifest(&self) -> u64 {
+        self.lock().manifest
+    }
+
     fn take_outbox(&self) -> Vec<Control> {
         std::mem::take(&mut self.lock().outbox)
     }
@@ -226,6 +286,16 @@ impl ClusterBus {
                 if let Some(d) = s.durable.get_mut(*process) {
                     *d = (*d).max(*upto);
                 }
+            }
+            Control::PartWritten { process, id } => {
+                if *id > s.manifest {
+                    s.parts.entry(*id).or_default().insert(*process);
+                }
+            }
+            Control::Manifest { id } => {
+                s.manifest = s.manifest.max(*id);
+                let m = s.manifest;
+                s.parts.retain(|k, _| *k > m);
             }
         }
     }
@@ -696,6 +766,29 @@ mod tests {
             ends: ends.clone(),
         });
         assert_eq!(bus.history(), Some((4, ends)));
+    }
+
+    #[test]
+    fn a_cluster_checkpoint_counts_once_every_part_is_in_and_its_manifest_is_announced() {
+        let bus = ClusterBus::new(&two(0));
+        bus.part_written(3);
+        assert_eq!(bus.take_outbox(), vec![Control::PartWritten { process: 0, id: 3 }]);
+        assert!(!bus.parts_complete(3), "process 1's part is missing");
+        bus.receive(&Control::PartWritten { process: 1, id: 3 });
+        bus.receive(&Control::PartWritten { process: 1, id: 4 });
+        assert!(bus.parts_complete(3));
+        assert!(!bus.parts_complete(4));
+        assert_eq!(bus.manifest(), 0);
+        bus.announce_manifest(3);
+        assert_eq!(bus.take_outbox(), vec![Control::Manifest { id: 3 }]);
+        assert_eq!(bus.manifest(), 3);
+        // Another process learns it from the stream; old news never moves it back.
+        let other = ClusterBus::new(&two(1));
+        other.receive(&Control::Manifest { id: 3 });
+        other.receive(&Control::Manifest { id: 2 });
+        other.receive(&Control::PartWritten { process: 0, id: 3 });
+        assert_eq!(other.manifest(), 3);
+        assert!(!other.parts_complete(3), "parts of a counted checkpoint are forgotten");
     }
 
     #[test]

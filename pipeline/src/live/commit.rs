@@ -57,6 +57,9 @@ pub(super) struct Committer {
     pub handles: Arc<tokio::sync::Mutex<SourceHandles>>,
     pub fatal: Arc<Fatal>,
     pub bus: Arc<ClusterBus>,
+    /// In a cluster with checkpoints: the (shared) checkpoint directory, where process 0
+    /// writes each checkpoint's manifest once every process's part is in.
+    pub cluster_dir: Option<std::path::PathBuf>,
 }
 
 /// Starts the committer: it counts sink acknowledgements from `ack_rx`, completes checkpoints
@@ -74,10 +77,13 @@ pub(super) fn start(
         handles,
         fatal,
         bus,
+        cluster_dir,
     } = c;
     Ok(rt.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut durable;
+        // Cluster checkpoints whose part is written here, waiting for their manifest.
+        let mut awaiting: BTreeMap<u64, Positions> = BTreeMap::new();
         loop {
             tokio::select! {
                 epoch = ack_rx.recv() => match epoch {
@@ -95,17 +101,32 @@ pub(super) fn start(
             durable = bus.durable();
             metrics::gauge!("llamaflow_checkpoint_age_seconds").set(checkpointer.age_secs());
             match completer.complete(durable).await {
-                Ok(Some(positions)) => handles.lock().await.commit(&positions).await,
+                Ok(Some((id, positions))) => match &cluster_dir {
+                    None => handles.lock().await.commit(&positions).await,
+                    Some(_) => {
+                        bus.part_written(id);
+                        awaiting.insert(id, positions);
+                    }
+                },
                 Ok(None) => {}
                 Err(e) => fatal.fail(format!("checkpoint failed: {e:#}")),
             }
+            if let Some(dir) = &cluster_dir
+                && let Err(e) = cluster_commit(dir, &bus, &mut awaiting, &handles).await
+            {
+                fatal.fail(format!("cluster checkpoint failed: {e:#}"));
+            }
         }
         // The final checkpoint (prepared at shutdown) completes once its snapshot is in
-        // (and, in a cluster, once the other processes reported the epoch written).
+        // (and, in a cluster, once the other processes reported the epoch written). A
+        // cluster takes no final checkpoint: the processes stop at different epochs.
         for _ in 0..100 {
+            if cluster_dir.is_some() {
+                break;
+            }
             let durable = bus.durable();
             match completer.complete(durable).await {
-                Ok(Some(positions)) => {
+                Ok(Some((_, positions))) => {
                     handles.lock().await.commit(&positions).await;
                     break;
                 }
@@ -119,6 +140,40 @@ pub(super) fn start(
         }
         std::mem::take(&mut *handles.lock().await).stop().await;
     }))
+}
+
+/// The cluster's side of a checkpoint: process 0 writes the manifest of each checkpoint whose
+/// parts are all in (in order) and announces it; every process then commits the positions of
+/// the newest checkpoint with a manifest and removes older files.
+async fn cluster_commit(
+    dir: &std::path::Path,
+    bus: &Arc<ClusterBus>,
+    awaiting: &mut BTreeMap<u64, Positions>,
+    handles: &tokio::sync::Mutex<SourceHandles>,
+) -> Result<()> {
+    if bus.process() == 0 {
+        let ready: Vec<u64> = awaiting
+            .keys()
+            .copied()
+            .filter(|id| *id > bus.manifest())
+            .take_while(|id| bus.parts_complete(*id))
+            .collect();
+        for id in ready {
+            let (d, n) = (dir.to_path_buf(), bus.processes());
+            tokio::task::spawn_blocking(move || crate::checkpoint::write_manifest(&d, id, n)).await??;
+            metrics::gauge!("llamaflow_checkpoint_manifest_id").set(id as f64);
+            bus.announce_manifest(id);
+        }
+    }
+    let counted = bus.manifest();
+    let newest = awaiting.range(..=counted).next_back().map(|(id, p)| (*id, p.clone()));
+    if let Some((id, positions)) = newest {
+        *awaiting = awaiting.split_off(&(id + 1));
+        handles.lock().await.commit(&positions).await;
+        let (d, process) = (dir.to_path_buf(), bus.process());
+        tokio::task::spawn_blocking(move || crate::checkpoint::prune_cluster(&d, id, process)).await?;
+    }
+    Ok(())
 }
 
 /// The running live sources that take commits.

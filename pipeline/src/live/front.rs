@@ -46,6 +46,8 @@ pub(super) struct Ingest {
     pub hub: Option<Hub>,
     /// `users` / `user_devices` changes go to the alert channels' recipients.
     pub recipients: Option<sinks::notify::Directory>,
+    /// In a cluster with checkpoints: the epochs every process checkpoints at.
+    pub cluster_checkpoints: Option<ClusterCheckpoints>,
     pub output: Arc<LiveOutput>,
     pub stop: Arc<AtomicBool>,
     pub rt: tokio::runtime::Handle,
@@ -62,6 +64,25 @@ pub(super) struct Ingest {
     /// The epoch log (with checkpoints, one process, no demo feed) and the epochs logged
     /// after the restored checkpoint, formed again before going live.
     pub reclock: Option<(EpochLog, Vec<EpochInput>)>,
+}
+
+/// Where a cluster's processes checkpoint: at the same epochs, chosen by a rule every process
+/// applies alike (a message from process 0 could come after a peer had sent the epoch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterCheckpoints {
+    /// Every this many epochs after the history's end (checkpoint interval ÷ batch_ms).
+    pub every: u64,
+    /// The restored checkpoint's id (0: none); the next ones count on from it.
+    pub base: u64,
+}
+
+impl ClusterCheckpoints {
+    /// The id of the checkpoint to take before sending `epoch`, when one is due there;
+    /// `history` is the first epoch after the history.
+    pub fn due(&self, epoch: u64, history: u64) -> Option<u64> {
+        let since = epoch.checked_sub(history).filter(|n| *n > 0)?;
+        (since % self.every == 0).then(|| self.base + since / self.every)
+    }
 }
 
 /// How long re-forming a logged epoch waits for an item of its stream before it gives up
@@ -99,6 +120,7 @@ impl Ingest {
             process,
             hub,
             recipients,
+            cluster_checkpoints,
             output,
             stop,
             rt: rt_handle,
@@ -240,6 +262,8 @@ impl Ingest {
             eprintln!("llamaflow: formed {formed} of {logged} logged epochs again (reclocking)");
         }
         health_front.set_started();
+        // The first epoch after the history, the same in every process of a cluster.
+        let history_epoch = engine.bus().history().map_or(u64::MAX, |(e, _)| e);
         let mut sent_positions = positions.clone();
         let mut first_arrival: Option<Instant> = None;
         let mut last_send = Instant::now();
@@ -250,8 +274,13 @@ impl Ingest {
             // Dead letters alone make an epoch too: they are written (durably) with it.
             let refused = output.holds(engine.epochs());
             dirty |= !batch.is_empty() || moved || refused;
-            // A checkpoint every `interval` while records flow, and a final one on stop.
-            let checkpoint = dirty && (stopping || last_ckpt.elapsed() >= interval);
+            // A checkpoint every `interval` while records flow, and a final one on stop; a
+            // cluster checkpoints at the epochs its rule names (idle or not, no final one).
+            let cluster_id = cluster_checkpoints.and_then(|c| c.due(engine.epochs(), history_epoch));
+            let checkpoint = match cluster_checkpoints {
+                Some(_) => cluster_id.is_some(),
+                None => dirty && (stopping || last_ckpt.elapsed() >= interval),
+            };
             if !batch.is_empty() || moved || refused || checkpoint {
                 // The epoch's input is on disk before the epoch goes in; a checkpoint starts
                 // a new log segment, which holds the epochs after it.
@@ -263,7 +292,13 @@ impl Ingest {
                     }
                 }
                 if checkpoint {
-                    checkpointer.prepare(engine.epochs(), engine.sequencer().clone(), positions.clone(), mark);
+                    checkpointer.prepare(
+                        engine.epochs(),
+                        cluster_id,
+                        engine.sequencer().clone(),
+                        positions.clone(),
+                        mark,
+                    );
                     dirty = false;
                     last_ckpt = Instant::now();
                 }
@@ -628,5 +663,22 @@ pub(super) async fn demo_source(d: DemoSection, tx: mpsc::Sender<LiveItem>, stop
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClusterCheckpoints;
+
+    #[test]
+    fn every_process_names_the_same_checkpoint_epochs() {
+        let c = ClusterCheckpoints { every: 3, base: 10 };
+        let due: Vec<(u64, u64)> = (0..12).filter_map(|e| c.due(e, 2).map(|id| (e, id))).collect();
+        assert_eq!(
+            due,
+            [(5, 11), (8, 12), (11, 13)],
+            "after the history (epoch 2), every 3rd"
+        );
+        assert_eq!(c.due(7, u64::MAX), None, "no history end known: none");
     }
 }

@@ -73,13 +73,16 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     // Checkpoints: resume from the newest one, if any. The JSONL files go back to their
     // length at it before they are opened: what was written after it is written again.
     // Without a checkpoint yet, a restart goes back to the lengths at the first start.
-    let restored = match &cfg.pipeline.checkpoint_dir {
-        Some(dir) => Checkpoint::load_latest(dir)?,
-        None => None,
+    // A cluster restores the newest checkpoint with a manifest, each process its own part.
+    let part = cluster.is_multi().then_some(cluster.process);
+    let restored = match (&cfg.pipeline.checkpoint_dir, part) {
+        (Some(dir), Some(p)) => Checkpoint::load_cluster(dir, p, cluster.processes)?,
+        (Some(dir), None) => Checkpoint::load_latest(dir)?,
+        (None, _) => None,
     };
     let lengths = match (&restored, &cfg.pipeline.checkpoint_dir) {
         (Some(ck), _) => ck.files.clone(),
-        (None, Some(dir)) => crate::checkpoint::start_files(dir)?,
+        (None, Some(dir)) => crate::checkpoint::start_files(dir, part)?,
         (None, None) => Default::default(),
     };
     sinks::jsonl::restore(&lengths).context("cannot restore the JSONL files to the checkpoint")?;
@@ -102,7 +105,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     if let (None, Some(dir)) = (&restored, &cfg.pipeline.checkpoint_dir)
         && lengths.is_empty()
     {
-        crate::checkpoint::save_start_files(dir, &marks.lengths())?;
+        crate::checkpoint::save_start_files(dir, part, &marks.lengths())?;
     }
     let (sinks, sink_tasks) = SinkTasks::start(&rt, connected, dead, health.clone(), ack_tx);
     let coordinator = Arc::new(Mutex::new(Coordinator::new(sinks.len())));
@@ -173,6 +176,16 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     )
     .with_files(marks)
     .with_log_mark(restored_mark);
+    let checkpointer = match part {
+        Some(p) => checkpointer.with_part(p),
+        None => checkpointer,
+    };
+    // A cluster checkpoints at the same epochs in every process: every K-th epoch after the
+    // history, numbered on from the restored checkpoint.
+    let cluster_checkpoints = (part.is_some() && cfg.pipeline.checkpoint_dir.is_some()).then(|| {
+        let every = (cfg.pipeline.checkpoint_interval_ms / cfg.pipeline.batch_ms.max(1)).max(1);
+        front::ClusterCheckpoints { every, base: last_id }
+    });
     // The read view (SPEC §8) is served where the WebSocket is; its history is checkpointed.
     let live_view = hub
         .as_ref()
@@ -280,6 +293,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
             handles: handles.clone(),
             fatal: fatal.clone(),
             bus: bus.clone(),
+            cluster_dir: cfg.pipeline.checkpoint_dir.clone().filter(|_| part.is_some()),
         },
         ack_rx,
     )?;
@@ -348,6 +362,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         process: cluster.process,
         hub: hub.clone(),
         recipients,
+        cluster_checkpoints,
         output: output.clone(),
         stop: stop.clone(),
         rt: rt.handle().clone(),
@@ -419,13 +434,6 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
 /// partitions (`assignment = [process_id, processes]` unless configured).
 fn scale_out(cfg: &mut Config) -> Result<()> {
     let (process, processes) = (cfg.pipeline.process_id, cfg.pipeline.processes);
-    if cfg.pipeline.checkpoint_dir.is_some() {
-        return Err(crate::UsageError(format!(
-            "pipeline.checkpoint_dir: operator-state checkpoints are not supported with {processes} processes yet; \
-             set `checkpoint_dir = \"\"` (positions are still committed once every process has written an epoch)"
-        ))
-        .into());
-    }
     if let Some(k) = cfg.sources.kafka.as_mut()
         && k.assignment.is_none()
     {
