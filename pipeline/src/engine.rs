@@ -136,6 +136,13 @@ pub enum Control {
         /// The checkpoint.
         id: u64,
     },
+    /// `process` started from cluster checkpoint `id` (0: none); every process must have.
+    Restored {
+        /// The process.
+        process: usize,
+        /// The checkpoint.
+        id: u64,
+    },
 }
 
 #[derive(Default)]
@@ -148,6 +155,8 @@ struct BusState {
     parts: BTreeMap<u64, BTreeSet<usize>>,
     /// The newest cluster checkpoint with a manifest.
     manifest: u64,
+    /// The checkpoint each process started from, once it said.
+    restored: BTreeMap<usize, u64>,
 }
 
 /// The processes' shared knowledge, exchanged through the dataflow's control stream: the
@@ -272,6 +281,31 @@ impl ClusterBus {
         self.lock().manifest
     }
 
+    /// This process started from cluster checkpoint `id` (0: none); see
+    /// [`ClusterBus::restored_mismatch`].
+    pub fn announce_restored(&self, id: u64) {
+        let mut s = self.lock();
+        s.restored.insert(self.process, id);
+        if self.processes > 1 {
+            s.outbox.push(Control::Restored {
+                process: self.process,
+                id,
+            });
+        }
+    }
+
+    /// A process that started from another checkpoint than this one, with that checkpoint:
+    /// the cluster's state would not be one cut (a peer restarted while another still wrote
+    /// a manifest), so the processes must all restart.
+    pub fn restored_mismatch(&self) -> Option<(usize, u64, u64)> {
+        let s = self.lock();
+        let own = *s.restored.get(&self.process)?;
+        s.restored
+            .iter()
+            .find(|(_, id)| **id != own)
+            .map(|(p, id)| (*p, *id, own))
+    }
+
     fn take_outbox(&self) -> Vec<Control> {
         std::mem::take(&mut self.lock().outbox)
     }
@@ -291,6 +325,9 @@ impl ClusterBus {
                 if *id > s.manifest {
                     s.parts.entry(*id).or_default().insert(*process);
                 }
+            }
+            Control::Restored { process, id } => {
+                s.restored.insert(*process, *id);
             }
             Control::Manifest { id } => {
                 s.manifest = s.manifest.max(*id);
@@ -789,6 +826,12 @@ mod tests {
         other.receive(&Control::PartWritten { process: 0, id: 3 });
         assert_eq!(other.manifest(), 3);
         assert!(!other.parts_complete(3), "parts of a counted checkpoint are forgotten");
+        // Every process must have started from the same checkpoint.
+        other.announce_restored(3);
+        other.receive(&Control::Restored { process: 0, id: 3 });
+        assert_eq!(other.restored_mismatch(), None);
+        other.receive(&Control::Restored { process: 0, id: 4 });
+        assert_eq!(other.restored_mismatch(), Some((0, 4, 3)));
     }
 
     #[test]

@@ -111,10 +111,17 @@ pub(super) fn start(
                 Ok(None) => {}
                 Err(e) => fatal.fail(format!("checkpoint failed: {e:#}")),
             }
-            if let Some(dir) = &cluster_dir
-                && let Err(e) = cluster_commit(dir, &bus, &mut awaiting, &handles).await
-            {
-                fatal.fail(format!("cluster checkpoint failed: {e:#}"));
+            if let Some(dir) = &cluster_dir {
+                if let Some((peer, theirs, ours)) = bus.restored_mismatch() {
+                    fatal.fail(format!(
+                        "process {peer} started from checkpoint {theirs}, this one from {ours}: \
+                         stop every process and start them all again (they then agree on the newest checkpoint)"
+                    ));
+                    break;
+                }
+                if let Err(e) = cluster_commit(dir, &bus, &mut awaiting, &handles).await {
+                    fatal.fail(format!("cluster checkpoint failed: {e:#}"));
+                }
             }
         }
         // The final checkpoint (prepared at shutdown) completes once its snapshot is in

@@ -177,7 +177,10 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     .with_files(marks)
     .with_log_mark(restored_mark);
     let checkpointer = match part {
-        Some(p) => checkpointer.with_part(p),
+        Some(p) => {
+            bus.announce_restored(last_id);
+            checkpointer.with_part(p)
+        }
         None => checkpointer,
     };
     // A cluster checkpoints at the same epochs in every process: every K-th epoch after the
