@@ -511,7 +511,21 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
     const KILLS: usize = 5;
     let chunk = records.len() / (KILLS + 1);
     let ckpt = d.join("ckpt");
-    let extra = format!("checkpoint_dir = \"{}\"", ckpt.display());
+    // Alerts also go to Postgres and a FIFO SQS queue, as in production.
+    let pg = common::migrated_postgres();
+    let moto = testkit::Moto::start();
+    let queue_url = common::boto3(
+        &moto,
+        "print(sqs.create_queue(QueueName='alerts.fifo', Attributes={'FifoQueue': 'true'})['QueueUrl'])",
+    );
+    // (The sink tables follow `[pipeline]`'s settings in each process's file.)
+    let extra = format!(
+        "checkpoint_dir = \"{}\"\n[sinks.postgres]\nurl = \"{}\"\n[sinks.sqs]\nqueue_url = \"{queue_url}\"\n\
+         endpoint_url = \"{}\"\naccess_key_id = \"testing\"\nsecret_access_key = \"testing\"\n",
+        ckpt.display(),
+        pg.url(),
+        moto.endpoint()
+    );
 
     for round in 0..KILLS {
         let before = manifests(&ckpt).last().copied().unwrap_or(0);
@@ -550,11 +564,31 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
     produce(&brokers, &records[KILLS * chunk..]).await;
     let hw = high_watermarks(&brokers);
     let (jobs, runs) = start_cluster(d, 2, &brokers, "ck", 1, &rules, &extra);
-    wait_until(
-        "the restarted cluster to commit every partition",
-        Duration::from_secs(90),
-        || committed(&brokers, "ck") == hw,
-    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while committed(&brokers, "ck") != hw {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted cluster did not commit every partition: {:?} of {hw:?}; logs:\n{}",
+            committed(&brokers, "ck"),
+            runs.iter()
+                .map(|r| format!(
+                    "{}\n{}",
+                    std::fs::read_to_string(&r.log).unwrap_or_default(),
+                    common::http_get(r.port, "/metrics")
+                        .1
+                        .lines()
+                        .filter(|l| l.contains("checkpoint")
+                            || l.contains("epoch")
+                            || l.contains("sink_behind")
+                            || l.contains("records_in"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ))
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     for j in &jobs {
         terminate(j);
     }
@@ -591,5 +625,17 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
         ids(&expected),
         "the same alert ids as one uninterrupted process"
     );
+    let expected_ids = ids(&expected);
     assert_eq!(sorted_strings(got), sorted_strings(expected), "field for field");
+    let in_pg: Vec<String> = common::psql(&pg, "SELECT alert_id FROM alert_history ORDER BY alert_id")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        in_pg, expected_ids,
+        "alert_history holds each alert of the uninterrupted run"
+    );
+    let mut in_sqs = common::sqs_alert_ids(&moto, &queue_url);
+    in_sqs.sort();
+    assert_eq!(in_sqs, expected_ids, "the FIFO queue holds each alert once");
 }

@@ -149,8 +149,8 @@ pub(super) fn start(
     }))
 }
 
-/// The cluster's side of a checkpoint: process 0 writes the manifest of each checkpoint whose
-/// parts are all in (in order) and announces it; every process then commits the positions of
+/// The cluster's side of a checkpoint: process 0 writes the manifest of the newest checkpoint
+/// whose parts are all in and announces it; every process then commits the positions of
 /// the newest checkpoint with a manifest and removes older files.
 async fn cluster_commit(
     dir: &std::path::Path,
@@ -159,13 +159,15 @@ async fn cluster_commit(
     handles: &tokio::sync::Mutex<SourceHandles>,
 ) -> Result<()> {
     if bus.process() == 0 {
-        let ready: Vec<u64> = awaiting
+        // The newest checkpoint with every part. A process can miss a checkpoint epoch (one
+        // that it sent while it waited to learn where the history ends): that checkpoint
+        // never completes, and a later one takes its place.
+        let ready = awaiting
             .keys()
+            .rev()
             .copied()
-            .filter(|id| *id > bus.manifest())
-            .take_while(|id| bus.parts_complete(*id))
-            .collect();
-        for id in ready {
+            .find(|id| *id > bus.manifest() && bus.parts_complete(*id));
+        if let Some(id) = ready {
             let (d, n) = (dir.to_path_buf(), bus.processes());
             tokio::task::spawn_blocking(move || crate::checkpoint::write_manifest(&d, id, n)).await??;
             metrics::gauge!("llamaflow_checkpoint_manifest_id").set(id as f64);
