@@ -186,6 +186,20 @@ pub struct Throttle {
 }
 
 impl Throttle {
+    /// The throttle state of every worker of a checkpoint re-split over `workers` workers by
+    /// the throttle stage's route ([`crate::envelope::throttle_route`]).
+    pub(crate) fn split(all: Vec<Throttle>, workers: usize) -> Vec<Throttle> {
+        let mut out: Vec<Throttle> = (0..workers.max(1)).map(|_| Throttle::default()).collect();
+        for t in all {
+            for (id, at) in t.last_fired {
+                let w = crate::envelope::worker_of(crate::envelope::throttle_route(&id), out.len());
+                let last = out[w].last_fired.entry(id).or_insert(at);
+                *last = (*last).max(at);
+            }
+        }
+        out
+    }
+
     /// Takes one item (in [`Throttled::order_key`] order): a match that fires is returned,
     /// and recorded; a forget drops the rule's last firing.
     pub fn take(&mut self, item: Throttled) -> Option<Candidate> {

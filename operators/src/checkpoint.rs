@@ -103,6 +103,33 @@ impl WorkerState {
     }
 }
 
+/// The operator state of a checkpoint's workers (every worker of every process, in global
+/// order) re-split over `workers` workers (of every process, in global order), as the
+/// dataflow would have spread it: keyed state by key, throttles by rule, the live aggregates
+/// (a singleton on worker 0) to worker 0. A restore into another shape starts from this.
+pub fn rescale_states(states: &[WorkerState], workers: usize) -> Result<Vec<WorkerState>, CheckpointError> {
+    let images: Vec<&[u8]> = states.iter().map(|s| s.keyed.as_slice()).collect();
+    let keyed = crate::state::split_keyed(&images, workers)?;
+    let throttles = states
+        .iter()
+        .map(|s| bincode::deserialize(&s.throttle))
+        .collect::<Result<Vec<Throttle>, _>>()?;
+    let throttles = Throttle::split(throttles, workers);
+    let aggregates = states.first().map(|s| s.aggregates.clone()).unwrap_or_default();
+    keyed
+        .into_iter()
+        .zip(throttles)
+        .enumerate()
+        .map(|(w, (keyed, throttle))| {
+            Ok(WorkerState {
+                keyed,
+                throttle: bincode::serialize(&throttle)?,
+                aggregates: if w == 0 { aggregates.clone() } else { Vec::new() },
+            })
+        })
+        .collect()
+}
+
 /// Decoded state a worker starts from.
 #[derive(Debug)]
 pub struct Restored {

@@ -24,7 +24,7 @@ use crate::aggregate::{self, AggIn, AggOut, Aggregates, StateOut};
 use crate::candidate::{Candidate, Throttle, Throttled};
 use crate::checkpoint::{Checkpointing, Encode, Part, Snapshots};
 use crate::config::OpConfig;
-use crate::envelope::{Envelope, Item, Key, mix};
+use crate::envelope::{Envelope, Item, throttle_route};
 use crate::state::{KeyedOut, KeyedState};
 
 /// The streams the dataflow produces.
@@ -246,7 +246,7 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         KeyedOut::Dead(d) => Some(d),
         _ => None,
     });
-    let rule_route = |t: &Throttled| mix(Key::Chain(t.rule_id()).hash());
+    let rule_route = |t: &Throttled| throttle_route(t.rule_id());
     let fired = per_epoch(
         candidates,
         Exchange::new(rule_route),

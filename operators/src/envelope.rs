@@ -77,6 +77,17 @@ pub fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The route of a rule's throttle state (the throttle stage's exchange).
+pub fn throttle_route(rule_id: &str) -> u64 {
+    mix(Key::Chain(rule_id).hash())
+}
+
+/// The worker (of `workers` in all) a route goes to: timely's exchange takes the route
+/// modulo the number of workers.
+pub fn worker_of(route: u64, workers: usize) -> usize {
+    (route % workers.max(1) as u64) as usize
+}
+
 /// The partition key of a data record (`None` for rules, which route by their conditions).
 pub fn record_key(r: &Record) -> Option<Key<'_>> {
     Some(match r {
@@ -155,6 +166,62 @@ impl Sequencer {
     /// The sequence number the next record gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+
+    /// The sequencers of a checkpoint taken by `parts.len()` processes (in process order),
+    /// re-targeted to `processes` processes with `workers` workers in all. With the same
+    /// process count each keeps its own state. Otherwise every process gets every rule's
+    /// route and sequence numbers above all stamped so far; the deleted rules' deadlines and
+    /// the open TVL updates go to process 0, which is refused when another process holds
+    /// some (they came from its Kafka partitions, and their new owner is not known).
+    pub fn rescale(parts: &[Sequencer], workers: usize, processes: usize) -> Result<Vec<Sequencer>, String> {
+        let old = parts.len();
+        if old == 0 || processes == 0 {
+            return Err("a checkpoint without processes".to_string());
+        }
+        let workers = workers.max(1) as u64;
+        if processes == old {
+            return Ok(parts
+                .iter()
+                .map(|s| Sequencer {
+                    workers,
+                    ..s.clone()
+                })
+                .collect());
+        }
+        if let Some(p) = parts
+            .iter()
+            .skip(1)
+            .position(|s| !s.retired.is_empty() || !s.open_updates.is_empty())
+        {
+            return Err(format!(
+                "process {} of the checkpoint holds deleted rules' throttle deadlines or open TVL updates read \
+                 from its Kafka partitions; they cannot move to {processes} processes: restore with {old} processes \
+                 (a later checkpoint, once they are settled, may have none)",
+                p + 1
+            ));
+        }
+        // Stamped sequence numbers were s × old + p: the new ones start above all of them.
+        let most = parts.iter().map(|s| s.next_seq).max().unwrap_or(0);
+        let next_seq = (most.saturating_mul(old as u64)).div_ceil(processes as u64) + 1;
+        let rule_routes = parts
+            .iter()
+            .fold(imbl::HashMap::new(), |all, s| all.union(s.rule_routes.clone()));
+        let newest = parts.iter().map(|s| s.newest).max().unwrap_or(Millis::MIN);
+        Ok((0..processes)
+            .map(|p| {
+                let first = (p == 0).then(|| &parts[0]);
+                Sequencer {
+                    workers,
+                    next_seq,
+                    rule_routes: rule_routes.clone(),
+                    retired: first.map(|s| s.retired.clone()).unwrap_or_default(),
+                    deadlines: first.map(|s| s.deadlines.clone()).unwrap_or_default(),
+                    newest,
+                    open_updates: first.map(|s| s.open_updates.clone()).unwrap_or_default(),
+                }
+            })
+            .collect())
     }
 
     fn emit(&self, route: Route, seq: u64, pos: &SourcePos, item: Item, out: &mut Vec<Envelope>) {

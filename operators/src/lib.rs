@@ -16,8 +16,8 @@ mod state;
 
 pub use aggregate::{StateDelta, StateOut};
 pub use candidate::{Candidate, Detail, RecordInfo, Throttle, Throttled};
-pub use checkpoint::{Checkpointing, Snapshots, WorkerState};
+pub use checkpoint::{Checkpointing, Snapshots, WorkerState, rescale_states};
 pub use config::OpConfig;
 pub use dataflow::{Outputs, build};
-pub use envelope::{Envelope, Item, Key, Sequencer, record_key, rule_key};
+pub use envelope::{Envelope, Item, Key, Sequencer, record_key, rule_key, throttle_route, worker_of};
 pub use state::{KeyedOut, KeyedState};

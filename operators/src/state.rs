@@ -379,7 +379,7 @@ impl RuleIndex {
 }
 
 /// A worker's keyed state as [`KeyedState::capture`] writes it and [`KeyedState::restore`] reads it.
-#[derive(Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 struct KeyedImage {
     coins: FastMap<String, CoinState>,
     protocols: FastMap<String, ProtocolState>,
@@ -387,6 +387,64 @@ struct KeyedImage {
     rules: Vec<AlertRule>,
     /// Early-throttle state by rule id.
     early: FastMap<String, Early>,
+}
+
+/// The keyed state of every worker of a checkpoint (encoded images, in any number) re-split
+/// over `workers` workers as the dataflow routes it: each coin, protocol and chain to
+/// [`crate::envelope::worker_of`] its key's hash; each keyed rule, with its early-throttle
+/// state, beside its key; filter-less rules to every worker. Other early states (parked
+/// rules) become `Foreign` on every worker, which only leaves those rules' throttling to the
+/// throttle stage.
+pub(crate) fn split_keyed(images: &[&[u8]], workers: usize) -> Result<Vec<Vec<u8>>, CheckpointError> {
+    use crate::envelope::{Key, rule_key, worker_of};
+    let workers = workers.max(1);
+    let mut out: Vec<KeyedImage> = (0..workers).map(|_| KeyedImage::default()).collect();
+    let mut any_key: BTreeMap<String, AlertRule> = BTreeMap::new();
+    let mut owner: FastMap<String, usize> = FastMap::default();
+    let mut early = Vec::new();
+    for bytes in images {
+        let image: KeyedImage = bincode::deserialize(bytes)?;
+        for (coin, s) in image.coins {
+            out[worker_of(Key::Coin(&coin).hash(), workers)].coins.insert(coin, s);
+        }
+        for (id, s) in image.protocols {
+            out[worker_of(Key::Protocol(&id).hash(), workers)].protocols.insert(id, s);
+        }
+        for (chain, s) in image.chains {
+            out[worker_of(Key::Chain(&chain).hash(), workers)].chains.insert(chain, s);
+        }
+        for rule in image.rules {
+            match rule_key(&rule).map(|k| worker_of(k.hash(), workers)) {
+                Some(w) => {
+                    if owner.insert(rule.id.clone(), w).is_none() {
+                        out[w].rules.push(rule);
+                    }
+                }
+                None => {
+                    any_key.insert(rule.id.clone(), rule);
+                }
+            }
+        }
+        early.extend(image.early);
+    }
+    for rule in any_key.into_values() {
+        for image in &mut out {
+            image.rules.push(rule.clone());
+        }
+    }
+    for (id, state) in early {
+        match owner.get(&id) {
+            Some(&w) => {
+                out[w].early.insert(id, state);
+            }
+            None => {
+                for image in &mut out {
+                    image.early.entry(id.clone()).or_insert(Early::Foreign);
+                }
+            }
+        }
+    }
+    out.iter().map(|image| Ok(bincode::serialize(image)?)).collect()
 }
 
 /// All keyed state of one worker.

@@ -306,18 +306,34 @@ proptest! {
         let k = ((batches.len() as f64 * cut) as usize).clamp(1, batches.len());
         let (head, tail) = batches.split_at(k);
         let first_pos_tail = head.iter().map(Vec::len).sum::<usize>() as u64;
-        for workers in [1, 2] {
+        // (workers before the cut, workers after it): a restore into another worker count
+        // re-splits the state (`rescale_states`, `Sequencer::rescale`).
+        for (workers, resumed) in [(1, 1), (2, 2), (1, 3), (2, 1)] {
             let whole = run(workers, &batches, OpConfig::default());
             let (first, resume) = run_resumable(workers, head, OpConfig::default(), None, 0, true);
+            let resume = resume.map(|(states, seq)| match resumed == workers {
+                true => (states, seq),
+                false => (
+                    operators::rescale_states(&states, resumed).expect("rescales"),
+                    Sequencer::rescale(&[seq], resumed, 1).expect("rescales").remove(0),
+                ),
+            });
             let mut alerts = first.alerts;
             let mut dead = first.dead;
             if !tail.is_empty() {
                 let (second, _) =
-                    run_resumable(workers, tail, OpConfig::default(), resume, first_pos_tail, false);
+                    run_resumable(resumed, tail, OpConfig::default(), resume, first_pos_tail, false);
                 alerts.extend(second.alerts);
                 dead.extend(second.dead);
             }
-            prop_assert_eq!(as_model(&alerts), as_model(&whole.alerts), "workers={} cut after {}", workers, k);
+            prop_assert_eq!(
+                as_model(&alerts),
+                as_model(&whole.alerts),
+                "workers={} then {} cut after {}",
+                workers,
+                resumed,
+                k
+            );
             let key = |d: &DeadLetter| d.source.clone();
             let mut a: Vec<String> = dead.iter().map(key).collect();
             let mut b: Vec<String> = whole.dead.iter().map(key).collect();
