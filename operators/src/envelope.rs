@@ -181,13 +181,7 @@ impl Sequencer {
         }
         let workers = workers.max(1) as u64;
         if processes == old {
-            return Ok(parts
-                .iter()
-                .map(|s| Sequencer {
-                    workers,
-                    ..s.clone()
-                })
-                .collect());
+            return Ok(parts.iter().map(|s| Sequencer { workers, ..s.clone() }).collect());
         }
         if let Some(p) = parts
             .iter()

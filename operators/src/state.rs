@@ -408,10 +408,14 @@ pub(crate) fn split_keyed(images: &[&[u8]], workers: usize) -> Result<Vec<Vec<u8
             out[worker_of(Key::Coin(&coin).hash(), workers)].coins.insert(coin, s);
         }
         for (id, s) in image.protocols {
-            out[worker_of(Key::Protocol(&id).hash(), workers)].protocols.insert(id, s);
+            out[worker_of(Key::Protocol(&id).hash(), workers)]
+                .protocols
+                .insert(id, s);
         }
         for (chain, s) in image.chains {
-            out[worker_of(Key::Chain(&chain).hash(), workers)].chains.insert(chain, s);
+            out[worker_of(Key::Chain(&chain).hash(), workers)]
+                .chains
+                .insert(chain, s);
         }
         for rule in image.rules {
             match rule_key(&rule).map(|k| worker_of(k.hash(), workers)) {

@@ -128,29 +128,40 @@ impl Checkpoint {
         Checkpoint::read(&path).map(Some)
     }
 
-    /// Process `process`'s part of the newest cluster checkpoint of `processes` processes
-    /// with a manifest in `dir`, if any.
-    pub fn load_cluster(dir: &Path, process: usize, processes: usize) -> Result<Option<Checkpoint>> {
-        let Some(manifest) = newest_manifest(dir)? else {
+    /// The checkpoint process `process` of `processes` (with `workers` workers each)
+    /// restores: the newest in `dir` — a single-process checkpoint, or a cluster's with a
+    /// manifest (every process needs the same directory). Taken with the same shape, it is
+    /// this process's own; otherwise every part is read and the state re-split for this
+    /// shape ([`rescale`]).
+    pub fn load_for(dir: &Path, process: usize, processes: usize, workers: usize) -> Result<Option<Checkpoint>> {
+        if !dir.exists() {
             return Ok(None);
-        };
-        if manifest.processes != processes {
-            return Err(anyhow!(
-                "checkpoint {} in {} was taken by {} processes, this cluster has {processes};                  start it with {} processes (or move the checkpoints away to start over)",
-                manifest.id,
-                dir.display(),
-                manifest.processes,
-                manifest.processes
-            ));
         }
-        let path = dir.join(part_name(manifest.id, process));
-        let ckpt = Checkpoint::read(&path).with_context(|| {
-            format!(
-                "checkpoint {} has a manifest but process {process}'s part is not readable;                  every process needs the same checkpoint directory (a shared volume)",
-                manifest.id
-            )
-        })?;
-        Ok(Some(ckpt))
+        let single = list(dir)?.pop();
+        let manifest = newest_manifest(dir)?;
+        let parts = match (single, manifest) {
+            (None, None) => return Ok(None),
+            (Some((id, path)), m) if m.as_ref().is_none_or(|m| m.id < id) => {
+                let ck = Checkpoint::read(&path)?;
+                if processes == 1 && ck.state.len() == workers {
+                    return Ok(Some(ck));
+                }
+                vec![ck]
+            }
+            (_, Some(m)) => {
+                if m.processes == processes {
+                    let own = read_part(dir, m.id, process)?;
+                    if own.state.len() == workers {
+                        return Ok(Some(own));
+                    }
+                }
+                (0..m.processes)
+                    .map(|p| read_part(dir, m.id, p))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            (Some(_), None) => return Ok(None),
+        };
+        rescale(parts, process, processes, workers).map(Some)
     }
 
     fn read(path: &Path) -> Result<Checkpoint> {
@@ -168,6 +179,67 @@ impl Checkpoint {
             )
         })
     }
+}
+
+/// Process `process`'s part of cluster checkpoint `id` in `dir`.
+fn read_part(dir: &Path, id: u64, process: usize) -> Result<Checkpoint> {
+    let path = dir.join(part_name(id, process));
+    Checkpoint::read(&path).with_context(|| {
+        format!(
+            "checkpoint {id} has a manifest but process {process}'s part is not readable; \
+             every process needs the same checkpoint directory (a shared volume)"
+        )
+    })
+}
+
+/// A checkpoint's parts (a cluster's, in process order, or one single-process checkpoint)
+/// re-split for process `process` of `processes` with `workers` workers each: the workers'
+/// state by the dataflow's routing (`operators::rescale_states`), the sequencer for the new
+/// shape (`Sequencer::rescale`), every Kafka partition's position (each process resumes those
+/// it is assigned), the CDC position, tailed files and read view to process 0.
+pub fn rescale(parts: Vec<Checkpoint>, process: usize, processes: usize, workers: usize) -> Result<Checkpoint> {
+    let first = parts.first().context("a checkpoint without parts")?;
+    let (from_processes, from_workers) = (parts.len(), first.state.len());
+    let total = workers * processes;
+    let all: Vec<WorkerState> = parts.iter().flat_map(|p| p.state.iter().cloned()).collect();
+    let mut states = operators::rescale_states(&all, total)
+        .with_context(|| format!("cannot re-split checkpoint {} for {total} workers", first.id))?;
+    let state: Vec<WorkerState> = states.drain(process * workers..(process + 1) * workers).collect();
+    let sequencers: Vec<Sequencer> = parts.iter().map(|p| p.sequencer.clone()).collect();
+    let sequencer = Sequencer::rescale(&sequencers, total, processes)
+        .map_err(|e| anyhow!("checkpoint {}: {e}", first.id))?
+        .into_iter()
+        .nth(process)
+        .context("no sequencer for this process")?;
+    let mut positions = Positions::default();
+    for p in &parts {
+        for (tp, offset) in &p.positions.kafka {
+            let o = positions.kafka.entry(tp.clone()).or_insert(*offset);
+            *o = (*o).max(*offset);
+        }
+    }
+    if process == 0 {
+        positions.lsn = first.positions.lsn;
+        positions.files = first.positions.files.clone();
+    }
+    tracing::info!(
+        "checkpoint {}: {from_processes} process(es) × {from_workers} worker(s) re-split for {processes} × {workers}",
+        first.id
+    );
+    Ok(Checkpoint {
+        id: first.id,
+        created_ms: first.created_ms,
+        sequencer,
+        state,
+        positions,
+        view: if process == 0 { first.view.clone() } else { None },
+        files: parts.get(process).map(|p| p.files.clone()).unwrap_or_default(),
+        epoch_log: if processes == 1 && from_processes == 1 {
+            first.epoch_log.clone()
+        } else {
+            None
+        },
+    })
 }
 
 /// The file of process `process`'s part of cluster checkpoint `id`.
@@ -223,22 +295,39 @@ pub fn newest_manifest(dir: &Path) -> Result<Option<Manifest>> {
 }
 
 /// Once cluster checkpoint `id` counts: removes process `process`'s parts older than the
-/// checkpoint before it and, for process 0, the older manifests (the newest two stay).
+/// checkpoint before it; process 0 also removes the older manifests, the older parts of
+/// processes a rescaled cluster no longer has, and older single-process checkpoints (the
+/// newest two manifests stay).
 pub fn prune_cluster(dir: &Path, id: u64, process: usize) {
     let keep_from = id.saturating_sub(1);
-    let mut old = Vec::new();
-    let suffix = format!(".part-{process}.bin");
-    if let Ok(parts) = list_named(dir, "checkpoint-", &suffix) {
-        old.extend(parts.into_iter().filter(|(n, _)| *n < keep_from));
-    }
-    if process == 0
-        && let Ok(manifests) = list_named(dir, "manifest-", ".json")
-    {
-        old.extend(manifests.into_iter().filter(|(n, _)| *n < keep_from));
-    }
-    for (_, path) in old {
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!("cannot remove old checkpoint file {}: {e}", path.display());
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // (checkpoint id, the process whose file it is: `None` for process 0's duties)
+        let parsed = if let Some(rest) = name.strip_prefix("checkpoint-") {
+            match rest.strip_suffix(".bin").and_then(|r| r.split_once(".part-")) {
+                Some((n, p)) => n.parse::<u64>().ok().zip(p.parse::<usize>().ok().map(Some)),
+                None => rest
+                    .strip_suffix(".bin")
+                    .and_then(|n| n.parse().ok())
+                    .map(|n| (n, None)),
+            }
+        } else {
+            name.strip_prefix("manifest-")
+                .and_then(|r| r.strip_suffix(".json"))
+                .and_then(|n| n.parse().ok())
+                .map(|n| (n, None))
+        };
+        let Some((n, owner)) = parsed else { continue };
+        let mine = owner == Some(process) || (process == 0 && owner.is_none_or(|p| p != 0));
+        if n < keep_from && mine {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!("cannot remove old checkpoint file {}: {e}", path.display());
+                }
+                _ => {}
+            }
         }
     }
 }
@@ -644,14 +733,23 @@ mod tests {
         assert!(format!("{err:#}").contains("not a llamaflow checkpoint"), "{err:#}");
     }
 
+    /// A part whose workers hold empty (but decodable) operator state.
     fn part(id: u64, process: usize) -> Checkpoint {
+        // bincode: an empty map or vector is its length, 8 zero bytes; the keyed image has
+        // five of them, a throttle one.
+        let empty = WorkerState {
+            keyed: vec![0; 40],
+            throttle: vec![0; 8],
+            aggregates: Vec::new(),
+        };
         Checkpoint {
             id,
             created_ms: 0,
             sequencer: Sequencer::new(4, id),
-            state: vec![WorkerState::default(); 2],
+            state: vec![empty; 2],
             positions: Positions {
                 lsn: Some(id * 10 + process as u64),
+                kafka: BTreeMap::from([(("prices".to_string(), process as i32), id as i64 * 100)]),
                 ..Default::default()
             },
             view: None,
@@ -664,7 +762,7 @@ mod tests {
     fn a_cluster_checkpoint_is_restored_only_with_its_manifest_and_old_parts_go() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        assert!(Checkpoint::load_cluster(d, 1, 2).unwrap().is_none());
+        assert!(Checkpoint::load_for(d, 1, 2, 2).unwrap().is_none());
         save_start_files(d, Some(1), &BTreeMap::from([(PathBuf::from("a.jsonl"), 7)])).unwrap();
         assert_eq!(start_files(d, Some(1)).unwrap().len(), 1);
         assert!(start_files(d, Some(0)).unwrap().is_empty(), "each process has its own");
@@ -678,17 +776,25 @@ mod tests {
             "a written part replaces them"
         );
         // Parts without a manifest do not count; single-process checkpoints ignore them.
-        assert!(Checkpoint::load_cluster(d, 1, 2).unwrap().is_none());
+        assert!(Checkpoint::load_for(d, 1, 2, 2).unwrap().is_none());
         assert!(Checkpoint::load_latest(d).unwrap().is_none());
         write_manifest(d, 2, 2).unwrap();
         write_manifest(d, 3, 2).unwrap();
-        let got = Checkpoint::load_cluster(d, 1, 2).unwrap().unwrap();
-        assert_eq!((got.id, got.positions.lsn), (3, Some(31)));
-        let err = Checkpoint::load_cluster(d, 0, 3).unwrap_err();
-        assert!(
-            format!("{err:#}").contains("taken by 2 processes, this cluster has 3"),
-            "{err:#}"
+        let got = Checkpoint::load_for(d, 1, 2, 2).unwrap().unwrap();
+        assert_eq!(
+            (got.id, got.positions.lsn),
+            (3, Some(31)),
+            "the same shape: its own part"
         );
+        // Another shape: every part, re-split; every partition's position; CDC to process 0.
+        for (process, processes, workers) in [(0, 1, 1), (2, 3, 2), (0, 3, 1)] {
+            let got = Checkpoint::load_for(d, process, processes, workers).unwrap().unwrap();
+            assert_eq!(got.id, 3);
+            assert_eq!(got.state.len(), workers);
+            assert_eq!(got.sequencer.workers(), workers * processes);
+            assert_eq!(got.positions.kafka.len(), 2, "both processes' partitions");
+            assert_eq!(got.positions.lsn, (process == 0).then_some(30));
+        }
         prune_cluster(d, 3, 0);
         prune_cluster(d, 3, 1);
         let mut names: Vec<String> = std::fs::read_dir(d)
@@ -710,7 +816,7 @@ mod tests {
             ]
         );
         std::fs::remove_file(d.join("checkpoint-000000000003.part-0.bin")).unwrap();
-        let err = Checkpoint::load_cluster(d, 0, 2).unwrap_err();
+        let err = Checkpoint::load_for(d, 0, 2, 2).unwrap_err();
         assert!(
             format!("{err:#}").contains("process 0's part is not readable"),
             "{err:#}"

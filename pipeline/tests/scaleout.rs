@@ -639,3 +639,113 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
     in_sqs.sort();
     assert_eq!(in_sqs, expected_ids, "the FIFO queue holds each alert once");
 }
+
+/// Issue 16 #2: one checkpoint, taken by a single process of one worker, restores as 1×1,
+/// 2×1, 1×2 and 2×2 (workers × processes; the state re-split for the new shape, every
+/// process resuming its Kafka partitions from the checkpoint), and each continuation gives
+/// exactly the alerts of one uninterrupted process: the same ids, nothing missing or twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_checkpoint_restores_into_any_shape_with_the_alerts_of_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("prices", PARTITIONS, 1).unwrap();
+    for t in ["tvl", "transfers", "gas", "liquidations"] {
+        cluster.create_topic(t, 1, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    let rules = d.join("rules.jsonl");
+    write_rules(&rules);
+    let records = workload();
+    let half = records.len() / 2;
+
+    // The first half through 1 process × 1 worker; SIGTERM writes its last checkpoint.
+    produce(&brokers, &records[..half]).await;
+    let hw_half = high_watermarks(&brokers);
+    let taken = d.join("ckpt-taken");
+    let (cfg, first) = config(
+        d,
+        "first",
+        &brokers,
+        "first",
+        1,
+        &rules,
+        &format!("checkpoint_dir = \"{}\"", taken.display()),
+    );
+    let job = start(&cfg, &[], &first.log);
+    wait_until("the first half committed", Duration::from_secs(90), || {
+        committed(&brokers, "first") == hw_half
+    });
+    terminate(&job);
+    wait_exit(job, &first.log);
+    let before = common::json_lines(&first.alerts);
+    produce(&brokers, &records[half..]).await;
+    let hw = high_watermarks(&brokers);
+
+    // What one uninterrupted process makes of all of it.
+    let (cfg, one) = config(d, "one", &brokers, "single", 1, &rules, "");
+    let job = start(&cfg, &[], &one.log);
+    wait_until(
+        "the single process to commit every partition",
+        Duration::from_secs(90),
+        || committed(&brokers, "single") == hw,
+    );
+    terminate(&job);
+    wait_exit(job, &one.log);
+    let expected = common::json_lines(&one.alerts);
+    assert!(
+        expected.len() > before.len() + 20,
+        "alerts on both sides of the checkpoint"
+    );
+    let ids = |v: &[Value]| {
+        let mut ids: Vec<String> = v.iter().map(|a| a["alert_id"].as_str().unwrap().to_string()).collect();
+        ids.sort();
+        ids
+    };
+
+    for (workers, processes) in [(1u32, 1usize), (2, 1), (1, 2), (2, 2)] {
+        let shape = format!("{workers}x{processes}");
+        let ckpt = d.join(format!("ckpt-{shape}"));
+        std::fs::create_dir_all(&ckpt).unwrap();
+        for f in std::fs::read_dir(&taken).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), ckpt.join(f.file_name())).unwrap();
+        }
+        let extra = format!("checkpoint_dir = \"{}\"", ckpt.display());
+        let group = format!("g{shape}");
+        let (jobs, runs) = if processes == 1 {
+            let (cfg, run) = config(d, &group, &brokers, &group, workers, &rules, &extra);
+            (vec![start(&cfg, &[], &run.log)], vec![run])
+        } else {
+            start_cluster(d, processes, &brokers, &group, workers, &rules, &extra)
+        };
+        wait_until(
+            &format!("{shape} to commit every partition"),
+            Duration::from_secs(90),
+            || committed(&brokers, &group) == hw,
+        );
+        for j in &jobs {
+            terminate(j);
+        }
+        for (j, r) in jobs.into_iter().zip(&runs) {
+            wait_exit(j, &r.log);
+            let log = std::fs::read_to_string(&r.log).unwrap();
+            assert!(log.contains("resuming from checkpoint"), "{shape}: {log}");
+        }
+        let mut got = before.clone();
+        got.extend(runs.iter().flat_map(|r| common::json_lines(&r.alerts)));
+        let mut unique = ids(&got);
+        unique.dedup();
+        assert_eq!(unique.len(), got.len(), "{shape}: no alert twice");
+        assert_eq!(
+            ids(&got),
+            ids(&expected),
+            "{shape}: the alerts of one uninterrupted process"
+        );
+        assert_eq!(
+            sorted_strings(got),
+            sorted_strings(expected.clone()),
+            "{shape}: field for field"
+        );
+    }
+}

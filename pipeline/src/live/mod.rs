@@ -73,12 +73,18 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     // Checkpoints: resume from the newest one, if any. The JSONL files go back to their
     // length at it before they are opened: what was written after it is written again.
     // Without a checkpoint yet, a restart goes back to the lengths at the first start.
-    // A cluster restores the newest checkpoint with a manifest, each process its own part.
+    // The newest checkpoint: a single process's, or a cluster's with a manifest (each process
+    // its own part).
     let part = cluster.is_multi().then_some(cluster.process);
-    let restored = match (&cfg.pipeline.checkpoint_dir, part) {
-        (Some(dir), Some(p)) => Checkpoint::load_cluster(dir, p, cluster.processes)?,
-        (Some(dir), None) => Checkpoint::load_latest(dir)?,
-        (None, _) => None,
+    // Taken with another shape (processes × workers), it is re-split for this one.
+    let restored = match &cfg.pipeline.checkpoint_dir {
+        Some(dir) => Checkpoint::load_for(
+            dir,
+            cluster.process,
+            cluster.processes.max(1),
+            cfg.pipeline.workers.max(1) as usize,
+        )?,
+        None => None,
     };
     let lengths = match (&restored, &cfg.pipeline.checkpoint_dir) {
         (Some(ck), _) => ck.files.clone(),
