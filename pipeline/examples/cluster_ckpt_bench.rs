@@ -83,7 +83,9 @@ impl Drop for Proc {
 /// Starts `processes` processes of `workers` workers on `ckpt`, group `group`.
 fn start(a: &Args, dir: &Path, brokers: &str, group: &str, ckpt: &Path, processes: usize, workers: usize) -> Vec<Proc> {
     let hosts = dir.join(format!("{group}-hosts.txt"));
-    let list: String = (0..processes).map(|_| format!("127.0.0.1:{}\n", testkit::free_port())).collect();
+    let list: String = (0..processes)
+        .map(|_| format!("127.0.0.1:{}\n", testkit::free_port()))
+        .collect();
     std::fs::write(&hosts, list).unwrap();
     (0..processes)
         .map(|p| {
@@ -133,7 +135,6 @@ fn wait(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
-
 
 fn copy_dir(from: &Path, to: &Path) {
     let _ = std::fs::remove_dir_all(to);
@@ -186,11 +187,18 @@ fn main() {
         let procs = start(&a, d, &brokers, &format!("g{shape}"), &ckpt, processes, workers);
         let ticks = a.coins as f64;
         wait("every tick in", Duration::from_secs(600), || {
-            procs.iter().map(|p| metric(p.port, "llamaflow_records_in_total{kind=\"price\"}")).sum::<f64>() >= ticks
+            procs
+                .iter()
+                .map(|p| metric(p.port, "llamaflow_records_in_total{kind=\"price\"}"))
+                .sum::<f64>()
+                >= ticks
         });
         // A single process checkpoints while records flow (then once more); a cluster every
         // K-th epoch, idle or not.
-        let base: Vec<f64> = procs.iter().map(|p| metric(p.port, "llamaflow_checkpoints_total")).collect();
+        let base: Vec<f64> = procs
+            .iter()
+            .map(|p| metric(p.port, "llamaflow_checkpoints_total"))
+            .collect();
         let target = |b: f64| if processes == 1 { 1.0 } else { b + a.checkpoints as f64 };
         wait("more checkpoints", Duration::from_secs(600), || {
             procs
