@@ -104,25 +104,12 @@ fn mails(smtp: &testkit::Smtp) -> Vec<(String, String)> {
 
 /// A service-account key file whose token endpoint is the peers'.
 fn service_account(dir: &Path, peers: &Peers) -> PathBuf {
-    let pem = dir.join("key.pem");
-    let out = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&pem)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pem = testkit::rsa_key_pem(&dir.join("key.pem"));
     let path = dir.join("service-account.json");
     let key = json!({
         "type": "service_account",
         "project_id": "llama-test",
-        "private_key": std::fs::read_to_string(pem).unwrap(),
+        "private_key": pem,
         "client_email": "fcm@llama-test.iam.gserviceaccount.com",
         "token_uri": format!("{}/token", peers.base),
     });

@@ -238,6 +238,17 @@ events = "{events}"
     (path, run)
 }
 
+/// A Kafka mock cluster with the topics (`prices` on `PARTITIONS` partitions) and its brokers.
+fn mock_cluster() -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("prices", PARTITIONS, 1).unwrap();
+    for t in ["tvl", "transfers", "gas", "liquidations"] {
+        cluster.create_topic(t, 1, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    (cluster, brokers)
+}
+
 /// A mock cluster with the topics, the rules file in `dir` and the workload produced: (the
 /// cluster, its brokers, the rules file, records produced, high watermarks of `prices`).
 async fn setup(
@@ -249,12 +260,7 @@ async fn setup(
     usize,
     BTreeMap<i32, i64>,
 ) {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("prices", PARTITIONS, 1).unwrap();
-    for t in ["tvl", "transfers", "gas", "liquidations"] {
-        cluster.create_topic(t, 1, 1).unwrap();
-    }
-    let brokers = cluster.bootstrap_servers();
+    let (cluster, brokers) = mock_cluster();
     let rules = dir.join("rules.jsonl");
     write_rules(&rules);
     let total = produce_workload(&brokers).await;
@@ -499,12 +505,7 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
     let mut rng = common::Lcg(seed);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("prices", PARTITIONS, 1).unwrap();
-    for t in ["tvl", "transfers", "gas", "liquidations"] {
-        cluster.create_topic(t, 1, 1).unwrap();
-    }
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster();
     let rules = d.join("rules.jsonl");
     write_rules(&rules);
     let records = workload();
@@ -648,12 +649,7 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
 async fn one_checkpoint_restores_into_any_shape_with_the_alerts_of_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("prices", PARTITIONS, 1).unwrap();
-    for t in ["tvl", "transfers", "gas", "liquidations"] {
-        cluster.create_topic(t, 1, 1).unwrap();
-    }
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster();
     let rules = d.join("rules.jsonl");
     write_rules(&rules);
     let records = workload();
@@ -769,12 +765,7 @@ async fn a_restarted_cluster_takes_a_rule_created_while_it_was_down_from_the_slo
         );
     };
     rule("eth", 3000.0);
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("prices", PARTITIONS, 1).unwrap();
-    for t in ["tvl", "transfers", "gas", "liquidations"] {
-        cluster.create_topic(t, 1, 1).unwrap();
-    }
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_cluster();
     let eth = |px: f64, minute: i64| {
         (
             "coingecko:ethereum".to_string(),

@@ -36,3 +36,18 @@ pub mod sqs;
 mod test_support;
 pub mod webhook;
 pub mod websocket;
+
+/// An error and its sources, `: `-separated (an HTTP client's own message alone says little).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(src) = next {
+        let msg = src.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        next = src.source();
+    }
+    s
+}

@@ -564,6 +564,25 @@ pub fn cpu_secs(pid: u32) -> (f64, f64) {
     (secs(11), secs(12))
 }
 
+/// A new 2048-bit RSA private key in PKCS#8 PEM (`openssl genpkey`), written to `path` and
+/// returned (service-account keys of the push tests).
+pub fn rsa_key_pem(path: &Path) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(path)
+        .output()
+        .expect("run openssl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read_to_string(path).expect("read the key")
+}
+
 /// The Python of the test venv: `$LLAMAFLOW_VENV/bin/python`, else `python3`.
 pub fn python() -> PathBuf {
     match std::env::var_os("LLAMAFLOW_VENV") {

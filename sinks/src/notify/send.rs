@@ -83,20 +83,7 @@ pub fn snippet(body: &str) -> String {
         .collect()
 }
 
-/// An error and its sources, `: `-separated.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(src) = next {
-        let msg = src.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        next = src.source();
-    }
-    s
-}
+pub(crate) use crate::error_chain as chain;
 
 /// The `Retry-After` header in seconds, when present.
 pub fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option<Duration> {

@@ -616,25 +616,6 @@ async fn discord_posts_an_embed_honours_retry_after_and_gives_up_after_the_last_
     task.abort();
 }
 
-/// A 2048-bit RSA key in PKCS#8 PEM, made by `openssl genpkey`.
-fn rsa_key(dir: &std::path::Path) -> String {
-    let path = dir.join("key.pem");
-    let out = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&path)
-        .output()
-        .expect("run openssl");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::read_to_string(path).unwrap()
-}
-
 fn b64url(s: &str) -> Vec<u8> {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).unwrap()
@@ -643,7 +624,7 @@ fn b64url(s: &str) -> Vec<u8> {
 #[tokio::test]
 async fn push_signs_in_with_the_service_account_and_removes_unregistered_tokens() {
     let env = Env::start().await;
-    let pem = rsa_key(env.dir.path());
+    let pem = testkit::rsa_key_pem(&env.dir.path().join("key.pem"));
     // The server checks the assertion with the key's public half, as Google does.
     let der = {
         use base64::Engine as _;

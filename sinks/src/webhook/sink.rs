@@ -70,21 +70,6 @@ enum AttemptError {
     Permanent(String),
 }
 
-/// An error and its sources, `: `-separated (reqwest's own message alone says little).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(src) = next {
-        let msg = src.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        next = src.source();
-    }
-    s
-}
-
 /// One delivery: the target, the body and its signature.
 struct Delivery {
     /// Index of the alert in the batch.
@@ -224,7 +209,7 @@ impl WebhookSink {
             Err(e) if e.is_builder() => {
                 return Err(AttemptError::Permanent(format!(
                     "invalid webhook request: {}",
-                    error_chain(&e)
+                    crate::error_chain(&e)
                 )));
             }
             Err(e) if e.is_timeout() => {
@@ -236,7 +221,7 @@ impl WebhookSink {
             Err(e) => {
                 return Err(AttemptError::Transient(format!(
                     "webhook request failed: {}",
-                    error_chain(&e)
+                    crate::error_chain(&e)
                 )));
             }
         };
