@@ -479,6 +479,21 @@ async fn a_frozen_peer_stops_the_cluster_after_the_peer_timeout() {
     );
 }
 
+/// The alerts one process of `workers` workers, never interrupted, makes of the topics (up
+/// to `hw`), with a consumer group of its own.
+fn uninterrupted(d: &Path, brokers: &str, rules: &Path, hw: &BTreeMap<i32, i64>, workers: u32) -> Vec<Value> {
+    let (cfg, one) = config(d, "one", brokers, "single", workers, rules, "");
+    let job = start(&cfg, &[], &one.log);
+    wait_until(
+        "the single process to commit every partition",
+        Duration::from_secs(90),
+        || committed(brokers, "single") == *hw,
+    );
+    terminate(&job);
+    wait_exit(job, &one.log);
+    common::json_lines(&one.alerts)
+}
+
 /// The ids of the manifests in a cluster's checkpoint directory.
 fn manifests(dir: &Path) -> Vec<u64> {
     let mut ids: Vec<u64> = std::fs::read_dir(dir)
@@ -601,16 +616,7 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
     let got: Vec<Value> = runs.iter().flat_map(|r| common::json_lines(&r.alerts)).collect();
 
     // The same input through one process that is never interrupted.
-    let (cfg, one) = config(d, "one", &brokers, "single", 2, &rules, "");
-    let job = start(&cfg, &[], &one.log);
-    wait_until(
-        "the single process to commit every partition",
-        Duration::from_secs(90),
-        || committed(&brokers, "single") == hw,
-    );
-    terminate(&job);
-    wait_exit(job, &one.log);
-    let expected = common::json_lines(&one.alerts);
+    let expected = uninterrupted(d, &brokers, &rules, &hw, 2);
     assert!(expected.len() >= 50, "a meaningful workload: {} alerts", expected.len());
 
     let ids = |v: &[Value]| {
@@ -679,16 +685,7 @@ async fn one_checkpoint_restores_into_any_shape_with_the_alerts_of_one_process()
     let hw = high_watermarks(&brokers);
 
     // What one uninterrupted process makes of all of it.
-    let (cfg, one) = config(d, "one", &brokers, "single", 1, &rules, "");
-    let job = start(&cfg, &[], &one.log);
-    wait_until(
-        "the single process to commit every partition",
-        Duration::from_secs(90),
-        || committed(&brokers, "single") == hw,
-    );
-    terminate(&job);
-    wait_exit(job, &one.log);
-    let expected = common::json_lines(&one.alerts);
+    let expected = uninterrupted(d, &brokers, &rules, &hw, 1);
     assert!(
         expected.len() > before.len() + 20,
         "alerts on both sides of the checkpoint"
