@@ -139,16 +139,9 @@ impl Checkpoint {
         }
         let single = list(dir)?.pop();
         let manifest = newest_manifest(dir)?;
-        let parts = match (single, manifest) {
-            (None, None) => return Ok(None),
-            (Some((id, path)), m) if m.as_ref().is_none_or(|m| m.id < id) => {
-                let ck = Checkpoint::read(&path)?;
-                if processes == 1 && ck.state.len() == workers {
-                    return Ok(Some(ck));
-                }
-                vec![ck]
-            }
-            (_, Some(m)) => {
+        // The newer of the single-process checkpoint and the cluster's (ids count on).
+        let parts = match manifest.filter(|m| single.as_ref().is_none_or(|(id, _)| m.id >= *id)) {
+            Some(m) => {
                 if m.processes == processes {
                     let own = read_part(dir, m.id, process)?;
                     if own.state.len() == workers {
@@ -159,7 +152,14 @@ impl Checkpoint {
                     .map(|p| read_part(dir, m.id, p))
                     .collect::<Result<Vec<_>>>()?
             }
-            (Some(_), None) => return Ok(None),
+            None => {
+                let Some((_, path)) = single else { return Ok(None) };
+                let ck = Checkpoint::read(&path)?;
+                if processes == 1 && ck.state.len() == workers {
+                    return Ok(Some(ck));
+                }
+                vec![ck]
+            }
         };
         rescale(parts, process, processes, workers).map(Some)
     }

@@ -301,6 +301,8 @@ async fn recipients_changed_while_the_job_runs_take_effect_within_a_second() {
     ];
     for (step, ((what, sql), want)) in steps.iter().zip(want).enumerate() {
         psql(&pg, sql);
+        // The contract under test ("in effect within a second"), not a synchronisation: the
+        // alert is produced one second after the change and must already see it.
         std::thread::sleep(Duration::from_secs(1));
         crossings(&prices, 2 + 2 * step as i64, 1);
         let id = wait_for_alert(&pg, step + 2);

@@ -300,6 +300,26 @@ fn start_cluster(
     (jobs, runs)
 }
 
+/// The alert ids of `alerts`, sorted.
+fn alert_ids(alerts: &[Value]) -> Vec<String> {
+    let mut ids: Vec<String> = alerts
+        .iter()
+        .map(|a| a["alert_id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// SIGTERMs every process of a cluster, then waits for each to exit 0.
+fn stop_all(jobs: Vec<Job>, runs: &[Run]) {
+    for j in &jobs {
+        terminate(j);
+    }
+    for (j, r) in jobs.into_iter().zip(runs) {
+        wait_exit(j, &r.log);
+    }
+}
+
 fn sorted_strings(values: impl IntoIterator<Item = Value>) -> Vec<String> {
     let mut v: Vec<String> = values.into_iter().map(|v| v.to_string()).collect();
     v.sort();
@@ -346,23 +366,13 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
         ins.iter().all(|n| *n > 0),
         "both processes consumed partitions: {ins:?}"
     );
-    for j in &jobs {
-        terminate(j);
-    }
-    for (j, r) in jobs.into_iter().zip(&runs) {
-        wait_exit(j, &r.log);
-    }
+    stop_all(jobs, &runs);
 
     let got: Vec<Value> = runs.iter().flat_map(|r| common::json_lines(&r.alerts)).collect();
-    let ids = |v: &[Value]| {
-        let mut ids: Vec<String> = v.iter().map(|a| a["alert_id"].as_str().unwrap().to_string()).collect();
-        ids.sort();
-        ids
-    };
-    let mut unique = ids(&got);
+    let mut unique = alert_ids(&got);
     unique.dedup();
     assert_eq!(unique.len(), got.len(), "no alert written twice");
-    assert_eq!(ids(&got), ids(&expected), "the same alert ids");
+    assert_eq!(alert_ids(&got), alert_ids(&expected), "the same alert ids");
     assert_eq!(
         sorted_strings(got),
         sorted_strings(expected),
@@ -605,11 +615,8 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    for j in &jobs {
-        terminate(j);
-    }
-    for (j, r) in jobs.into_iter().zip(&runs) {
-        wait_exit(j, &r.log);
+    stop_all(jobs, &runs);
+    for r in &runs {
         let log = std::fs::read_to_string(&r.log).unwrap();
         assert!(log.contains("resuming from checkpoint"), "{log}");
     }
@@ -619,20 +626,15 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
     let expected = uninterrupted(d, &brokers, &rules, &hw, 2);
     assert!(expected.len() >= 50, "a meaningful workload: {} alerts", expected.len());
 
-    let ids = |v: &[Value]| {
-        let mut ids: Vec<String> = v.iter().map(|a| a["alert_id"].as_str().unwrap().to_string()).collect();
-        ids.sort();
-        ids
-    };
-    let mut unique = ids(&got);
+    let mut unique = alert_ids(&got);
     unique.dedup();
     assert_eq!(unique.len(), got.len(), "no alert written twice across five kills");
     assert_eq!(
-        ids(&got),
-        ids(&expected),
+        alert_ids(&got),
+        alert_ids(&expected),
         "the same alert ids as one uninterrupted process"
     );
-    let expected_ids = ids(&expected);
+    let expected_ids = alert_ids(&expected);
     assert_eq!(sorted_strings(got), sorted_strings(expected), "field for field");
     let in_pg: Vec<String> = common::psql(&pg, "SELECT alert_id FROM alert_history ORDER BY alert_id")
         .lines()
@@ -690,11 +692,6 @@ async fn one_checkpoint_restores_into_any_shape_with_the_alerts_of_one_process()
         expected.len() > before.len() + 20,
         "alerts on both sides of the checkpoint"
     );
-    let ids = |v: &[Value]| {
-        let mut ids: Vec<String> = v.iter().map(|a| a["alert_id"].as_str().unwrap().to_string()).collect();
-        ids.sort();
-        ids
-    };
 
     for (workers, processes) in [(1u32, 1usize), (2, 1), (1, 2), (2, 2)] {
         let shape = format!("{workers}x{processes}");
@@ -717,22 +714,19 @@ async fn one_checkpoint_restores_into_any_shape_with_the_alerts_of_one_process()
             Duration::from_secs(90),
             || committed(&brokers, &group) == hw,
         );
-        for j in &jobs {
-            terminate(j);
-        }
-        for (j, r) in jobs.into_iter().zip(&runs) {
-            wait_exit(j, &r.log);
+        stop_all(jobs, &runs);
+        for r in &runs {
             let log = std::fs::read_to_string(&r.log).unwrap();
             assert!(log.contains("resuming from checkpoint"), "{shape}: {log}");
         }
         let mut got = before.clone();
         got.extend(runs.iter().flat_map(|r| common::json_lines(&r.alerts)));
-        let mut unique = ids(&got);
+        let mut unique = alert_ids(&got);
         unique.dedup();
         assert_eq!(unique.len(), got.len(), "{shape}: no alert twice");
         assert_eq!(
-            ids(&got),
-            ids(&expected),
+            alert_ids(&got),
+            alert_ids(&expected),
             "{shape}: the alerts of one uninterrupted process"
         );
         assert_eq!(
@@ -793,12 +787,7 @@ async fn a_restarted_cluster_takes_a_rule_created_while_it_was_down_from_the_slo
         committed(&brokers, "cdc") == hw
     });
     wait_until("the crossing of 3000", Duration::from_secs(30), || alerts() == ["eth"]);
-    for j in &jobs {
-        terminate(j);
-    }
-    for (j, r) in jobs.into_iter().zip(&runs) {
-        wait_exit(j, &r.log);
-    }
+    stop_all(jobs, &runs);
     let first: Vec<Value> = runs.iter().flat_map(|r| common::json_lines(&r.alerts)).collect();
     assert_eq!(first.len(), 1);
 
@@ -814,11 +803,8 @@ async fn a_restarted_cluster_takes_a_rule_created_while_it_was_down_from_the_slo
         committed(&brokers, "cdc") == hw
     });
     wait_until("the new rule's alert", Duration::from_secs(30), || alerts().len() == 2);
-    for j in &jobs {
-        terminate(j);
-    }
-    for (j, r) in jobs.into_iter().zip(&runs) {
-        wait_exit(j, &r.log);
+    stop_all(jobs, &runs);
+    for r in &runs {
         let log = std::fs::read_to_string(&r.log).unwrap();
         assert!(log.contains("resuming from checkpoint"), "{log}");
     }

@@ -74,48 +74,29 @@ impl Directory {
 
     /// A user was added or changed.
     pub fn set_user(&self, contact: Contact) {
-        let counts = {
-            let mut b = self.write();
-            b.set_user(contact);
-            (b.users.len(), b.devices.len())
-        };
-        self.gauges(counts);
+        self.update(|b| b.set_user(contact));
     }
 
     /// A user was deleted (their devices stay until deleted themselves).
     pub fn remove_user(&self, user_id: &str) {
-        let counts = {
-            let mut b = self.write();
+        self.update(|b| {
             b.users.remove(user_id);
-            (b.users.len(), b.devices.len())
-        };
-        self.gauges(counts);
+        });
     }
 
     /// A device was added or changed.
     pub fn set_device(&self, device: Device) {
-        let counts = {
-            let mut b = self.write();
-            b.set_device(device);
-            (b.users.len(), b.devices.len())
-        };
-        self.gauges(counts);
+        self.update(|b| b.set_device(device));
     }
 
     /// A device was deleted, by its id.
     pub fn remove_device(&self, id: &str) {
-        let counts = {
-            let mut b = self.write();
-            b.remove_device(id);
-            (b.users.len(), b.devices.len())
-        };
-        self.gauges(counts);
+        self.update(|b| b.remove_device(id));
     }
 
     /// Forgets every device holding `token` (the push service reported it unregistered).
     pub fn remove_token(&self, token: &str) {
-        let counts = {
-            let mut b = self.write();
+        self.update(|b| {
             let ids: Vec<String> = b
                 .devices
                 .values()
@@ -125,6 +106,14 @@ impl Directory {
             for id in ids {
                 b.remove_device(&id);
             }
+        });
+    }
+
+    /// Applies `change` to the book, then sets the gauges.
+    fn update(&self, change: impl FnOnce(&mut Book)) {
+        let counts = {
+            let mut b = self.write();
+            change(&mut b);
             (b.users.len(), b.devices.len())
         };
         self.gauges(counts);
