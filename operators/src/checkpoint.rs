@@ -23,6 +23,14 @@ pub enum CheckpointError {
     /// State could not be encoded or decoded.
     #[error("checkpoint state encoding: {0}")]
     Encoding(#[from] bincode::Error),
+    /// An incremental snapshot was restored without its base ([`WorkerState::rebase`]).
+    #[error(
+        "the state holds the rules changed since the snapshot of epoch {0}, not every rule: restore it with that base"
+    )]
+    NeedsBase(u64),
+    /// [`WorkerState::rebase`] was given a base that is itself incremental.
+    #[error("the base snapshot for epoch {0} is incremental itself (relative to epoch {1})")]
+    BaseNotWhole(u64, u64),
 }
 
 /// A snapshot part captured at a cut: finishing it produces the part's bytes. Capturing is
@@ -33,32 +41,32 @@ pub(crate) type Captured = Box<dyn FnOnce() -> Result<Vec<u8>, CheckpointError> 
 
 /// Operator state that can be captured into a snapshot.
 pub(crate) trait Encode {
-    /// The state as it is now, to be encoded later.
-    fn capture(&self) -> Result<Captured, CheckpointError>;
+    /// The state as it is now (the snapshot of `epoch`), to be encoded later.
+    fn capture(&mut self, epoch: u64) -> Result<Captured, CheckpointError>;
 }
 
 impl Encode for KeyedState {
-    fn capture(&self) -> Result<Captured, CheckpointError> {
-        self.capture()
+    fn capture(&mut self, epoch: u64) -> Result<Captured, CheckpointError> {
+        self.capture(epoch)
     }
 }
 
 impl Encode for Throttle {
-    fn capture(&self) -> Result<Captured, CheckpointError> {
+    fn capture(&mut self, _epoch: u64) -> Result<Captured, CheckpointError> {
         let bytes = bincode::serialize(self)?;
         Ok(Box::new(move || Ok(bytes)))
     }
 }
 
 impl Encode for Aggregates {
-    fn capture(&self) -> Result<Captured, CheckpointError> {
+    fn capture(&mut self, _epoch: u64) -> Result<Captured, CheckpointError> {
         let bytes = bincode::serialize(self)?;
         Ok(Box::new(move || Ok(bytes)))
     }
 }
 
 impl Encode for () {
-    fn capture(&self) -> Result<Captured, CheckpointError> {
+    fn capture(&mut self, _epoch: u64) -> Result<Captured, CheckpointError> {
         Ok(Box::new(|| Ok(Vec::new())))
     }
 }
@@ -89,6 +97,22 @@ pub struct WorkerState {
 }
 
 impl WorkerState {
+    /// The epoch of the snapshot whose rules this one's are relative to (an incremental
+    /// snapshot: only the rules changed since then), or `None` when it holds every rule.
+    pub fn rule_base(&self) -> Result<Option<u64>, CheckpointError> {
+        crate::state::rule_base(&self.keyed)
+    }
+
+    /// This incremental snapshot made whole: the rules of `base` (the same worker's snapshot
+    /// at [`WorkerState::rule_base`], which holds every rule) with this one's changes.
+    pub fn rebase(&self, base: &WorkerState) -> Result<WorkerState, CheckpointError> {
+        Ok(WorkerState {
+            keyed: crate::state::rebase_keyed(&self.keyed, &base.keyed)?,
+            throttle: self.throttle.clone(),
+            aggregates: self.aggregates.clone(),
+        })
+    }
+
     /// Decodes the state for a worker that runs with `cfg`.
     pub fn decode(&self, cfg: OpConfig) -> Result<Restored, CheckpointError> {
         Ok(Restored {

@@ -53,9 +53,9 @@ struct SnapDuty {
 impl SnapDuty {
     /// Deposits `state` for every requested epoch before `before` not yet snapshotted: the
     /// caller has processed every epoch before `before` and none after.
-    fn take_due<S: Encode>(&mut self, before: u64, state: &S) {
+    fn take_due<S: Encode>(&mut self, before: u64, state: &mut S) {
         for epoch in self.snapshots.due(self.last, before) {
-            match state.capture() {
+            match state.capture(epoch) {
                 Ok(captured) => self.snapshots.deposit(epoch, self.worker, self.part, captured),
                 // Never happens for these plain structs; the checkpoint then stays incomplete
                 // (and the pipeline reports its growing checkpoint age).
@@ -119,7 +119,7 @@ where
                     break;
                 }
                 if let Some(d) = duty.as_mut() {
-                    d.take_due(*first.key(), &state);
+                    d.take_due(*first.key(), &mut state);
                 }
                 let (cap, data) = first.remove();
                 logic(&mut state, data, &mut out);
@@ -130,7 +130,7 @@ where
             if let Some(d) = duty.as_mut() {
                 // Every epoch before the frontier is processed (an empty frontier: all of them).
                 let passed = frontier.frontier().iter().min().copied().unwrap_or(u64::MAX);
-                d.take_due(passed, &state);
+                d.take_due(passed, &mut state);
             }
         }
     })

@@ -287,7 +287,13 @@ struct RuleIndex {
     /// [`Item::ForeignRule`] just before the rule's record (or kept for a rule whose version
     /// was refused). A deleted rule leaves nothing here: a re-created one arrives as foreign.
     parked: FastMap<String, Early>,
+    /// The ids of the rules added, changed or removed since the last snapshot that held
+    /// every rule (incremental snapshots); `None` before the first such snapshot.
+    changed: Option<FastSet<String>>,
 }
+
+/// A set with the operators' fast hasher.
+type FastSet<K> = hashbrown::HashSet<K, foldhash::fast::RandomState>;
 
 impl RuleIndex {
     fn slot(&mut self, rule: &AlertRule) -> &mut Vec<Watched> {
@@ -318,7 +324,11 @@ impl RuleIndex {
     /// Takes a rule out of the index; returns its early-throttle state.
     fn take(&mut self, id: &str) -> Option<Early> {
         let early = self.find(id).and_then(|(list, i)| list.remove(i).early);
-        self.by_id.remove(id);
+        if self.by_id.remove(id).is_some()
+            && let Some(changed) = &mut self.changed
+        {
+            changed.get_or_insert_with(id, str::to_string);
+        }
         early
     }
 
@@ -347,6 +357,9 @@ impl RuleIndex {
             keyed,
             early,
         });
+        if let Some(changed) = &mut self.changed {
+            changed.get_or_insert_with(rule.id.as_str(), str::to_string);
+        }
         self.by_id.insert(rule.id.clone(), rule);
     }
 
@@ -381,12 +394,59 @@ impl RuleIndex {
 /// A worker's keyed state as [`KeyedState::capture`] writes it and [`KeyedState::restore`] reads it.
 #[derive(Default, Serialize, Deserialize)]
 struct KeyedImage {
+    /// `None`: `rules` holds every rule. `Some(e)`: an incremental image, whose `rules` and
+    /// `removed` are the changes since the worker's snapshot of epoch `e` ([`rebase_keyed`]).
+    /// First, so that it is read without decoding the rest ([`rule_base`]).
+    base: Option<u64>,
     coins: FastMap<String, CoinState>,
     protocols: FastMap<String, ProtocolState>,
     chains: FastMap<String, ChainState>,
     rules: Vec<AlertRule>,
-    /// Early-throttle state by rule id.
+    /// Early-throttle state by rule id (always all of it).
     early: FastMap<String, Early>,
+    /// An incremental image: the rules removed since the base.
+    removed: Vec<String>,
+}
+
+/// Incremental snapshots: at most this many rules changed since the base (or a quarter of
+/// the rules, if more) are written as changes; beyond, every rule is written again and
+/// becomes the new base.
+const MIN_DELTA_RULES: usize = 64;
+
+/// The base epoch of an encoded [`KeyedImage`] (see [`KeyedImage::base`]).
+pub(crate) fn rule_base(bytes: &[u8]) -> Result<Option<u64>, CheckpointError> {
+    Ok(bincode::deserialize(bytes)?)
+}
+
+/// An incremental image (`delta`) made whole with the rules of `base`, the same worker's
+/// image at the delta's base epoch (which holds every rule); a whole `delta` is returned as
+/// it is.
+pub(crate) fn rebase_keyed(delta: &[u8], base: &[u8]) -> Result<Vec<u8>, CheckpointError> {
+    let delta: KeyedImage = bincode::deserialize(delta)?;
+    let Some(at) = delta.base else {
+        return Ok(bincode::serialize(&delta)?);
+    };
+    let base: KeyedImage = bincode::deserialize(base)?;
+    if let Some(older) = base.base {
+        return Err(CheckpointError::BaseNotWhole(at, older));
+    }
+    let mut rules: FastMap<String, AlertRule> = base.rules.into_iter().map(|r| (r.id.clone(), r)).collect();
+    for id in &delta.removed {
+        rules.remove(id);
+    }
+    for rule in delta.rules {
+        rules.insert(rule.id.clone(), rule);
+    }
+    let whole = KeyedImage {
+        base: None,
+        coins: delta.coins,
+        protocols: delta.protocols,
+        chains: delta.chains,
+        rules: rules.into_values().collect(),
+        early: delta.early,
+        removed: Vec::new(),
+    };
+    Ok(bincode::serialize(&whole)?)
 }
 
 /// The keyed state of every worker of a checkpoint (encoded images, in any number) re-split
@@ -404,6 +464,9 @@ pub(crate) fn split_keyed(images: &[&[u8]], workers: usize) -> Result<Vec<Vec<u8
     let mut early = Vec::new();
     for bytes in images {
         let image: KeyedImage = bincode::deserialize(bytes)?;
+        if let Some(base) = image.base {
+            return Err(CheckpointError::NeedsBase(base));
+        }
         for (coin, s) in image.coins {
             out[worker_of(Key::Coin(&coin).hash(), workers)].coins.insert(coin, s);
         }
@@ -459,6 +522,8 @@ pub struct KeyedState {
     protocols: FastMap<String, ProtocolState>,
     chains: FastMap<String, ChainState>,
     rules: RuleIndex,
+    /// The epoch of the last snapshot that held every rule (see [`RuleIndex::changed`]).
+    rule_base: Option<u64>,
     /// Newest event time of the batch's records, for the live state's clock.
     clock: Option<Millis>,
 }
@@ -476,24 +541,47 @@ impl KeyedState {
             protocols: FastMap::default(),
             chains: FastMap::default(),
             rules: RuleIndex::default(),
+            rule_base: None,
             clock: None,
         }
     }
 
-    /// Captures the state (between batches) for a checkpoint: the per-key values are encoded
-    /// now, the rules (immutable and shared) only referenced; the returned closure encodes
-    /// them, off the dataflow's thread, into a [`KeyedImage`].
-    pub(crate) fn capture(&self) -> Result<Captured, CheckpointError> {
+    /// The state as of the snapshot of `epoch`, to be encoded later. Incremental: when few
+    /// rules changed since the last snapshot that held every rule (the base), only those
+    /// changes are written ([`KeyedImage::base`]); otherwise every rule, and this snapshot
+    /// becomes the base. The keys' state and the early-throttle states are written whole.
+    /// Only references are taken here (the rules are shared); the costly encoding runs
+    /// off the dataflow's thread, into a [`KeyedImage`].
+    pub(crate) fn capture(&mut self, epoch: u64) -> Result<Captured, CheckpointError> {
+        let rules = &mut self.rules;
+        let delta = match (self.rule_base, &rules.changed) {
+            (Some(base), Some(changed)) if changed.len() <= (rules.by_id.len() / 4).max(MIN_DELTA_RULES) => Some(base),
+            _ => None,
+        };
         // bincode writes a struct as its fields one after another, so the image is the
         // concatenation of its fields' encodings.
-        let mut bytes = bincode::serialize(&(&self.coins, &self.protocols, &self.chains))?;
-        let rules: Vec<Arc<AlertRule>> = self.rules.by_id.values().cloned().collect();
-        let early = bincode::serialize(&self.rules.early_states())?;
+        let mut bytes = bincode::serialize(&(delta, &self.coins, &self.protocols, &self.chains))?;
+        let (changed, removed): (Vec<Arc<AlertRule>>, Vec<String>) = match (delta, &rules.changed) {
+            (Some(_), Some(ids)) => (
+                ids.iter().filter_map(|id| rules.by_id.get(id).cloned()).collect(),
+                ids.iter()
+                    .filter(|id| !rules.by_id.contains_key(*id))
+                    .cloned()
+                    .collect(),
+            ),
+            _ => {
+                self.rule_base = Some(epoch);
+                rules.changed = Some(FastSet::default());
+                (rules.by_id.values().cloned().collect(), Vec::new())
+            }
+        };
+        let early = bincode::serialize(&rules.early_states())?;
         Ok(Box::new(move || {
-            let size = bincode::serialized_size(&rules)? + early.len() as u64;
+            let size = bincode::serialized_size(&changed)? + early.len() as u64 + bincode::serialized_size(&removed)?;
             bytes.reserve(usize::try_from(size).unwrap_or(0));
-            bincode::serialize_into(&mut bytes, &rules)?;
+            bincode::serialize_into(&mut bytes, &changed)?;
             bytes.extend_from_slice(&early);
+            bincode::serialize_into(&mut bytes, &removed)?;
             Ok(bytes)
         }))
     }
@@ -501,6 +589,9 @@ impl KeyedState {
     /// State captured by [`KeyedState::capture`], run with `cfg`.
     pub fn restore(cfg: OpConfig, bytes: &[u8]) -> Result<Self, CheckpointError> {
         let image: KeyedImage = bincode::deserialize(bytes)?;
+        if let Some(base) = image.base {
+            return Err(CheckpointError::NeedsBase(base));
+        }
         let mut state = KeyedState::new(cfg);
         state.coins = image.coins;
         state.protocols = image.protocols;

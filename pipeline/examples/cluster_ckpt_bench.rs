@@ -15,8 +15,13 @@
 //! reads every part). Time = process start → every process answers `/readyz` 200 (the state
 //! is loaded and the dataflow runs), the median of `--restores` runs each.
 //!
-//! `cargo run --release -p pipeline --example cluster_ckpt_bench -- [--rules N] [--coins N]`
-//! (build `llamaflow` first, or pass `--llamaflow PATH`).
+//! With `--shared s3`, every process also copies its files to an S3 prefix (a moto server on
+//! loopback, `checkpoint_shared`), so a checkpoint's duration includes the upload, and each
+//! restore starts from an empty checkpoint directory (every host replaced): each process
+//! reads what it needs from S3.
+//!
+//! `cargo run --release -p pipeline --example cluster_ckpt_bench -- [--rules N] [--coins N]
+//! [--shared s3]` (build `llamaflow` first, or pass `--llamaflow PATH`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,6 +38,8 @@ struct Args {
     checkpoints: u64,
     restores: usize,
     llamaflow: PathBuf,
+    /// `--shared s3`: checkpoints are also copied to S3 (moto).
+    s3: bool,
 }
 
 fn args() -> Args {
@@ -42,6 +49,7 @@ fn args() -> Args {
         checkpoints: 3,
         restores: 3,
         llamaflow: testkit::llamaflow_beside_example(),
+        s3: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,6 +60,7 @@ fn args() -> Args {
             "--checkpoints" => a.checkpoints = value.parse().expect("--checkpoints N"),
             "--restores" => a.restores = value.parse().expect("--restores N"),
             "--llamaflow" => a.llamaflow = PathBuf::from(value),
+            "--shared" if value == "s3" => a.s3 = true,
             _ => panic!("unknown flag {flag}; see the doc comment of cluster_ckpt_bench.rs"),
         }
     }
@@ -80,8 +89,27 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `processes` processes of `workers` workers on `ckpt`, group `group`.
-fn start(a: &Args, dir: &Path, brokers: &str, group: &str, ckpt: &Path, processes: usize, workers: usize) -> Vec<Proc> {
+/// Where checkpoints are shared: (S3 endpoint, `s3://` location).
+type SharedAt<'a> = Option<(&'a str, &'a str)>;
+
+/// Starts `processes` processes of `workers` workers on `ckpt` (and `shared`), group `group`.
+#[allow(clippy::too_many_arguments)]
+fn start(
+    a: &Args,
+    dir: &Path,
+    brokers: &str,
+    group: &str,
+    ckpt: &Path,
+    shared: SharedAt,
+    processes: usize,
+    workers: usize,
+) -> Vec<Proc> {
+    let shared = match shared {
+        Some((endpoint, location)) => {
+            format!("checkpoint_shared = \"{location}\"\n[pipeline.checkpoint_s3]\nendpoint_url = \"{endpoint}\"\n")
+        }
+        None => String::new(),
+    };
     let hosts = dir.join(format!("{group}-hosts.txt"));
     let list: String = (0..processes)
         .map(|_| format!("127.0.0.1:{}\n", testkit::free_port()))
@@ -95,7 +123,7 @@ fn start(a: &Args, dir: &Path, brokers: &str, group: &str, ckpt: &Path, processe
                 &cfg,
                 format!(
                     "[pipeline]\nworkers = {workers}\nlisten = \"127.0.0.1:{port}\"\ncheckpoint_dir = \"{}\"\n\
-                     checkpoint_interval_ms = 1000\n\n[[sources.files]]\nkind = \"rules\"\npath = \"{}\"\n\n\
+                     checkpoint_interval_ms = 1000\n{shared}\n[[sources.files]]\nkind = \"rules\"\npath = \"{}\"\n\n\
                      [sources.kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n\n[sinks]\nstdout = false\n",
                     ckpt.display(),
                     dir.join("rules.jsonl").display()
@@ -110,6 +138,8 @@ fn start(a: &Args, dir: &Path, brokers: &str, group: &str, ckpt: &Path, processe
             }
             let child = cmd
                 .env("LLAMAFLOW_LOG", "warn")
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -180,11 +210,36 @@ fn main() {
         a.rules, a.coins, a.coins
     );
 
+    let moto = a.s3.then(|| {
+        let moto = testkit::Moto::start();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let cfg = sources::dynamodb_export::s3::S3Config {
+            endpoint_url: Some(moto.endpoint()),
+            ..Default::default()
+        };
+        rt.block_on(async {
+            let sdk = cfg
+                .loader()
+                .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                    "testing", "testing", None, None, "bench",
+                ))
+                .load()
+                .await;
+            cfg.client(&sdk).create_bucket().bucket("bench").send().await.unwrap();
+        });
+        println!("checkpoints also copied to S3 (moto on loopback); restores start from empty directories");
+        moto
+    });
+    let endpoint = moto.as_ref().map(|m| m.endpoint()).unwrap_or_default();
+    let location = |shape: &str| format!("s3://bench/{shape}");
+
     let mut taken = Vec::new();
     for (processes, workers) in [(1usize, 2usize), (2, 1)] {
         let shape = format!("{processes}x{workers}");
         let ckpt = d.join(format!("ckpt-{shape}"));
-        let procs = start(&a, d, &brokers, &format!("g{shape}"), &ckpt, processes, workers);
+        let at = location(&shape);
+        let shared = a.s3.then_some((endpoint.as_str(), at.as_str()));
+        let procs = start(&a, d, &brokers, &format!("g{shape}"), &ckpt, shared, processes, workers);
         let ticks = a.coins as f64;
         wait("every tick in", Duration::from_secs(600), || {
             procs
@@ -227,9 +282,15 @@ fn main() {
         let mut times = Vec::new();
         for r in 0..a.restores {
             let copy = d.join(format!("restore-{shape}-{r}"));
-            copy_dir(ckpt, &copy);
+            let at = location(shape);
+            let shared = a.s3.then_some((endpoint.as_str(), at.as_str()));
+            match shared {
+                // Every host replaced: the processes read from S3.
+                Some(_) => std::fs::create_dir_all(&copy).unwrap(),
+                None => copy_dir(ckpt, &copy),
+            }
             let started = Instant::now();
-            let procs = start(&a, d, &brokers, &format!("r{shape}{r}"), &copy, 2, 1);
+            let procs = start(&a, d, &brokers, &format!("r{shape}{r}"), &copy, shared, 2, 1);
             wait("every process ready", Duration::from_secs(600), || {
                 procs.iter().all(|p| testkit::http_get(p.port, "/readyz").status == 200)
             });

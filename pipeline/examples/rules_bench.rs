@@ -106,6 +106,9 @@ struct Args {
     linger_ms: u64,
     seed: u64,
     async_commit: bool,
+    /// Seconds without rule changes, before the changes, over which the checkpoints' CPU is
+    /// measured.
+    idle_secs: u64,
     llamaflow: PathBuf,
 }
 
@@ -113,7 +116,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: rules_bench [--rules 1000000] [--coins 20000] [--probe-rules 1000] [--changes 100] \
          [--poll-ms 100,10] [--workers 2] [--batch-ms N] [--checkpoint-ms N (0: none)] \
-         [--background 1000 (ticks/s)] [--linger-ms 5] [--seed 42] [--async-commit] [--llamaflow PATH]"
+         [--background 1000 (ticks/s)] [--linger-ms 5] [--seed 42] [--async-commit] [--idle-secs 20] \
+         [--llamaflow PATH]"
     );
     std::process::exit(2)
 }
@@ -132,6 +136,7 @@ fn parse_args() -> Args {
         linger_ms: 5,
         seed: 42,
         async_commit: false,
+        idle_secs: 20,
         llamaflow: testkit::llamaflow_beside_example(),
     };
     let mut it = std::env::args().skip(1);
@@ -154,6 +159,7 @@ fn parse_args() -> Args {
             "--background" => a.background = num(&val),
             "--linger-ms" => a.linger_ms = num(&val),
             "--seed" => a.seed = num(&val),
+            "--idle-secs" => a.idle_secs = num(&val),
             "--llamaflow" => a.llamaflow = PathBuf::from(val),
             _ => usage(),
         }
@@ -538,6 +544,22 @@ fn loadavg() -> String {
 }
 
 /// User + system CPU seconds of a process.
+/// CPU seconds (user + system) of `pid`'s threads named `name`.
+fn thread_cpu_secs(pid: u32, name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok())
+        .map(|tid| {
+            let (user, system) = testkit::cpu_secs_of(&format!("/proc/{pid}/task/{tid}/stat"));
+            user + system
+        })
+        .sum()
+}
+
 fn cpu_secs(pid: u32) -> f64 {
     let (user, system) = testkit::cpu_secs(pid);
     user + system
@@ -781,6 +803,32 @@ send_queue = 100000
         }
         // Let the first checkpoint of the loaded state pass before measuring.
         std::thread::sleep(Duration::from_secs(2));
+        // Rules idle (ticks flowing): what checkpoints cost.
+        if self.args.checkpoint_ms != Some(0) && self.args.idle_secs > 0 {
+            let count = || metric(port, "llamaflow_checkpoints_total").unwrap_or(0.0);
+            let (n0, c0, p0, t0) = (
+                count(),
+                thread_cpu_secs(pid, "checkpoint"),
+                cpu_secs(pid),
+                Instant::now(),
+            );
+            std::thread::sleep(Duration::from_secs(self.args.idle_secs));
+            let secs = t0.elapsed().as_secs_f64();
+            let (n, c, p) = (
+                count() - n0,
+                thread_cpu_secs(pid, "checkpoint") - c0,
+                cpu_secs(pid) - p0,
+            );
+            println!(
+                "rules idle for {secs:.0} s (ticks flowing): {n:.0} checkpoints, the last {:.1} MB with {:.0} of {} \
+                 workers incremental; checkpoint thread {c:.2} CPU-s = {:.1} % of a core; llamaflow {:.0} % of a core",
+                metric(port, "llamaflow_checkpoint_bytes").unwrap_or(f64::NAN) / 1e6,
+                metric(port, "llamaflow_checkpoint_incremental_workers").unwrap_or(f64::NAN),
+                self.args.workers,
+                c / secs * 100.0,
+                p / secs * 100.0,
+            );
+        }
 
         // The changes.
         let url = self.pg.url();
@@ -982,6 +1030,39 @@ send_queue = 100000
         }
         println!("stopped in {:.1} s", stopping.elapsed().as_secs_f64());
         drop(job);
+        if self.args.checkpoint_ms != Some(0) {
+            // The restore: the same job again, from its checkpoint (a base and, after it,
+            // the rules changed since), until it answers /readyz.
+            let restarted = Instant::now();
+            let again = testkit::KillOnDrop(
+                Command::new(&self.args.llamaflow)
+                    .args(["run", "--config"])
+                    .arg(&config)
+                    .env("LLAMAFLOW_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("llamaflow starts"),
+            );
+            let ready = loop {
+                if testkit::http_get(port, "/readyz").status == 200 {
+                    break Some(restarted.elapsed().as_secs_f64());
+                }
+                if restarted.elapsed() > Duration::from_secs(300) {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            match ready {
+                Some(s) => println!("restore from the checkpoint: ready (/readyz 200) {s:.1} s after start"),
+                None => println!("restore from the checkpoint: not ready within 300 s"),
+            }
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(again.0.id() as i32, libc::SIGTERM);
+            }
+            drop(again);
+        }
         let _ = out_reader.join();
         let _ = err_reader.join();
         for t in ws_tasks {

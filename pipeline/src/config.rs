@@ -67,6 +67,15 @@ pub struct PipelineSection {
     /// `llamaflow-checkpoints`; `""` saves no state
     /// (positions are still committed at each checkpoint, a restart then starts empty).
     pub checkpoint_dir: Option<PathBuf>,
+    /// A location every process and host sees, where each process copies its checkpoint
+    /// files after writing them to `checkpoint_dir`: `s3://bucket/prefix` (see
+    /// `checkpoint_s3`) or a directory (relative to the config file). A process restarted on
+    /// another host, and a cluster restored at another shape, read from here what its own
+    /// directory lacks. Default: none (each process keeps only its own directory).
+    pub checkpoint_shared: Option<String>,
+    /// S3 access for an `s3://` `checkpoint_shared` (endpoint override, region); credentials
+    /// from the AWS provider chain.
+    pub checkpoint_s3: sources::dynamodb_export::s3::S3Config,
     /// How often a checkpoint is taken while records flow, in ms (and once on shutdown).
     pub checkpoint_interval_ms: u64,
     /// Scale-out: the number of `llamaflow` processes forming one timely cluster (default 1).
@@ -97,6 +106,8 @@ impl Default for PipelineSection {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             dead_letter_out: None,
             checkpoint_dir: Some(PathBuf::from("llamaflow-checkpoints")),
+            checkpoint_shared: None,
+            checkpoint_s3: Default::default(),
             checkpoint_interval_ms: 5_000,
             processes: 1,
             process_id: 0,
@@ -563,6 +574,18 @@ impl Config {
             Some(d) if d.is_relative() => Some(path.parent().unwrap_or(Path::new(".")).join(d)),
             other => other,
         };
+        cfg.pipeline.checkpoint_shared = match cfg.pipeline.checkpoint_shared.take() {
+            Some(s) if s.is_empty() => None,
+            Some(s) if s.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("s3://")) => Some(s),
+            Some(s) if Path::new(&s).is_relative() => Some(
+                path.parent()
+                    .unwrap_or(Path::new("."))
+                    .join(s)
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            other => other,
+        };
         cfg.overlay_redis_env(&text, path)?;
         cfg.validate(path)?;
         Ok(cfg)
@@ -636,6 +659,18 @@ impl Config {
             && (!cluster.hosts.is_empty() || !e.contains("host:port"))
         {
             return Err(err("pipeline.processes", e));
+        }
+        if let Some(shared) = &self.pipeline.checkpoint_shared {
+            if self.pipeline.checkpoint_dir.is_none() {
+                return Err(err(
+                    "pipeline.checkpoint_shared",
+                    "needs a checkpoint_dir (files are written there first, then shared)".into(),
+                ));
+            }
+            if shared.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("s3://")) {
+                sources::dynamodb_export::s3::S3Location::parse(shared)
+                    .map_err(|e| err("pipeline.checkpoint_shared", e.to_string()))?;
+            }
         }
         if self.pipeline.batch_max == 0 {
             return Err(err("pipeline.batch_max", "must be at least 1".into()));
@@ -946,6 +981,31 @@ mod tests {
         assert!(e.contains("pipeline.processes") && e.contains("out of range"), "{e}");
         let e = parse("[pipeline]\nprocesses = 3\nhosts = [\"a:1\"]\n[sources.demo]\n").unwrap_err();
         assert!(e.contains("3 host:port"), "{e}");
+    }
+
+    #[test]
+    fn the_shared_checkpoint_location_is_checked() {
+        let c = parse("[pipeline]\ncheckpoint_shared = \"s3://b/ck\"\n[pipeline.checkpoint_s3]\nregion = \"eu-west-1\"\n[sources.demo]\n")
+            .unwrap();
+        assert_eq!(c.pipeline.checkpoint_shared.as_deref(), Some("s3://b/ck"));
+        assert_eq!(c.pipeline.checkpoint_s3.region, "eu-west-1");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("job.toml");
+        std::fs::write(&file, "[pipeline]\ncheckpoint_shared = \"shared\"\n[sources.demo]\n").unwrap();
+        let c = Config::load(&file).unwrap();
+        assert_eq!(
+            c.pipeline.checkpoint_shared.map(PathBuf::from),
+            Some(dir.path().join("shared")),
+            "a relative directory is relative to the config file"
+        );
+        let e = parse("[pipeline]\ncheckpoint_shared = \"s3://\"\n[sources.demo]\n").unwrap_err();
+        assert!(
+            e.contains("pipeline.checkpoint_shared") && e.contains("missing bucket"),
+            "{e}"
+        );
+        let e =
+            parse("[pipeline]\ncheckpoint_dir = \"\"\ncheckpoint_shared = \"s3://b\"\n[sources.demo]\n").unwrap_err();
+        assert!(e.contains("needs a checkpoint_dir"), "{e}");
     }
 
     #[test]

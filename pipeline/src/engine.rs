@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+
+use crate::checkpoint::Newest;
 use operators::checkpoint::Restored;
 use operators::{Checkpointing, Envelope, OpConfig, Sequencer, Snapshots, StateOut, WorkerState};
 use schemas::{Alert, DeadLetter, Event};
@@ -385,46 +387,34 @@ impl Engine {
         output: Arc<dyn Output>,
         ckpt: EngineCheckpoint,
     ) -> Result<Engine> {
+        let (connected, _) = Engine::connect(workers, cluster, bus, None)?;
+        connected.start(cfg, output, ckpt)
+    }
+
+    /// Starts `workers` timely worker threads as process `cluster.process` of `cluster`
+    /// (blocks until every process is connected) and agrees with the other processes on the
+    /// checkpoint to restore: each offers the newest it can see, and all take the newest
+    /// offered (returned). The workers then wait for [`Connected::start`].
+    pub fn connect(
+        workers: usize,
+        cluster: &Cluster,
+        bus: Arc<ClusterBus>,
+        offer: Option<Newest>,
+    ) -> Result<(Connected, Option<Newest>)> {
         cluster.validate().map_err(|e| anyhow::anyhow!(e))?;
         let workers = workers.max(1);
-        let total = workers * cluster.processes;
         let first_worker = cluster.process * workers;
-        if let Some(seq) = &ckpt.sequencer
-            && seq.workers() != total
-        {
-            anyhow::bail!(
-                "the checkpoint was taken with {} workers in all but {total} are configured ({workers} × {} \
-                 processes): run with the same workers and processes (or delete the checkpoint directory to \
-                 start over)",
-                seq.workers(),
-                cluster.processes
-            );
-        }
-        let restored: Vec<Mutex<Option<Restored>>> = match &ckpt.restore {
-            None => Vec::new(),
-            Some(states) if states.len() != workers => anyhow::bail!(
-                "the checkpoint holds the state of {} workers but {workers} are configured: run with \
-                 `--workers {}` (or delete the checkpoint directory to start over)",
-                states.len(),
-                states.len()
-            ),
-            Some(states) => states
-                .iter()
-                .map(|s| s.decode(cfg.clone()).map(|r| Mutex::new(Some(r))))
-                .collect::<Result<_, _>>()
-                .context("cannot decode the checkpoint's operator state")?,
-        };
-        let restored = Arc::new(restored);
-        let snapshots = ckpt.snapshots;
-        let mut inputs = Vec::with_capacity(workers);
+        let mut starts = Vec::with_capacity(workers);
         let mut receivers = Vec::with_capacity(workers);
         for _ in 0..workers {
-            let (tx, rx) = sync_channel::<Vec<Envelope>>(MAX_EPOCHS_IN_FLIGHT as usize);
-            inputs.push(tx);
+            let (tx, rx) = sync_channel::<WorkerStart>(1);
+            starts.push(tx);
             receivers.push(Mutex::new(Some(rx)));
         }
         let receivers = Arc::new(receivers);
-        let config = if cluster.is_multi() {
+        let (agreed_tx, agreed_rx) = sync_channel::<Option<Newest>>(1);
+        let multi = cluster.is_multi();
+        let config = if multi {
             exit_when_a_peer_is_lost(cluster);
             timely::Config {
                 communication: timely::CommunicationConfig::Cluster {
@@ -442,28 +432,137 @@ impl Engine {
         let worker_bus = bus.clone();
         let guards = timely::execute(config, move |worker| {
             let local = worker.index().wrapping_sub(first_worker);
-            let rx = receivers
-                .get(local)
-                .and_then(|r| r.lock().ok().and_then(|mut r| r.take()));
-            let Some(rx) = rx else { return };
-            let restore = restored
-                .get(local)
-                .and_then(|r| r.lock().ok().and_then(|mut r| r.take()));
-            let ckpt = Checkpointing {
-                snapshots: snapshots.clone(),
-                restore,
+            let agreed = match multi {
+                true => agree(worker, local == 0, offer),
+                false => offer,
             };
-            run_worker(
-                worker,
-                local == 0,
-                rx,
-                cfg.clone(),
-                output.clone(),
-                worker_bus.clone(),
-                ckpt,
-            );
+            if local == 0 {
+                let _ = agreed_tx.send(agreed);
+            }
+            let start = receivers
+                .get(local)
+                .and_then(|r| r.lock().ok().and_then(|mut r| r.take()))
+                .and_then(|r| r.recv().ok());
+            // No start: the process stopped before its dataflow was built.
+            let Some(start) = start else { return };
+            run_worker(worker, local == 0, start, worker_bus.clone());
         })
         .map_err(|e| anyhow::anyhow!("cannot start timely workers: {e}"))?;
+        let agreed = agreed_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the dataflow workers stopped while connecting"))?;
+        Ok((
+            Connected {
+                workers,
+                cluster: cluster.clone(),
+                bus,
+                guards,
+                starts,
+            },
+            agreed,
+        ))
+    }
+}
+
+/// Every process offers the newest checkpoint it can see; returns the newest offered. Runs
+/// as a small dataflow of its own before the job's dataflow is built (the processes connect
+/// once and then agree over timely's own connections).
+fn agree(worker: &mut timely::worker::Worker, first_local: bool, offer: Option<Newest>) -> Option<Newest> {
+    let mut input = InputHandle::<u64, CapacityContainerBuilder<Vec<Option<Newest>>>>::new();
+    let offers = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let probe = ProbeHandle::new();
+    let seen = offers.clone();
+    worker.dataflow::<u64, _, _>(|scope| {
+        scope
+            .input_from(&mut input)
+            .broadcast()
+            .inspect(move |o| seen.borrow_mut().push(*o))
+            .probe_with(&probe);
+    });
+    if first_local {
+        input.send(offer);
+    }
+    drop(input);
+    while !probe.done() {
+        worker.step_or_park(Some(Duration::from_millis(1)));
+    }
+    offers.take().into_iter().flatten().max_by_key(|n| n.id)
+}
+
+/// What a connected worker needs to build and run the job's dataflow.
+struct WorkerStart {
+    rx: Receiver<Vec<Envelope>>,
+    cfg: OpConfig,
+    output: Arc<dyn Output>,
+    ckpt: Checkpointing,
+}
+
+/// A process's timely workers, connected to the cluster, before the job's dataflow is built.
+pub struct Connected {
+    workers: usize,
+    cluster: Cluster,
+    bus: Arc<ClusterBus>,
+    /// Dropped before `guards` (which join the workers): a process that stops before
+    /// starting its dataflow lets its waiting workers end.
+    starts: Vec<SyncSender<WorkerStart>>,
+    guards: timely::communication::WorkerGuards<()>,
+}
+
+impl Connected {
+    /// Builds the job's dataflow in every worker, running the operators with `cfg`, from
+    /// empty state or from `ckpt.restore` (this process's workers' state), taking the
+    /// snapshots `ckpt.snapshots` is asked for.
+    pub fn start(self, cfg: OpConfig, output: Arc<dyn Output>, ckpt: EngineCheckpoint) -> Result<Engine> {
+        let Connected {
+            workers,
+            cluster,
+            bus,
+            guards,
+            starts,
+        } = self;
+        let total = workers * cluster.processes;
+        if let Some(seq) = &ckpt.sequencer
+            && seq.workers() != total
+        {
+            anyhow::bail!(
+                "the checkpoint was taken with {} workers in all but {total} are configured ({workers} × {} \
+                 processes): run with the same workers and processes (or delete the checkpoint directory to \
+                 start over)",
+                seq.workers(),
+                cluster.processes
+            );
+        }
+        let mut restored: Vec<Option<Restored>> = match &ckpt.restore {
+            None => (0..workers).map(|_| None).collect(),
+            Some(states) if states.len() != workers => anyhow::bail!(
+                "the checkpoint holds the state of {} workers but {workers} are configured: run with \
+                 `--workers {}` (or delete the checkpoint directory to start over)",
+                states.len(),
+                states.len()
+            ),
+            Some(states) => states
+                .iter()
+                .map(|s| s.decode(cfg.clone()).map(Some))
+                .collect::<Result<_, _>>()
+                .context("cannot decode the checkpoint's operator state")?,
+        };
+        let mut inputs = Vec::with_capacity(workers);
+        for (start, restore) in starts.iter().zip(restored.drain(..)) {
+            let (tx, rx) = sync_channel::<Vec<Envelope>>(MAX_EPOCHS_IN_FLIGHT as usize);
+            inputs.push(tx);
+            let ckpt = Checkpointing {
+                snapshots: ckpt.snapshots.clone(),
+                restore,
+            };
+            start
+                .send(WorkerStart {
+                    rx,
+                    cfg: cfg.clone(),
+                    output: output.clone(),
+                    ckpt,
+                })
+                .map_err(|_| anyhow::anyhow!("a dataflow worker stopped unexpectedly"))?;
+        }
         let sequencer = ckpt.sequencer.unwrap_or_else(|| Sequencer::new(total, 0));
         let gauges = sequencer
             .sizes()
@@ -476,11 +575,13 @@ impl Engine {
             gauges,
             sequencer,
             epochs: 0,
-            cluster: cluster.clone(),
+            cluster,
             bus,
         })
     }
+}
 
+impl Engine {
     /// The cluster this engine is part of.
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
@@ -620,15 +721,8 @@ fn exit_when_a_peer_is_lost(cluster: &Cluster) {
     }));
 }
 
-fn run_worker(
-    worker: &mut timely::worker::Worker,
-    first_local: bool,
-    rx: Receiver<Vec<Envelope>>,
-    cfg: OpConfig,
-    output: Arc<dyn Output>,
-    bus: Arc<ClusterBus>,
-    ckpt: Checkpointing,
-) {
+fn run_worker(worker: &mut timely::worker::Worker, first_local: bool, start: WorkerStart, bus: Arc<ClusterBus>) {
+    let WorkerStart { rx, cfg, output, ckpt } = start;
     let mut input = InputHandle::<u64, CapacityContainerBuilder<Vec<Envelope>>>::new();
     let mut control = InputHandle::<u64, CapacityContainerBuilder<Vec<Control>>>::new();
     let (o1, o2, o3, o4) = (output.clone(), output.clone(), output.clone(), output.clone());

@@ -37,6 +37,8 @@ fn start(config: &Path, extra: &[&str], log: &Path) -> Job {
         .args(["run", "--config", config.to_str().unwrap()])
         .args(extra)
         .env("LLAMAFLOW_LOG", "warn")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
         .stdout(std::fs::File::create(log.with_extension("out")).unwrap())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
@@ -270,7 +272,7 @@ async fn setup(
 }
 
 /// Starts `n` processes of `workers` workers each as one cluster on loopback, consuming with
-/// group `group`.
+/// group `group`; `{process}` in `extra` becomes each process's id.
 fn start_cluster(
     dir: &Path,
     n: usize,
@@ -288,7 +290,8 @@ fn start_cluster(
     let hosts = hosts.to_str().unwrap().to_string();
     let (mut jobs, mut runs) = (Vec::new(), Vec::new());
     for p in 0..n {
-        let (cfg, run) = config(dir, &format!("{group}-p{p}"), brokers, group, workers, rules, extra);
+        let extra = extra.replace("{process}", &p.to_string());
+        let (cfg, run) = config(dir, &format!("{group}-p{p}"), brokers, group, workers, rules, &extra);
         let (id, count) = (p.to_string(), n.to_string());
         jobs.push(start(
             &cfg,
@@ -647,6 +650,126 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
     let mut in_sqs = common::sqs_alert_ids(&moto, &queue_url);
     in_sqs.sort();
     assert_eq!(in_sqs, expected_ids, "the FIFO queue holds each alert once");
+}
+
+/// Issue 16 #1: processes with checkpoint directories of their own (local disks), then also a
+/// shared S3 location (moto). SIGKILLed three times (a random process, seed printed):
+/// - restarted without a shared location, the processes agree on the newest checkpoint
+///   process 0's manifest names (process 1's own directory holds parts but no manifest);
+/// - the killed process's directory is then deleted (its host replaced): restarted, it
+///   restores its part from S3;
+/// - finally the cluster's last checkpoint restores from S3 alone into one process of two
+///   workers with an empty directory.
+///
+/// Together the runs give exactly the alerts of one uninterrupted process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_checkpoint_directories_and_a_shared_s3_location_survive_replaced_hosts_and_rescaling() {
+    let seed = common::crash_seed("local checkpoint directories");
+    let mut rng = common::Lcg(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_cluster, brokers) = mock_cluster();
+    let rules = d.join("rules.jsonl");
+    write_rules(&rules);
+    let records = workload();
+    let chunk = records.len() / 4;
+    let moto = testkit::Moto::start();
+    common::boto3(
+        &moto,
+        "s3 = boto3.client('s3', endpoint_url=sqs.meta.endpoint_url, region_name='us-east-1', \
+         aws_access_key_id='testing', aws_secret_access_key='testing')\ns3.create_bucket(Bucket='ckpt')",
+    );
+    let s3 = format!(
+        "checkpoint_shared = \"s3://ckpt/job\"\n[pipeline.checkpoint_s3]\nendpoint_url = \"{}\"\n",
+        moto.endpoint()
+    );
+    let local = |p: usize| d.join(format!("local-{p}"));
+    let own_dirs = format!("checkpoint_dir = \"{}/local-{{process}}\"\n", d.display());
+    let mut replaced: Option<usize> = None;
+    for round in 0..3 {
+        let extra = match round {
+            0 => own_dirs.clone(),
+            _ => format!("{own_dirs}{s3}"),
+        };
+        let before = manifests(&local(0)).last().copied().unwrap_or(0);
+        let (jobs, runs) = start_cluster(d, 2, &brokers, "own", 1, &rules, &extra);
+        let (b, part) = (brokers.clone(), records[round * chunk..(round + 1) * chunk].to_vec());
+        let producing = tokio::spawn(async move {
+            for r in part.chunks(8) {
+                produce(&b, r).await;
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        });
+        wait_until("a new cluster checkpoint", Duration::from_secs(60), || {
+            manifests(&local(0)).last().copied().unwrap_or(0) > before
+        });
+        for r in &runs[..round.min(1)] {
+            let log = std::fs::read_to_string(&r.log).unwrap();
+            assert!(log.contains("resuming from checkpoint"), "round {round}: {log}");
+        }
+        if let Some(p) = replaced {
+            let log = std::fs::read_to_string(&runs[p].log).unwrap();
+            assert!(
+                log.contains("is not in") && log.contains("reading it from s3://ckpt/job"),
+                "round {round}: process {p} with an empty directory restores from S3: {log}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(300)));
+        let victim = rng.below(2) as usize;
+        eprintln!(
+            "round {round}: SIGKILL process {victim} after checkpoint {:?}",
+            manifests(&local(0)).last()
+        );
+        let mut jobs: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
+        let mut dead = jobs[victim].take().unwrap();
+        common::sigkill(&mut dead.0, &runs[victim].log);
+        let mut other = jobs[1 - victim].take().unwrap();
+        let status = common::wait_exit(&mut other.0, Duration::from_secs(30));
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "{}",
+            std::fs::read_to_string(&runs[1 - victim].log).unwrap_or_default()
+        );
+        producing.await.unwrap();
+        if round >= 1 {
+            // The victim's host is replaced: its directory is gone.
+            std::fs::remove_dir_all(local(victim)).unwrap();
+            replaced = Some(victim);
+        }
+    }
+    // The rest through one process of two workers, from S3 alone.
+    produce(&brokers, &records[3 * chunk..]).await;
+    let hw = high_watermarks(&brokers);
+    let extra = format!("checkpoint_dir = \"{}\"\n{s3}", d.join("single").display());
+    let (cfg, one) = config(d, "single", &brokers, "single-from-s3", 2, &rules, &extra);
+    let job = start(&cfg, &[], &one.log);
+    wait_until("one process to commit every partition", Duration::from_secs(90), || {
+        committed(&brokers, "single-from-s3") == hw
+    });
+    terminate(&job);
+    wait_exit(job, &one.log);
+    let log = std::fs::read_to_string(&one.log).unwrap();
+    assert!(
+        log.contains("resuming from checkpoint") && log.contains("reading it from s3://ckpt/job"),
+        "{log}"
+    );
+    let mut got: Vec<Value> = (0..2)
+        .flat_map(|p| common::json_lines(&d.join(format!("own-p{p}-alerts.jsonl"))))
+        .collect();
+    got.extend(common::json_lines(&one.alerts));
+
+    let expected = uninterrupted(d, &brokers, &rules, &hw, 2);
+    assert!(expected.len() >= 50, "a meaningful workload: {} alerts", expected.len());
+    let mut unique = alert_ids(&got);
+    unique.dedup();
+    assert_eq!(unique.len(), got.len(), "no alert written twice");
+    assert_eq!(
+        alert_ids(&got),
+        alert_ids(&expected),
+        "the same alert ids as one uninterrupted process"
+    );
+    assert_eq!(sorted_strings(got), sorted_strings(expected), "field for field");
 }
 
 /// Issue 16 #2: one checkpoint, taken by a single process of one worker, restores as 1×1,

@@ -554,7 +554,12 @@ impl Drop for KillOnDrop {
 /// CPU seconds a process has used so far, `(user, system)`, from `/proc/<pid>/stat`; zeros
 /// when unknown.
 pub fn cpu_secs(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    cpu_secs_of(&format!("/proc/{pid}/stat"))
+}
+
+/// (user, system) CPU seconds from a `stat` file of `/proc` (a process's or a thread's).
+pub fn cpu_secs_of(path: &str) -> (f64, f64) {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // After the command name (in parentheses): utime is the 12th field, stime the 13th.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();

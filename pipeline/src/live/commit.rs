@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use sources::live::LiveSource;
 
 use super::Fatal;
-use crate::checkpoint::{Checkpointer, Completer, Positions};
+use crate::checkpoint::{Checkpointer, Completer, Locations, Positions};
 use crate::engine::ClusterBus;
 
 /// Tracks which epochs every sink has written.
@@ -57,9 +57,9 @@ pub(super) struct Committer {
     pub handles: Arc<tokio::sync::Mutex<SourceHandles>>,
     pub fatal: Arc<Fatal>,
     pub bus: Arc<ClusterBus>,
-    /// In a cluster with checkpoints: the (shared) checkpoint directory, where process 0
-    /// writes each checkpoint's manifest once every process's part is in.
-    pub cluster_dir: Option<std::path::PathBuf>,
+    /// In a cluster with checkpoints: where process 0 writes each checkpoint's manifest
+    /// once every process's part is in.
+    pub cluster: Option<Arc<Locations>>,
 }
 
 /// Starts the committer: it counts sink acknowledgements from `ack_rx`, completes checkpoints
@@ -77,7 +77,7 @@ pub(super) fn start(
         handles,
         fatal,
         bus,
-        cluster_dir,
+        cluster,
     } = c;
     Ok(rt.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -101,7 +101,7 @@ pub(super) fn start(
             durable = bus.durable();
             metrics::gauge!("llamaflow_checkpoint_age_seconds").set(checkpointer.age_secs());
             match completer.complete(durable).await {
-                Ok(Some((id, positions))) => match &cluster_dir {
+                Ok(Some((id, positions))) => match &cluster {
                     None => handles.lock().await.commit(&positions).await,
                     Some(_) => {
                         bus.part_written(id);
@@ -111,7 +111,7 @@ pub(super) fn start(
                 Ok(None) => {}
                 Err(e) => fatal.fail(format!("checkpoint failed: {e:#}")),
             }
-            if let Some(dir) = &cluster_dir {
+            if let Some(locations) = &cluster {
                 if let Some((peer, theirs, ours)) = bus.restored_mismatch() {
                     fatal.fail(format!(
                         "process {peer} started from checkpoint {theirs}, this one from {ours}: \
@@ -119,7 +119,7 @@ pub(super) fn start(
                     ));
                     break;
                 }
-                if let Err(e) = cluster_commit(dir, &bus, &mut awaiting, &handles).await {
+                if let Err(e) = cluster_commit(locations, &checkpointer, &bus, &mut awaiting, &handles).await {
                     fatal.fail(format!("cluster checkpoint failed: {e:#}"));
                 }
             }
@@ -128,7 +128,7 @@ pub(super) fn start(
         // (and, in a cluster, once the other processes reported the epoch written). A
         // cluster takes no final checkpoint: the processes stop at different epochs.
         for _ in 0..100 {
-            if cluster_dir.is_some() {
+            if cluster.is_some() {
                 break;
             }
             let durable = bus.durable();
@@ -153,7 +153,8 @@ pub(super) fn start(
 /// whose parts are all in and announces it; every process then commits the positions of
 /// the newest checkpoint with a manifest and removes older files.
 async fn cluster_commit(
-    dir: &std::path::Path,
+    locations: &Arc<Locations>,
+    checkpointer: &Checkpointer,
     bus: &Arc<ClusterBus>,
     awaiting: &mut BTreeMap<u64, Positions>,
     handles: &tokio::sync::Mutex<SourceHandles>,
@@ -168,8 +169,8 @@ async fn cluster_commit(
             .copied()
             .find(|id| *id > bus.manifest() && bus.parts_complete(*id));
         if let Some(id) = ready {
-            let (d, n) = (dir.to_path_buf(), bus.processes());
-            tokio::task::spawn_blocking(move || crate::checkpoint::write_manifest(&d, id, n)).await??;
+            let (l, n) = (locations.clone(), bus.processes());
+            tokio::task::spawn_blocking(move || l.write_manifest(id, n)).await??;
             metrics::gauge!("llamaflow_checkpoint_manifest_id").set(id as f64);
             bus.announce_manifest(id);
         }
@@ -179,8 +180,9 @@ async fn cluster_commit(
     if let Some((id, positions)) = newest {
         *awaiting = awaiting.split_off(&(id + 1));
         handles.lock().await.commit(&positions).await;
-        let (d, process) = (dir.to_path_buf(), bus.process());
-        tokio::task::spawn_blocking(move || crate::checkpoint::prune_cluster(&d, id, process)).await?;
+        let (l, process, processes) = (locations.clone(), bus.process(), bus.processes());
+        let keep = checkpointer.needed_from(id.saturating_sub(1));
+        tokio::task::spawn_blocking(move || l.prune(id, process, processes, &keep)).await?;
     }
     Ok(())
 }

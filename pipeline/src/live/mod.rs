@@ -27,7 +27,7 @@ use sinks::websocket::{Hub, WsConfig};
 use sources::live::LiveItem;
 use tokio::sync::mpsc;
 
-use crate::checkpoint::{Checkpoint, Checkpointer};
+use crate::checkpoint::{Checkpointer, Locations, Shared};
 use crate::config::Config;
 use crate::engine::{ClusterBus, Engine, EngineCheckpoint};
 use commit::{Coordinator, SourceHandles};
@@ -76,15 +76,35 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     // The newest checkpoint: a single process's, or a cluster's with a manifest (each process
     // its own part).
     let part = cluster.is_multi().then_some(cluster.process);
-    // Taken with another shape (processes × workers), it is re-split for this one.
-    let restored = match &cfg.pipeline.checkpoint_dir {
-        Some(dir) => Checkpoint::load_for(
-            dir,
-            cluster.process,
-            cluster.processes.max(1),
-            cfg.pipeline.workers.max(1) as usize,
-        )?,
+    let workers = cfg.pipeline.workers.max(1) as usize;
+    let locations = match &cfg.pipeline.checkpoint_dir {
+        Some(dir) => {
+            let shared = cfg
+                .pipeline
+                .checkpoint_shared
+                .as_deref()
+                .map(|s| Shared::open(s, &cfg.pipeline.checkpoint_s3, rt.handle()))
+                .transpose()?;
+            Some(Arc::new(Locations::new(dir.clone(), shared)))
+        }
         None => None,
+    };
+    let offer = locations.as_ref().map(|l| l.newest()).transpose()?.flatten();
+    if cluster.is_multi() {
+        eprintln!(
+            "llamaflow: process {} of {}: connecting to {}",
+            cluster.process,
+            cluster.processes,
+            cluster.hosts.join(", ")
+        );
+    }
+    // The processes of a cluster connect first and agree on the checkpoint: the newest any
+    // of them can see (each process's own directory may hold another).
+    let (dataflow, newest) = Engine::connect(workers, &cluster, bus.clone(), offer)?;
+    // Taken with another shape (processes × workers), it is re-split for this one.
+    let restored = match (&locations, newest) {
+        (Some(l), Some(n)) => Some(l.load(n, cluster.process, cluster.processes.max(1), workers)?),
+        _ => None,
     };
     let lengths = match (&restored, &cfg.pipeline.checkpoint_dir) {
         (Some(ck), _) => ck.files.clone(),
@@ -116,7 +136,6 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     let (sinks, sink_tasks) = SinkTasks::start(&rt, connected, dead, health.clone(), ack_tx);
     let coordinator = Arc::new(Mutex::new(Coordinator::new(sinks.len())));
 
-    let workers = cfg.pipeline.workers.max(1) as usize;
     let first_worker = cluster.process * workers;
     let mut cfg = cfg;
     let mut engine_ckpt = EngineCheckpoint {
@@ -176,12 +195,9 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         }
         None => (None, 0, None),
     };
-    let checkpointer = Checkpointer::new(
-        cfg.pipeline.checkpoint_dir.clone().zip(engine_ckpt.snapshots.clone()),
-        last_id,
-    )
-    .with_files(marks)
-    .with_log_mark(restored_mark);
+    let checkpointer = Checkpointer::new(locations.clone().zip(engine_ckpt.snapshots.clone()), last_id)
+        .with_files(marks)
+        .with_log_mark(restored_mark);
     let checkpointer = match part {
         Some(p) => {
             bus.announce_restored(last_id);
@@ -302,7 +318,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
             handles: handles.clone(),
             fatal: fatal.clone(),
             bus: bus.clone(),
-            cluster_dir: cfg.pipeline.checkpoint_dir.clone().filter(|_| part.is_some()),
+            cluster: locations.clone().filter(|_| part.is_some()),
         },
         ack_rx,
     )?;
@@ -322,22 +338,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
     }
     .start(stage_rx)?;
     let output = Arc::new(LiveOutput::new(stage_tx));
-    if cluster.is_multi() {
-        eprintln!(
-            "llamaflow: process {} of {}: connecting to {}",
-            cluster.process,
-            cluster.processes,
-            cluster.hosts.join(", ")
-        );
-    }
-    let engine = Engine::start_cluster(
-        workers,
-        &cluster,
-        bus.clone(),
-        cfg.operators.op_config(),
-        output.clone(),
-        engine_ckpt,
-    )?;
+    let engine = dataflow.start(cfg.operators.op_config(), output.clone(), engine_ckpt)?;
 
     let listener = match cfg.pipeline.listen {
         Some(addr) => Some(
