@@ -142,6 +142,67 @@ pub struct Sequencer {
     newest: Millis,
     /// The open TVL update of each protocol (its newest timestamp), until closed.
     open_updates: imbl::HashMap<String, schemas::Millis>,
+    /// Incremental images: the epoch of the last whole image and the rule ids whose route
+    /// changed since (`None` before the first whole image). Not part of an image.
+    #[serde(skip)]
+    tracked: Option<(u64, imbl::HashSet<String>)>,
+}
+
+/// A [`Sequencer`] as a checkpoint holds it: whole, or — when few rule routes changed since
+/// the last whole image — without its rule routes, plus the routes changed since that image
+/// (the routes are most of it: 1M rules ≈ 35 MB).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SequencerImage {
+    /// `None`: whole. `Some(e)`: the changes since the image of epoch `e`.
+    base: Option<u64>,
+    sequencer: Sequencer,
+    routes: Vec<(String, (Route, Millis))>,
+    removed: Vec<String>,
+}
+
+/// At most this many routes changed since the last whole image (or a quarter of them, if
+/// more) make an incremental image.
+const MIN_DELTA_ROUTES: usize = 64;
+
+impl SequencerImage {
+    /// The epoch of the whole image this one's changes are relative to (`None`: whole).
+    pub fn base(&self) -> Option<u64> {
+        self.base
+    }
+
+    /// The sequencer of a whole image.
+    pub fn whole(&self) -> Result<&Sequencer, String> {
+        match self.base {
+            None => Ok(&self.sequencer),
+            Some(e) => Err(format!(
+                "the sequencer holds the rule routes changed since the image of epoch {e}: restore it with that base"
+            )),
+        }
+    }
+
+    /// This incremental image made whole with `base`'s rule routes (the whole image at
+    /// [`SequencerImage::base`]).
+    pub fn rebase(&self, base: &SequencerImage) -> Result<SequencerImage, String> {
+        if self.base.is_none() {
+            return Ok(self.clone());
+        }
+        let mut routes = base.whole()?.rule_routes.clone();
+        for id in &self.removed {
+            routes.remove(id);
+        }
+        for (id, route) in &self.routes {
+            routes.insert(id.clone(), *route);
+        }
+        Ok(SequencerImage {
+            base: None,
+            sequencer: Sequencer {
+                rule_routes: routes,
+                ..self.sequencer.clone()
+            },
+            routes: Vec::new(),
+            removed: Vec::new(),
+        })
+    }
 }
 
 impl Sequencer {
@@ -155,6 +216,66 @@ impl Sequencer {
             deadlines: imbl::OrdSet::new(),
             newest: Millis::MIN,
             open_updates: imbl::HashMap::new(),
+            tracked: None,
+        }
+    }
+
+    /// The sequencer's image for a checkpoint at `epoch`: incremental when few rule routes
+    /// changed since the last whole image, else whole (and the base of the next ones).
+    pub fn image(&mut self, epoch: u64) -> SequencerImage {
+        let limit = (self.rule_routes.len() / 4).max(MIN_DELTA_ROUTES);
+        match &self.tracked {
+            Some((base, changed)) if changed.len() <= limit => SequencerImage {
+                base: Some(*base),
+                routes: changed
+                    .iter()
+                    .filter_map(|id| self.rule_routes.get(id).map(|r| (id.clone(), *r)))
+                    .collect(),
+                removed: changed
+                    .iter()
+                    .filter(|id| !self.rule_routes.contains_key(*id))
+                    .cloned()
+                    .collect(),
+                sequencer: Sequencer {
+                    rule_routes: imbl::HashMap::new(),
+                    tracked: None,
+                    ..self.clone()
+                },
+            },
+            _ => {
+                self.tracked = Some((epoch, imbl::HashSet::new()));
+                SequencerImage {
+                    base: None,
+                    sequencer: Sequencer {
+                        tracked: None,
+                        ..self.clone()
+                    },
+                    routes: Vec::new(),
+                    removed: Vec::new(),
+                }
+            }
+        }
+    }
+
+    /// Records that rule `id`'s route changed (for incremental images).
+    fn route_changed(&mut self, id: &str) {
+        if let Some((_, changed)) = &mut self.tracked
+            && !changed.contains(id)
+        {
+            changed.insert(id.to_string());
+        }
+    }
+
+    /// A whole image of the sequencer as it is (tests, and shapes re-split).
+    pub fn whole_image(&self) -> SequencerImage {
+        SequencerImage {
+            base: None,
+            sequencer: Sequencer {
+                tracked: None,
+                ..self.clone()
+            },
+            routes: Vec::new(),
+            removed: Vec::new(),
         }
     }
 
@@ -181,7 +302,14 @@ impl Sequencer {
         }
         let workers = workers.max(1) as u64;
         if processes == old {
-            return Ok(parts.iter().map(|s| Sequencer { workers, ..s.clone() }).collect());
+            return Ok(parts
+                .iter()
+                .map(|s| Sequencer {
+                    workers,
+                    tracked: None,
+                    ..s.clone()
+                })
+                .collect());
         }
         if let Some(p) = parts
             .iter()
@@ -213,6 +341,7 @@ impl Sequencer {
                     deadlines: first.map(|s| s.deadlines.clone()).unwrap_or_default(),
                     newest,
                     open_updates: first.map(|s| s.open_updates.clone()).unwrap_or_default(),
+                    tracked: None,
                 }
             })
             .collect())
@@ -250,6 +379,7 @@ impl Sequencer {
         self.next_seq += 1;
         if let Record::Rule(rule) = &record {
             let route = rule_key(rule).map_or(Route::All, |k| Route::One(k.hash()));
+            self.route_changed(&rule.id);
             // Whether the rule may have fired under another route, or before a delete.
             let foreign = match self.rule_routes.insert(rule.id.clone(), (route, rule.throttle_ms())) {
                 Some((old, _)) if old != route => {
@@ -347,6 +477,7 @@ impl Sequencer {
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some((route, throttle)) = self.rule_routes.remove(rule_id) {
+            self.route_changed(rule_id);
             self.emit(route, seq, &pos, Item::DeleteRule(rule_id.to_string()), out);
             let deadline = self.newest.saturating_add(throttle);
             self.retired.insert(rule_id.to_string(), deadline);

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow};
-use operators::{Sequencer, Snapshots, WorkerState};
+use operators::{Sequencer, SequencerImage, Snapshots, WorkerState};
 use serde::{Deserialize, Serialize};
 
 /// First bytes of a checkpoint file (format version 7: with protocol metadata, the live
@@ -43,8 +43,9 @@ pub struct Checkpoint {
     pub id: u64,
     /// When it was taken (unix ms).
     pub created_ms: i64,
-    /// The ingest front's sequencer after the cut.
-    pub sequencer: Sequencer,
+    /// The ingest front's sequencer after the cut (its rule routes incremental like the
+    /// workers' rules: see `sequencer_base`).
+    pub sequencer: SequencerImage,
     /// Operator state, one per worker.
     pub state: Vec<WorkerState>,
     /// Source positions of everything before the cut.
@@ -62,6 +63,8 @@ pub struct Checkpoint {
     /// is relative to (an incremental snapshot holds only the rules changed since; see
     /// `operators::WorkerState::rebase`), or `None` when the state holds every rule.
     pub bases: Vec<Option<u64>>,
+    /// The same for the sequencer's rule routes (`SequencerImage::rebase`).
+    pub sequencer_base: Option<u64>,
 }
 
 /// `Option<Vec<u8>>` as one byte slice (not byte by byte).
@@ -132,9 +135,27 @@ impl Checkpoint {
     /// Makes every worker's state whole: an incremental worker state is rebased on its base
     /// checkpoint's state of that worker, read with `base` (by checkpoint id).
     fn resolve(mut self, mut base: impl FnMut(u64) -> Result<Checkpoint>) -> Result<Checkpoint> {
-        let ids: std::collections::BTreeSet<u64> = self.bases.iter().flatten().copied().collect();
+        let ids: std::collections::BTreeSet<u64> = self
+            .bases
+            .iter()
+            .flatten()
+            .chain(&self.sequencer_base)
+            .copied()
+            .collect();
         for id in ids {
             let whole = base(id)?;
+            if self.sequencer_base == Some(id) {
+                self.sequencer = self.sequencer.rebase(&whole.sequencer).map_err(|e| {
+                    anyhow!(
+                        "checkpoint {}: the sequencer's routes from checkpoint {id}: {e}",
+                        self.id
+                    )
+                })?;
+                self.sequencer_base = None;
+            }
+            if !self.bases.contains(&Some(id)) {
+                continue;
+            }
             if whole.state.len() != self.state.len() {
                 anyhow::bail!(
                     "checkpoint {} refers to checkpoint {id} for its rules, which holds {} workers' state, not {}",
@@ -419,7 +440,9 @@ fn manifest_name(id: u64) -> String {
 pub fn rescale(parts: Vec<Checkpoint>, process: usize, processes: usize, workers: usize) -> Result<Checkpoint> {
     let first = parts.first().context("a checkpoint without parts")?;
     anyhow::ensure!(
-        parts.iter().all(|p| p.bases.iter().all(Option::is_none)),
+        parts
+            .iter()
+            .all(|p| p.bases.iter().all(Option::is_none) && p.sequencer_base.is_none()),
         "checkpoint {}: incremental parts must be made whole before they are re-split",
         first.id
     );
@@ -429,7 +452,11 @@ pub fn rescale(parts: Vec<Checkpoint>, process: usize, processes: usize, workers
     let mut states = operators::rescale_states(&all, total)
         .with_context(|| format!("cannot re-split checkpoint {} for {total} workers", first.id))?;
     let state: Vec<WorkerState> = states.drain(process * workers..(process + 1) * workers).collect();
-    let sequencers: Vec<Sequencer> = parts.iter().map(|p| p.sequencer.clone()).collect();
+    let sequencers = parts
+        .iter()
+        .map(|p| p.sequencer.whole().cloned())
+        .collect::<Result<Vec<Sequencer>, String>>()
+        .map_err(|e| anyhow!("checkpoint {}: {e}", first.id))?;
     let sequencer = Sequencer::rescale(&sequencers, total, processes)
         .map_err(|e| anyhow!("checkpoint {}: {e}", first.id))?
         .into_iter()
@@ -453,7 +480,7 @@ pub fn rescale(parts: Vec<Checkpoint>, process: usize, processes: usize, workers
     Ok(Checkpoint {
         id: first.id,
         created_ms: first.created_ms,
-        sequencer,
+        sequencer: sequencer.whole_image(),
         state,
         positions,
         view: if process == 0 { first.view.clone() } else { None },
@@ -464,6 +491,7 @@ pub fn rescale(parts: Vec<Checkpoint>, process: usize, processes: usize, workers
             None
         },
         bases: vec![None; workers],
+        sequencer_base: None,
     })
 }
 
@@ -548,7 +576,7 @@ struct Prepared {
     /// The cluster checkpoint's id (all processes agree on it); `None`: the next number.
     id: Option<u64>,
     requested: Instant,
-    sequencer: Sequencer,
+    sequencer: SequencerImage,
     positions: Positions,
     log: Option<LogMark>,
 }
@@ -612,40 +640,46 @@ impl Checkpointer {
             .collect()
     }
 
-    /// Bases by epoch for the states of checkpoint `id` (at `epoch`): each incremental
-    /// worker state's base epoch becomes the id of the checkpoint written at it.
-    fn bases_of(&self, id: u64, epoch: u64, state: &[WorkerState]) -> Result<Vec<Option<u64>>> {
+    /// The bases of checkpoint `id` (at `epoch`): each incremental worker state's base
+    /// epoch, and the sequencer's (`sequencer_base`), become the ids of the checkpoints
+    /// written at them.
+    fn bases_of(
+        &self,
+        id: u64,
+        epoch: u64,
+        state: &[WorkerState],
+        sequencer_base: Option<u64>,
+    ) -> Result<(Vec<Option<u64>>, Option<u64>)> {
         let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        let id_at = |at: u64, what: &str| {
+            written
+                .iter()
+                .find(|(_, c)| c.epoch == at)
+                .map(|(id, _)| *id)
+                .with_context(|| {
+                    format!(
+                        "{what}'s incremental snapshot at epoch {epoch} refers to the snapshot of epoch {at}, \
+                         which no checkpoint written by this process holds"
+                    )
+                })
+        };
         let bases = state
             .iter()
             .enumerate()
-            .map(|(w, s)| {
-                let Some(at) = s.rule_base().context("cannot read a worker's snapshot")? else {
-                    return Ok(None);
-                };
-                written
-                    .iter()
-                    .find(|(_, c)| c.epoch == at)
-                    .map(|(id, _)| Some(*id))
-                    .with_context(|| {
-                        format!(
-                            "worker {w}'s incremental snapshot at epoch {epoch} refers to the snapshot of epoch \
-                             {at}, which no checkpoint written by this process holds"
-                        )
-                    })
-            })
+            .map(
+                |(w, s)| match s.rule_base().context("cannot read a worker's snapshot")? {
+                    Some(at) => id_at(at, &format!("worker {w}")).map(Some),
+                    None => Ok(None),
+                },
+            )
             .collect::<Result<Vec<_>>>()?;
+        let sequencer_base = sequencer_base.map(|at| id_at(at, "the sequencer")).transpose()?;
         // Later snapshots can only refer to this one or to the bases it refers to.
-        let oldest = bases.iter().flatten().copied().min().unwrap_or(id).min(id);
+        let all: std::collections::BTreeSet<u64> = bases.iter().flatten().chain(&sequencer_base).copied().collect();
+        let oldest = all.first().copied().unwrap_or(id).min(id);
         written.retain(|k, _| *k >= oldest);
-        written.insert(
-            id,
-            Written {
-                epoch,
-                bases: bases.iter().flatten().copied().collect(),
-            },
-        );
-        Ok(bases)
+        written.insert(id, Written { epoch, bases: all });
+        Ok((bases, sequencer_base))
     }
 
     /// In a cluster: this is process `process`; it writes its part of each checkpoint.
@@ -701,7 +735,7 @@ impl Checkpointer {
         &self,
         epoch: u64,
         id: Option<u64>,
-        sequencer: Sequencer,
+        sequencer: SequencerImage,
         positions: Positions,
         log: Option<LogMark>,
     ) {
@@ -792,7 +826,7 @@ impl Checkpointer {
                 id
             };
             if let (Some((loc, _)), Some(state)) = (&self.store, state) {
-                let bases = self.bases_of(id, epoch, &state)?;
+                let (bases, sequencer_base) = self.bases_of(id, epoch, &state, prepared.sequencer.base())?;
                 let incremental = bases.iter().flatten().count();
                 let ckpt = Checkpoint {
                     id,
@@ -804,6 +838,7 @@ impl Checkpointer {
                     files,
                     epoch_log: prepared.log.clone(),
                     bases,
+                    sequencer_base,
                 };
                 let (name, bytes) = match self.part {
                     Some(p) => ckpt.write_part(&loc.dir, p)?,
@@ -905,7 +940,11 @@ mod tests {
         assert_eq!(newest, Newest { id: 4, processes: 1 });
         let latest = loc.load(newest, 0, 1, 2).unwrap();
         assert_eq!(
-            (latest.id, latest.positions.lsn, latest.sequencer.next_seq()),
+            (
+                latest.id,
+                latest.positions.lsn,
+                latest.sequencer.whole().unwrap().next_seq()
+            ),
             (4, Some(40), 4)
         );
         assert_eq!(latest.view, Some(vec![1, 2, 3]));
@@ -931,23 +970,34 @@ mod tests {
         rules.extend(tick(0.5, 1_717_430_400));
         let mut changes: Vec<Input> = (100..110).map(rule).collect();
         changes.push(Input::Delete("r0".into()));
-        let (snaps, _, seq) = run_engine(None, vec![rules, changes], &[0, 1]);
-        let (whole, delta) = (&snaps[0], &snaps[1]);
+        let (snaps, _) = run_engine(None, vec![rules, changes], &[0, 1]);
+        let ((whole, whole_seq), (delta, delta_seq)) = (&snaps[0], &snaps[1]);
         assert!(whole.iter().all(|s| s.rule_base().unwrap().is_none()));
         assert!(delta.iter().all(|s| s.rule_base().unwrap() == Some(0)), "incremental");
+        assert_eq!(
+            (whole_seq.base(), delta_seq.base()),
+            (None, Some(0)),
+            "the sequencer too"
+        );
+        assert!(
+            bincode::serialized_size(delta_seq).unwrap() * 4 < bincode::serialized_size(whole_seq).unwrap(),
+            "the sequencer's changed routes are smaller than all of them"
+        );
         assert!(
             delta.iter().map(|s| s.keyed.len()).sum::<usize>() * 4 < whole.iter().map(|s| s.keyed.len()).sum::<usize>(),
             "the changes are smaller than every rule"
         );
         let mut base = part(1, 0);
         base.state = whole.clone();
+        base.sequencer = whole_seq.clone();
         base.write(dir.path()).unwrap();
         // Checkpoints 2..=5 refer to checkpoint 1 for their rules.
         for id in 2..=5 {
             let mut ck = part(id, 0);
             ck.state = delta.clone();
             ck.bases = vec![Some(1), Some(1)];
-            ck.sequencer = seq.clone();
+            ck.sequencer = delta_seq.clone();
+            ck.sequencer_base = Some(1);
             ck.write(dir.path()).unwrap();
             loc.prune(id, 0, 1, &BTreeSet::from([1, id - 1, id]));
         }
@@ -961,11 +1011,18 @@ mod tests {
             "the base stays"
         );
         let got = loc.load(Newest { id: 5, processes: 1 }, 0, 1, 2).unwrap();
-        assert_eq!(got.bases, vec![None, None], "made whole");
+        assert_eq!((got.bases, got.sequencer_base), (vec![None, None], None), "made whole");
         // Restored, the rules are those after the changes: r0 is gone, r100..r109 are there
-        // (from 0.5 to 1000, every threshold is crossed).
-        let (_, fired, _) = run_engine(Some((got.state, got.sequencer)), vec![tick(1000.0, 1_717_430_460)], &[]);
-        let expected: Vec<String> = (1..110).map(|i| format!("r{i}")).collect();
+        // (from 0.5 to 1000, every threshold is crossed). Deleting r5 (routed in the base)
+        // and r105 (routed in the changes) needs the sequencer's routes of both.
+        let sequencer = got.sequencer.whole().unwrap().clone();
+        let mut last = vec![Input::Delete("r5".into()), Input::Delete("r105".into())];
+        last.extend(tick(1000.0, 1_717_430_460));
+        let (_, fired) = run_engine(Some((got.state, sequencer)), vec![last], &[]);
+        let expected: Vec<String> = (1..110)
+            .filter(|i| ![5, 105].contains(i))
+            .map(|i| format!("r{i}"))
+            .collect();
         assert_eq!(fired, expected);
         // Re-split for another shape: every worker whole first.
         let resplit = loc.load(Newest { id: 5, processes: 1 }, 0, 1, 3).unwrap();
@@ -1000,13 +1057,13 @@ mod tests {
     }
 
     /// Runs the operators on two workers from `restore` (or empty state) over `epochs`, with
-    /// snapshots after the epochs in `snap`: the snapshots, the rule ids of the alerts
-    /// (sorted) and the sequencer at the end.
+    /// snapshots after the epochs in `snap`: the snapshots with the sequencer's image at each,
+    /// and the rule ids of the alerts (sorted).
     fn run_engine(
         restore: Option<(Vec<WorkerState>, Sequencer)>,
         epochs: Vec<Vec<Input>>,
         snap: &[u64],
-    ) -> (Vec<Vec<WorkerState>>, Vec<String>, Sequencer) {
+    ) -> (Vec<(Vec<WorkerState>, SequencerImage)>, Vec<String>) {
         use crate::engine::{Engine, EngineCheckpoint, Output};
         #[derive(Default)]
         struct Alerts(Mutex<Vec<String>>);
@@ -1027,8 +1084,10 @@ mod tests {
         };
         let mut engine = Engine::start(2, Default::default(), alerts.clone(), ckpt).unwrap();
         let src: Arc<str> = Arc::from("test");
+        let mut images = Vec::new();
         for (epoch, inputs) in epochs.into_iter().enumerate() {
-            if snap.contains(&(epoch as u64)) {
+            let snapshot = snap.contains(&(epoch as u64));
+            if snapshot {
                 snapshots.request(epoch as u64);
             }
             let mut batch = Vec::new();
@@ -1039,14 +1098,20 @@ mod tests {
                     Input::Delete(id) => engine.sequencer().delete_rule(pos, &id, &mut batch),
                 }
             }
+            if snapshot {
+                images.push(engine.sequencer().image(epoch as u64));
+            }
             engine.send(batch).unwrap();
         }
-        let sequencer = engine.sequencer().clone();
         engine.finish().unwrap();
-        let taken = snap.iter().map(|e| snapshots.take(*e).unwrap().unwrap()).collect();
+        let taken = snap
+            .iter()
+            .zip(images)
+            .map(|(e, image)| (snapshots.take(*e).unwrap().unwrap(), image))
+            .collect();
         let mut fired = alerts.0.lock().unwrap().clone();
         fired.sort_by_key(|id| id[1..].parse::<u32>().unwrap_or_default());
-        (taken, fired, sequencer)
+        (taken, fired)
     }
 
     /// A part whose workers hold empty (but decodable) operator state.
@@ -1061,7 +1126,7 @@ mod tests {
         Checkpoint {
             id,
             created_ms: 0,
-            sequencer: Sequencer::new(4, id),
+            sequencer: Sequencer::new(4, id).whole_image(),
             state: vec![empty; 2],
             positions: Positions {
                 lsn: Some(id * 10 + process as u64),
@@ -1072,6 +1137,7 @@ mod tests {
             files: BTreeMap::new(),
             epoch_log: None,
             bases: vec![None; 2],
+            sequencer_base: None,
         }
     }
 
@@ -1120,7 +1186,7 @@ mod tests {
             let got = loc.load(newest, process, processes, workers).unwrap();
             assert_eq!(got.id, 3);
             assert_eq!(got.state.len(), workers);
-            assert_eq!(got.sequencer.workers(), workers * processes);
+            assert_eq!(got.sequencer.whole().unwrap().workers(), workers * processes);
             assert_eq!(got.positions.kafka.len(), 2, "both processes' partitions");
             assert_eq!(got.positions.lsn, (process == 0).then_some(30));
         }

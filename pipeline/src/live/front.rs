@@ -292,13 +292,9 @@ impl Ingest {
                     }
                 }
                 if checkpoint {
-                    checkpointer.prepare(
-                        engine.epochs(),
-                        cluster_id,
-                        engine.sequencer().clone(),
-                        positions.clone(),
-                        mark,
-                    );
+                    let epoch = engine.epochs();
+                    let sequencer = engine.sequencer().image(epoch);
+                    checkpointer.prepare(epoch, cluster_id, sequencer, positions.clone(), mark);
                     dirty = false;
                     last_ckpt = Instant::now();
                 }

@@ -190,7 +190,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
                 k.resume_from(&ck.positions);
             }
             engine_ckpt.restore = Some(ck.state);
-            engine_ckpt.sequencer = Some(ck.sequencer);
+            engine_ckpt.sequencer = Some(ck.sequencer.whole().map_err(|e| anyhow::anyhow!(e))?.clone());
             (Some(ck.positions), ck.id, ck.view)
         }
         None => (None, 0, None),
