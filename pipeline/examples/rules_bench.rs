@@ -805,6 +805,15 @@ send_queue = 100000
         std::thread::sleep(Duration::from_secs(2));
         // Rules idle (ticks flowing): what checkpoints cost.
         if self.args.checkpoint_ms != Some(0) && self.args.idle_secs > 0 {
+            // From the first incremental checkpoint on: the base (every rule) is written.
+            let waited = Instant::now();
+            while metric(port, "llamaflow_checkpoint_incremental_workers").unwrap_or(0.0) < self.args.workers as f64 {
+                assert!(
+                    waited.elapsed() < Duration::from_secs(120),
+                    "no incremental checkpoint within 120 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
             let count = || metric(port, "llamaflow_checkpoints_total").unwrap_or(0.0);
             let (n0, c0, p0, t0) = (
                 count(),

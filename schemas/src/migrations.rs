@@ -12,6 +12,7 @@ pub const ALL: &[(&str, &str)] = &[
         "0003_alert_channels",
         include_str!("../migrations/0003_alert_channels.sql"),
     ),
+    ("0004_cdc_notify", include_str!("../migrations/0004_cdc_notify.sql")),
 ];
 
 /// The bookkeeping table, created before any migration runs.

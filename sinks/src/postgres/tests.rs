@@ -201,7 +201,8 @@ async fn migrate_applies_once_concurrently_and_creates_the_tables() {
         vec![
             "0001_init".to_string(),
             "0002_protocol_symbol".to_string(),
-            "0003_alert_channels".to_string()
+            "0003_alert_channels".to_string(),
+            "0004_cdc_notify".to_string()
         ],
         "exactly one caller applies each"
     );
@@ -211,7 +212,7 @@ async fn migrate_applies_once_concurrently_and_creates_the_tables() {
             &pg,
             "SELECT string_agg(name, ',' ORDER BY name) FROM llamaflow_migrations"
         ),
-        "0001_init,0002_protocol_symbol,0003_alert_channels"
+        "0001_init,0002_protocol_symbol,0003_alert_channels,0004_cdc_notify"
     );
     assert_eq!(
         psql(

@@ -25,6 +25,21 @@ const HEARTBEAT_SQL: &str = "SELECT pg_logical_emit_message(false, 'llamaflow_he
 const LAG_SQL: &str = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8 \
     FROM pg_replication_slots WHERE slot_name = $1";
 
+/// The channel the CDC tables' triggers notify at commit (migration `0004_cdc_notify`).
+pub const NOTIFY_CHANNEL: &str = "llamaflow_cdc";
+
+/// After a wake-up that found nothing to decode yet, poll again after this long …
+const CHASE_PAUSE: Duration = Duration::from_millis(20);
+/// … until a commit is decoded or this much time has passed.
+const CHASE_FOR: Duration = Duration::from_millis(500);
+
+/// A listener on [`NOTIFY_CHANNEL`].
+async fn listen(pool: &PgPool) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+    let mut l = sqlx::postgres::PgListener::connect_with(pool).await?;
+    l.listen(NOTIFY_CHANNEL).await?;
+    Ok(l)
+}
+
 /// Slot state shared by the task and the handle.
 pub(crate) struct Shared {
     pub pool: PgPool,
@@ -185,8 +200,23 @@ impl Streamer {
                 return;
             }
         }
+        // Woken at a commit that changed a streamed table (migration `0004_cdc_notify`),
+        // the source polls at once; without the triggers, or while the listener reconnects,
+        // it polls every `poll_interval`.
+        let mut wake = match listen(&self.shared.pool).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(slot = %self.shared.slot, error = %e,
+                    "postgres CDC: cannot LISTEN {NOTIFY_CHANNEL}; polling only");
+                None
+            }
+        };
         let mut next_heartbeat = Instant::now() + self.heartbeat;
         let mut failures: u32 = 0;
+        // After a wake-up: until when, and from which handled commit on, the source polls
+        // again soon. The notification comes at commit, but with `synchronous_commit = off`
+        // the commit's WAL is decodable only once flushed (`wal_writer_delay`, 200 ms).
+        let mut chase: Option<(Instant, u64)> = None;
         loop {
             let pause = match self.poll().await {
                 Ok(Polled::More) => {
@@ -195,7 +225,15 @@ impl Streamer {
                 }
                 Ok(Polled::Idle) => {
                     failures = 0;
-                    self.poll_interval
+                    match chase {
+                        Some((until, seen)) if self.last_seen == seen && Instant::now() < until => {
+                            CHASE_PAUSE.min(self.poll_interval)
+                        }
+                        _ => {
+                            chase = None;
+                            self.poll_interval
+                        }
+                    }
                 }
                 Ok(Polled::Closed) => return,
                 Err(e) => {
@@ -217,8 +255,26 @@ impl Streamer {
                 next_heartbeat = Instant::now() + self.heartbeat;
             }
             if !pause.is_zero() {
+                // Only an idle pause ends at a notification (errors keep their back-off).
+                let woken = async {
+                    match wake.as_mut() {
+                        Some(l) if failures == 0 => l.recv().await.map(|_| ()),
+                        _ => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
+                    r = woken => match r {
+                        Ok(()) => {
+                            metrics::counter!("llamaflow_cdc_wakeups_total").increment(1);
+                            chase = Some((Instant::now() + CHASE_FOR, self.last_seen));
+                        }
+                        Err(e) => {
+                            // `recv` reconnects on the next call; until then, poll.
+                            tracing::warn!(slot = %self.shared.slot, error = %e, "postgres CDC: listener failed");
+                            tokio::time::sleep(pause).await;
+                        }
+                    },
                     _ = self.tx.closed() => return,
                 }
             }

@@ -577,3 +577,46 @@ fn config_defaults_and_tables() {
     );
     assert!(!shown.contains("hunter2"), "{shown}");
 }
+
+/// A commit that changes a streamed table wakes the source (the `0004_cdc_notify` triggers):
+/// with a 30 s poll interval, each change still arrives within a second of its commit.
+/// Without the triggers the same source waits for its poll.
+#[tokio::test]
+async fn a_commit_wakes_the_source_long_before_its_poll() {
+    let pg = Pg::start();
+    let (tx, mut rx) = channel(64);
+    let slow = CdcConfig {
+        poll_interval_ms: 30_000,
+        ..cfg(&pg, false)
+    };
+    let _cdc = start(slow.clone(), tx).await.unwrap();
+    // Wait until the source listens (its session's last statement is the LISTEN).
+    let listening = Instant::now();
+    while pg.sql("SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%llamaflow_cdc%'") != "1" {
+        assert!(listening.elapsed() < WAIT, "the source never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        pg.sql("SELECT count(*) FROM pg_trigger WHERE tgname LIKE '%cdc_notify'"),
+        "5",
+        "the migration's triggers"
+    );
+    for i in 0..3 {
+        let committed = Instant::now();
+        pg.sql(&rule_sql(&format!("w{i}"), "1h", true));
+        let item = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the change within 5 s, not 30 s")
+            .expect("source running");
+        assert_eq!(rule(&item).id, format!("w{i}"));
+        let took = committed.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "change {i} took {took:?} after its commit"
+        );
+    }
+    // Without the triggers: only the poll reads the change.
+    pg.sql("DROP TRIGGER alert_rules_cdc_notify ON alert_rules");
+    pg.sql(&rule_sql("quiet", "1h", true));
+    assert_quiet(&mut rx, Duration::from_secs(2)).await;
+}
