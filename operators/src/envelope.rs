@@ -244,15 +244,7 @@ impl Sequencer {
             },
             _ => {
                 self.tracked = Some((epoch, imbl::HashSet::new()));
-                SequencerImage {
-                    base: None,
-                    sequencer: Sequencer {
-                        tracked: None,
-                        ..self.clone()
-                    },
-                    routes: Vec::new(),
-                    removed: Vec::new(),
-                }
+                self.whole_image()
             }
         }
     }
@@ -266,7 +258,7 @@ impl Sequencer {
         }
     }
 
-    /// A whole image of the sequencer as it is (tests, and shapes re-split).
+    /// A whole image of the sequencer as it is (a restore re-split for another shape).
     pub fn whole_image(&self) -> SequencerImage {
         SequencerImage {
             base: None,

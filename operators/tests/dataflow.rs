@@ -119,6 +119,24 @@ fn run_resumable(
     (run, states, seq)
 }
 
+/// A run cut in two (`first`, then `rest` from its snapshot) gives the uninterrupted run's
+/// alerts and dead letters.
+fn same_outputs(first: Run, rest: Option<Run>, whole: &Run, label: &str) -> Result<(), TestCaseError> {
+    let (mut alerts, mut dead) = (first.alerts, first.dead);
+    if let Some(r) = rest {
+        alerts.extend(r.alerts);
+        dead.extend(r.dead);
+    }
+    prop_assert_eq!(as_model(&alerts), as_model(&whole.alerts), "{}", label);
+    let key = |d: &DeadLetter| d.source.clone();
+    let mut a: Vec<String> = dead.iter().map(key).collect();
+    let mut b: Vec<String> = whole.dead.iter().map(key).collect();
+    a.sort();
+    b.sort();
+    prop_assert_eq!(a, b, "dead letters, {}", label);
+    Ok(())
+}
+
 fn model(batches: &[Vec<Op>]) -> Model {
     let mut m = Model::default();
     for batch in batches {
@@ -322,28 +340,11 @@ proptest! {
                     Sequencer::rescale(&[seq], resumed, 1).expect("rescales").remove(0),
                 ),
             });
-            let mut alerts = first.alerts;
-            let mut dead = first.dead;
-            if !tail.is_empty() {
-                let (second, _, _) =
-                    run_resumable(resumed, tail, OpConfig::default(), resume, first_pos_tail, &[]);
-                alerts.extend(second.alerts);
-                dead.extend(second.dead);
-            }
-            prop_assert_eq!(
-                as_model(&alerts),
-                as_model(&whole.alerts),
-                "workers={} then {} cut after {}",
-                workers,
-                resumed,
-                k
-            );
-            let key = |d: &DeadLetter| d.source.clone();
-            let mut a: Vec<String> = dead.iter().map(key).collect();
-            let mut b: Vec<String> = whole.dead.iter().map(key).collect();
-            a.sort();
-            b.sort();
-            prop_assert_eq!(a, b, "dead letters, workers={}", workers);
+            let rest = (!tail.is_empty()).then(|| {
+                run_resumable(resumed, tail, OpConfig::default(), resume, first_pos_tail, &[]).0
+            });
+            let label = format!("workers={workers} then {resumed} cut after {k}");
+            same_outputs(first, rest, &whole, &label)?;
         }
     }
 }
@@ -385,28 +386,11 @@ proptest! {
             } else {
                 newest.clone()
             };
-            let mut alerts = first.alerts;
-            let mut dead = first.dead;
-            if !tail.is_empty() {
-                let (second, _, _) =
-                    run_resumable(workers, tail, OpConfig::default(), Some((states, seq)), first_pos_tail, &[]);
-                alerts.extend(second.alerts);
-                dead.extend(second.dead);
-            }
-            prop_assert_eq!(
-                as_model(&alerts),
-                as_model(&whole.alerts),
-                "workers={} base after {} snapshot after {}",
-                workers,
-                b,
-                last
-            );
-            let key = |d: &DeadLetter| d.source.clone();
-            let mut x: Vec<String> = dead.iter().map(key).collect();
-            let mut y: Vec<String> = whole.dead.iter().map(key).collect();
-            x.sort();
-            y.sort();
-            prop_assert_eq!(x, y, "dead letters, workers={}", workers);
+            let rest = (!tail.is_empty()).then(|| {
+                run_resumable(workers, tail, OpConfig::default(), Some((states, seq)), first_pos_tail, &[]).0
+            });
+            let label = format!("workers={workers} base after {b} snapshot after {last}");
+            same_outputs(first, rest, &whole, &label)?;
         }
     }
 }

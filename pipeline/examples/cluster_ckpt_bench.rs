@@ -265,15 +265,28 @@ fn main() {
             // The checkpoint that follows the last records (one interval later).
             std::thread::sleep(Duration::from_millis(1500));
         }
-        let state: f64 = procs.iter().map(|p| metric(p.port, "llamaflow_checkpoint_bytes")).sum();
         for (i, p) in procs.iter().enumerate() {
             println!(
-                "{shape} (processes x workers): process {i}: checkpoint {:.1} MB, duration p50 {:.3} s",
+                "{shape} (processes x workers): process {i}: latest checkpoint {:.1} MB ({:.0} of {workers} workers \
+                 incremental), duration p50 {:.3} s",
                 metric(p.port, "llamaflow_checkpoint_bytes") / 1e6,
+                metric(p.port, "llamaflow_checkpoint_incremental_workers"),
                 metric(p.port, "llamaflow_checkpoint_duration_seconds{quantile=\"0.5\"}")
             );
         }
         stop(procs);
+        // What a restore reads: the checkpoint files kept (the newest, the one before, and
+        // the bases they refer to, which hold every rule).
+        let state: f64 = std::fs::read_dir(&ckpt)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".bin"))
+            .map(|e| e.metadata().map(|m| m.len() as f64).unwrap_or(0.0))
+            .sum();
+        println!(
+            "{shape}: checkpoint files kept {:.1} MB (newest two and their bases)",
+            state / 1e6
+        );
         taken.push((shape, ckpt, state));
     }
 
@@ -301,7 +314,8 @@ fn main() {
         let secs = times[times.len() / 2];
         let how = if shape == "2x1" { "as taken" } else { "re-split" };
         println!(
-            "restore of {shape}'s checkpoint ({:.1} MB) into 2 x 1, {how}: {secs:.2} s to ready (median of {}); {:.1} s per GB",
+            "restore of {shape}'s checkpoint ({:.1} MB of files kept) into 2 x 1, {how}: {secs:.2} s to ready \
+             (median of {}); {:.1} s per GB",
             state / 1e6,
             a.restores,
             secs / (state / 1e9)

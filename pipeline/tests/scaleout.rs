@@ -507,6 +507,38 @@ fn uninterrupted(d: &Path, brokers: &str, rules: &Path, hw: &BTreeMap<i32, i64>,
     common::json_lines(&one.alerts)
 }
 
+/// Produces `records` in the background, 8 every 15 ms.
+fn produce_slowly(brokers: &str, records: &[(String, String)]) -> tokio::task::JoinHandle<()> {
+    let (b, part) = (brokers.to_string(), records.to_vec());
+    tokio::spawn(async move {
+        for r in part.chunks(8) {
+            produce(&b, r).await;
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+    })
+}
+
+/// After a random pause (< 300 ms), SIGKILLs a random process of a 2-process cluster and
+/// waits for the other to exit on its own with status 1 (its peer is gone); returns the
+/// victim. `what` says when, for the printed line.
+fn kill_a_random_process(rng: &mut common::Lcg, jobs: Vec<Job>, runs: &[Run], what: &str) -> usize {
+    std::thread::sleep(Duration::from_millis(rng.below(300)));
+    let victim = rng.below(2) as usize;
+    eprintln!("{what}: SIGKILL process {victim}");
+    let mut jobs: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
+    let mut dead = jobs[victim].take().unwrap();
+    common::sigkill(&mut dead.0, &runs[victim].log);
+    let mut other = jobs[1 - victim].take().unwrap();
+    let status = common::wait_exit(&mut other.0, Duration::from_secs(30));
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "{}",
+        std::fs::read_to_string(&runs[1 - victim].log).unwrap_or_default()
+    );
+    victim
+}
+
 /// The ids of the manifests in a cluster's checkpoint directory.
 fn manifests(dir: &Path) -> Vec<u64> {
     let mut ids: Vec<u64> = std::fs::read_dir(dir)
@@ -560,33 +592,15 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
         let before = manifests(&ckpt).last().copied().unwrap_or(0);
         let (jobs, runs) = start_cluster(d, 2, &brokers, "ck", 1, &rules, &extra);
         // This round's input arrives while the cluster runs, a record every few ms.
-        let (b, part) = (brokers.clone(), records[round * chunk..(round + 1) * chunk].to_vec());
-        let producing = tokio::spawn(async move {
-            for r in part.chunks(8) {
-                produce(&b, r).await;
-                tokio::time::sleep(Duration::from_millis(15)).await;
-            }
-        });
+        let producing = produce_slowly(&brokers, &records[round * chunk..(round + 1) * chunk]);
         wait_until("a new cluster checkpoint", Duration::from_secs(60), || {
             manifests(&ckpt).last().copied().unwrap_or(0) > before
         });
-        std::thread::sleep(Duration::from_millis(rng.below(300)));
-        let victim = rng.below(2) as usize;
-        eprintln!(
-            "round {round}: SIGKILL process {victim} after checkpoint {:?}",
-            manifests(&ckpt).last()
-        );
-        let mut jobs: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
-        let mut dead = jobs[victim].take().unwrap();
-        common::sigkill(&mut dead.0, &runs[victim].log);
-        // The other process exits on its own (status 1: its peer is gone).
-        let mut other = jobs[1 - victim].take().unwrap();
-        let status = common::wait_exit(&mut other.0, Duration::from_secs(30));
-        assert_eq!(
-            status.code(),
-            Some(1),
-            "{}",
-            std::fs::read_to_string(&runs[1 - victim].log).unwrap_or_default()
+        kill_a_random_process(
+            &mut rng,
+            jobs,
+            &runs,
+            &format!("round {round}, checkpoint {:?}", manifests(&ckpt).last()),
         );
         producing.await.unwrap();
     }
@@ -693,13 +707,7 @@ async fn local_checkpoint_directories_and_a_shared_s3_location_survive_replaced_
         };
         let before = manifests(&local(0)).last().copied().unwrap_or(0);
         let (jobs, runs) = start_cluster(d, 2, &brokers, "own", 1, &rules, &extra);
-        let (b, part) = (brokers.clone(), records[round * chunk..(round + 1) * chunk].to_vec());
-        let producing = tokio::spawn(async move {
-            for r in part.chunks(8) {
-                produce(&b, r).await;
-                tokio::time::sleep(Duration::from_millis(15)).await;
-            }
-        });
+        let producing = produce_slowly(&brokers, &records[round * chunk..(round + 1) * chunk]);
         wait_until("a new cluster checkpoint", Duration::from_secs(60), || {
             manifests(&local(0)).last().copied().unwrap_or(0) > before
         });
@@ -714,23 +722,8 @@ async fn local_checkpoint_directories_and_a_shared_s3_location_survive_replaced_
                 "round {round}: process {p} with an empty directory restores from S3: {log}"
             );
         }
-        std::thread::sleep(Duration::from_millis(rng.below(300)));
-        let victim = rng.below(2) as usize;
-        eprintln!(
-            "round {round}: SIGKILL process {victim} after checkpoint {:?}",
-            manifests(&local(0)).last()
-        );
-        let mut jobs: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
-        let mut dead = jobs[victim].take().unwrap();
-        common::sigkill(&mut dead.0, &runs[victim].log);
-        let mut other = jobs[1 - victim].take().unwrap();
-        let status = common::wait_exit(&mut other.0, Duration::from_secs(30));
-        assert_eq!(
-            status.code(),
-            Some(1),
-            "{}",
-            std::fs::read_to_string(&runs[1 - victim].log).unwrap_or_default()
-        );
+        let what = format!("round {round}, checkpoint {:?}", manifests(&local(0)).last());
+        let victim = kill_a_random_process(&mut rng, jobs, &runs, &what);
         producing.await.unwrap();
         if round >= 1 {
             // The victim's host is replaced: its directory is gone.
