@@ -65,7 +65,8 @@ pub struct PipelineSection {
     /// Where checkpoints (operator state + source positions) are kept; a relative path is
     /// relative to the config file (the working directory without one). Default
     /// `llamaflow-checkpoints`; `""` saves no state
-    /// (positions are still committed at each checkpoint, a restart then starts empty).
+    /// (positions are still committed at each checkpoint, a restart then starts empty). In a
+    /// cluster, each process's own directory (a local disk) or one directory for all.
     pub checkpoint_dir: Option<PathBuf>,
     /// A location every process and host sees, where each process copies its checkpoint
     /// files after writing them to `checkpoint_dir`: `s3://bucket/prefix` (see
