@@ -287,9 +287,10 @@ struct RuleIndex {
     /// [`Item::ForeignRule`] just before the rule's record (or kept for a rule whose version
     /// was refused). A deleted rule leaves nothing here: a re-created one arrives as foreign.
     parked: FastMap<String, Early>,
-    /// The ids of the rules added, changed or removed since the last snapshot that held
-    /// every rule (incremental snapshots); `None` before the first such snapshot.
-    changed: Option<FastSet<String>>,
+    /// Incremental snapshots: the epoch of the last snapshot that held every rule (the
+    /// base) and the ids of the rules added, changed or removed since; `None` before the
+    /// first such snapshot.
+    tracked: Option<(u64, FastSet<String>)>,
 }
 
 /// A set with the operators' fast hasher.
@@ -324,12 +325,17 @@ impl RuleIndex {
     /// Takes a rule out of the index; returns its early-throttle state.
     fn take(&mut self, id: &str) -> Option<Early> {
         let early = self.find(id).and_then(|(list, i)| list.remove(i).early);
-        if self.by_id.remove(id).is_some()
-            && let Some(changed) = &mut self.changed
-        {
-            changed.get_or_insert_with(id, str::to_string);
+        if self.by_id.remove(id).is_some() {
+            self.changed(id);
         }
         early
+    }
+
+    /// Records that rule `id` changed since the base (while tracking).
+    fn changed(&mut self, id: &str) {
+        if let Some((_, changed)) = &mut self.tracked {
+            changed.get_or_insert_with(id, str::to_string);
+        }
     }
 
     /// Deletes a rule (or it moved to another worker), with anything announced for it.
@@ -357,9 +363,7 @@ impl RuleIndex {
             keyed,
             early,
         });
-        if let Some(changed) = &mut self.changed {
-            changed.get_or_insert_with(rule.id.as_str(), str::to_string);
-        }
+        self.changed(&rule.id);
         self.by_id.insert(rule.id.clone(), rule);
     }
 
@@ -421,11 +425,11 @@ pub(crate) fn rule_base(bytes: &[u8]) -> Result<Option<u64>, CheckpointError> {
 /// An incremental image (`delta`) made whole with the rules of `base`, the same worker's
 /// image at the delta's base epoch (which holds every rule); a whole `delta` is returned as
 /// it is.
-pub(crate) fn rebase_keyed(delta: &[u8], base: &[u8]) -> Result<Vec<u8>, CheckpointError> {
-    let delta: KeyedImage = bincode::deserialize(delta)?;
-    let Some(at) = delta.base else {
-        return Ok(bincode::serialize(&delta)?);
+pub(crate) fn rebase_keyed(image: &[u8], base: &[u8]) -> Result<Vec<u8>, CheckpointError> {
+    let Some(at) = rule_base(image)? else {
+        return Ok(image.to_vec());
     };
+    let delta: KeyedImage = bincode::deserialize(image)?;
     let base: KeyedImage = bincode::deserialize(base)?;
     if let Some(older) = base.base {
         return Err(CheckpointError::BaseNotWhole(at, older));
@@ -522,8 +526,6 @@ pub struct KeyedState {
     protocols: FastMap<String, ProtocolState>,
     chains: FastMap<String, ChainState>,
     rules: RuleIndex,
-    /// The epoch of the last snapshot that held every rule (see [`RuleIndex::changed`]).
-    rule_base: Option<u64>,
     /// Newest event time of the batch's records, for the live state's clock.
     clock: Option<Millis>,
 }
@@ -541,7 +543,6 @@ impl KeyedState {
             protocols: FastMap::default(),
             chains: FastMap::default(),
             rules: RuleIndex::default(),
-            rule_base: None,
             clock: None,
         }
     }
@@ -554,15 +555,16 @@ impl KeyedState {
     /// off the dataflow's thread, into a [`KeyedImage`].
     pub(crate) fn capture(&mut self, epoch: u64) -> Result<Captured, CheckpointError> {
         let rules = &mut self.rules;
-        let delta = match (self.rule_base, &rules.changed) {
-            (Some(base), Some(changed)) if changed.len() <= (rules.by_id.len() / 4).max(MIN_DELTA_RULES) => Some(base),
+        let limit = (rules.by_id.len() / 4).max(MIN_DELTA_RULES);
+        let delta = match &rules.tracked {
+            Some((base, changed)) if changed.len() <= limit => Some(*base),
             _ => None,
         };
         // bincode writes a struct as its fields one after another, so the image is the
         // concatenation of its fields' encodings.
         let mut bytes = bincode::serialize(&(delta, &self.coins, &self.protocols, &self.chains))?;
-        let (changed, removed): (Vec<Arc<AlertRule>>, Vec<String>) = match (delta, &rules.changed) {
-            (Some(_), Some(ids)) => (
+        let (changed, removed): (Vec<Arc<AlertRule>>, Vec<String>) = match (delta, &rules.tracked) {
+            (Some(_), Some((_, ids))) => (
                 ids.iter().filter_map(|id| rules.by_id.get(id).cloned()).collect(),
                 ids.iter()
                     .filter(|id| !rules.by_id.contains_key(*id))
@@ -570,8 +572,7 @@ impl KeyedState {
                     .collect(),
             ),
             _ => {
-                self.rule_base = Some(epoch);
-                rules.changed = Some(FastSet::default());
+                rules.tracked = Some((epoch, FastSet::default()));
                 (rules.by_id.values().cloned().collect(), Vec::new())
             }
         };

@@ -691,6 +691,21 @@ send_queue = 100000
         path
     }
 
+    /// `llamaflow run --config config`, its standard output and error piped or discarded.
+    fn llamaflow(&self, config: &Path, piped: bool) -> testkit::KillOnDrop {
+        let io = || if piped { Stdio::piped() } else { Stdio::null() };
+        testkit::KillOnDrop(
+            Command::new(&self.args.llamaflow)
+                .args(["run", "--config"])
+                .arg(config)
+                .env("LLAMAFLOW_LOG", "warn")
+                .stdout(io())
+                .stderr(io())
+                .spawn()
+                .expect("llamaflow starts"),
+        )
+    }
+
     /// One `llamaflow run` with CDC polling every `poll` ms: load, then the changes.
     fn run(&mut self, run: usize, poll: u64) {
         let port = testkit::free_port();
@@ -705,16 +720,7 @@ send_queue = 100000
         );
 
         let spawned = Instant::now();
-        let mut job = testkit::KillOnDrop(
-            Command::new(&self.args.llamaflow)
-                .args(["run", "--config"])
-                .arg(&config)
-                .env("LLAMAFLOW_LOG", "warn")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("llamaflow starts"),
-        );
+        let mut job = self.llamaflow(&config, true);
         let pid = job.0.id();
         let stdout = job.0.stdout.take().expect("piped stdout");
         let obs2 = obs.clone();
@@ -1043,16 +1049,7 @@ send_queue = 100000
             // The restore: the same job again, from its checkpoint (a base and, after it,
             // the rules changed since), until it answers /readyz.
             let restarted = Instant::now();
-            let again = testkit::KillOnDrop(
-                Command::new(&self.args.llamaflow)
-                    .args(["run", "--config"])
-                    .arg(&config)
-                    .env("LLAMAFLOW_LOG", "warn")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("llamaflow starts"),
-            );
+            let again = self.llamaflow(&config, false);
             let ready = loop {
                 if testkit::http_get(port, "/readyz").status == 200 {
                     break Some(restarted.elapsed().as_secs_f64());

@@ -251,6 +251,23 @@ fn mock_cluster() -> (MockCluster<'static, rdkafka::producer::DefaultProducerCon
     (cluster, brokers)
 }
 
+/// A temporary directory with the rules file, a mock cluster with the topics (nothing
+/// produced yet) and the workload to produce: (the directory, the cluster, its brokers, the
+/// rules file, the records).
+fn empty_topics() -> (
+    tempfile::TempDir,
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+    PathBuf,
+    Vec<(String, String)>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, brokers) = mock_cluster();
+    let rules = dir.path().join("rules.jsonl");
+    write_rules(&rules);
+    (dir, cluster, brokers, rules, workload())
+}
+
 /// A mock cluster with the topics, the rules file in `dir` and the workload produced: (the
 /// cluster, its brokers, the rules file, records produced, high watermarks of `prices`).
 async fn setup(
@@ -323,6 +340,24 @@ fn stop_all(jobs: Vec<Job>, runs: &[Run]) {
     }
 }
 
+/// `got` (alerts gathered over runs) holds each alert once and exactly the alerts of one
+/// uninterrupted process (`expected`): the same ids, field for field.
+fn assert_alerts_of_one_process(got: &[Value], expected: &[Value], label: &str) {
+    let mut unique = alert_ids(got);
+    unique.dedup();
+    assert_eq!(unique.len(), got.len(), "{label}: no alert written twice");
+    assert_eq!(
+        alert_ids(got),
+        alert_ids(expected),
+        "{label}: the same alert ids as one uninterrupted process"
+    );
+    assert_eq!(
+        sorted_strings(got.iter().cloned()),
+        sorted_strings(expected.iter().cloned()),
+        "{label}: field for field"
+    );
+}
+
 fn sorted_strings(values: impl IntoIterator<Item = Value>) -> Vec<String> {
     let mut v: Vec<String> = values.into_iter().map(|v| v.to_string()).collect();
     v.sort();
@@ -372,15 +407,7 @@ async fn two_processes_produce_exactly_the_alerts_of_one() {
     stop_all(jobs, &runs);
 
     let got: Vec<Value> = runs.iter().flat_map(|r| common::json_lines(&r.alerts)).collect();
-    let mut unique = alert_ids(&got);
-    unique.dedup();
-    assert_eq!(unique.len(), got.len(), "no alert written twice");
-    assert_eq!(alert_ids(&got), alert_ids(&expected), "the same alert ids");
-    assert_eq!(
-        sorted_strings(got),
-        sorted_strings(expected),
-        "the same alerts, field for field"
-    );
+    assert_alerts_of_one_process(&got, &expected, "two processes");
     let events: Vec<Value> = runs.iter().flat_map(|r| common::json_lines(&r.events)).collect();
     assert_eq!(
         sorted_strings(events),
@@ -563,12 +590,8 @@ fn manifests(dir: &Path) -> Vec<u64> {
 async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_repeats_nothing() {
     let seed = common::crash_seed("cluster checkpoints");
     let mut rng = common::Lcg(seed);
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, _cluster, brokers, rules, records) = empty_topics();
     let d = dir.path();
-    let (_cluster, brokers) = mock_cluster();
-    let rules = d.join("rules.jsonl");
-    write_rules(&rules);
-    let records = workload();
     const KILLS: usize = 5;
     let chunk = records.len() / (KILLS + 1);
     let ckpt = d.join("ckpt");
@@ -643,16 +666,8 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
     let expected = uninterrupted(d, &brokers, &rules, &hw, 2);
     assert!(expected.len() >= 50, "a meaningful workload: {} alerts", expected.len());
 
-    let mut unique = alert_ids(&got);
-    unique.dedup();
-    assert_eq!(unique.len(), got.len(), "no alert written twice across five kills");
-    assert_eq!(
-        alert_ids(&got),
-        alert_ids(&expected),
-        "the same alert ids as one uninterrupted process"
-    );
+    assert_alerts_of_one_process(&got, &expected, "five kills");
     let expected_ids = alert_ids(&expected);
-    assert_eq!(sorted_strings(got), sorted_strings(expected), "field for field");
     let in_pg: Vec<String> = common::psql(&pg, "SELECT alert_id FROM alert_history ORDER BY alert_id")
         .lines()
         .map(str::to_string)
@@ -680,12 +695,8 @@ async fn a_cluster_killed_five_times_resumes_from_its_checkpoints_and_loses_and_
 async fn local_checkpoint_directories_and_a_shared_s3_location_survive_replaced_hosts_and_rescaling() {
     let seed = common::crash_seed("local checkpoint directories");
     let mut rng = common::Lcg(seed);
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, _cluster, brokers, rules, records) = empty_topics();
     let d = dir.path();
-    let (_cluster, brokers) = mock_cluster();
-    let rules = d.join("rules.jsonl");
-    write_rules(&rules);
-    let records = workload();
     let chunk = records.len() / 4;
     let moto = testkit::Moto::start();
     common::boto3(
@@ -754,15 +765,7 @@ async fn local_checkpoint_directories_and_a_shared_s3_location_survive_replaced_
 
     let expected = uninterrupted(d, &brokers, &rules, &hw, 2);
     assert!(expected.len() >= 50, "a meaningful workload: {} alerts", expected.len());
-    let mut unique = alert_ids(&got);
-    unique.dedup();
-    assert_eq!(unique.len(), got.len(), "no alert written twice");
-    assert_eq!(
-        alert_ids(&got),
-        alert_ids(&expected),
-        "the same alert ids as one uninterrupted process"
-    );
-    assert_eq!(sorted_strings(got), sorted_strings(expected), "field for field");
+    assert_alerts_of_one_process(&got, &expected, "replaced hosts, then one process");
 }
 
 /// Issue 16 #2: one checkpoint, taken by a single process of one worker, restores as 1×1,
@@ -771,12 +774,8 @@ async fn local_checkpoint_directories_and_a_shared_s3_location_survive_replaced_
 /// exactly the alerts of one uninterrupted process: the same ids, nothing missing or twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_checkpoint_restores_into_any_shape_with_the_alerts_of_one_process() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, _cluster, brokers, rules, records) = empty_topics();
     let d = dir.path();
-    let (_cluster, brokers) = mock_cluster();
-    let rules = d.join("rules.jsonl");
-    write_rules(&rules);
-    let records = workload();
     let half = records.len() / 2;
 
     // The first half through 1 process × 1 worker; SIGTERM writes its last checkpoint.
@@ -837,19 +836,7 @@ async fn one_checkpoint_restores_into_any_shape_with_the_alerts_of_one_process()
         }
         let mut got = before.clone();
         got.extend(runs.iter().flat_map(|r| common::json_lines(&r.alerts)));
-        let mut unique = alert_ids(&got);
-        unique.dedup();
-        assert_eq!(unique.len(), got.len(), "{shape}: no alert twice");
-        assert_eq!(
-            alert_ids(&got),
-            alert_ids(&expected),
-            "{shape}: the alerts of one uninterrupted process"
-        );
-        assert_eq!(
-            sorted_strings(got),
-            sorted_strings(expected.clone()),
-            "{shape}: field for field"
-        );
+        assert_alerts_of_one_process(&got, &expected, &shape);
     }
 }
 

@@ -342,13 +342,8 @@ impl Locations {
             created_ms: now_ms(),
         };
         let name = manifest_name(id);
-        let (path, tmp) = (self.dir.join(&name), self.dir.join(format!(".{name}.tmp")));
         let bytes = serde_json::to_vec(&m)?;
-        std::fs::write(&tmp, &bytes)
-            .and_then(|()| File::open(&tmp)?.sync_all())
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
-        sync_dir(&self.dir)?;
+        write_atomic(&self.dir, &name, &bytes)?;
         match &self.shared {
             Some(s) => s
                 .put_bytes(&name, &bytes)
@@ -532,11 +527,15 @@ fn remove_start_files(dir: &Path, part: Option<usize>) {
 /// Records the JSONL files' lengths at the start of a job without a checkpoint in `dir`
 /// (atomically), for [`start_files`]; `part` is the process of a cluster.
 pub fn save_start_files(dir: &Path, part: Option<usize>, lengths: &BTreeMap<PathBuf, u64>) -> Result<()> {
+    write_atomic(dir, &start_files_name(part), &serde_json::to_vec(lengths)?)
+}
+
+/// Writes `bytes` to `dir/name` (creating `dir`) through a synced temporary file and a
+/// rename, then syncs the directory: the file is there whole or not at all.
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
-    let name = start_files_name(part);
-    let (path, tmp) = (dir.join(&name), dir.join(format!(".{name}.tmp")));
-    let text = serde_json::to_vec(lengths)?;
-    std::fs::write(&tmp, text)
+    let (path, tmp) = (dir.join(name), dir.join(format!(".{name}.tmp")));
+    std::fs::write(&tmp, bytes)
         .and_then(|()| File::open(&tmp)?.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} into place", tmp.display()))?;

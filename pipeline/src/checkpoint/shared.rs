@@ -76,7 +76,9 @@ impl Shared {
                 std::fs::copy(src, &tmp)
                     .and_then(|_| File::open(&tmp)?.sync_all())
                     .with_context(|| format!("cannot copy {} to {}", src.display(), tmp.display()))?;
-                rename_synced(d, &tmp, &d.join(name))
+                std::fs::rename(&tmp, d.join(name))
+                    .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+                super::sync_dir(d)
             }
             Shared::S3 { loc, client, rt } => rt.block_on(async {
                 let body = ByteStream::from_path(src)
@@ -90,14 +92,7 @@ impl Shared {
     /// Writes `bytes` here as `name`.
     pub fn put_bytes(&self, name: &str, bytes: &[u8]) -> Result<()> {
         match self {
-            Shared::Dir(d) => {
-                std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-                let tmp = d.join(format!(".{name}.tmp"));
-                std::fs::write(&tmp, bytes)
-                    .and_then(|()| File::open(&tmp)?.sync_all())
-                    .with_context(|| format!("cannot write {}", tmp.display()))?;
-                rename_synced(d, &tmp, &d.join(name))
-            }
+            Shared::Dir(d) => super::write_atomic(d, name, bytes),
             Shared::S3 { loc, client, rt } => rt.block_on(put(client, loc, name, ByteStream::from(bytes.to_vec()))),
         }
     }
@@ -210,10 +205,4 @@ async fn put(client: &Client, loc: &S3Location, name: &str, body: ByteStream) ->
         .await
         .map(|_| ())
         .map_err(|e| anyhow!("cannot upload {}: {}", loc.uri(&key(loc, name)), DisplayErrorContext(e)))
-}
-
-/// Renames `tmp` to `path` in `dir` and syncs the directory.
-fn rename_synced(dir: &Path, tmp: &Path, path: &Path) -> Result<()> {
-    std::fs::rename(tmp, path).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
-    super::sync_dir(dir)
 }
