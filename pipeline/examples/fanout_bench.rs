@@ -14,8 +14,8 @@
 //! * **Servers.** `llamaflow run --config` processes, each with `[sources.kafka]` on that
 //!   cluster in its own consumer group (`auto_offset_reset = "latest"`), so every server gets
 //!   every tick — how a WebSocket tier scales out behind a load balancer. No checkpoints, no
-//!   stdout alerts, anonymous WebSocket clients, default fanout limits (send queue 1,024
-//!   frames per connection, ping every 20 s). The consumers' `fetch.wait.max.ms` is 5
+//!   stdout alerts, anonymous WebSocket clients, default fanout limits (`send_queue`
+//!   1,024 frames, ping every 20 s). The consumers' `fetch.wait.max.ms` is 5
 //!   (`--fetch-wait-ms`): the mock broker answers a fetch only when that wait expires (a real
 //!   broker answers as soon as data arrives), so the default 100 ms would dominate the delay.
 //! * **Clients.** This binary re-executes itself as `fanout_bench client` child processes (at

@@ -300,7 +300,7 @@ pub struct WsSection {
     pub max_frame_bytes: usize,
     /// Client messages per second per key.
     pub max_msgs_per_sec: u32,
-    /// Frames queued per connection before it is closed with 1013.
+    /// Frames a subscriber may fall behind its channel before it is closed with 1013.
     pub send_queue: usize,
     /// Server ping interval in seconds.
     pub ping_interval_secs: u64,

@@ -1,18 +1,20 @@
-//! One WebSocket connection: a reader (client requests) in a task of its own, and a writer
-//! (queued frames, pings) in the connection's task.
+//! One WebSocket connection's task: it reads and answers client messages, pings on schedule,
+//! flushes the connection when its socket becomes writable again, and closes it. Published
+//! frames are written by the hub's writer threads, not here.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::{MissedTickBehavior, interval_at, sleep, timeout};
 
 use super::channel::{self, ChannelError};
-use super::hub::{Conn, Hub, Limiter};
+use super::fanout::{Conn, Flushed, close_frame};
+use super::frame::{self, Decoder, Message, code};
+use super::hub::{Hub, Limiter};
 use super::protocol::{ClientFrame, ErrorCode, ack_frame, error_frame, parse_client_frame, pong_frame};
 
 /// How long a closing handshake may take before the socket is dropped.
@@ -20,10 +22,6 @@ pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a socket is kept after a 1009 close, so the client can read the close frame
 /// before the unread rest of its oversized message resets the TCP connection.
 const LINGER_AFTER_1009: Duration = Duration::from_millis(300);
-/// Replies queued from the reader to the writer.
-const CTRL_QUEUE: usize = 32;
-/// Frames written per flush.
-const MAX_BATCH: usize = 64;
 /// A connection silent for this many ping intervals is dropped.
 const PING_TIMEOUT_INTERVALS: u32 = 3;
 
@@ -33,12 +31,13 @@ const VALID_CHANNELS: &str = "prices, prices:<coin>, tvl, tvl:<protocol_id>, cha
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
-    /// The client sent a close frame.
-    ClientClosed,
+    /// The client sent a close frame (with this code, if any).
+    ClientClosed(Option<u16>),
     /// The stream ended or failed without a close frame.
     Lost,
-    /// A client message over the size limit (close 1009).
-    TooLarge,
+    /// The client broke the protocol: a message over the size limit (1009), bad framing
+    /// (1002) or text that is not UTF-8 (1007).
+    Refused(u16),
     /// Closed by the hub: 1013 (too slow) or 1001 (shutdown).
     Kicked(u16),
     /// Nothing received for several ping intervals.
@@ -48,11 +47,12 @@ enum End {
 impl End {
     fn reason(self) -> &'static str {
         match self {
-            End::ClientClosed => "client_closed",
+            End::ClientClosed(_) => "client_closed",
             End::Lost => "connection_lost",
-            End::TooLarge => "frame_too_large",
-            End::Kicked(close_code::AGAIN) => "slow_consumer",
-            End::Kicked(close_code::AWAY) => "shutdown",
+            End::Refused(code::SIZE) => "frame_too_large",
+            End::Refused(_) => "protocol_error",
+            End::Kicked(code::AGAIN) => "slow_consumer",
+            End::Kicked(code::AWAY) => "shutdown",
             End::Kicked(_) => "closed_by_server",
             End::PingTimeout => "ping_timeout",
         }
@@ -66,145 +66,206 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn close_message(code: u16) -> Message {
-    let reason = match code {
-        close_code::AGAIN => "too slow: send queue full, try again later",
-        close_code::AWAY => "server shutting down",
-        close_code::SIZE => "message too large",
-        _ => "closing",
-    };
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))
-}
-
-/// Runs an upgraded connection until it ends.
-pub(crate) async fn run(hub: Hub, mut socket: WebSocket, user_id: Option<String>, limiter: Option<Limiter>) {
+/// Runs an upgraded connection until it ends. `early` holds bytes the client sent right
+/// after its upgrade request, read along with it.
+pub(crate) async fn run(hub: Hub, stream: TcpStream, early: Bytes, user_id: Option<String>, limiter: Option<Limiter>) {
     let _guard = hub.task_guard();
-    let Some((conn, data_rx)) = hub.register(user_id) else {
-        let _ = timeout(CLOSE_TIMEOUT, socket.send(close_message(close_code::AWAY))).await;
+    let (mut rd, wr) = stream.into_split();
+    let wr = Arc::new(wr);
+    let Some(conn) = hub.register(user_id, wr.clone()) else {
+        let _ = timeout(CLOSE_TIMEOUT, write_all(&wr, &close_frame(code::AWAY))).await;
         return;
     };
-    let (mut sink, mut stream) = socket.split();
-    let started = Instant::now();
-    let last_seen = Arc::new(AtomicU64::new(0));
-    let (ctrl_tx, ctrl_rx) = mpsc::channel::<Utf8Bytes>(CTRL_QUEUE);
-
-    // The reader runs in a task of its own: the writer is woken for every frame it sends, and
-    // polling an idle read half on each of those wakeups cost CPU per frame.
-    let mut reader = tokio::spawn({
-        let (hub, conn, last_seen) = (hub.clone(), conn.clone(), last_seen.clone());
-        async move {
-            read_loop(
-                &hub,
-                &conn,
-                limiter.as_ref(),
-                &mut stream,
-                &ctrl_tx,
-                started,
-                &last_seen,
-            )
-            .await
-        }
-    });
-    let end = tokio::select! {
-        end = &mut reader => end.unwrap_or(End::Lost),
-        end = write_loop(&hub, &conn, &mut sink, ctrl_rx, data_rx, started, &last_seen) => end,
-    };
+    let mut decoder = Decoder::new(hub.limits().max_frame_bytes);
+    decoder.read_buf(early.len()).extend_from_slice(&early);
+    let end = serve(&hub, &conn, &wr, &mut rd, &mut decoder, limiter.as_ref()).await;
     hub.unregister(conn.id);
     metrics::counter!("llamaflow_ws_disconnects_total", "reason" => end.reason()).increment(1);
     tracing::debug!(conn = conn.id, reason = end.reason(), "websocket closed");
 
+    let reply = match end {
+        End::Lost | End::PingTimeout => return,
+        // The close reply echoes the client's code (RFC 6455 §5.5.1).
+        End::ClientClosed(c) => c
+            .filter(|c| sendable(*c))
+            .map_or_else(|| frame::close(code::NORMAL, ""), |c| frame::close(c, "")),
+        End::Refused(c) | End::Kicked(c) => close_frame(c),
+    };
+    conn.begin_close(reply);
+    let sent = timeout(CLOSE_TIMEOUT, drain(&conn, &wr)).await.unwrap_or(false);
     match end {
-        End::ClientClosed => {
-            // Flushes the close reply tungstenite queued.
-            let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
+        // The rest of an oversized message is unread: do not read on, just let the client
+        // see the close frame before the socket goes.
+        End::Refused(code::SIZE) if sent => sleep(LINGER_AFTER_1009).await,
+        // Wait for the client's close reply so the socket is not reset under it.
+        End::Kicked(_) if sent => {
+            let _ = timeout(CLOSE_TIMEOUT, await_close(&mut rd, &mut decoder)).await;
         }
-        End::Lost | End::PingTimeout => {}
-        End::TooLarge => {
-            // The rest of the oversized message is unread: do not read on, just let the
-            // client see the close frame before the socket goes.
-            if timeout(CLOSE_TIMEOUT, sink.send(close_message(close_code::SIZE)))
-                .await
-                .is_ok()
-            {
-                sleep(LINGER_AFTER_1009).await;
-            }
+        _ => {}
+    }
+}
+
+/// Close codes an endpoint may put in a close frame (RFC 6455 §7.4).
+fn sendable(c: u16) -> bool {
+    matches!(c, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Writes `bytes` in full, waiting for the socket as needed.
+async fn write_all(wr: &OwnedWriteHalf, mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        if wr.writable().await.is_err() {
+            return false;
         }
-        End::Kicked(code) => {
-            let _ = timeout(CLOSE_TIMEOUT, async {
-                if sink.send(close_message(code)).await.is_err() {
-                    return;
-                }
-                // Wait for the client's close reply (the reader ends on it) so the socket is
-                // not reset under it.
-                let _ = (&mut reader).await;
-            })
-            .await;
+        match wr.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return false,
         }
     }
-    reader.abort();
+    true
 }
 
-fn elapsed_ms(started: Instant) -> u64 {
-    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+/// Flushes a closing connection until its close frame is written; `false` if the socket
+/// failed first.
+async fn drain(conn: &Conn, wr: &OwnedWriteHalf) -> bool {
+    loop {
+        match conn.flush_writable() {
+            Flushed::Closed => return true,
+            Flushed::Gone => return false,
+            Flushed::Done | Flushed::Blocked => {
+                if wr.writable().await.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
 }
 
-/// Reads client frames and answers them through `ctrl_tx`.
-async fn read_loop(
+/// Reads on until the client's close frame or the end of the stream.
+async fn await_close(rd: &mut OwnedReadHalf, decoder: &mut Decoder) {
+    loop {
+        loop {
+            match decoder.next() {
+                Ok(Some(Message::Close(_))) | Err(_) => return,
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+            }
+        }
+        let want = decoder.wanted();
+        match rd.read_buf(decoder.read_buf(want)).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Serves the connection until it ends: client messages, pings, and flushes once the
+/// socket is writable again.
+async fn serve(
     hub: &Hub,
     conn: &Arc<Conn>,
+    wr: &OwnedWriteHalf,
+    rd: &mut OwnedReadHalf,
+    decoder: &mut Decoder,
     limiter: Option<&Limiter>,
-    stream: &mut SplitStream<WebSocket>,
-    ctrl_tx: &mpsc::Sender<Utf8Bytes>,
-    started: Instant,
-    last_seen: &AtomicU64,
 ) -> End {
-    while let Some(msg) = stream.next().await {
-        last_seen.store(elapsed_ms(started), Ordering::Relaxed);
-        let replies = match msg {
-            Ok(Message::Text(text)) => {
-                if rate_limited(limiter) {
-                    vec![rate_limit_error(hub)]
-                } else {
-                    handle_text(hub, conn, text.as_str())
+    let period = hub.limits().ping_interval;
+    let mut ping = interval_at(tokio::time::Instant::now() + period, period);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let silence_limit = period.saturating_mul(PING_TIMEOUT_INTERVALS);
+    let mut last_seen = Instant::now();
+    // Created once: a fresh `kicked()` per wakeup would register and deregister a `Notify`
+    // waiter each time.
+    let kicked = conn.kicked();
+    tokio::pin!(kicked);
+    let mut blocked = false;
+    // Messages that arrived with the upgrade request.
+    if let Some(end) = answer_all(hub, conn, limiter, decoder) {
+        return end;
+    }
+    loop {
+        tokio::select! {
+            biased;
+            code = &mut kicked => return End::Kicked(code),
+            r = wr.writable(), if blocked => {
+                if r.is_err() {
+                    return End::Lost;
+                }
+                blocked = conn.flush_writable() == Flushed::Blocked;
+            }
+            () = conn.blocked(), if !blocked => blocked = true,
+            r = rd.read_buf(decoder.read_buf(decoder.wanted())) => {
+                match r {
+                    Ok(0) | Err(_) => return End::Lost,
+                    Ok(_) => last_seen = Instant::now(),
+                }
+                if let Some(end) = answer_all(hub, conn, limiter, decoder) {
+                    return end;
                 }
             }
-            Ok(Message::Binary(_)) => {
-                if rate_limited(limiter) {
-                    vec![rate_limit_error(hub)]
-                } else {
-                    vec![error_frame(
-                        ErrorCode::BadRequest,
-                        "binary frames are not supported: send JSON text",
-                    )]
+            _ = ping.tick() => {
+                if last_seen.elapsed() > silence_limit {
+                    return End::PingTimeout;
                 }
-            }
-            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-            Ok(Message::Close(_)) => return End::ClientClosed,
-            Err(err) => {
-                return if is_too_large(&err) { End::TooLarge } else { End::Lost };
-            }
-        };
-        for reply in replies {
-            if ctrl_tx.send(Utf8Bytes::from(reply)).await.is_err() {
-                return End::Lost;
+                conn.queue(frame::ping());
+                conn.flush();
             }
         }
     }
-    End::Lost
 }
 
-fn is_too_large(err: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = e.downcast_ref::<tungstenite::Error>() {
-            return true;
+/// Answers every whole message read so far and flushes the replies; `Some` when one ends
+/// the connection.
+fn answer_all(hub: &Hub, conn: &Arc<Conn>, limiter: Option<&Limiter>, decoder: &mut Decoder) -> Option<End> {
+    loop {
+        match decoder.next() {
+            Ok(Some(msg)) => {
+                if let Some(end) = answer(hub, conn, limiter, msg) {
+                    return Some(end);
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket client message refused");
+                return Some(End::Refused(e.close_code()));
+            }
         }
-        source = e.source();
     }
-    false
+    conn.flush();
+    None
+}
+
+/// Answers one client message (queues the replies); `Some` when it ends the connection.
+fn answer(hub: &Hub, conn: &Arc<Conn>, limiter: Option<&Limiter>, msg: Message) -> Option<End> {
+    let replies = match msg {
+        Message::Text(text) => {
+            if rate_limited(limiter) {
+                vec![rate_limit_error(hub)]
+            } else {
+                handle_text(hub, conn, &text)
+            }
+        }
+        Message::Binary(_) => {
+            if rate_limited(limiter) {
+                vec![rate_limit_error(hub)]
+            } else {
+                vec![error_frame(
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported: send JSON text",
+                )]
+            }
+        }
+        Message::Ping(payload) => {
+            conn.queue(frame::pong(&payload));
+            return None;
+        }
+        Message::Pong => return None,
+        Message::Close(c) => return Some(End::ClientClosed(c)),
+    };
+    for reply in replies {
+        conn.queue(frame::text(&reply));
+    }
+    None
 }
 
 fn rate_limited(limiter: Option<&Limiter>) -> bool {
@@ -305,87 +366,4 @@ fn unknown_error(unknown: &[String]) -> String {
         ErrorCode::UnknownChannel,
         &format!("unknown {noun} {}; valid channels: {VALID_CHANNELS}", quoted(unknown)),
     )
-}
-
-/// What the writer does next.
-enum Next {
-    Frame(Utf8Bytes),
-    Ping,
-}
-
-/// Writes replies and queued frames, pings on schedule, until the hub kicks the connection
-/// or the socket fails.
-async fn write_loop(
-    hub: &Hub,
-    conn: &Conn,
-    sink: &mut SplitSink<WebSocket, Message>,
-    mut ctrl_rx: mpsc::Receiver<Utf8Bytes>,
-    mut data_rx: mpsc::Receiver<Utf8Bytes>,
-    started: Instant,
-    last_seen: &AtomicU64,
-) -> End {
-    let period = hub.limits().ping_interval;
-    let mut ping = interval_at(tokio::time::Instant::now() + period, period);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let silence_limit = u64::try_from(period.saturating_mul(PING_TIMEOUT_INTERVALS).as_millis()).unwrap_or(u64::MAX);
-    // Created once: a fresh `kicked()` per frame would register and deregister a `Notify`
-    // waiter (two lock round trips) for every frame written.
-    let kicked = conn.kicked();
-    tokio::pin!(kicked);
-    let frames_sent = metrics::counter!("llamaflow_ws_frames_sent_total");
-    loop {
-        let next = tokio::select! {
-            biased;
-            code = &mut kicked => return End::Kicked(code),
-            Some(f) = ctrl_rx.recv() => Next::Frame(f),
-            Some(f) = data_rx.recv() => Next::Frame(f),
-            _ = ping.tick() => Next::Ping,
-        };
-        let sent = match next {
-            Next::Ping => {
-                let silent = elapsed_ms(started).saturating_sub(last_seen.load(Ordering::Relaxed));
-                if silent > silence_limit {
-                    return End::PingTimeout;
-                }
-                tokio::select! {
-                    biased;
-                    code = &mut kicked => return End::Kicked(code),
-                    r = sink.send(Message::Ping(Default::default())) => r.map(|()| 0),
-                }
-            }
-            Next::Frame(first) => tokio::select! {
-                biased;
-                code = &mut kicked => return End::Kicked(code),
-                r = send_batch(sink, first, &mut ctrl_rx, &mut data_rx) => r,
-            },
-        };
-        match sent {
-            Ok(n) => {
-                if n > 0 {
-                    frames_sent.increment(n);
-                }
-            }
-            Err(_) => return End::Lost,
-        }
-    }
-}
-
-/// Writes `first` and whatever else is already queued (replies first), then flushes once.
-async fn send_batch(
-    sink: &mut SplitSink<WebSocket, Message>,
-    first: Utf8Bytes,
-    ctrl_rx: &mut mpsc::Receiver<Utf8Bytes>,
-    data_rx: &mut mpsc::Receiver<Utf8Bytes>,
-) -> Result<u64, axum::Error> {
-    sink.feed(Message::Text(first)).await?;
-    let mut n: u64 = 1;
-    while n < MAX_BATCH as u64 {
-        let Ok(f) = ctrl_rx.try_recv().or_else(|_| data_rx.try_recv()) else {
-            break;
-        };
-        sink.feed(Message::Text(f)).await?;
-        n += 1;
-    }
-    sink.flush().await?;
-    Ok(n)
 }

@@ -1,19 +1,22 @@
-//! The fanout hub: connection registry, channel subscriptions, API keys and rate limits.
+//! The fanout hub: connection registry, channel subscriptions with their broadcast rings,
+//! the writer threads, API keys and rate limits.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Utf8Bytes, close_code};
-use tokio::sync::{Notify, mpsc, watch};
+use bytes::Bytes;
+use tokio::sync::watch;
 
 use schemas::{Alert, Event};
 
 use super::WsConfig;
 use super::channel::ALERTS;
+use super::fanout::{Conn, ConnId, Ring, SharedRing, Transport, lock};
+use super::frame::{self, code};
 use super::protocol::{EventFrames, ack_frame, alert_frame, snapshot_frame};
 
 /// The current state of channels, for the `snapshot` frame a subscriber gets right after
@@ -30,9 +33,6 @@ const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
 /// Longest ping interval used (keeps timer arithmetic far from overflow).
 const MAX_PING_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
-/// Identifies one connection for its lifetime.
-pub(crate) type ConnId = u64;
-
 /// The limits of [`WsConfig`], without the keys.
 #[derive(Clone, Debug)]
 pub(crate) struct Limits {
@@ -44,6 +44,9 @@ pub(crate) struct Limits {
     pub(crate) ping_interval: Duration,
     pub(crate) max_anonymous_per_ip: usize,
 }
+
+/// Writer threads of a hub: one per core, at most this many.
+const MAX_WRITERS: usize = 4;
 
 /// Why a connection attempt was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,56 +77,6 @@ impl Drop for AnonymousSlot {
     fn drop(&mut self) {
         if let Some(ip) = self.ip {
             self.hub.release_anonymous(ip);
-        }
-    }
-}
-
-/// The hub's side of one connection.
-pub(crate) struct Conn {
-    /// Connection id.
-    pub(crate) id: ConnId,
-    /// User of the connection's API key; `None` for anonymous connections.
-    pub(crate) user_id: Option<String>,
-    tx: mpsc::Sender<Utf8Bytes>,
-    /// Close code requested by the hub (0 while open).
-    close: AtomicU16,
-    kick: Notify,
-}
-
-impl Conn {
-    /// Queues a frame without waiting; a full queue closes the connection with 1013.
-    fn offer(&self, frame: &Utf8Bytes) {
-        if self.close.load(Ordering::Relaxed) != 0 {
-            return;
-        }
-        match self.tx.try_send(frame.clone()) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.kick(close_code::AGAIN);
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
-    }
-
-    /// Asks the connection to close with `code`; the first request wins.
-    pub(crate) fn kick(&self, code: u16) {
-        if self
-            .close
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            self.kick.notify_one();
-        }
-    }
-
-    /// Resolves with the close code once [`Conn::kick`] was called.
-    pub(crate) async fn kicked(&self) -> u16 {
-        loop {
-            let code = self.close.load(Ordering::Acquire);
-            if code != 0 {
-                return code;
-            }
-            self.kick.notified().await;
         }
     }
 }
@@ -169,38 +122,121 @@ struct Entry {
     subs: HashSet<String>,
 }
 
+/// A channel's subscribers: a market channel, or the `alerts` of one user.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Market(String),
+    Alerts(String),
+}
+
+/// A channel with subscribers: its ring and, per writer shard, its subscribers.
+struct Channel {
+    ring: SharedRing,
+    subs: Vec<HashMap<ConnId, Arc<Conn>>>,
+}
+
 #[derive(Default)]
 struct Registry {
     conns: HashMap<ConnId, Entry>,
-    /// Market channel → subscribers.
-    channels: HashMap<String, HashMap<ConnId, Arc<Conn>>>,
-    /// User id → connections subscribed to `alerts`.
-    alerts: HashMap<String, HashMap<ConnId, Arc<Conn>>>,
+    channels: HashMap<Key, Channel>,
 }
 
 impl Registry {
-    fn add_sub(&mut self, conn: &Arc<Conn>, channel: &str) {
-        let map = if channel == ALERTS {
-            let Some(user) = &conn.user_id else { return };
-            self.alerts.entry(user.clone()).or_default()
+    /// The key of `channel` for `conn`; `None` for `alerts` on an anonymous connection.
+    fn key(conn: &Conn, channel: &str) -> Option<Key> {
+        if channel == ALERTS {
+            conn.user_id.clone().map(Key::Alerts)
         } else {
-            self.channels.entry(channel.to_string()).or_default()
-        };
-        map.insert(conn.id, Arc::clone(conn));
+            Some(Key::Market(channel.to_string()))
+        }
     }
 
-    fn remove_sub(&mut self, conn: &Conn, channel: &str) {
-        let (map, key) = if channel == ALERTS {
-            let Some(user) = &conn.user_id else { return };
-            (&mut self.alerts, user.as_str())
-        } else {
-            (&mut self.channels, channel)
-        };
-        if let Some(subs) = map.get_mut(key) {
-            subs.remove(&conn.id);
-            if subs.is_empty() {
-                map.remove(key);
+    /// Adds `conn` to `channel` and starts its cursor at the ring's head.
+    fn add_sub(&mut self, conn: &Arc<Conn>, channel: &str, limits: &Limits, shards: usize) {
+        let Some(key) = Self::key(conn, channel) else { return };
+        let c = self.channels.entry(key).or_insert_with(|| Channel {
+            ring: Ring::new(limits.send_queue, shards),
+            subs: vec![HashMap::new(); shards],
+        });
+        c.subs[shard_of(conn.id, shards)].insert(conn.id, Arc::clone(conn));
+        conn.follow(channel, &c.ring);
+    }
+
+    fn remove_sub(&mut self, conn: &Conn, channel: &str, shards: usize) {
+        conn.unfollow(channel);
+        let Some(key) = Self::key(conn, channel) else { return };
+        if let Some(c) = self.channels.get_mut(&key) {
+            c.subs[shard_of(conn.id, shards)].remove(&conn.id);
+            if c.subs.iter().all(HashMap::is_empty) {
+                self.channels.remove(&key);
             }
+        }
+    }
+}
+
+/// The writer shard of a connection.
+fn shard_of(id: ConnId, shards: usize) -> usize {
+    usize::try_from(id % shards as u64).unwrap_or(0)
+}
+
+/// One writer thread's work: the channels published since its last pass.
+#[derive(Default)]
+struct Shard {
+    queue: Mutex<Pending>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    dirty: HashSet<Key>,
+    stop: bool,
+}
+
+impl Shard {
+    fn mark(&self, key: &Key) {
+        let mut q = lock(&self.queue);
+        if !q.dirty.contains(key) {
+            q.dirty.insert(key.clone());
+            if q.dirty.len() == 1 {
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// The channels to pass over; `None` once the hub is gone.
+    fn take(&self) -> Option<Vec<Key>> {
+        let mut q = lock(&self.queue);
+        loop {
+            if q.stop {
+                return None;
+            }
+            if !q.dirty.is_empty() {
+                return Some(q.dirty.drain().collect());
+            }
+            q = self.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// A writer thread: for each published channel, brings every subscriber of its shard up to
+/// date (one vectored write each), then releases the ring frames none of them needs.
+fn writer(hub: Weak<Inner>, shard: Arc<Shard>, index: usize) {
+    while let Some(keys) = shard.take() {
+        let Some(inner) = hub.upgrade() else { return };
+        for key in keys {
+            let (ring, subs) = {
+                let reg = read(&inner.registry);
+                let Some(c) = reg.channels.get(&key) else { continue };
+                (Arc::clone(&c.ring), c.subs[index].values().cloned().collect::<Vec<_>>())
+            };
+            let mut needed = u64::MAX;
+            for conn in &subs {
+                conn.flush();
+                if let Some(n) = conn.needs(&ring) {
+                    needed = needed.min(n);
+                }
+            }
+            lock(&ring).release(index, needed);
         }
     }
 }
@@ -220,6 +256,19 @@ struct Inner {
     gate: Mutex<()>,
     /// Open anonymous connections per address, with the rate bucket they share.
     anonymous: Mutex<HashMap<IpAddr, (usize, Option<Limiter>)>>,
+    /// Publish sequence number: orders frames across channels.
+    seq: AtomicU64,
+    /// The writer threads' work queues.
+    shards: Vec<Arc<Shard>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for shard in &self.shards {
+            lock(&shard.queue).stop = true;
+            shard.wake.notify_one();
+        }
+    }
 }
 
 /// The WebSocket fanout hub: the dataflow publishes into it, connections subscribe to it.
@@ -248,10 +297,6 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
-    l.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Hub {
     /// A hub with the given keys and limits and no connections.
     #[must_use]
@@ -265,19 +310,42 @@ impl Hub {
             ping_interval: cfg.ping_interval.clamp(MIN_PING_INTERVAL, MAX_PING_INTERVAL),
             max_anonymous_per_ip: cfg.max_anonymous_per_ip,
         };
-        Hub {
-            inner: Arc::new(Inner {
-                limits,
-                keys: RwLock::new(cfg.api_keys),
-                registry: RwLock::new(Registry::default()),
-                buckets: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(1),
-                closed: AtomicBool::new(false),
-                live: watch::Sender::new(0),
-                snapshots: std::sync::OnceLock::new(),
-                gate: Mutex::new(()),
-                anonymous: Mutex::new(HashMap::new()),
-            }),
+        let writers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_WRITERS);
+        let shards: Vec<Arc<Shard>> = (0..writers).map(|_| Arc::new(Shard::default())).collect();
+        let inner = Arc::new(Inner {
+            limits,
+            keys: RwLock::new(cfg.api_keys),
+            registry: RwLock::new(Registry::default()),
+            buckets: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            live: watch::Sender::new(0),
+            snapshots: std::sync::OnceLock::new(),
+            gate: Mutex::new(()),
+            anonymous: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+            shards: shards.clone(),
+        });
+        for (index, shard) in shards.into_iter().enumerate() {
+            let hub = Arc::downgrade(&inner);
+            let spawned = std::thread::Builder::new()
+                .name(format!("ws-writer-{index}"))
+                .spawn(move || writer(hub, shard, index));
+            if let Err(e) = spawned {
+                tracing::error!("cannot start WebSocket writer thread {index}: {e}; its clients get nothing");
+            }
+        }
+        Hub { inner }
+    }
+
+    /// Appends a frame to the ring of channel `key` and wakes the writers.
+    fn push(&self, c: &Channel, key: &Key, frame: Bytes) {
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        lock(&c.ring).push(seq, frame);
+        for shard in &self.inner.shards {
+            shard.mark(key);
         }
     }
 
@@ -302,14 +370,16 @@ impl Hub {
     /// Publishes a market event on each of its channels (`Event::channels`).
     ///
     /// The event data is serialized once, and only when some channel has subscribers; each
-    /// subscriber gets `{"type":..,"channel":..,"data":{..},"timestamp":<ms>}` per subscribed
-    /// channel. Never waits: a subscriber whose queue is full is disconnected (1013).
+    /// channel's frame `{"type":..,"channel":..,"data":{..},"timestamp":<ms>}` is encoded once
+    /// and appended to the channel's ring, which the writer threads bring to every subscriber.
+    /// Never waits: a subscriber that falls a ring's length behind is disconnected (1013).
     pub fn publish_event(&self, e: &Event) {
         let channels = e.channels();
         let reg = read(&self.inner.registry);
         let mut frames: Option<EventFrames<'_>> = None;
-        for ch in &channels {
-            let Some(subs) = reg.channels.get(ch) else {
+        for ch in channels {
+            let key = Key::Market(ch);
+            let Some(c) = reg.channels.get(&key) else {
                 continue;
             };
             if frames.is_none() {
@@ -322,30 +392,23 @@ impl Hub {
                 }
             }
             let Some(frames) = &frames else { return };
-            let frame = Utf8Bytes::from(frames.frame(ch));
-            for conn in subs.values() {
-                conn.offer(&frame);
-            }
+            let Key::Market(ch) = &key else { continue };
+            self.push(c, &key, frame::text(&frames.frame(ch)));
         }
     }
 
     /// Publishes an alert to the connections of its user that subscribed to `alerts`.
     ///
-    /// Never waits: a subscriber whose queue is full is disconnected (1013).
+    /// Never waits: a subscriber that falls a ring's length behind is disconnected (1013).
     pub fn publish_alert(&self, a: &Alert) {
         let reg = read(&self.inner.registry);
-        let Some(subs) = reg.alerts.get(&a.user_id) else {
+        let key = Key::Alerts(a.user_id.clone());
+        let Some(c) = reg.channels.get(&key) else {
             return;
         };
-        let frame = match alert_frame(a) {
-            Ok(f) => Utf8Bytes::from(f),
-            Err(err) => {
-                tracing::warn!(alert_id = %a.alert_id, error = %err, "alert not serializable");
-                return;
-            }
-        };
-        for conn in subs.values() {
-            conn.offer(&frame);
+        match alert_frame(a) {
+            Ok(f) => self.push(c, &key, frame::text(&f)),
+            Err(err) => tracing::warn!(alert_id = %a.alert_id, error = %err, "alert not serializable"),
         }
     }
 
@@ -371,7 +434,7 @@ impl Hub {
     pub fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
         for entry in read(&self.inner.registry).conns.values() {
-            entry.conn.kick(close_code::AWAY);
+            entry.conn.kick(code::AWAY);
         }
     }
 
@@ -465,17 +528,10 @@ impl Hub {
         TaskGuard { hub: self.clone() }
     }
 
-    /// Registers a connection; `None` once the hub is shut down.
-    pub(crate) fn register(&self, user_id: Option<String>) -> Option<(Arc<Conn>, mpsc::Receiver<Utf8Bytes>)> {
-        let (tx, rx) = mpsc::channel(self.inner.limits.send_queue);
+    /// Registers a connection writing to `transport`; `None` once the hub is shut down.
+    pub(crate) fn register(&self, user_id: Option<String>, transport: Arc<dyn Transport>) -> Option<Arc<Conn>> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(Conn {
-            id,
-            user_id,
-            tx,
-            close: AtomicU16::new(0),
-            kick: Notify::new(),
-        });
+        let conn = Arc::new(Conn::new(id, user_id, transport, self.inner.limits.send_queue));
         let mut reg = write(&self.inner.registry);
         if self.inner.closed.load(Ordering::SeqCst) {
             return None;
@@ -488,27 +544,29 @@ impl Hub {
             },
         );
         metrics::gauge!("llamaflow_ws_connections").set(reg.conns.len() as f64);
-        Some((conn, rx))
+        Some(conn)
     }
 
     /// Removes a connection from the registry and all its channels.
     pub(crate) fn unregister(&self, id: ConnId) {
+        let shards = self.inner.shards.len();
         let mut reg = write(&self.inner.registry);
         if let Some(entry) = reg.conns.remove(&id) {
             for ch in &entry.subs {
-                reg.remove_sub(&entry.conn, ch);
+                reg.remove_sub(&entry.conn, ch, shards);
             }
         }
         metrics::gauge!("llamaflow_ws_connections").set(reg.conns.len() as f64);
     }
 
-    /// Subscribes `conn` to already validated channels, up to the subscription limit.
-    /// Returns (subscribed — including ones it already had, refused over the limit, whether
-    /// the `subscribed` ack was queued here). With a [`SnapshotSource`], the ack and a
-    /// snapshot of each newly subscribed channel are queued here, in the connection's event
-    /// queue, before any later event.
+    /// Subscribes `conn` to already validated channels, up to the subscription limit: it
+    /// gets every frame published on them from now on. Returns (subscribed — including ones
+    /// it already had, refused over the limit, whether the `subscribed` ack was queued here).
+    /// With a [`SnapshotSource`], the ack and a snapshot of each newly subscribed channel are
+    /// queued here, ahead of any later event. The caller flushes the connection.
     pub(crate) fn subscribe(&self, conn: &Arc<Conn>, channels: Vec<String>) -> (Vec<String>, Vec<String>, bool) {
         let max = self.inner.limits.max_subscriptions;
+        let shards = self.inner.shards.len();
         let snapshots = self.inner.snapshots.get();
         let _gate = snapshots.map(|_| lock(&self.inner.gate));
         let mut reg = write(&self.inner.registry);
@@ -530,18 +588,18 @@ impl Hub {
             }
         }
         for ch in &added {
-            reg.add_sub(conn, ch);
+            reg.add_sub(conn, ch, &self.inner.limits, shards);
         }
         let Some(source) = snapshots else {
             return (ok, over, false);
         };
         if !ok.is_empty() {
-            conn.offer(&Utf8Bytes::from(ack_frame("subscribed", &ok)));
+            conn.queue(frame::text(&ack_frame("subscribed", &ok)));
         }
         for ch in &added {
             if let Some((data, as_of)) = source.snapshot(ch, conn.user_id.as_deref()) {
                 metrics::counter!("llamaflow_ws_snapshots_total").increment(1);
-                conn.offer(&Utf8Bytes::from(snapshot_frame(ch, &data, as_of)));
+                conn.queue(frame::text(&snapshot_frame(ch, &data, as_of)));
             }
         }
         (ok, over, true)
@@ -549,13 +607,14 @@ impl Hub {
 
     /// Unsubscribes `conn` from already validated channels.
     pub(crate) fn unsubscribe(&self, conn: &Conn, channels: &[String]) {
+        let shards = self.inner.shards.len();
         let mut reg = write(&self.inner.registry);
         let Some(entry) = reg.conns.get_mut(&conn.id) else {
             return;
         };
         let removed: Vec<&String> = channels.iter().filter(|ch| entry.subs.remove(ch.as_str())).collect();
         for ch in removed {
-            reg.remove_sub(conn, ch);
+            reg.remove_sub(conn, ch, shards);
         }
     }
 }
@@ -574,6 +633,35 @@ impl Drop for TaskGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{self, IoSlice};
+
+    /// A socket that records what it is given, or refuses everything while `full`.
+    #[derive(Default)]
+    struct Recorder {
+        got: Mutex<Vec<u8>>,
+        full: AtomicBool,
+    }
+
+    impl Transport for Recorder {
+        fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if self.full.load(Ordering::SeqCst) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut got = lock(&self.got);
+            for b in bufs {
+                got.extend_from_slice(b);
+            }
+            Ok(bufs.iter().map(|b| b.len()).sum())
+        }
+    }
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 
     #[test]
     fn hub_is_a_cheap_shareable_handle() {
@@ -581,7 +669,8 @@ mod tests {
         check::<Hub>();
         let hub = Hub::new(WsConfig::default());
         let other = hub.clone();
-        let (conn, mut rx) = hub.register(Some("u1".into())).unwrap();
+        let sock = Arc::new(Recorder::default());
+        let conn = hub.register(Some("u1".into()), sock.clone()).unwrap();
         hub.subscribe(&conn, vec![ALERTS.to_string()]);
         assert_eq!(other.connections(), 1);
         // Publishing from plain threads, outside any runtime.
@@ -591,14 +680,15 @@ mod tests {
         })
         .join()
         .unwrap();
-        let frame = rx.try_recv().unwrap();
-        assert!(
-            frame
-                .as_str()
-                .starts_with(r#"{"type":"alert","channel":"alerts","data":{"#)
-        );
-        assert!(frame.as_str().contains(r#""user_id":"u1""#));
-        assert!(rx.try_recv().is_err());
+        wait_for("the alert frame", || !lock(&sock.got).is_empty());
+        let got = lock(&sock.got).clone();
+        // One unmasked, final text frame with a 16-bit length.
+        assert_eq!((got[0], got[1]), (0x81, 126));
+        let len = usize::from(u16::from_be_bytes([got[2], got[3]]));
+        assert_eq!(got.len(), 4 + len, "only u1's alert");
+        let text = std::str::from_utf8(&got[4..]).unwrap();
+        assert!(text.starts_with(r#"{"type":"alert","channel":"alerts","data":{"#));
+        assert!(text.contains(r#""user_id":"u1""#));
         hub.unregister(conn.id);
         assert_eq!(hub.connections(), 0);
     }
@@ -637,31 +727,37 @@ mod tests {
             max_subscriptions: 2,
             ..WsConfig::default()
         });
-        let (conn, _rx) = hub.register(Some("u1".into())).unwrap();
+        let conn = hub.register(Some("u1".into()), Arc::new(Recorder::default())).unwrap();
         let (ok, over, _) = hub.subscribe(&conn, vec!["prices".into(), "alerts".into(), "tvl".into()]);
         assert_eq!(ok, ["prices", "alerts"]);
         assert_eq!(over, ["tvl"]);
         {
             let reg = read(&hub.inner.registry);
-            assert!(reg.channels.contains_key("prices"));
-            assert!(reg.alerts.get("u1").is_some_and(|m| m.contains_key(&conn.id)));
+            assert!(reg.channels.contains_key(&Key::Market("prices".into())));
+            let alerts = reg.channels.get(&Key::Alerts("u1".into())).unwrap();
+            assert!(alerts.subs.iter().any(|s| s.contains_key(&conn.id)));
         }
         hub.unsubscribe(&conn, &["prices".into()]);
         let (ok, over, _) = hub.subscribe(&conn, vec!["alerts".into(), "tvl".into()]);
         assert_eq!((ok.len(), over.len()), (2, 0));
         hub.unregister(conn.id);
         let reg = read(&hub.inner.registry);
-        assert!(reg.conns.is_empty() && reg.channels.is_empty() && reg.alerts.is_empty());
+        assert!(reg.conns.is_empty() && reg.channels.is_empty());
     }
 
     #[test]
-    fn full_queue_kicks_with_1013_and_publishing_never_blocks() {
+    fn a_subscriber_a_ring_behind_is_kicked_with_1013_and_publishing_never_blocks() {
         let hub = Hub::new(WsConfig {
             send_queue: 2,
             ..WsConfig::default()
         });
-        let (conn, mut rx) = hub.register(None).unwrap();
+        let sock = Arc::new(Recorder::default());
+        sock.full.store(true, Ordering::SeqCst);
+        let conn = hub.register(None, sock.clone()).unwrap();
+        let fast = Arc::new(Recorder::default());
+        let other = hub.register(None, fast.clone()).unwrap();
         hub.subscribe(&conn, vec!["gas".into()]);
+        hub.subscribe(&other, vec!["gas".into()]);
         let e = Event {
             subject: "ethereum".into(),
             timestamp: 1000,
@@ -671,12 +767,16 @@ mod tests {
                 timestamp: 1000,
             },
         };
-        // Called outside any runtime: must not block or panic.
-        for _ in 0..5 {
+        let frame_len = frame::text(&EventFrames::new(&e).unwrap().frame("gas")).len();
+        // Called outside any runtime: must not block or panic. The subscriber that reads gets
+        // every frame; the one whose socket is full falls behind the 2-frame ring.
+        for i in 1..=5 {
             hub.publish_event(&e);
+            wait_for("the frame", || lock(&fast.got).len() == i * frame_len);
         }
-        assert_eq!(conn.close.load(Ordering::Relaxed), close_code::AGAIN);
-        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok() && rx.try_recv().is_err());
+        wait_for("the 1013 kick", || conn.close_code() == code::AGAIN);
+        assert!(lock(&sock.got).is_empty());
+        assert_eq!(other.close_code(), 0);
     }
 
     #[test]
@@ -696,6 +796,6 @@ mod tests {
         assert_eq!(hub.authenticate(Some("k2")), Err(AuthError::UnknownKey));
         hub.shutdown();
         assert_eq!(hub.authenticate(Some("k1")), Err(AuthError::ShuttingDown));
-        assert!(hub.register(None).is_none());
+        assert!(hub.register(None, Arc::new(Recorder::default())).is_none());
     }
 }

@@ -57,9 +57,11 @@
 //!   API key — shared by all connections using it — by a token bucket of
 //!   [`WsConfig::max_msgs_per_sec`] tokens refilled at that rate; anonymous connections each have
 //!   their own bucket. A message over the limit is dropped and answered with `rate_limited`.
-//! - Each connection has a bounded send queue of [`WsConfig::send_queue`] frames. Publishing never
-//!   waits: a connection whose queue is full is dropped from every channel at once and closed with
-//!   1013 ("try again later") — a slow client never slows anyone else.
+//! - Each channel keeps its last [`WsConfig::send_queue`] frames for subscribers that have not
+//!   written them yet (a client's replies and snapshots are bounded by the same number).
+//!   Publishing never waits: a subscriber that falls further behind — its socket full, because
+//!   it does not read fast enough — is dropped from every channel at once and closed with 1013
+//!   ("try again later"); a slow client never slows anyone else.
 //! - The server sends a WebSocket ping every [`WsConfig::ping_interval`]; a connection from which
 //!   nothing (not even a pong) arrives for three intervals is dropped.
 //! - [`Hub::shutdown`] (called by [`serve`] when its shutdown future completes) closes every
@@ -69,10 +71,23 @@
 //!
 //! Gauge `llamaflow_ws_connections`; counters `llamaflow_ws_frames_sent_total` and
 //! `llamaflow_ws_disconnects_total{reason}` with reason `client_closed`, `slow_consumer`,
-//! `shutdown`, `frame_too_large`, `ping_timeout` or `connection_lost`.
+//! `shutdown`, `frame_too_large`, `protocol_error` (bad framing, 1002, or text that is not
+//! UTF-8, 1007), `ping_timeout` or `connection_lost`.
+//!
+//! # How frames reach clients
+//!
+//! Publishing encodes each channel's frame once (JSON and WebSocket header) and appends it to
+//! that channel's broadcast ring; it never touches a connection. Writer threads (one per core,
+//! at most four, connections split between them) then bring every subscriber of the channels
+//! published since their last pass up to date with one non-blocking vectored write of all it
+//! has pending — whatever was published meanwhile goes out in that same write. A socket that
+//! cannot take everything keeps the rest, and its connection task flushes it when it becomes
+//! writable. Each connection has one task, which reads and answers the client and pings.
 
 mod channel;
 mod connection;
+mod fanout;
+mod frame;
 mod hub;
 mod protocol;
 mod server;
@@ -104,7 +119,9 @@ pub struct WsConfig {
     pub max_frame_bytes: usize,
     /// Client messages per second per API key (default 50); 0 disables the limit.
     pub max_msgs_per_sec: u32,
-    /// Frames queued per connection before it counts as too slow (default 1024, at least 1).
+    /// Frames a channel keeps for subscribers that have not written them yet, and replies a
+    /// connection may have queued; a subscriber further behind counts as too slow and is
+    /// closed with 1013 (default 1024, at least 1).
     pub send_queue: usize,
     /// Interval of server pings (default 20 s; used within 10 ms ..= 24 h).
     pub ping_interval: Duration,

@@ -8,10 +8,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
@@ -26,7 +24,9 @@ const DRAIN_MARGIN: Duration = Duration::from_secs(1);
 
 /// The router serving `GET /ws` for `hub`'s subscribers.
 ///
-/// Merge or nest it into a larger application as needed; it carries its own state.
+/// Merge or nest it into a larger application as needed; it carries its own state. Serve it
+/// with [`serve`]: the fanout writes to the TCP sockets `serve` accepts, so under another
+/// server an upgrade is refused with 500.
 pub fn router(hub: Hub) -> Router {
     Router::new().route("/ws", get(ws_handler)).with_state(hub)
 }
@@ -58,7 +58,18 @@ impl Default for HttpLimits {
 /// held as long as the socket, also after an upgrade to a WebSocket.
 struct Counted {
     io: tokio::net::TcpStream,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    slot: Slot,
+}
+
+/// Marks a request served by [`serve`], whose upgraded connections are plain TCP sockets the
+/// fanout can write to directly.
+#[derive(Clone, Copy)]
+struct Served;
+
+/// What a served connection holds while it is open: its place under the connection cap and
+/// its count in the open-connections gauge. A WebSocket keeps it for its lifetime.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
     _open: OpenGauge,
 }
 
@@ -174,12 +185,15 @@ where
         let _ = stream.set_nodelay(true);
         let io = Counted {
             io: stream,
-            _slot: slot,
-            _open: OpenGauge::new(),
+            slot: Slot {
+                _permit: slot,
+                _open: OpenGauge::new(),
+            },
         };
         let app = app.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
+            req.extensions_mut().insert(Served);
             app.clone().call(req)
         });
         let conn = http
@@ -281,14 +295,9 @@ fn refuse(err: AuthError) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn ws_handler(
-    State(hub): State<Hub>,
-    Query(query): Query<AuthQuery>,
-    headers: HeaderMap,
-    extensions: axum::http::Extensions,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    let key = match api_key(query.api_key, &headers) {
+async fn ws_handler(State(hub): State<Hub>, Query(query): Query<AuthQuery>, mut req: Request) -> Response {
+    let headers = req.headers();
+    let key = match api_key(query.api_key, headers) {
         Ok(k) => k,
         Err(e) => return refuse(e),
     };
@@ -300,33 +309,104 @@ async fn ws_handler(
     let (limiter, slot) = match &key {
         Some(k) => (hub.limiter(k), None),
         None => {
-            let ip = extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+            let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
             match hub.admit_anonymous(ip) {
                 Ok(slot) => (slot.limiter.clone(), Some(slot)),
                 Err(e) => return refuse(e),
             }
         }
     };
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(rejection) => return rejection.into_response(),
+    if req.extensions().get::<Served>().is_none() {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the WebSocket endpoint must be served by sinks::websocket::serve",
+        )
+            .into_response();
+    }
+    let accept = match handshake(req.headers()) {
+        Ok(accept) => accept,
+        Err(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
     };
-    let max = hub.limits().max_frame_bytes;
-    // Client messages are small (≤ max_frame_bytes): an 8 KiB read buffer instead of
-    // tungstenite's zero-filled 128 KiB keeps 10,000 connections around 100 MB, not 1.3 GB.
-    ws.read_buffer_size(8 * 1024)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            let _slot = slot;
-            connection::run(hub, socket, user_id, limiter).await
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            "this connection cannot be upgraded to a WebSocket",
+        )
+            .into_response();
+    };
+    tokio::spawn(async move {
+        let _slot = slot;
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!("websocket upgrade failed: {e}");
+                return;
+            }
+        };
+        match into_tcp(upgraded) {
+            Some((stream, early, _held)) => connection::run(hub, stream, early, user_id, limiter).await,
+            None => tracing::error!("websocket upgrade of a connection `serve` did not make; closed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, HeaderValue::from_static("upgrade"))
+        .header(header::UPGRADE, HeaderValue::from_static("websocket"))
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(axum::body::Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Checks an upgrade request (RFC 6455 §4.2.1) and returns its `Sec-WebSocket-Accept` value,
+/// or why it is refused (400).
+fn handshake(headers: &HeaderMap) -> Result<HeaderValue, &'static str> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
+    };
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Err("Connection header did not include 'upgrade'");
+    }
+    if !has_token(header::UPGRADE, "websocket") {
+        return Err("`Upgrade` header did not include 'websocket'");
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return Err("`Sec-WebSocket-Version` header did not include '13'");
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err("`Sec-WebSocket-Key` header missing");
+    };
+    HeaderValue::from_str(&accept_key(key.as_bytes())).map_err(|_| "invalid `Sec-WebSocket-Key`")
+}
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2).
+fn accept_key(key: &[u8]) -> String {
+    use base64::Engine as _;
+    let mut input = key.to_vec();
+    input.extend_from_slice(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &input);
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+/// The TCP socket under a connection upgraded by [`serve`], the bytes already read from it,
+/// and what the connection holds while open.
+fn into_tcp(upgraded: hyper::upgrade::Upgraded) -> Option<(tokio::net::TcpStream, bytes::Bytes, Slot)> {
+    let parts = upgraded.downcast::<hyper_util::rt::TokioIo<Counted>>().ok()?;
+    let counted = parts.io.into_inner();
+    Some((counted.io, parts.read_buf, counted.slot))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
+
+    #[test]
+    fn accept_key_is_the_rfc_example() {
+        // RFC 6455 §1.3.
+        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
 
     #[test]
     fn api_key_sources() {

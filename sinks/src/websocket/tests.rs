@@ -715,9 +715,7 @@ fn recorder() -> &'static metrics_util::debugging::Snapshotter {
     })
 }
 
-/// Current-thread runtime: publishing in a loop lets no connection task run in between, so a
-/// 1-frame queue overflows deterministically.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_connections_frames_and_disconnect_reasons() {
     use metrics_util::debugging::DebugValue;
     let snap = recorder();
@@ -730,12 +728,18 @@ async fn metrics_count_connections_frames_and_disconnect_reasons() {
     let mut quiet = connect(addr, None).await;
     let mut slow = connect(addr, None).await;
     subscribe(&mut slow, &["prices"]).await;
-    for i in 0..3 {
-        hub.publish_event(&price("coingecko:ethereum", 1.0, i));
+    // `slow` reads nothing until its socket buffers are full and it falls behind the
+    // one-frame ring.
+    let mut seq = 0;
+    while hub.connections() == 2 {
+        assert!(seq < 100_000, "never disconnected");
+        hub.publish_event(&big_price(seq));
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let (code, frames) = recv_close(&mut slow).await;
     assert_eq!(code, 1013);
-    assert!(frames <= 1, "{frames}");
+    assert!((frames as u64) < seq, "{frames} of {seq}");
     quiet.close(None).await.unwrap();
     wait_until("both connections to go", || hub.connections() == 0).await;
 
@@ -935,4 +939,65 @@ async fn anonymous_connections_are_capped_per_address_and_share_one_rate_bucket(
             Err(e) => panic!("{e}"),
         }
     }
+}
+
+/// A masked client text frame, encoded here byte by byte (RFC 6455 §5.2).
+fn masked_text(text: &str) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let len = text.len();
+    assert!(len < 126);
+    let mut f = vec![0x81, 0x80 | len as u8];
+    f.extend_from_slice(&mask);
+    f.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_upgrade_with_a_pipelined_frame_then_a_protocol_error_closes_with_1002() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (hub, addr) = start(WsConfig {
+        allow_anonymous: true,
+        ..WsConfig::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The RFC's sample key; the subscribe frame follows the request in the same write.
+    let mut req = format!(
+        "GET /ws HTTP/1.1\r\nhost: {addr}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    )
+    .into_bytes();
+    req.extend(masked_text(r#"{"type":"subscribe","channels":["gas"]}"#));
+    s.write_all(&req).await.unwrap();
+    // Reads the 101 response and the ack frame after it.
+    let mut got = Vec::new();
+    let ack = loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body = &got[end + 4..];
+            if body.len() >= 2 && body.len() >= 2 + usize::from(body[1]) {
+                // One unmasked final text frame right after the headers.
+                assert_eq!(body[0], 0x81);
+                assert!(body[1] < 126);
+                break serde_json::from_slice::<Value>(&body[2..2 + usize::from(body[1])]).unwrap();
+            }
+        }
+        let mut buf = [0u8; 1024];
+        let n = timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    };
+    assert_eq!(ack, json!({"type": "subscribed", "channels": ["gas"]}));
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 101"), "{text}");
+    assert!(
+        text.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{text}"
+    );
+
+    // An unmasked client frame is a protocol error: close 1002, then the server hangs up.
+    s.write_all(&[0x81, 0x01, b'x']).await.unwrap();
+    let mut rest = Vec::new();
+    timeout(WAIT, s.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert_eq!(&rest[..4], &[0x88, rest[1], 0x03, 0xEA], "{rest:?}");
+    wait_until("the connection to go", || hub.connections() == 0).await;
 }

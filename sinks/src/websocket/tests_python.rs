@@ -15,7 +15,7 @@ use tokio::time::{Instant, timeout_at};
 
 use schemas::{Event, EventData};
 
-use super::{Hub, WsConfig, router};
+use super::{HttpLimits, Hub, WsConfig, router, serve};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/websocket/py_client.py");
 /// Bound on the whole exchange (the script's own timeout is lower).
@@ -48,8 +48,13 @@ async fn python_websockets_client_gets_prices_and_only_its_own_alerts() {
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = router(hub.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(serve(
+        listener,
+        router(hub.clone()),
+        hub.clone(),
+        HttpLimits::default(),
+        std::future::pending(),
+    ));
 
     let python = testkit::python();
     let channels = ["prices:coingecko:ethereum", "alerts"];
