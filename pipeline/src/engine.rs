@@ -602,28 +602,39 @@ impl Engine {
         self.epochs
     }
 
-    /// Sends one epoch: the envelopes are split evenly over the workers (the dataflow's
-    /// exchange routes each to the worker owning its key). Blocks while the dataflow is
+    /// Sends one epoch. In one process each envelope goes straight to the worker that owns
+    /// its key (the worker the dataflow's exchange routes it to), so the exchange keeps every
+    /// record where it is; in a cluster, where a key's worker may be in another process, the
+    /// envelopes are split evenly and the exchange moves them. Blocks while the dataflow is
     /// [`MAX_EPOCHS_IN_FLIGHT`] epochs behind.
     ///
     /// In a cluster, sequence numbers are made unique across processes: the sequencer's
     /// number `s` becomes `s × processes + process` (order within a process is kept, and a
     /// key's records all come from one process).
     pub fn send(&mut self, mut envelopes: Vec<Envelope>) -> Result<()> {
-        if self.cluster.is_multi() {
-            let (n, p) = (self.cluster.processes as u64, self.cluster.process as u64);
-            for e in &mut envelopes {
-                e.seq = e.seq.wrapping_mul(n).wrapping_add(p);
-            }
-        }
         let n = self.inputs.len();
-        let chunk = envelopes.len().div_ceil(n).max(1);
-        let mut parts: Vec<Vec<Envelope>> = Vec::with_capacity(n);
-        for _ in 1..n {
-            let rest = envelopes.split_off(chunk.min(envelopes.len()));
-            parts.push(std::mem::replace(&mut envelopes, rest));
-        }
-        parts.push(envelopes);
+        let parts: Vec<Vec<Envelope>> = if self.cluster.is_multi() {
+            let (procs, p) = (self.cluster.processes as u64, self.cluster.process as u64);
+            for e in &mut envelopes {
+                e.seq = e.seq.wrapping_mul(procs).wrapping_add(p);
+            }
+            let chunk = envelopes.len().div_ceil(n).max(1);
+            let mut parts = Vec::with_capacity(n);
+            for _ in 1..n {
+                let rest = envelopes.split_off(chunk.min(envelopes.len()));
+                parts.push(std::mem::replace(&mut envelopes, rest));
+            }
+            parts.push(envelopes);
+            parts
+        } else if n == 1 {
+            vec![envelopes]
+        } else {
+            let mut parts: Vec<Vec<Envelope>> = (0..n).map(|_| Vec::with_capacity(envelopes.len() / n + 16)).collect();
+            for e in envelopes {
+                parts[operators::worker_of(e.route, n)].push(e);
+            }
+            parts
+        };
         for (tx, part) in self.inputs.iter().zip(parts) {
             tx.send(part).context("a dataflow worker stopped unexpectedly")?;
         }

@@ -23,16 +23,15 @@ fn bad(msg: impl Into<String>) -> InvalidRecord {
 /// lowercased (except on solana). `None` for any other form.
 pub fn normalize_coin(raw: &str) -> Option<String> {
     let (prefix, rest) = raw.split_once(':')?;
-    let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic() && c != ':' && c != '"');
+    let ok = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_graphic() && c != b':' && c != b'"');
     if !ok(prefix) || !ok(rest) {
         return None;
     }
-    let prefix_lc = prefix.to_ascii_lowercase();
-    if prefix_lc == "coingecko" || prefix_lc == "solana" {
-        if prefix == prefix_lc {
+    if prefix.eq_ignore_ascii_case("coingecko") || prefix.eq_ignore_ascii_case("solana") {
+        if !prefix.bytes().any(|b| b.is_ascii_uppercase()) {
             return Some(raw.to_string());
         }
-        return Some(format!("{prefix_lc}:{rest}"));
+        return Some(format!("{}:{rest}", prefix.to_ascii_lowercase()));
     }
     if raw.bytes().any(|b| b.is_ascii_uppercase()) {
         Some(raw.to_ascii_lowercase())
@@ -203,8 +202,12 @@ fn plain_price(line: &str) -> Option<PriceTick> {
         slot.is_none().then(|| *slot = Some(v))
     }
     while !rest.is_empty() {
-        let (key, after) = rest.strip_prefix('"')?.split_once("\":")?;
-        if key.contains(['"', '\\']) {
+        // The key ends at the first quote, which must be followed by `:` (a byte search: no
+        // substring searcher built per key).
+        let quoted = rest.strip_prefix('"')?;
+        let end = quoted.find('"')?;
+        let (key, after) = (&quoted[..end], quoted[end + 1..].strip_prefix(':')?);
+        if key.contains('\\') {
             return None;
         }
         let value;
