@@ -2,7 +2,7 @@
 //! flushes the connection when its socket becomes writable again, and closes it. Published
 //! frames are written by the hub's writer threads, not here.
 
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -12,7 +12,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::{MissedTickBehavior, interval_at, sleep, timeout};
 
 use super::channel::{self, ChannelError};
-use super::fanout::{Conn, Flushed, close_frame};
+use super::fanout::{Conn, Flushed, close_frame, lock};
 use super::frame::{self, Decoder, Message, code};
 use super::hub::{Hub, Limiter};
 use super::protocol::{ClientFrame, ErrorCode, ack_frame, error_frame, parse_client_frame, pong_frame};
@@ -269,11 +269,7 @@ fn answer(hub: &Hub, conn: &Arc<Conn>, limiter: Option<&Limiter>, msg: Message) 
 }
 
 fn rate_limited(limiter: Option<&Limiter>) -> bool {
-    limiter.is_some_and(|l| {
-        !l.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .try_take(Instant::now())
-    })
+    limiter.is_some_and(|l| !lock(l).try_take(Instant::now()))
 }
 
 fn rate_limit_error(hub: &Hub) -> String {

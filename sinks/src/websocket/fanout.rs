@@ -95,14 +95,11 @@ impl Ring {
         }
     }
 
-    /// Frames from index `from` on (at most `max`), or `Err` when `from` was dropped already.
-    fn since(&self, from: u64, max: usize, out: &mut Vec<(u64, Bytes)>) -> Result<(), ()> {
-        let Some(skip) = from.checked_sub(self.start) else {
-            return Err(());
-        };
-        let skip = usize::try_from(skip).unwrap_or(usize::MAX);
-        out.extend(self.frames.iter().skip(skip).take(max).cloned());
-        Ok(())
+    /// Frames (with their publish numbers) from index `from` on, or `Err` when `from` was
+    /// dropped already.
+    fn since(&self, from: u64) -> Result<impl Iterator<Item = &(u64, Bytes)>, ()> {
+        let skip = from.checked_sub(self.start).ok_or(())?;
+        Ok(self.frames.iter().skip(usize::try_from(skip).unwrap_or(usize::MAX)))
     }
 }
 
@@ -276,22 +273,15 @@ impl Conn {
             if out.blocked {
                 // Nothing can be written, but a cursor that fell behind its ring is too slow.
                 if out.close.is_none() && out.cursors.iter().any(|c| c.next < lock(&c.ring).start) {
-                    drop(out);
                     self.kick(code::AGAIN);
-                    count(written);
-                    return Flushed::Gone;
+                    break Flushed::Gone;
                 }
                 break Flushed::Blocked;
             }
-            let batch = match gather(&mut out) {
-                Ok(b) => b,
-                Err(()) => {
-                    // Its cursor fell behind the ring: too slow.
-                    drop(out);
-                    self.kick(code::AGAIN);
-                    count(written);
-                    return Flushed::Gone;
-                }
+            let Ok(batch) = gather(&out) else {
+                // Its cursor fell behind the ring: too slow.
+                self.kick(code::AGAIN);
+                break Flushed::Gone;
             };
             if batch.is_empty() {
                 break Flushed::Done;
@@ -342,7 +332,7 @@ enum From {
 /// The next frames to write, in order: the partial frame, then the close frame when closing;
 /// otherwise replies, then ring frames merged across channels in publish order. `Err` when a
 /// cursor fell behind its ring.
-fn gather(out: &mut Outbox) -> Result<Vec<(From, Bytes)>, ()> {
+fn gather(out: &Outbox) -> Result<Vec<(From, Bytes)>, ()> {
     let mut batch = Vec::new();
     let mut bytes = 0usize;
     if let Some(p) = &out.partial {
@@ -365,11 +355,9 @@ fn gather(out: &mut Outbox) -> Result<Vec<(From, Bytes)>, ()> {
         return Ok(batch);
     }
     let mut frames: Vec<(u64, usize, Bytes)> = Vec::new();
-    let mut buf = Vec::new();
     for (i, c) in out.cursors.iter().enumerate() {
-        buf.clear();
-        lock(&c.ring).since(c.next, room, &mut buf)?;
-        frames.extend(buf.drain(..).map(|(seq, b)| (seq, i, b)));
+        let ring = lock(&c.ring);
+        frames.extend(ring.since(c.next)?.take(room).map(|(seq, b)| (*seq, i, b.clone())));
     }
     if out.cursors.len() > 1 {
         frames.sort_by_key(|f| f.0);
