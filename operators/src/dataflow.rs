@@ -111,7 +111,12 @@ where
                     },
                 };
                 for batch in data {
-                    entry.1.append(batch);
+                    // The first batch of an epoch is taken as it is (no copy).
+                    if entry.1.is_empty() {
+                        std::mem::swap(&mut entry.1, batch);
+                    } else {
+                        entry.1.append(batch);
+                    }
                 }
             });
             while let Some(first) = stash.first_entry() {

@@ -4,6 +4,8 @@
 use schemas::{AlertRule, Conditions, Millis, Record, SourcePos};
 use serde::{Deserialize, Serialize};
 
+use crate::keys::{Interner, KeyId};
+
 /// One item on its way into the dataflow.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Envelope {
@@ -11,6 +13,9 @@ pub struct Envelope {
     pub seq: u64,
     /// Exchange route (`route % workers` picks the worker).
     pub route: u64,
+    /// The number of the key the item is about, when the sequencer gave it one (see
+    /// [`crate::keys`]): the worker's shortcut to the key's state.
+    pub key: KeyId,
     /// Source position, for dead letters.
     pub pos: SourcePos,
     /// The payload.
@@ -146,6 +151,10 @@ pub struct Sequencer {
     /// changed since (`None` before the first whole image). Not part of an image.
     #[serde(skip)]
     tracked: Option<(u64, imbl::HashSet<String>)>,
+    /// The keys routed so far, numbered (see [`crate::keys`]); a shortcut, not state: not
+    /// part of an image.
+    #[serde(skip)]
+    keys: Interner,
 }
 
 /// A [`Sequencer`] as a checkpoint holds it: whole, or — when few rule routes changed since
@@ -217,6 +226,7 @@ impl Sequencer {
             newest: Millis::MIN,
             open_updates: imbl::HashMap::new(),
             tracked: None,
+            keys: Interner::default(),
         }
     }
 
@@ -334,6 +344,7 @@ impl Sequencer {
                     newest,
                     open_updates: first.map(|s| s.open_updates.clone()).unwrap_or_default(),
                     tracked: None,
+                    keys: Interner::default(),
                 }
             })
             .collect())
@@ -344,6 +355,7 @@ impl Sequencer {
             Route::One(r) => out.push(Envelope {
                 seq,
                 route: r,
+                key: KeyId::NONE,
                 pos: pos.clone(),
                 item,
             }),
@@ -352,6 +364,7 @@ impl Sequencer {
                     out.push(Envelope {
                         seq,
                         route: w,
+                        key: KeyId::NONE,
                         pos: pos.clone(),
                         item: item.clone(),
                     });
@@ -397,10 +410,11 @@ impl Sequencer {
             let open = self.open_updates.entry(u.protocol_id.clone()).or_insert(u.timestamp);
             *open = (*open).max(u.timestamp);
         }
-        let route = record_key(&record).map_or(0, Key::hash);
+        let (key, route) = record_key(&record).map_or((KeyId::NONE, 0), |k| self.keys.intern(k));
         out.push(Envelope {
             seq,
             route,
+            key,
             pos,
             item: Item::Record(record),
         });
@@ -412,9 +426,11 @@ impl Sequencer {
         self.open_updates.remove(id);
         let seq = self.next_seq;
         self.next_seq += 1;
+        let (key, route) = self.keys.intern(Key::Protocol(id));
         out.push(Envelope {
             seq,
-            route: Key::Protocol(id).hash(),
+            route,
+            key,
             pos,
             item: Item::DeleteProtocol(id.to_string()),
         });
@@ -422,13 +438,14 @@ impl Sequencer {
 
     /// Entries of each kind of state the ingest front holds, for the `llamaflow_state_entries`
     /// gauges: `rule_routes` (live rules), `retired_rules` (deleted rules whose throttle may
-    /// still matter) and
-    /// `open_tvl_updates`.
-    pub fn sizes(&self) -> [(&'static str, usize); 3] {
+    /// still matter), `open_tvl_updates` and `interned_keys` (distinct keys routed, see
+    /// [`crate::keys`]).
+    pub fn sizes(&self) -> [(&'static str, usize); 4] {
         [
             ("rule_routes", self.rule_routes.len()),
             ("retired_rules", self.retired.len()),
             ("open_tvl_updates", self.open_updates.len()),
+            ("interned_keys", self.keys.len()),
         ]
     }
 
@@ -444,9 +461,11 @@ impl Sequencer {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
+        let (key, route) = self.keys.intern(Key::Protocol(protocol));
         out.push(Envelope {
             seq,
-            route: Key::Protocol(protocol).hash(),
+            route,
+            key,
             pos,
             item: Item::CloseUpdate {
                 protocol: protocol.to_string(),
@@ -493,6 +512,7 @@ impl Sequencer {
             out.push(Envelope {
                 seq,
                 route: 0,
+                key: KeyId::NONE,
                 pos: pos.clone(),
                 item: Item::ForgetRule(id),
             });

@@ -12,6 +12,7 @@ mod config;
 mod dataflow;
 mod envelope;
 mod format;
+mod keys;
 mod state;
 
 pub use aggregate::{StateDelta, StateOut};
@@ -20,4 +21,5 @@ pub use checkpoint::{Checkpointing, Snapshots, WorkerState, rescale_states};
 pub use config::OpConfig;
 pub use dataflow::{Outputs, build};
 pub use envelope::{Envelope, Item, Key, Sequencer, SequencerImage, record_key, rule_key, throttle_route, worker_of};
+pub use keys::KeyId;
 pub use state::{KeyedOut, KeyedState};

@@ -20,6 +20,7 @@ use crate::candidate::{Candidate, Detail, FastMap, RecordInfo};
 use crate::checkpoint::{Captured, CheckpointError};
 use crate::config::OpConfig;
 use crate::envelope::{Envelope, Item};
+use crate::keys::{KeyId, KeyTable};
 
 /// What the keyed operator emits.
 #[derive(Clone, Debug)]
@@ -275,13 +276,130 @@ impl Watched {
     }
 }
 
-/// Rules held by this worker, indexed by the key they watch.
+/// A key's entry on its worker: its state, once a record of the key arrived, and the rules
+/// that watch the key (beside the state: one lookup per record finds both).
+#[derive(Debug)]
+struct KeyEntry<S> {
+    state: Option<S>,
+    rules: Vec<Watched>,
+}
+
+impl<S> Default for KeyEntry<S> {
+    fn default() -> Self {
+        KeyEntry {
+            state: None,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// One kind of key's entries on this worker (a dense [`KeyTable`]), with the number of keys
+/// that hold state. A checkpoint holds it as a map from key to state.
+#[derive(Debug)]
+struct Keys<S> {
+    table: KeyTable<KeyEntry<S>>,
+    with_state: usize,
+}
+
+impl<S> Default for Keys<S> {
+    fn default() -> Self {
+        Keys {
+            table: KeyTable::default(),
+            with_state: 0,
+        }
+    }
+}
+
+impl<S: Default> Keys<S> {
+    /// The state (made if new) and the rules of key `name`, numbered `id`.
+    fn entry(&mut self, id: KeyId, name: &str) -> (&mut S, &mut Vec<Watched>) {
+        let e = self.table.entry(id, name);
+        if e.state.is_none() {
+            self.with_state += 1;
+        }
+        (e.state.get_or_insert_default(), &mut e.rules)
+    }
+
+    /// The state and the rules of key `name`, numbered `id`, if it holds state.
+    fn find(&mut self, id: KeyId, name: &str) -> Option<(&mut S, &mut Vec<Watched>)> {
+        let e = self.table.find(id, name)?;
+        Some((e.state.as_mut()?, &mut e.rules))
+    }
+
+    /// Takes the state of key `name` (its rules stay).
+    fn remove(&mut self, id: KeyId, name: &str) -> Option<S> {
+        let taken = self.table.find(id, name)?.state.take();
+        self.with_state -= usize::from(taken.is_some());
+        taken
+    }
+
+    /// The rules watching key `name` (its entry made if new).
+    fn rules(&mut self, name: &str) -> &mut Vec<Watched> {
+        &mut self.table.entry(KeyId::NONE, name).rules
+    }
+
+    /// The keys from a checkpoint's map of key to state.
+    fn from_states(states: FastMap<String, S>) -> Self {
+        let mut keys = Keys::default();
+        for (name, st) in states {
+            *keys.entry(KeyId::NONE, &name).0 = st;
+        }
+        keys
+    }
+}
+
+impl<S> Keys<S> {
+    /// Every key holding state, with its state.
+    fn states(&self) -> impl Iterator<Item = (&str, &S)> {
+        self.table.iter().filter_map(|(n, e)| Some((n, e.state.as_ref()?)))
+    }
+
+    /// Every key's rules.
+    fn rule_lists(&self) -> impl Iterator<Item = &Vec<Watched>> {
+        self.table.iter().map(|(_, e)| &e.rules)
+    }
+
+    /// The states in name order (for deterministic output).
+    fn sorted(&self) -> Vec<(&str, &S)> {
+        let mut v: Vec<(&str, &S)> = self.states().collect();
+        v.sort_unstable_by_key(|(n, _)| *n);
+        v
+    }
+}
+
+/// Written as a map from key to state (what [`KeyedImage`] reads).
+impl<S: Serialize> Serialize for Keys<S> {
+    fn serialize<Ser: serde::Serializer>(&self, serializer: Ser) -> Result<Ser::Ok, Ser::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.with_state))?;
+        for (name, st) in self.states() {
+            map.serialize_entry(name, st)?;
+        }
+        map.end()
+    }
+}
+
+/// The keyed state of one worker: coins, protocols and chains.
+#[derive(Default, Debug)]
+struct KeySpace {
+    coins: Keys<CoinState>,
+    protocols: Keys<ProtocolState>,
+    chains: Keys<ChainState>,
+}
+
+impl KeySpace {
+    /// Every key's rules.
+    fn rule_lists(&self) -> impl Iterator<Item = &Vec<Watched>> {
+        let coins = self.coins.rule_lists();
+        coins.chain(self.protocols.rule_lists()).chain(self.chains.rule_lists())
+    }
+}
+
+/// Rules held by this worker, by id; each keyed rule is listed with its key's entry
+/// ([`KeySpace`]), the others in `any_key`.
 #[derive(Default, Debug)]
 struct RuleIndex {
     by_id: FastMap<String, Arc<AlertRule>>,
-    coin: FastMap<String, Vec<Watched>>,
-    protocol: FastMap<String, Vec<Watched>>,
-    chain: FastMap<String, Vec<Watched>>,
     any_key: Vec<Watched>,
     /// Early-throttle state announced for rules not in the index: `Foreign` from the
     /// [`Item::ForeignRule`] just before the rule's record (or kept for a rule whose version
@@ -297,34 +415,35 @@ struct RuleIndex {
 type FastSet<K> = hashbrown::HashSet<K, foldhash::fast::RandomState>;
 
 impl RuleIndex {
-    fn slot(&mut self, rule: &AlertRule) -> &mut Vec<Watched> {
+    /// The list a rule is held in: its key's, or `any_key`.
+    fn slot<'a>(&'a mut self, keys: &'a mut KeySpace, rule: &AlertRule) -> &'a mut Vec<Watched> {
         match &rule.conditions {
             Conditions::PriceChange { coin, .. }
             | Conditions::PriceThreshold { coin, .. }
             | Conditions::Depeg { coin, .. }
-            | Conditions::WhaleMovement { coin: Some(coin), .. } => self.coin.entry_ref(coin.as_str()).or_default(),
+            | Conditions::WhaleMovement { coin: Some(coin), .. } => keys.coins.rules(coin),
             Conditions::TvlChange { protocol_id, .. }
             | Conditions::Liquidation {
                 protocol_id: Some(protocol_id),
                 ..
-            } => self.protocol.entry_ref(protocol_id.as_str()).or_default(),
-            Conditions::GasPrice { chain, .. } => self.chain.entry_ref(chain.as_str()).or_default(),
+            } => keys.protocols.rules(protocol_id),
+            Conditions::GasPrice { chain, .. } => keys.chains.rules(chain),
             Conditions::WhaleMovement { coin: None, .. } | Conditions::Liquidation { protocol_id: None, .. } => {
                 &mut self.any_key
             }
         }
     }
 
-    fn find(&mut self, id: &str) -> Option<(&mut Vec<Watched>, usize)> {
+    fn find<'a>(&'a mut self, keys: &'a mut KeySpace, id: &str) -> Option<(&'a mut Vec<Watched>, usize)> {
         let rule = self.by_id.get(id)?.clone();
-        let list = self.slot(&rule);
+        let list = self.slot(keys, &rule);
         let i = list.iter().position(|w| w.rule.id == id)?;
         Some((list, i))
     }
 
     /// Takes a rule out of the index; returns its early-throttle state.
-    fn take(&mut self, id: &str) -> Option<Early> {
-        let early = self.find(id).and_then(|(list, i)| list.remove(i).early);
+    fn take(&mut self, keys: &mut KeySpace, id: &str) -> Option<Early> {
+        let early = self.find(keys, id).and_then(|(list, i)| list.remove(i).early);
         if self.by_id.remove(id).is_some() {
             self.changed(id);
         }
@@ -339,26 +458,26 @@ impl RuleIndex {
     }
 
     /// Deletes a rule (or it moved to another worker), with anything announced for it.
-    fn remove(&mut self, id: &str) {
-        self.take(id);
+    fn remove(&mut self, keys: &mut KeySpace, id: &str) {
+        self.take(keys, id);
         self.parked.remove(id);
     }
 
     /// A version of the rule was refused: the older one goes, but a rule that may have fired
     /// elsewhere stays announced as such for a later version.
-    fn refuse(&mut self, id: &str) {
-        if let Some(Early::Foreign) = self.take(id) {
+    fn refuse(&mut self, keys: &mut KeySpace, id: &str) {
+        if let Some(Early::Foreign) = self.take(keys, id) {
             self.parked.insert(id.to_string(), Early::Foreign);
         }
     }
 
-    fn upsert(&mut self, rule: AlertRule) {
+    fn upsert(&mut self, keys: &mut KeySpace, rule: AlertRule) {
         // An update in place keeps its early state; an announcement takes precedence.
-        let kept = self.take(&rule.id);
+        let kept = self.take(keys, &rule.id);
         let early = self.parked.remove(&rule.id).or(kept);
         let rule = Arc::new(rule);
         let keyed = crate::envelope::rule_key(&rule).is_some();
-        self.slot(&rule).push(Watched {
+        self.slot(keys, &rule).push(Watched {
             rule: rule.clone(),
             keyed,
             early,
@@ -368,8 +487,8 @@ impl RuleIndex {
     }
 
     /// The rule may have fired on another worker ([`Item::ForeignRule`]).
-    fn foreign(&mut self, id: String) {
-        match self.find(&id) {
+    fn foreign(&mut self, keys: &mut KeySpace, id: String) {
+        match self.find(keys, &id) {
             Some((list, i)) => list[i].early = Some(Early::Foreign),
             None => {
                 self.parked.insert(id, Early::Foreign);
@@ -378,20 +497,11 @@ impl RuleIndex {
     }
 
     /// Every rule's early-throttle state (rules that never fired have none).
-    fn early_states(&self) -> FastMap<&str, Early> {
-        let lists = self
-            .coin
-            .values()
-            .chain(self.protocol.values())
-            .chain(self.chain.values());
-        let watched = lists.flatten().chain(&self.any_key);
+    fn early_states<'a>(&'a self, keys: &'a KeySpace) -> FastMap<&'a str, Early> {
+        let watched = keys.rule_lists().flatten().chain(&self.any_key);
         let held = watched.filter_map(|w| w.early.map(|e| (w.rule.id.as_str(), e)));
         let parked = self.parked.iter().map(|(id, e)| (id.as_str(), *e));
         held.chain(parked).collect()
-    }
-
-    fn for_key<'a>(map: &'a mut FastMap<String, Vec<Watched>>, key: &str) -> &'a mut [Watched] {
-        map.get_mut(key).map_or(&mut [], Vec::as_mut_slice)
     }
 }
 
@@ -522,9 +632,7 @@ pub(crate) fn split_keyed(images: &[&[u8]], workers: usize) -> Result<Vec<Vec<u8
 #[derive(Debug)]
 pub struct KeyedState {
     cfg: OpConfig,
-    coins: FastMap<String, CoinState>,
-    protocols: FastMap<String, ProtocolState>,
-    chains: FastMap<String, ChainState>,
+    keys: KeySpace,
     rules: RuleIndex,
     /// Newest event time of the batch's records, for the live state's clock.
     clock: Option<Millis>,
@@ -539,9 +647,7 @@ impl KeyedState {
     pub fn new(cfg: OpConfig) -> Self {
         KeyedState {
             cfg,
-            coins: FastMap::default(),
-            protocols: FastMap::default(),
-            chains: FastMap::default(),
+            keys: KeySpace::default(),
             rules: RuleIndex::default(),
             clock: None,
         }
@@ -562,7 +668,8 @@ impl KeyedState {
         };
         // bincode writes a struct as its fields one after another, so the image is the
         // concatenation of its fields' encodings.
-        let mut bytes = bincode::serialize(&(delta, &self.coins, &self.protocols, &self.chains))?;
+        let keys = &self.keys;
+        let mut bytes = bincode::serialize(&(delta, &keys.coins, &keys.protocols, &keys.chains))?;
         let (changed, removed): (Vec<Arc<AlertRule>>, Vec<String>) = match (delta, &rules.tracked) {
             (Some(_), Some((_, ids))) => (
                 ids.iter().filter_map(|id| rules.by_id.get(id).cloned()).collect(),
@@ -576,7 +683,7 @@ impl KeyedState {
                 (rules.by_id.values().cloned().collect(), Vec::new())
             }
         };
-        let early = bincode::serialize(&rules.early_states())?;
+        let early = bincode::serialize(&rules.early_states(keys))?;
         Ok(Box::new(move || {
             let size = bincode::serialized_size(&changed)? + early.len() as u64 + bincode::serialized_size(&removed)?;
             bytes.reserve(usize::try_from(size).unwrap_or(0));
@@ -594,12 +701,14 @@ impl KeyedState {
             return Err(CheckpointError::NeedsBase(base));
         }
         let mut state = KeyedState::new(cfg);
-        state.coins = image.coins;
-        state.protocols = image.protocols;
-        state.chains = image.chains;
+        state.keys = KeySpace {
+            coins: Keys::from_states(image.coins),
+            protocols: Keys::from_states(image.protocols),
+            chains: Keys::from_states(image.chains),
+        };
         state.rules.parked = image.early;
         for rule in image.rules {
-            state.rules.upsert(rule);
+            state.rules.upsert(&mut state.keys, rule);
         }
         Ok(state)
     }
@@ -614,9 +723,9 @@ impl KeyedState {
     /// announced as foreign whose version was refused; nothing between batches otherwise).
     pub fn sizes(&self) -> [(&'static str, usize); 5] {
         [
-            ("coins", self.coins.len()),
-            ("protocols", self.protocols.len()),
-            ("chains", self.chains.len()),
+            ("coins", self.keys.coins.with_state),
+            ("protocols", self.keys.protocols.with_state),
+            ("chains", self.keys.chains.with_state),
             ("rules", self.rules.by_id.len()),
             ("parked_rules", self.rules.parked.len()),
         ]
@@ -624,17 +733,20 @@ impl KeyedState {
 
     /// Total number of history points held (for memory accounting and tests).
     pub fn history_len(&self) -> usize {
-        self.coins.values().map(|c| c.history.len()).sum::<usize>()
-            + self
+        let keys = &self.keys;
+        keys.coins.states().map(|(_, c)| c.history.len()).sum::<usize>()
+            + keys
                 .protocols
-                .values()
-                .map(|p| p.total_hist.len() + p.chain_hist.values().map(VecDeque::len).sum::<usize>())
+                .states()
+                .map(|(_, p)| p.total_hist.len() + p.chain_hist.values().map(VecDeque::len).sum::<usize>())
                 .sum::<usize>()
     }
 
     /// Processes one envelope; call in `seq` order.
     pub fn process(&mut self, env: Envelope, out: &mut Vec<KeyedOut>) {
-        let Envelope { seq, pos, item, .. } = env;
+        let Envelope {
+            seq, key, pos, item, ..
+        } = env;
         if let Item::Record(r) = &item {
             let ts = r.timestamp();
             if ts > Millis::MIN {
@@ -642,14 +754,14 @@ impl KeyedState {
             }
         }
         match item {
-            Item::DeleteRule(id) => self.rules.remove(&id),
-            Item::ForeignRule(id) => self.rules.foreign(id),
+            Item::DeleteRule(id) => self.rules.remove(&mut self.keys, &id),
+            Item::ForeignRule(id) => self.rules.foreign(&mut self.keys, id),
             Item::ForgetRule(rule_id) => out.push(KeyedOut::Forget { seq, rule_id }),
             Item::Record(Record::Rule(rule)) => match rule_window(&rule).filter(|w| *w > self.cfg.max_rule_window) {
                 // A window longer than the bound would keep unbounded history for its key: the
                 // rule is refused (and an earlier version of it removed).
                 Some(w) => {
-                    self.rules.refuse(&rule.id);
+                    self.rules.refuse(&mut self.keys, &rule.id);
                     metrics::counter!("llamaflow_rules_refused_total", "reason" => "window").increment(1);
                     let reason = format!(
                         "invalid rule: window {} is longer than the maximum of {} (operators.max_rule_window_days)",
@@ -662,25 +774,26 @@ impl KeyedState {
                         &rule.to_json().to_string(),
                     )));
                 }
-                None => self.rules.upsert(rule),
+                None => self.rules.upsert(&mut self.keys, rule),
             },
-            Item::Record(Record::Protocol(p)) => self.protocol(p, out),
-            Item::DeleteProtocol(id) => self.delete_protocol(&id, out),
+            Item::Record(Record::Protocol(p)) => self.protocol(key, p, out),
+            Item::DeleteProtocol(id) => self.delete_protocol(key, &id, out),
             Item::CloseUpdate { protocol, timestamp } => {
                 if self
+                    .keys
                     .protocols
-                    .get(&protocol)
-                    .and_then(|st| st.pending.as_ref())
+                    .find(key, &protocol)
+                    .and_then(|(st, _)| st.pending.as_ref())
                     .is_some_and(|p| p.ts == timestamp)
                 {
-                    self.flush_total(&protocol, out);
+                    self.flush_total(key, &protocol, out);
                 }
             }
-            Item::Record(Record::Price(p)) => self.price(seq, &pos, p, out),
-            Item::Record(Record::Transfer(t)) => self.transfer(seq, &pos, t, out),
-            Item::Record(Record::Tvl(t)) => self.tvl(seq, &pos, t, out),
-            Item::Record(Record::Liquidation(l)) => self.liquidation(seq, &pos, l, out),
-            Item::Record(Record::Gas(g)) => self.gas(seq, &pos, g, out),
+            Item::Record(Record::Price(p)) => self.price(seq, key, &pos, p, out),
+            Item::Record(Record::Transfer(t)) => self.transfer(seq, key, &pos, t, out),
+            Item::Record(Record::Tvl(t)) => self.tvl(seq, key, &pos, t, out),
+            Item::Record(Record::Liquidation(l)) => self.liquidation(seq, key, &pos, l, out),
+            Item::Record(Record::Gas(g)) => self.gas(seq, key, &pos, g, out),
         }
     }
 
@@ -698,8 +811,8 @@ impl KeyedState {
         out.push(KeyedOut::Dead(DeadLetter::new(pos, "late", &record.to_json())));
     }
 
-    fn protocol(&mut self, p: Protocol, out: &mut Vec<KeyedOut>) {
-        let st = self.protocols.entry_ref(p.id.as_str()).or_default();
+    fn protocol(&mut self, key: KeyId, p: Protocol, out: &mut Vec<KeyedOut>) {
+        let (st, _) = self.keys.protocols.entry(key, &p.id);
         if st.meta.as_ref() == Some(&p) {
             return;
         }
@@ -715,8 +828,10 @@ impl KeyedState {
     }
 
     /// Deletes a protocol: its metadata and TVL leave the live state (its rules stay).
-    fn delete_protocol(&mut self, id: &str, out: &mut Vec<KeyedOut>) {
-        let Some(st) = self.protocols.remove(id) else { return };
+    fn delete_protocol(&mut self, key: KeyId, id: &str, out: &mut Vec<KeyedOut>) {
+        let Some(st) = self.keys.protocols.remove(key, id) else {
+            return;
+        };
         if !self.cfg.live_state {
             return;
         }
@@ -749,13 +864,10 @@ impl KeyedState {
             return;
         }
         let view = KeyedOut::Restored;
-        let mut ids: Vec<&String> = self.protocols.keys().collect();
-        ids.sort_unstable();
-        for id in ids {
-            let st = &self.protocols[id];
+        for (id, st) in self.keys.protocols.sorted() {
             if st.meta.is_some() {
                 out.push(KeyedOut::State(StateDelta::Meta {
-                    id: id.clone(),
+                    id: id.to_string(),
                     old: None,
                     new: st.meta.clone().map(Box::new),
                 }));
@@ -763,7 +875,7 @@ impl KeyedState {
             for (chain, v) in &st.chain_latest {
                 if !is_sub_bucket(chain) {
                     out.push(KeyedOut::State(StateDelta::Tvl {
-                        protocol: id.clone(),
+                        protocol: id.to_string(),
                         chain: chain.clone(),
                         old: None,
                         new: Some(*v),
@@ -776,22 +888,17 @@ impl KeyedState {
                 out.push(view(st.tvl_event(id, t, total)));
             }
         }
-        let mut coins: Vec<&String> = self.coins.keys().collect();
-        coins.sort_unstable();
-        for coin in coins {
-            let st = &self.coins[coin];
+        for (coin, st) in self.keys.coins.sorted() {
             let Some(&(t, px)) = st.history.back() else { continue };
-            out.push(view(st.price_event(coin.clone(), t, px)));
+            out.push(view(st.price_event(coin.to_string(), t, px)));
         }
-        let mut chains: Vec<&String> = self.chains.keys().collect();
-        chains.sort_unstable();
-        for chain in chains {
-            if let Some((t, gwei)) = self.chains[chain].last {
+        for (chain, st) in self.keys.chains.sorted() {
+            if let Some((t, gwei)) = st.last {
                 out.push(view(Event {
-                    subject: chain.clone(),
+                    subject: chain.to_string(),
                     timestamp: t,
                     data: EventData::GasUpdate {
-                        chain: chain.clone(),
+                        chain: chain.to_string(),
                         gwei,
                         timestamp: t,
                     },
@@ -800,12 +907,12 @@ impl KeyedState {
         }
     }
 
-    fn price(&mut self, seq: u64, pos: &SourcePos, p: PriceTick, out: &mut Vec<KeyedOut>) {
+    fn price(&mut self, seq: u64, key: KeyId, pos: &SourcePos, p: PriceTick, out: &mut Vec<KeyedOut>) {
         if p.confidence.is_some_and(|c| c <= 0.3) {
             count_ignored("low_confidence");
             return;
         }
-        let st = self.coins.entry_ref(p.coin.as_str()).or_default();
+        let (st, rules) = self.keys.coins.entry(key, &p.coin);
         match st.last_price_ts {
             Some(last) if p.timestamp < last => return Self::late(pos, Record::Price(p), out),
             Some(last) if p.timestamp == last => return count_ignored("duplicate"),
@@ -820,7 +927,7 @@ impl KeyedState {
         let prev = st.history.back().map(|x| x.1);
         let mut info = None;
         let mut retention = self.cfg.price_retention;
-        for w in RuleIndex::for_key(&mut self.rules.coin, &p.coin) {
+        for w in rules {
             let rule = &w.rule;
             if let Conditions::PriceChange { window, .. } = rule.conditions {
                 retention = retention.max(window);
@@ -910,8 +1017,8 @@ impl KeyedState {
         st.last_price_ts = Some(t);
     }
 
-    fn transfer(&mut self, seq: u64, pos: &SourcePos, tr: Transfer, out: &mut Vec<KeyedOut>) {
-        let st = self.coins.entry_ref(tr.coin.as_str()).or_default();
+    fn transfer(&mut self, seq: u64, key: KeyId, pos: &SourcePos, tr: Transfer, out: &mut Vec<KeyedOut>) {
+        let (st, rules) = self.keys.coins.entry(key, &tr.coin);
         let identity = format!(
             "transfer|{}|{}|{}|{}|{}|{}",
             tr.chain,
@@ -942,9 +1049,7 @@ impl KeyedState {
             )));
         }
         let mut info = None;
-        let rules = RuleIndex::for_key(&mut self.rules.coin, &tr.coin)
-            .iter_mut()
-            .chain(self.rules.any_key.iter_mut());
+        let rules = rules.iter_mut().chain(self.rules.any_key.iter_mut());
         for w in rules {
             let rule = &w.rule;
             let Conditions::WhaleMovement { chain, min_usd, .. } = &rule.conditions else {
@@ -988,9 +1093,9 @@ impl KeyedState {
         }
     }
 
-    fn tvl(&mut self, seq: u64, pos: &SourcePos, u: TvlUpdate, out: &mut Vec<KeyedOut>) {
+    fn tvl(&mut self, seq: u64, key: KeyId, pos: &SourcePos, u: TvlUpdate, out: &mut Vec<KeyedOut>) {
         let pending_older = {
-            let st = self.protocols.entry_ref(u.protocol_id.as_str()).or_default();
+            let (st, _) = self.keys.protocols.entry(key, &u.protocol_id);
             if st.last_tvl_ts.is_some_and(|last| u.timestamp < last) {
                 return Self::late(pos, Record::Tvl(u), out);
             }
@@ -1013,11 +1118,9 @@ impl KeyedState {
             st.pending.as_ref().is_some_and(|p| p.ts < u.timestamp)
         };
         if pending_older {
-            self.flush_total(&u.protocol_id, out);
+            self.flush_total(key, &u.protocol_id, out);
         }
-        let Some(st) = self.protocols.get_mut(&u.protocol_id) else {
-            return;
-        };
+        let (st, rules) = self.keys.protocols.entry(key, &u.protocol_id);
         // The total after this update must be a number: finite values can add up to +inf.
         let total: f64 = st
             .chain_latest
@@ -1033,7 +1136,6 @@ impl KeyedState {
             );
             return out.push(KeyedOut::Dead(DeadLetter::new(pos, reason, &Record::Tvl(u).to_json())));
         }
-        let rules = RuleIndex::for_key(&mut self.rules.protocol, &u.protocol_id);
         let label = st.label(&u.protocol_id);
         let t = u.timestamp;
         let mut accepted = false;
@@ -1109,8 +1211,10 @@ impl KeyedState {
         }
     }
 
-    fn flush_total(&mut self, id: &str, out: &mut Vec<KeyedOut>) {
-        let Some(st) = self.protocols.get_mut(id) else { return };
+    fn flush_total(&mut self, key: KeyId, id: &str, out: &mut Vec<KeyedOut>) {
+        let Some((st, rules)) = self.keys.protocols.find(key, id) else {
+            return;
+        };
         let Some(PendingTotal { ts: t, seq }) = st.pending.take() else {
             return;
         };
@@ -1118,7 +1222,7 @@ impl KeyedState {
         let label = st.label(id);
         let mut retention = self.cfg.tvl_retention;
         let mut info = None;
-        for w in RuleIndex::for_key(&mut self.rules.protocol, id) {
+        for w in rules {
             let rule = &w.rule;
             let Conditions::TvlChange {
                 chain: None,
@@ -1164,8 +1268,8 @@ impl KeyedState {
         prune(&mut st.total_hist, t, retention);
     }
 
-    fn liquidation(&mut self, seq: u64, pos: &SourcePos, l: Liquidation, out: &mut Vec<KeyedOut>) {
-        let st = self.protocols.entry_ref(l.protocol_id.as_str()).or_default();
+    fn liquidation(&mut self, seq: u64, key: KeyId, pos: &SourcePos, l: Liquidation, out: &mut Vec<KeyedOut>) {
+        let (st, rules) = self.keys.protocols.entry(key, &l.protocol_id);
         let identity = format!(
             "liquidation|{}|{}|{}|{}|{}",
             l.protocol_id,
@@ -1181,9 +1285,7 @@ impl KeyedState {
         }
         let label = st.label(&l.protocol_id);
         let mut info = None;
-        let rules = RuleIndex::for_key(&mut self.rules.protocol, &l.protocol_id)
-            .iter_mut()
-            .chain(self.rules.any_key.iter_mut());
+        let rules = rules.iter_mut().chain(self.rules.any_key.iter_mut());
         for w in rules {
             let rule = &w.rule;
             let Conditions::Liquidation { chain, min_usd, .. } = &rule.conditions else {
@@ -1223,8 +1325,8 @@ impl KeyedState {
         }
     }
 
-    fn gas(&mut self, seq: u64, pos: &SourcePos, g: GasTick, out: &mut Vec<KeyedOut>) {
-        let st = self.chains.entry_ref(g.chain.as_str()).or_default();
+    fn gas(&mut self, seq: u64, key: KeyId, pos: &SourcePos, g: GasTick, out: &mut Vec<KeyedOut>) {
+        let (st, rules) = self.keys.chains.entry(key, &g.chain);
         let prev = match st.last {
             Some((last, _)) if g.timestamp < last => return Self::late(pos, Record::Gas(g), out),
             Some((last, _)) if g.timestamp == last => return count_ignored("duplicate"),
@@ -1232,7 +1334,7 @@ impl KeyedState {
             None => None,
         };
         let mut info = None;
-        for w in RuleIndex::for_key(&mut self.rules.chain, &g.chain) {
+        for w in rules {
             let rule = &w.rule;
             let Conditions::GasPrice { operator, gwei, .. } = &rule.conditions else {
                 continue;

@@ -610,13 +610,14 @@ impl Engine {
     ///
     /// In a cluster, sequence numbers are made unique across processes: the sequencer's
     /// number `s` becomes `s × processes + process` (order within a process is kept, and a
-    /// key's records all come from one process).
+    /// key's records all come from one process); so do key numbers ([`operators::KeyId`]).
     pub fn send(&mut self, mut envelopes: Vec<Envelope>) -> Result<()> {
         let n = self.inputs.len();
         let parts: Vec<Vec<Envelope>> = if self.cluster.is_multi() {
             let (procs, p) = (self.cluster.processes as u64, self.cluster.process as u64);
             for e in &mut envelopes {
                 e.seq = e.seq.wrapping_mul(procs).wrapping_add(p);
+                e.key = e.key.scoped(procs as u32, p as u32);
             }
             let chunk = envelopes.len().div_ceil(n).max(1);
             let mut parts = Vec::with_capacity(n);

@@ -457,7 +457,9 @@ pub fn feed(inputs: Inputs, mut engine: Option<&mut Engine>, batch_size: usize, 
                     Some(engine) => {
                         let new_hour = ts.div_euclid(EPOCH_SPAN) != last_ts.div_euclid(EPOCH_SPAN);
                         if !batch.is_empty() && ts != last_ts && (batch.len() >= batch_size || new_hour) {
-                            engine.send(std::mem::take(&mut batch))?;
+                            // A full-size buffer for the next epoch: no regrowing per epoch.
+                            let next = Vec::with_capacity(batch_size + 16);
+                            engine.send(std::mem::replace(&mut batch, next))?;
                             feed.progress(records_in);
                         }
                         engine.sequencer().push(pos, rec, &mut batch);
