@@ -835,7 +835,9 @@ fn run_worker(worker: &mut timely::worker::Worker, first_local: bool, start: Wor
                 let next = *input.time() + 1;
                 input.advance_to(next);
                 while probe.less_than(&input.time().saturating_sub(MAX_EPOCHS_IN_FLIGHT)) {
-                    worker.step();
+                    // Waiting for the other workers: parked (woken by their messages), not
+                    // spinning on a core they need.
+                    worker.step_or_park(Some(Duration::from_millis(1)));
                     report(&probe, *input.time());
                     forward(&mut control);
                 }
