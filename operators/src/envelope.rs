@@ -526,7 +526,7 @@ mod tests {
     use serde_json::json;
 
     fn rule(v: serde_json::Value) -> Record {
-        Record::Rule(AlertRule::from_json(&v).unwrap())
+        Record::Rule(Box::new(AlertRule::from_json(&v).unwrap()))
     }
 
     #[test]

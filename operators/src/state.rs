@@ -774,7 +774,7 @@ impl KeyedState {
                         &rule.to_json().to_string(),
                     )));
                 }
-                None => self.rules.upsert(&mut self.keys, rule),
+                None => self.rules.upsert(&mut self.keys, *rule),
             },
             Item::Record(Record::Protocol(p)) => self.protocol(key, p, out),
             Item::DeleteProtocol(id) => self.delete_protocol(key, &id, out),
@@ -811,18 +811,18 @@ impl KeyedState {
         out.push(KeyedOut::Dead(DeadLetter::new(pos, "late", &record.to_json())));
     }
 
-    fn protocol(&mut self, key: KeyId, p: Protocol, out: &mut Vec<KeyedOut>) {
+    fn protocol(&mut self, key: KeyId, p: Box<Protocol>, out: &mut Vec<KeyedOut>) {
         let (st, _) = self.keys.protocols.entry(key, &p.id);
-        if st.meta.as_ref() == Some(&p) {
+        if st.meta.as_ref() == Some(&*p) {
             return;
         }
         let id = p.id.clone();
-        let old = st.meta.replace(p.clone());
+        let old = st.meta.replace((*p).clone());
         if self.cfg.live_state {
             out.push(KeyedOut::State(StateDelta::Meta {
                 id,
                 old: old.map(Box::new),
-                new: Some(Box::new(p)),
+                new: Some(p),
             }));
         }
     }
@@ -1017,7 +1017,7 @@ impl KeyedState {
         st.last_price_ts = Some(t);
     }
 
-    fn transfer(&mut self, seq: u64, key: KeyId, pos: &SourcePos, tr: Transfer, out: &mut Vec<KeyedOut>) {
+    fn transfer(&mut self, seq: u64, key: KeyId, pos: &SourcePos, tr: Box<Transfer>, out: &mut Vec<KeyedOut>) {
         let (st, rules) = self.keys.coins.entry(key, &tr.coin);
         let identity = format!(
             "transfer|{}|{}|{}|{}|{}|{}",

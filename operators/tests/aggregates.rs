@@ -145,14 +145,14 @@ fn record(op: &Op) -> Option<Record> {
             chains: vec![(chain.to_string(), v as f64 / 100.0)],
             extra: Vec::new(),
         }),
-        Op::Meta(p, c) => Record::Protocol(Protocol {
+        Op::Meta(p, c) => Record::Protocol(Box::new(Protocol {
             id: pid(p),
             name: format!("Protocol {p}"),
             symbol: None,
             slug: Some(format!("protocol-{p}")),
             category: CATEGORIES.get(c).map(|s| s.to_string()),
             chains: vec!["ethereum".into()],
-        }),
+        })),
         Op::Delete(_) => return None,
     })
 }

@@ -191,12 +191,12 @@ fn rule_strategy() -> impl Strategy<Value = Record> {
             let types =
                 ["price_change", "price_threshold", "depeg", "tvl_change", "whale_movement", "gas_price", "liquidation"];
             let throttle = [0.0, 1.0, 5.0, 30.0][throttle];
-            Record::Rule(
+            Record::Rule(Box::new(
                 AlertRule::from_json(&json!({"id": format!("r{id}"), "user_id": format!("u{}", id % 3),
                     "alert_type": types[kind], "conditions": conditions, "enabled": enabled || id % 4 != 0,
                     "throttle_minutes": throttle}))
                 .expect("generated rules are valid"),
-            )
+            ))
         })
 }
 
@@ -249,7 +249,7 @@ fn steps_to_batches(steps: Vec<RawStep>, rules: Vec<(usize, Record)>, deletes: V
                 },
                 extra: Vec::new(),
             }),
-            3 => Record::Transfer(Transfer {
+            3 => Record::Transfer(Box::new(Transfer {
                 chain: CHAINS[key % 2].to_string(),
                 tx_hash: format!("0x{}", lag % 7),
                 coin: COINS[key % 3].to_string(),
@@ -257,7 +257,7 @@ fn steps_to_batches(steps: Vec<RawStep>, rules: Vec<(usize, Record)>, deletes: V
                 to: None,
                 amount: level * 10.0,
                 timestamp: t,
-            }),
+            })),
             4 => Record::Gas(GasTick {
                 chain: CHAINS[key % 2].to_string(),
                 gwei: level * 2.0,
@@ -438,7 +438,7 @@ fn gas(chain: &str, gwei: f64, t: i64) -> Op {
 }
 
 fn rule(v: serde_json::Value) -> Op {
-    Op::Rec(Record::Rule(AlertRule::from_json(&v).expect("valid rule")))
+    Op::Rec(Record::Rule(Box::new(AlertRule::from_json(&v).expect("valid rule"))))
 }
 
 fn tvl(pid: &str, chain: &str, v: f64, t: i64) -> Op {
@@ -600,14 +600,14 @@ fn tvl_total_is_evaluated_once_per_timestamp() {
                 json!({"id":"eth","user_id":"u","alert_type":"tvl_change","throttle_minutes":0,
                 "conditions":{"protocol_id":"2269","chain":"ethereum","window":3600,"threshold_pct":10,"direction":"any"}}),
             ),
-            Op::Rec(Record::Protocol(schemas::Protocol {
+            Op::Rec(Record::Protocol(Box::new(schemas::Protocol {
                 id: "2269".into(),
                 name: "Aave V3".into(),
                 symbol: None,
                 slug: None,
                 category: None,
                 chains: vec![],
-            })),
+            }))),
             tvl("2269", "ethereum", 100.0, 0),
             tvl("2269", "arbitrum", 100.0, 0),
         ],
@@ -646,7 +646,7 @@ fn tvl_total_is_evaluated_once_per_timestamp() {
 fn whale_uses_latest_earlier_price_and_rules_change_live() {
     let usdc = "ethereum:0xa0b8";
     let transfer = |amount: f64, t: i64, tx: &str| {
-        Op::Rec(Record::Transfer(Transfer {
+        Op::Rec(Record::Transfer(Box::new(Transfer {
             chain: "ethereum".into(),
             tx_hash: tx.into(),
             coin: usdc.into(),
@@ -654,7 +654,7 @@ fn whale_uses_latest_earlier_price_and_rules_change_live() {
             to: None,
             amount,
             timestamp: t * 1000,
-        }))
+        })))
     };
     let batches = vec![
         vec![
@@ -900,7 +900,7 @@ fn finite_input_never_gives_infinite_output() {
         tvl("p", "ethereum", 1e308, 0),
         tvl("p", "arbitrum", 1e308, 0),
         // amount × price overflows.
-        Op::Rec(Record::Transfer(Transfer {
+        Op::Rec(Record::Transfer(Box::new(Transfer {
             chain: "ethereum".into(),
             tx_hash: "0x1".into(),
             coin: c.into(),
@@ -908,7 +908,7 @@ fn finite_input_never_gives_infinite_output() {
             to: None,
             amount: 1e300,
             timestamp: 700_000,
-        })),
+        }))),
     ]];
     for workers in [1, 2] {
         let r = run(workers, &batches, OpConfig::default());
@@ -951,11 +951,11 @@ fn nothing_of_deleted_rules_outlives_their_throttle() {
     let mut throttle = operators::Throttle::default();
     let pos = || SourcePos::new("t:".into(), 0);
     let g = |i: usize, chain: &str| {
-        Record::Rule(
+        Record::Rule(Box::new(
             AlertRule::from_json(&json!({"id": format!("g{i}"),"user_id":"u","alert_type":"gas_price",
                 "throttle_minutes":1,"conditions":{"chain":chain,"operator":">","gwei":50}}))
             .expect("valid rule"),
-        )
+        ))
     };
     let gas = |chain: &str, gwei: f64, t: Millis| {
         Record::Gas(GasTick {

@@ -303,8 +303,8 @@ fn json_number(t: &str) -> Option<f64> {
 /// A price with `confidence` ≤ 0.3 parses fine; the dataflow ignores it (SPEC §1).
 pub fn parse_record(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
     match kind {
-        Kind::Rule => parse_rule(line).map(Record::Rule),
-        Kind::Protocol => parse_protocol(line).map(Record::Protocol),
+        Kind::Rule => parse_rule(line).map(|r| Record::Rule(Box::new(r))),
+        Kind::Protocol => parse_protocol(line).map(|p| Record::Protocol(Box::new(p))),
         Kind::Price => match plain_price(line) {
             Some(tick) => Ok(Record::Price(tick)),
             None => parse_general(kind, line),
@@ -376,7 +376,7 @@ fn parse_general(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
             if amount <= 0.0 {
                 return Err(bad(format!("field `amount` must be > 0, got {amount}")));
             }
-            Record::Transfer(Transfer {
+            Record::Transfer(Box::new(Transfer {
                 chain: r.chain.string("chain")?,
                 tx_hash: r.tx_hash.string("tx_hash")?,
                 coin: r.coin.coin("coin")?,
@@ -384,7 +384,7 @@ fn parse_general(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
                 to: r.to.opt_string("to")?,
                 amount,
                 timestamp: r.timestamp.time()?,
-            })
+            }))
         }
         Kind::Gas => {
             let gwei = r.gwei.num("gwei")?;

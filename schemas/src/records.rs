@@ -187,16 +187,17 @@ pub enum Record {
     Price(PriceTick),
     /// A TVL update.
     Tvl(TvlUpdate),
-    /// A transfer.
-    Transfer(Transfer),
+    /// A transfer (boxed, like the other large records: a record is moved several times on
+    /// its way to its worker, so the common ones stay small).
+    Transfer(Box<Transfer>),
     /// A gas tick.
     Gas(GasTick),
     /// A liquidation.
     Liquidation(Liquidation),
     /// Protocol metadata.
-    Protocol(Protocol),
+    Protocol(Box<Protocol>),
     /// An alert rule (insert or replace).
-    Rule(AlertRule),
+    Rule(Box<AlertRule>),
 }
 
 impl Record {

@@ -219,7 +219,7 @@ impl Model {
         match rec {
             Record::Rule(r) => {
                 self.deadlines.remove(&r.id);
-                self.rules.insert(r.id.clone(), r.clone());
+                self.rules.insert(r.id.clone(), (**r).clone());
             }
             Record::Protocol(_) => {}
             Record::Price(p) => {

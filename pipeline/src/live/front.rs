@@ -629,7 +629,10 @@ pub(super) async fn demo_source(d: DemoSection, tx: mpsc::Sender<LiveItem>, stop
         let origin: Arc<str> = "demo-setup:".into();
         for (i, p) in demo::demo_protocols().into_iter().enumerate() {
             if tx
-                .send(item(SourcePos::new(origin.clone(), i as u64), Record::Protocol(p)))
+                .send(item(
+                    SourcePos::new(origin.clone(), i as u64),
+                    Record::Protocol(Box::new(p)),
+                ))
                 .await
                 .is_err()
             {
@@ -638,7 +641,10 @@ pub(super) async fn demo_source(d: DemoSection, tx: mpsc::Sender<LiveItem>, stop
         }
         for (i, r) in demo::demo_rules().into_iter().enumerate() {
             if tx
-                .send(item(SourcePos::new(origin.clone(), 1000 + i as u64), Record::Rule(r)))
+                .send(item(
+                    SourcePos::new(origin.clone(), 1000 + i as u64),
+                    Record::Rule(Box::new(r)),
+                ))
                 .await
                 .is_err()
             {

@@ -704,7 +704,7 @@ impl DemoFeed {
             amount: round_sig(usd / self.price_at(coin, t), 6),
             timestamp: t,
         };
-        (Record::Transfer(transfer), t + self.rng.range(1, 5) * SEC)
+        (Record::Transfer(Box::new(transfer)), t + self.rng.range(1, 5) * SEC)
     }
 
     fn liquidation(&mut self, t: Millis) -> (Record, Millis) {

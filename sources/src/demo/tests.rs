@@ -85,8 +85,11 @@ fn every_kind_in_the_first_hour_and_records_validate() {
     let protocols = demo_protocols();
     assert_eq!(protocols.len(), PROTOCOLS.len());
     for p in &protocols {
-        let line = Record::Protocol(p.clone()).to_json();
-        assert_eq!(parse_record(Kind::Protocol, &line), Ok(Record::Protocol(p.clone())));
+        let line = Record::Protocol(Box::new(p.clone())).to_json();
+        assert_eq!(
+            parse_record(Kind::Protocol, &line),
+            Ok(Record::Protocol(Box::new(p.clone())))
+        );
     }
 }
 

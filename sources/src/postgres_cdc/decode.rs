@@ -139,10 +139,10 @@ pub(crate) fn upsert_change(table: CdcTable, row: &Row) -> Result<Change, String
     let value = Value::Object(row.clone());
     match table {
         CdcTable::AlertRules => schemas::parse_rule_value(&value)
-            .map(|r| Change::Record(Record::Rule(r)))
+            .map(|r| Change::Record(Record::Rule(Box::new(r))))
             .map_err(|e| e.0),
         CdcTable::Protocols => schemas::parse::parse_protocol_value(&value)
-            .map(|p| Change::Record(Record::Protocol(p)))
+            .map(|p| Change::Record(Record::Protocol(Box::new(p))))
             .map_err(|e| e.0),
         CdcTable::ApiKeys => {
             let key = key_of(table, row).ok_or("missing field `key`")?;
