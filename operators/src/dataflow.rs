@@ -141,6 +141,11 @@ where
     })
 }
 
+/// How many records ahead the keyed operator loads a key's entry, and then (from that entry)
+/// its state.
+const PREFETCH_FAR: usize = 8;
+const PREFETCH_NEAR: usize = 4;
+
 /// Builds the dataflow on a stream of envelopes (from [`crate::Sequencer`]).
 ///
 /// With `ckpt.restore` the operators start from restored state; with `ckpt.snapshots` they
@@ -179,7 +184,16 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
         move |state, mut batch, out| {
             // A rule moving between keys is deleted (same seq) before it is re-inserted.
             batch.sort_by_key(|e: &Envelope| (e.seq, !matches!(e.item, Item::DeleteRule(_))));
-            for env in batch {
+            // Keys' entries are loaded a few records ahead (`KeyedState::prefetch_entry`).
+            let mut envs = batch.drain(..);
+            while let Some(env) = envs.next() {
+                let ahead = envs.as_slice();
+                if let Some(far) = ahead.get(PREFETCH_FAR) {
+                    state.prefetch_entry(far);
+                }
+                if let Some(near) = ahead.get(PREFETCH_NEAR) {
+                    state.prefetch_state(near);
+                }
                 state.process(env, out);
             }
             state.end_of_batch(out);

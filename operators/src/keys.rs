@@ -157,6 +157,43 @@ impl<V> KeyTable<V> {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &V)> {
         self.entries.iter().map(|(n, v)| (&**n, v))
     }
+
+    /// The entry numbered `id`, if this table has seen the number (nothing is looked up by
+    /// name or made).
+    pub fn peek(&self, id: KeyId) -> Option<&V> {
+        self.by_number(id).map(|s| &self.entries[s].1)
+    }
+
+    /// Starts loading the entry numbered `id` into the cache (see [`prefetch`]), if this
+    /// table has seen the number. Reads only the table's own index, which stays cached.
+    pub fn prefetch(&self, id: KeyId) {
+        if let Some(s) = self.by_number(id) {
+            prefetch_value(&self.entries[s]);
+        }
+    }
+}
+
+/// Asks the CPU to start loading the cache line at `p`, without waiting for it. A hint only:
+/// it changes no result and never faults, whatever the address. A no-op on other than x86-64.
+#[inline(always)]
+pub fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 performs no architectural memory access and cannot fault, for any
+    // address (Intel SDM, "PREFETCHh"); `p` is never dereferenced.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// [`prefetch`] of every cache line of `value`.
+#[inline(always)]
+pub fn prefetch_value<T>(value: &T) {
+    let start = (value as *const T).cast::<u8>();
+    for offset in (0..std::mem::size_of::<T>()).step_by(64) {
+        prefetch(start.wrapping_add(offset));
+    }
 }
 
 #[cfg(test)]

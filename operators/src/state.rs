@@ -294,7 +294,8 @@ impl<S> Default for KeyEntry<S> {
 }
 
 /// One kind of key's entries on this worker (a dense [`KeyTable`]), with the number of keys
-/// that hold state. A checkpoint holds it as a map from key to state.
+/// that hold state (for the `llamaflow_state_entries` gauge, read every epoch). A checkpoint
+/// holds it as a map from key to state.
 #[derive(Debug)]
 struct Keys<S> {
     table: KeyTable<KeyEntry<S>>,
@@ -371,7 +372,9 @@ impl<S> Keys<S> {
 impl<S: Serialize> Serialize for Keys<S> {
     fn serialize<Ser: serde::Serializer>(&self, serializer: Ser) -> Result<Ser::Ok, Ser::Error> {
         use serde::ser::SerializeMap;
-        let mut map = serializer.serialize_map(Some(self.with_state))?;
+        // Counted here rather than trusting the gauge's count: a checkpoint is rare, and its
+        // length must be exact.
+        let mut map = serializer.serialize_map(Some(self.states().count()))?;
         for (name, st) in self.states() {
             map.serialize_entry(name, st)?;
         }
@@ -740,6 +743,35 @@ impl KeyedState {
                 .states()
                 .map(|(_, p)| p.total_hist.len() + p.chain_hist.values().map(VecDeque::len).sum::<usize>())
                 .sum::<usize>()
+    }
+
+    /// Starts loading, from memory into the cache, the entry of the key of `env`, an envelope
+    /// some records ahead of the one being processed (the first of two steps, see
+    /// [`KeyedState::prefetch_state`]). On prices most of a worker's time is the wait for each
+    /// coin's entry and price history from memory: loading a few records ahead overlaps the
+    /// waits. Changes nothing else.
+    pub fn prefetch_entry(&self, env: &Envelope) {
+        let keys = &self.keys;
+        match &env.item {
+            Item::Record(Record::Price(_) | Record::Transfer(_)) => keys.coins.table.prefetch(env.key),
+            Item::Record(Record::Tvl(_) | Record::Liquidation(_)) => keys.protocols.table.prefetch(env.key),
+            Item::Record(Record::Gas(_)) => keys.chains.table.prefetch(env.key),
+            _ => {}
+        }
+    }
+
+    /// The second step of [`KeyedState::prefetch_entry`], for an envelope nearer the one being
+    /// processed, whose entry the first step loaded: starts loading the coin's newest price
+    /// point and its rule list.
+    pub fn prefetch_state(&self, env: &Envelope) {
+        if let Item::Record(Record::Price(_)) = &env.item
+            && let Some(e) = self.keys.coins.table.peek(env.key)
+        {
+            if let Some(point) = e.state.as_ref().and_then(|st| st.history.back()) {
+                crate::keys::prefetch(point);
+            }
+            crate::keys::prefetch(e.rules.as_ptr());
+        }
     }
 
     /// Processes one envelope; call in `seq` order.
@@ -1370,6 +1402,66 @@ impl KeyedState {
                     timestamp: g.timestamp,
                 },
             }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What a test does to one kind of keys.
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A record of key `k` (numbered, or found by name).
+        Record(u8, bool),
+        /// A rule on key `k` (its entry made, no state).
+        Rule(u8),
+        /// The key's state removed (a deleted protocol).
+        Remove(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..16, any::<bool>()).prop_map(|(k, n)| Op::Record(k, n)),
+            (0u8..16).prop_map(Op::Rule),
+            (0u8..16).prop_map(Op::Remove),
+        ]
+    }
+
+    proptest! {
+        /// Keys numbered or not, with rules or not, removed or not: the gauge's count is the
+        /// number of keys holding state, and a checkpoint reads back as the map from key to
+        /// state that the same operations give on a plain map (the format before interning).
+        #[test]
+        fn keys_count_their_states_and_checkpoint_as_a_map(ops in prop::collection::vec(op(), 1..300)) {
+            let mut keys: Keys<ChainState> = Keys::default();
+            let mut model: BTreeMap<String, ChainState> = BTreeMap::new();
+            let mut numbers = crate::keys::Interner::default();
+            for (t, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Record(k, numbered) => {
+                        let name = format!("chain-{k}");
+                        let id = if numbered { numbers.intern(crate::envelope::Key::Chain(&name)).0 } else { KeyId::NONE };
+                        keys.entry(id, &name).0.last = Some((t as Millis, k as f64));
+                        model.entry(name).or_default().last = Some((t as Millis, k as f64));
+                    }
+                    Op::Rule(k) => {
+                        keys.rules(&format!("chain-{k}"));
+                    }
+                    Op::Remove(k) => {
+                        let name = format!("chain-{k}");
+                        prop_assert_eq!(keys.remove(KeyId::NONE, &name).map(|s| s.last), model.remove(&name).map(|s| s.last));
+                    }
+                }
+                prop_assert_eq!(keys.with_state, model.len());
+            }
+            let bytes = bincode::serialize(&keys).expect("encodes");
+            let read: FastMap<String, ChainState> = bincode::deserialize(&bytes).expect("decodes as a map");
+            let read: BTreeMap<String, Option<(Millis, f64)>> = read.into_iter().map(|(k, s)| (k, s.last)).collect();
+            let want: BTreeMap<String, Option<(Millis, f64)>> = model.into_iter().map(|(k, s)| (k, s.last)).collect();
+            prop_assert_eq!(read, want);
         }
     }
 }
