@@ -189,7 +189,7 @@ pub fn prefetch<T>(p: *const T) {
 
 /// [`prefetch`] of every cache line of `value`.
 #[inline(always)]
-pub fn prefetch_value<T>(value: &T) {
+fn prefetch_value<T>(value: &T) {
     let start = (value as *const T).cast::<u8>();
     for offset in (0..std::mem::size_of::<T>()).step_by(64) {
         prefetch(start.wrapping_add(offset));

@@ -751,12 +751,14 @@ impl KeyedState {
     /// coin's entry and price history from memory: loading a few records ahead overlaps the
     /// waits. Changes nothing else.
     pub fn prefetch_entry(&self, env: &Envelope) {
+        use crate::envelope::{Key, record_key};
+        let Item::Record(r) = &env.item else { return };
         let keys = &self.keys;
-        match &env.item {
-            Item::Record(Record::Price(_) | Record::Transfer(_)) => keys.coins.table.prefetch(env.key),
-            Item::Record(Record::Tvl(_) | Record::Liquidation(_)) => keys.protocols.table.prefetch(env.key),
-            Item::Record(Record::Gas(_)) => keys.chains.table.prefetch(env.key),
-            _ => {}
+        match record_key(r) {
+            Some(Key::Coin(_)) => keys.coins.table.prefetch(env.key),
+            Some(Key::Protocol(_)) => keys.protocols.table.prefetch(env.key),
+            Some(Key::Chain(_)) => keys.chains.table.prefetch(env.key),
+            None => {}
         }
     }
 
