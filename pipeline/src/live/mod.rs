@@ -147,22 +147,20 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         ..Default::default()
     };
     // Reclocking: the epochs logged after the checkpoint (or, before the first one, since the
-    // last run's start) are formed again first; this run logs its own.
+    // first run's start) are formed again first; this run logs them again, then its own.
     let reclocking = cfg
         .pipeline
         .checkpoint_dir
         .as_ref()
         .filter(|_| !cluster.is_multi() && cfg.sources.demo.is_none());
-    let replay_from = match (&restored, reclocking) {
-        (Some(ck), Some(_)) => ck.epoch_log.clone(),
-        (None, Some(dir)) => reclock::newest_run(dir)?,
-        (_, None) => None,
-    };
     let reclock = match reclocking {
         Some(dir) => {
-            let replay = match &replay_from {
-                Some(mark) => reclock::read_after(dir, mark)?,
-                None => Vec::new(),
+            let replay = match &restored {
+                Some(ck) => match &ck.epoch_log {
+                    Some(mark) => reclock::to_form_again(dir, Some(mark))?,
+                    None => Vec::new(),
+                },
+                None => reclock::to_form_again(dir, None)?,
             };
             let run = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

@@ -8,8 +8,9 @@
 //! job's start in unix ms; a new segment at every checkpoint), each a sequence of frames
 //! `[length u32][crc32 u32][bincode EpochInput]`, fsynced per epoch (one write per epoch: the
 //! group commit). A checkpoint names the segment that starts after it ([`LogMark`]); a restore
-//! re-forms the epochs of that segment and the later ones of its run. A torn last frame (a
-//! kill mid-write) ends the log: that epoch never reached the dataflow.
+//! re-forms the epochs of that segment and the later ones of its run, or of a later run's log
+//! where that run re-formed them and went on ([`to_form_again`]). A torn last frame (a kill
+//! mid-write) ends a run's log: that epoch never reached the dataflow.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -199,18 +200,41 @@ impl EpochLog {
     }
 }
 
-/// The epochs logged after `mark`: its segment and the later ones of its run, in order, up to
-/// the first torn frame.
-pub fn read_after(dir: &Path, mark: &LogMark) -> Result<Vec<EpochInput>> {
-    let Some((run, seq)) = parse_segment(&mark.segment) else {
-        return Ok(Vec::new());
+/// The epochs to form again at a restart: those logged after `mark` (the restored
+/// checkpoint's; `None`: no checkpoint, every run's log from its start).
+///
+/// Every run restored from the same point logged the epochs it formed again before its own,
+/// so a later run's log supersedes an earlier one — unless the later run was killed while
+/// still forming them, which leaves a strict prefix of what was already known. Each run's
+/// log ends at its first torn frame (a kill mid-write: that epoch never reached the
+/// dataflow).
+pub fn to_form_again(dir: &Path, mark: Option<&LogMark>) -> Result<Vec<EpochInput>> {
+    let from = match mark {
+        Some(mark) => match parse_segment(&mark.segment) {
+            Some(at) => at,
+            None => return Ok(Vec::new()),
+        },
+        None => (0, 0),
     };
-    let mut out = Vec::new();
-    for (r, s, name) in segments(dir)? {
-        if r != run || s < seq {
-            continue;
+    let mut known: Vec<EpochInput> = Vec::new();
+    let all: Vec<_> = segments(dir)?
+        .into_iter()
+        .filter(|(run, seq, _)| (*run, *seq) >= from)
+        .collect();
+    for run in all.chunk_by(|a, b| a.0 == b.0) {
+        let logged = read_run(dir, run.iter().map(|(_, _, name)| name.as_str()))?;
+        if !(logged.len() < known.len() && known.starts_with(&logged)) {
+            known = logged;
         }
-        let path = dir.join(&name);
+    }
+    Ok(known)
+}
+
+/// The epochs of one run's `segments` (in order), up to the first torn frame.
+fn read_run<'a>(dir: &Path, segments: impl Iterator<Item = &'a str>) -> Result<Vec<EpochInput>> {
+    let mut out = Vec::new();
+    for name in segments {
+        let path = dir.join(name);
         let bytes = std::fs::read(&path).with_context(|| format!("cannot read the epoch log {}", path.display()))?;
         let mut rest = &bytes[..];
         while rest.len() >= 8 {
@@ -233,19 +257,6 @@ pub fn read_after(dir: &Path, mark: &LogMark) -> Result<Vec<EpochInput>> {
         }
     }
     Ok(out)
-}
-
-/// The first segment of the newest run logged in `dir` (a job killed before its first
-/// checkpoint), if any.
-pub fn newest_run(dir: &Path) -> Result<Option<LogMark>> {
-    let all = segments(dir)?;
-    let Some(&(run, _, _)) = all.last() else {
-        return Ok(None);
-    };
-    Ok(all
-        .into_iter()
-        .find(|(r, _, _)| *r == run)
-        .map(|(_, _, segment)| LogMark { segment }))
 }
 
 /// Removes the segments older than `oldest` (the mark of the oldest checkpoint kept): no
@@ -450,13 +461,13 @@ mod tests {
         log.append(&epoch(3)).unwrap();
         log.append(&epoch(4)).unwrap();
         assert_eq!(
-            read_after(dir.path(), &mark).unwrap(),
+            to_form_again(dir.path(), Some(&mark)).unwrap(),
             vec![epoch(2), epoch(3), epoch(4)]
         );
         let first = |run| LogMark {
             segment: segment_name(run, 0),
         };
-        assert_eq!(read_after(dir.path(), &first(1000)).unwrap().len(), 4);
+        assert_eq!(to_form_again(dir.path(), Some(&first(1000))).unwrap().len(), 4);
         // A kill in the middle of the last frame: that epoch is not in the log.
         let last = dir.path().join(segment_name(1000, 2));
         let len = std::fs::metadata(&last).unwrap().len();
@@ -466,15 +477,86 @@ mod tests {
             .unwrap()
             .set_len(len - 3)
             .unwrap();
-        assert_eq!(read_after(dir.path(), &mark).unwrap(), vec![epoch(2), epoch(3)]);
-        // The newest run, pruning.
+        assert_eq!(
+            to_form_again(dir.path(), Some(&mark)).unwrap(),
+            vec![epoch(2), epoch(3)]
+        );
+        // Pruning.
         let _other = EpochLog::create(dir.path(), 2000).unwrap();
-        assert_eq!(newest_run(dir.path()).unwrap(), Some(first(2000)));
         prune(dir.path(), &mark);
         let names: Vec<String> = segments(dir.path()).unwrap().into_iter().map(|s| s.2).collect();
         assert_eq!(
             names,
             [segment_name(1000, 1), segment_name(1000, 2), segment_name(2000, 0)]
         );
+    }
+
+    /// Restarts that follow each other: each run logs the epochs it formed again, then its
+    /// own; the epochs to form again are the newest run's, unless that run was killed while
+    /// forming them (a strict prefix), and a run with another history supersedes.
+    #[test]
+    fn a_later_run_supersedes_unless_it_died_forming_the_epochs_again() {
+        let epoch = |n: u64| EpochInput {
+            steps: vec![Step::Items {
+                stream: "kafka:prices/0".into(),
+                first: Some(n),
+                count: 1,
+            }],
+        };
+        let log = |dir: &Path, run: u64, epochs: &[u64]| {
+            let mut log = EpochLog::create(dir, run).unwrap();
+            for &n in epochs {
+                log.append(&epoch(n)).unwrap();
+            }
+            log
+        };
+        let all = |ns: &[u64]| ns.iter().map(|&n| epoch(n)).collect::<Vec<_>>();
+
+        // A checkpoint in run 1000 after epoch 1; run 2000 restored from it, formed 2 and 3
+        // again, went on with 4 and was killed before a checkpoint of its own.
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = log(dir.path(), 1000, &[1]);
+        let mark = first.rotate().unwrap();
+        first.append(&epoch(2)).unwrap();
+        first.append(&epoch(3)).unwrap();
+        log(dir.path(), 2000, &[2, 3, 4]);
+        assert_eq!(to_form_again(dir.path(), Some(&mark)).unwrap(), all(&[2, 3, 4]));
+        // Run 3000 was killed while forming them again: it logged only 2.
+        log(dir.path(), 3000, &[2]);
+        assert_eq!(to_form_again(dir.path(), Some(&mark)).unwrap(), all(&[2, 3, 4]));
+        // Run 4000 formed them all, rotated at a checkpoint that never completed, went on.
+        let mut fourth = log(dir.path(), 4000, &[2, 3]);
+        fourth.rotate().unwrap();
+        fourth.append(&epoch(4)).unwrap();
+        fourth.append(&epoch(5)).unwrap();
+        assert_eq!(to_form_again(dir.path(), Some(&mark)).unwrap(), all(&[2, 3, 4, 5]));
+        // Run 5000 could not follow the log after epoch 2 and went on live with other epochs:
+        // what it did is what the sinks saw last.
+        log(dir.path(), 5000, &[2, 9]);
+        assert_eq!(to_form_again(dir.path(), Some(&mark)).unwrap(), all(&[2, 9]));
+        // A mark in run 4000's second segment: what run 4000 logged after it, and later runs.
+        let later = LogMark {
+            segment: segment_name(4000, 1),
+        };
+        assert_eq!(to_form_again(dir.path(), Some(&later)).unwrap(), all(&[2, 9]));
+
+        // No checkpoint yet: every run from its start; run 7000 died forming run 6000's again.
+        let dir = tempfile::tempdir().unwrap();
+        log(dir.path(), 6000, &[1, 2, 3]);
+        log(dir.path(), 7000, &[1, 2]);
+        assert_eq!(to_form_again(dir.path(), None).unwrap(), all(&[1, 2, 3]));
+        log(dir.path(), 8000, &[1, 2, 3, 4]);
+        assert_eq!(to_form_again(dir.path(), None).unwrap(), all(&[1, 2, 3, 4]));
+        // A run killed mid-write of its first frame logged nothing whole.
+        log(dir.path(), 9000, &[1]);
+        let torn = dir.path().join(segment_name(9000, 0));
+        let len = std::fs::metadata(&torn).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&torn)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+        assert_eq!(to_form_again(dir.path(), None).unwrap(), all(&[1, 2, 3, 4]));
     }
 }
