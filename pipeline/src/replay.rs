@@ -73,6 +73,10 @@ pub struct InputArgs {
     #[arg(long, value_name = "BYTES", default_value_t = sources::DEFAULT_MAX_LINE_BYTES,
           value_parser = parse_max_line_bytes)]
     pub max_line_bytes: usize,
+    /// Threads parsing the lines of the JSONL files (shared by all of them: one large file's
+    /// parsing is spread over them) [default: one per core].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub parse_threads: Option<u32>,
 }
 
 fn parse_max_line_bytes(s: &str) -> Result<usize, String> {
@@ -244,11 +248,20 @@ fn rank(kind: Kind) -> u8 {
 }
 
 /// A history input: records (or dead letters) in file order.
-pub type Source = Box<dyn Iterator<Item = Input> + Send>;
+pub enum Source {
+    /// A JSONL file: its lines are read on one thread and parsed on the shared parse threads
+    /// ([`Merge`]), so one large file's parsing is spread over the cores.
+    File(sources::files::FileSource),
+    /// Any other input (a DynamoDB export, a Kafka range): read and parsed on one thread.
+    Other(Box<dyn Iterator<Item = Input> + Send>),
+}
+
+/// An input being read: items in file order.
+type Stream = Box<dyn Iterator<Item = Input> + Send>;
 
 /// K-way merge of sources by (event time, kind rank, source index).
 pub struct Merge {
-    sources: Vec<Source>,
+    sources: Vec<Stream>,
     heads: Vec<Option<Input>>,
     heap: BinaryHeap<Reverse<(Millis, u8, usize)>>,
 }
@@ -256,9 +269,12 @@ pub struct Merge {
 /// Items a prefetching source hands over at once.
 const PREFETCH_CHUNK: usize = 1024;
 
+/// Blocks of lines a file's reader runs ahead of its consumer (read, being parsed, parsed).
+const READ_AHEAD: usize = 8;
+
 /// Reads and parses `src` on its own thread, a few chunks ahead of the consumer: with several
 /// sources (and the dataflow's workers) the parsing runs in parallel. Order is kept.
-fn prefetch(mut src: Source) -> Source {
+fn prefetch(mut src: Stream) -> Stream {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Input>>(4);
     // Failing to start a thread is a broken machine, not bad input: fail loudly.
     std::thread::Builder::new()
@@ -276,10 +292,88 @@ fn prefetch(mut src: Source) -> Source {
     Box::new(rx.into_iter().flatten())
 }
 
+/// A block of lines to parse, and where its records go.
+type ParseJob = (sources::files::Lines, std::sync::mpsc::SyncSender<Vec<Input>>);
+
+/// Threads that parse blocks of lines for every file of a [`Merge`] (one per core): the
+/// parsing of one file is spread over them.
+struct ParsePool {
+    jobs: std::sync::mpsc::Sender<ParseJob>,
+}
+
+impl ParsePool {
+    /// Starts `threads` parse threads; they end when every file's reader has ended.
+    fn start(threads: usize) -> ParsePool {
+        let (jobs, rx) = std::sync::mpsc::channel::<ParseJob>();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name("parse".into())
+                .spawn(move || {
+                    loop {
+                        // The lock is held only to take a job (one per block of lines).
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((lines, done)) = job else { return };
+                        // The consumer may have stopped early: nothing to hand over then.
+                        let _ = done.send(lines.parse());
+                    }
+                })
+                .expect("cannot start a parse thread");
+        }
+        ParsePool { jobs }
+    }
+
+    /// Reads `file` on its own thread, a few blocks ahead; its blocks are parsed on the pool
+    /// and handed out in file order.
+    fn read(&self, mut file: sources::files::FileSource) -> Stream {
+        let jobs = self.jobs.clone();
+        // In file order: each block's own channel, on which its records arrive once parsed.
+        let (order, blocks) = std::sync::mpsc::sync_channel::<std::sync::mpsc::Receiver<Vec<Input>>>(READ_AHEAD);
+        std::thread::Builder::new()
+            .name("read".into())
+            .spawn(move || {
+                while let Some(lines) = file.read_lines() {
+                    let (done, parsed) = std::sync::mpsc::sync_channel(1);
+                    if order.send(parsed).is_err() || jobs.send((lines, done)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("cannot start a reader thread");
+        Box::new(blocks.into_iter().flat_map(|parsed| {
+            // A parse thread sends every block it takes; none arriving means one died.
+            parsed
+                .recv()
+                .expect("a parse thread stopped: its block of lines was not parsed")
+        }))
+    }
+}
+
+/// Parse threads for the files of a merge by default: one per core.
+fn default_parse_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 impl Merge {
-    /// Merges `sources`, each read ahead on its own thread; equal keys keep source order.
-    pub fn new(sources: Vec<Source>) -> Self {
-        let sources: Vec<Source> = sources.into_iter().map(prefetch).collect();
+    /// Merges `sources`, each read ahead on its own thread (files parsed on `parse_threads`
+    /// threads shared by them); equal keys keep source order.
+    pub fn new(sources: Vec<Source>, parse_threads: usize) -> Self {
+        let pool = sources
+            .iter()
+            .any(|s| matches!(s, Source::File(_)))
+            .then(|| ParsePool::start(parse_threads.max(1)));
+        let sources: Vec<Stream> = sources
+            .into_iter()
+            .map(|s| match (s, &pool) {
+                (Source::File(f), Some(pool)) => pool.read(f),
+                (Source::File(f), None) => prefetch(Box::new(f)),
+                (Source::Other(s), _) => prefetch(s),
+            })
+            .collect();
         let mut m = Merge {
             heads: (0..sources.len()).map(|_| None).collect(),
             sources,
@@ -317,13 +411,19 @@ impl Iterator for Merge {
 pub struct Inputs {
     /// Sources to merge by event time.
     pub sources: Vec<Source>,
+    /// Threads parsing the files' lines.
+    pub parse_threads: usize,
     kafka: Option<Arc<sources::kafka::range::RangeStatus>>,
 }
 
 impl Inputs {
-    /// Inputs made of already opened sources.
+    /// Inputs made of already opened sources (files parsed on one thread per core).
     pub fn from_sources(sources: Vec<Source>) -> Inputs {
-        Inputs { sources, kafka: None }
+        Inputs {
+            sources,
+            parse_threads: default_parse_threads(),
+            kafka: None,
+        }
     }
 
     /// `Err` when a Kafka range could not be read to its end (call after draining).
@@ -351,7 +451,7 @@ pub fn open_inputs(args: &InputArgs) -> Result<Inputs> {
         for p in paths {
             let src = sources::files::open(p, kind, args.max_line_bytes)
                 .map_err(|e| UsageError(format!("--{}: {e}", flag_name(kind))))?;
-            out.push(Box::new(src));
+            out.push(Source::File(src));
         }
     }
     if !args.dynamodb_export.is_empty() {
@@ -399,7 +499,7 @@ pub fn open_inputs(args: &InputArgs) -> Result<Inputs> {
             range.partitions.len(),
             range.partitions.iter().map(|p| p.end - p.start).sum::<i64>()
         );
-        out.extend(range.sources.into_iter().map(|s| Box::new(s) as Source));
+        out.extend(range.sources.into_iter().map(|s| Source::Other(Box::new(s))));
         kafka = Some(range.status);
     }
     if out.is_empty() && kafka.is_none() {
@@ -408,7 +508,11 @@ pub fn open_inputs(args: &InputArgs) -> Result<Inputs> {
         )
         .into());
     }
-    Ok(Inputs { sources: out, kafka })
+    Ok(Inputs {
+        sources: out,
+        parse_threads: args.parse_threads.map_or_else(default_parse_threads, |n| n as usize),
+        kafka,
+    })
 }
 
 /// What [`feed`] hands to its callbacks.
@@ -439,8 +543,12 @@ pub fn feed(inputs: Inputs, mut engine: Option<&mut Engine>, batch_size: usize, 
     let mut source_dead = Vec::new();
     let mut last_ts = Millis::MIN;
     let mut since_progress = 0usize;
-    let Inputs { sources, kafka } = inputs;
-    for item in Merge::new(sources) {
+    let Inputs {
+        sources,
+        parse_threads,
+        kafka,
+    } = inputs;
+    for item in Merge::new(sources, parse_threads) {
         match item {
             Input::Dead(d) => {
                 source_dead.push(d);
@@ -491,6 +599,7 @@ pub fn feed(inputs: Inputs, mut engine: Option<&mut Engine>, batch_size: usize, 
     }
     Inputs {
         sources: Vec::new(),
+        parse_threads,
         kafka,
     }
     .check()?;
@@ -512,11 +621,11 @@ pub async fn open_export(
     if let Some(url) = dir.to_str().filter(|d| d.starts_with("s3://")) {
         let loc = export::s3::S3Location::parse(url).map_err(|e| UsageError(e.to_string()))?;
         let src = export::s3::open_s3(&loc, s3, &opts).await?;
-        return Ok(Box::new(src));
+        return Ok(Source::Other(Box::new(src)));
     }
-    Ok(Box::new(
+    Ok(Source::Other(Box::new(
         export::open_with(dir, &opts).map_err(|e| UsageError(e.to_string()))?,
-    ))
+    )))
 }
 
 fn flag_name(kind: Kind) -> &'static str {
@@ -647,4 +756,65 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
         seconds: started.elapsed().as_secs_f64(),
         peak_rss_kib: peak_rss_kib(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Files parsed on several threads come out of the merge exactly as parsed on one: the
+    /// same items in the same order, each file in its line order, records by event time.
+    #[test]
+    fn parse_threads_keep_every_file_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths = Vec::new();
+        for f in 0..3u64 {
+            let mut body = String::new();
+            for n in 0..5_000u64 {
+                if n % 777 == f {
+                    body.push_str("not json\n");
+                }
+                // Timestamps that tie across files, so the merge's tie-break shows.
+                let ts = 1_717_000_000 + n / 3;
+                body.push_str(&format!(
+                    "{{\"coin\":\"coingecko:c{f}-{}\",\"price\":{},\"timestamp\":{ts}}}\n",
+                    n % 50,
+                    n + 1
+                ));
+            }
+            let path = dir.path().join(format!("prices{f}.jsonl"));
+            std::fs::write(&path, body).unwrap();
+            paths.push(path);
+        }
+        let merged = |threads: usize| -> Vec<Input> {
+            let sources = paths
+                .iter()
+                .map(|p| Source::File(sources::files::open(p, Kind::Price, sources::DEFAULT_MAX_LINE_BYTES).unwrap()))
+                .collect();
+            Merge::new(sources, threads).collect()
+        };
+        let one = merged(1);
+        assert_eq!(one.len(), 3 * 5_000 + 3 * 7);
+        for threads in [2, 3, 8] {
+            assert!(merged(threads) == one, "{threads} parse threads merge like one");
+        }
+        // Each file's lines in order, records by event time.
+        let mut last_line: BTreeMap<String, u64> = BTreeMap::new();
+        let mut last_ts = Millis::MIN;
+        for item in &one {
+            let (source, line) = match item {
+                Input::Record(pos, r) => {
+                    assert!(r.timestamp() >= last_ts, "by event time");
+                    last_ts = r.timestamp();
+                    (pos.source.to_string(), pos.offset)
+                }
+                Input::Dead(d) => {
+                    let (s, n) = d.source.rsplit_once(':').unwrap();
+                    (format!("{s}:"), n.parse().unwrap())
+                }
+            };
+            let prev = last_line.insert(source, line).unwrap_or(0);
+            assert!(line > prev, "line {line} after {prev}");
+        }
+    }
 }

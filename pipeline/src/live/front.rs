@@ -600,7 +600,7 @@ pub(super) async fn history(cfg: &Config) -> Result<Vec<Source>> {
     let mut out: Vec<Source> = Vec::new();
     for f in cfg.sources.files.iter().filter(|f| !f.follow) {
         let kind = Kind::parse(&f.kind).unwrap_or(Kind::Price);
-        out.push(Box::new(
+        out.push(Source::File(
             sources::files::open(&f.path, kind, cfg.sources.max_line_bytes)
                 .map_err(|e| crate::UsageError(e.to_string()))?,
         ));

@@ -136,3 +136,92 @@ fn a_line_over_the_configured_limit_is_a_dead_letter_naming_the_limit() {
         .collect();
     assert!(all.iter().all(|i| matches!(i, Input::Record(..))), "{all:?}");
 }
+
+/// Blocks of unparsed lines, parsed one by one, give each line's record or dead letter at
+/// its line number, in file order; a block holds at most `BLOCK_LINES` lines, and ends once
+/// its text passes `BLOCK_BYTES`.
+#[test]
+fn blocks_of_lines_keep_file_order_positions_and_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prices.jsonl");
+    let max_line = 200;
+    // What line `n` (1-based) is, decided here, checked below.
+    #[derive(Debug, PartialEq)]
+    enum Want {
+        Tick,
+        Blank,
+        NotJson,
+        BadUtf8,
+        TooLong,
+    }
+    let want = |n: u64| match n {
+        _ if n % 500 == 7 => Want::NotJson,
+        _ if n % 700 == 3 => Want::Blank,
+        _ if n % 900 == 11 => Want::BadUtf8,
+        _ if n % 1000 == 13 => Want::TooLong,
+        _ => Want::Tick,
+    };
+    let lines = 2_600u64;
+    let mut body: Vec<u8> = Vec::new();
+    for n in 1..=lines {
+        match want(n) {
+            Want::Tick => body.extend_from_slice(
+                format!(r#"{{"coin":"coingecko:c{}","price":{n},"timestamp":{n}}}"#, n % 10).as_bytes(),
+            ),
+            Want::Blank => body.extend_from_slice(b"  "),
+            Want::NotJson => body.extend_from_slice(format!("not json {n}").as_bytes()),
+            Want::BadUtf8 => body.extend_from_slice(b"{\"coin\":\"\xff\xfe\"}"),
+            Want::TooLong => body.extend_from_slice(&[b'x'; 300]),
+        }
+        body.push(b'\n');
+    }
+    std::fs::write(&path, &body).unwrap();
+    let mut src = open(&path, Kind::Price, max_line).unwrap();
+    let mut items = Vec::new();
+    let mut blocks = 0;
+    while let Some(block) = src.read_lines() {
+        assert!(!block.is_empty() && block.len() <= BLOCK_LINES, "{}", block.len());
+        blocks += 1;
+        items.extend(block.parse());
+    }
+    assert_eq!(blocks, 3, "2,600 lines, some blank: three blocks");
+    let expected: Vec<u64> = (1..=lines).filter(|n| want(*n) != Want::Blank).collect();
+    assert_eq!(items.len(), expected.len());
+    let suffix = |n: u64| format!(":{n}");
+    for (item, &n) in items.iter().zip(&expected) {
+        match (want(n), item) {
+            (Want::Tick, Input::Record(pos, Record::Price(p))) => {
+                assert_eq!((pos.offset, p.price, p.timestamp), (n, n as f64, n as i64 * 1000));
+            }
+            (Want::NotJson, Input::Dead(d)) => {
+                assert!(
+                    d.source.ends_with(&suffix(n)) && d.raw == format!("not json {n}"),
+                    "{d:?}"
+                )
+            }
+            (Want::BadUtf8, Input::Dead(d)) => {
+                assert!(
+                    d.source.ends_with(&suffix(n)) && d.reason.starts_with("invalid UTF-8"),
+                    "{d:?}"
+                )
+            }
+            (Want::TooLong, Input::Dead(d)) => {
+                assert!(
+                    d.source.ends_with(&suffix(n)) && d.reason.contains("longer than the limit"),
+                    "{d:?}"
+                )
+            }
+            (w, item) => panic!("line {n}: expected {w:?}, got {item:?}"),
+        }
+    }
+
+    // Long lines: a block ends after the line that takes its text past 1 MiB.
+    let line = format!(
+        r#"{{"coin":"coingecko:x","price":1,"timestamp":1,"symbol":"{}"}}"#,
+        "s".repeat(400_000)
+    );
+    std::fs::write(&path, format!("{line}\n").repeat(5)).unwrap();
+    let mut src = open(&path, Kind::Price, crate::DEFAULT_MAX_LINE_BYTES).unwrap();
+    let sizes: Vec<usize> = std::iter::from_fn(|| src.read_lines().map(|b| b.len())).collect();
+    assert_eq!(sizes, [3, 2]);
+}
