@@ -443,6 +443,13 @@ mod tests {
         assert!(e.contains("no more items of kafka:prices/0"), "{e}");
     }
 
+    /// Cuts the last `bytes` off a log segment, as a kill in the middle of a write does.
+    fn tear(segment: &Path, bytes: u64) {
+        let len = std::fs::metadata(segment).unwrap().len();
+        let file = OpenOptions::new().write(true).open(segment).unwrap();
+        file.set_len(len - bytes).unwrap();
+    }
+
     #[test]
     fn the_log_reads_back_after_a_mark_and_stops_at_a_torn_frame() {
         let dir = tempfile::tempdir().unwrap();
@@ -469,14 +476,7 @@ mod tests {
         };
         assert_eq!(to_form_again(dir.path(), Some(&first(1000))).unwrap().len(), 4);
         // A kill in the middle of the last frame: that epoch is not in the log.
-        let last = dir.path().join(segment_name(1000, 2));
-        let len = std::fs::metadata(&last).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&last)
-            .unwrap()
-            .set_len(len - 3)
-            .unwrap();
+        tear(&dir.path().join(segment_name(1000, 2)), 3);
         assert_eq!(
             to_form_again(dir.path(), Some(&mark)).unwrap(),
             vec![epoch(2), epoch(3)]
@@ -549,14 +549,7 @@ mod tests {
         assert_eq!(to_form_again(dir.path(), None).unwrap(), all(&[1, 2, 3, 4]));
         // A run killed mid-write of its first frame logged nothing whole.
         log(dir.path(), 9000, &[1]);
-        let torn = dir.path().join(segment_name(9000, 0));
-        let len = std::fs::metadata(&torn).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&torn)
-            .unwrap()
-            .set_len(len - 1)
-            .unwrap();
+        tear(&dir.path().join(segment_name(9000, 0)), 1);
         assert_eq!(to_form_again(dir.path(), None).unwrap(), all(&[1, 2, 3, 4]));
     }
 }
