@@ -362,16 +362,15 @@ impl Merge {
     /// Merges `sources`, each read ahead on its own thread (files parsed on `parse_threads`
     /// threads shared by them); equal keys keep source order.
     pub fn new(sources: Vec<Source>, parse_threads: usize) -> Self {
-        let pool = sources
-            .iter()
-            .any(|s| matches!(s, Source::File(_)))
-            .then(|| ParsePool::start(parse_threads.max(1)));
+        // Started with the first file; its threads end with the last file's reader.
+        let mut pool: Option<ParsePool> = None;
         let sources: Vec<Stream> = sources
             .into_iter()
-            .map(|s| match (s, &pool) {
-                (Source::File(f), Some(pool)) => pool.read(f),
-                (Source::File(f), None) => prefetch(Box::new(f)),
-                (Source::Other(s), _) => prefetch(s),
+            .map(|s| match s {
+                Source::File(f) => pool
+                    .get_or_insert_with(|| ParsePool::start(parse_threads.max(1)))
+                    .read(f),
+                Source::Other(s) => prefetch(s),
             })
             .collect();
         let mut m = Merge {
@@ -537,18 +536,18 @@ const EPOCH_SPAN: Millis = 3_600_000;
 /// one protocol with one timestamp are one update, SPEC §2); without an engine only `feed`
 /// sees them. Returns the valid records read. `replay`, `export` and the history of `run` /
 /// `backfill` all go through here.
-pub fn feed(inputs: Inputs, mut engine: Option<&mut Engine>, batch_size: usize, feed: &mut dyn Feed) -> Result<u64> {
+pub fn feed(
+    mut inputs: Inputs,
+    mut engine: Option<&mut Engine>,
+    batch_size: usize,
+    feed: &mut dyn Feed,
+) -> Result<u64> {
     let mut records_in = 0u64;
     let mut batch = Vec::with_capacity(batch_size + 16);
     let mut source_dead = Vec::new();
     let mut last_ts = Millis::MIN;
     let mut since_progress = 0usize;
-    let Inputs {
-        sources,
-        parse_threads,
-        kafka,
-    } = inputs;
-    for item in Merge::new(sources, parse_threads) {
+    for item in Merge::new(std::mem::take(&mut inputs.sources), inputs.parse_threads) {
         match item {
             Input::Dead(d) => {
                 source_dead.push(d);
@@ -597,12 +596,7 @@ pub fn feed(inputs: Inputs, mut engine: Option<&mut Engine>, batch_size: usize, 
             engine.send(batch)?;
         }
     }
-    Inputs {
-        sources: Vec::new(),
-        parse_threads,
-        kafka,
-    }
-    .check()?;
+    inputs.check()?;
     Ok(records_in)
 }
 
