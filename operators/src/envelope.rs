@@ -420,6 +420,15 @@ impl Sequencer {
         });
     }
 
+    /// Starts loading what [`Sequencer::push`] of `record` will look up (its key's number),
+    /// without waiting: call with `far` some records ahead of its push, then without `far` a
+    /// few records later (see [`Interner::prefetch`]). A hint: changes nothing.
+    pub fn prefetch(&self, record: &Record, far: bool) {
+        if let Some(key) = record_key(record) {
+            self.keys.prefetch(key, far);
+        }
+    }
+
     /// Stamps a protocol deletion (routed to the protocol's worker).
     pub fn delete_protocol(&mut self, pos: SourcePos, id: &str, out: &mut Vec<Envelope>) {
         // A deleted protocol's open update is dropped with its state.

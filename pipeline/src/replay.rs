@@ -6,7 +6,7 @@
 //! never cut between records with equal timestamps.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -530,6 +530,12 @@ pub trait Feed {
 /// One hour of event time, in ms: epochs of history never span an hour boundary.
 const EPOCH_SPAN: Millis = 3_600_000;
 
+/// Items [`feed`] holds ahead of the sequencer (see there).
+const LOOKAHEAD: usize = 16;
+/// How many items before its push a record's key entry is loaded (its slot was loaded
+/// `LOOKAHEAD` items before).
+const HINT_NEAR: usize = 8;
+
 /// Merges `inputs` by event time and feeds them to `engine` in epochs of at most about
 /// `batch_size` records that never span a UTC hour of event time (so the live aggregates have
 /// hourly resolution over history) and are never cut between equal timestamps (the records of
@@ -547,7 +553,24 @@ pub fn feed(
     let mut source_dead = Vec::new();
     let mut last_ts = Millis::MIN;
     let mut since_progress = 0usize;
-    for item in Merge::new(std::mem::take(&mut inputs.sources), inputs.parse_threads) {
+    let mut merge = Merge::new(std::mem::take(&mut inputs.sources), inputs.parse_threads);
+    // Items held between the merge and the sequencer, so that each record's key is in the
+    // cache by its push: its slot is loaded as it enters, its entry `HINT_NEAR` items before
+    // its push.
+    let mut ahead: VecDeque<Input> = VecDeque::with_capacity(LOOKAHEAD);
+    loop {
+        while ahead.len() < LOOKAHEAD
+            && let Some(item) = merge.next()
+        {
+            if let (Some(engine), Input::Record(_, rec)) = (engine.as_deref_mut(), &item) {
+                engine.sequencer().prefetch(rec, true);
+            }
+            ahead.push_back(item);
+        }
+        if let (Some(engine), Some(Input::Record(_, rec))) = (engine.as_deref_mut(), ahead.get(HINT_NEAR)) {
+            engine.sequencer().prefetch(rec, false);
+        }
+        let Some(item) = ahead.pop_front() else { break };
         match item {
             Input::Dead(d) => {
                 source_dead.push(d);
