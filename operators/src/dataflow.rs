@@ -1,10 +1,13 @@
 //! The timely dataflow: keyed state → throttle → ordered alerts.
 //!
 //! ```text
-//! envelopes ─exchange(route)─► Keyed ─┬─ candidates, forgets ─exchange(rule)─► Throttle ─exchange(0)─► Order ─► alerts
+//! envelopes ─exchange(route)¹─► Keyed ─┬─ candidates, forgets ─exchange(rule)─► Throttle ─exchange(0)─► Order ─► alerts
 //!                                     ├─ events (per worker)
 //!                                     └─ dead letters (per worker)
 //! ```
+//! ¹ Only where envelopes arrive at any worker ([`Arrival`]); one process's engine sends each
+//! to its worker already.
+//!
 //! Timestamps are ingest epochs (`u64`); each operator works an epoch at a time, once its
 //! input frontier has passed it, in `seq` order, so results do not depend on the number of
 //! workers or on how the exchange interleaves their messages.
@@ -14,7 +17,7 @@ use std::collections::BTreeMap;
 use schemas::{Alert, DeadLetter, Event};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::StreamVec;
-use timely::dataflow::channels::pact::{Exchange, ParallelizationContract};
+use timely::dataflow::channels::pact::{Exchange, ParallelizationContract, Pipeline};
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::generic::Operator;
@@ -24,7 +27,7 @@ use crate::aggregate::{self, AggIn, AggOut, Aggregates, StateOut};
 use crate::candidate::{Candidate, Throttle, Throttled};
 use crate::checkpoint::{Checkpointing, Encode, Part, Snapshots};
 use crate::config::OpConfig;
-use crate::envelope::{Envelope, Item, throttle_route};
+use crate::envelope::{Envelope, Item, throttle_route, worker_of};
 use crate::state::{KeyedOut, KeyedState};
 
 /// The streams the dataflow produces.
@@ -39,6 +42,18 @@ pub struct Outputs<'scope> {
     /// worker 0, in a deterministic order within each epoch; after a restore, each worker's
     /// restored latest events (view-only).
     pub state: StreamVec<'scope, u64, StateOut>,
+}
+
+/// Where the envelopes given to [`build`] arrive, which decides whether the dataflow moves
+/// them to their workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// At any worker: the dataflow exchanges each to the worker its route picks
+    /// ([`worker_of`]). A cluster's processes split their envelopes evenly.
+    Anywhere,
+    /// Each at the worker its route picks already, as one process's engine sends them: no
+    /// exchange, which would copy every record into small buffers and back.
+    AtItsWorker,
 }
 
 /// Snapshot duty of a stateful operator: where to deposit, as which part of which worker.
@@ -146,11 +161,17 @@ where
 const PREFETCH_FAR: usize = 8;
 const PREFETCH_NEAR: usize = 4;
 
-/// Builds the dataflow on a stream of envelopes (from [`crate::Sequencer`]).
+/// Builds the dataflow on a stream of envelopes (from [`crate::Sequencer`]), which arrive as
+/// `arrival` says.
 ///
 /// With `ckpt.restore` the operators start from restored state; with `ckpt.snapshots` they
 /// deposit their state at every requested epoch (see [`crate::checkpoint`]).
-pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckpt: Checkpointing) -> Outputs<'scope> {
+pub fn build<'scope>(
+    input: StreamVec<'scope, u64, Envelope>,
+    arrival: Arrival,
+    cfg: OpConfig,
+    ckpt: Checkpointing,
+) -> Outputs<'scope> {
     let worker = input.scope().index();
     let duty = |part| {
         ckpt.snapshots.clone().map(|snapshots| SnapDuty {
@@ -174,34 +195,50 @@ pub fn build<'scope>(input: StreamVec<'scope, u64, Envelope>, cfg: OpConfig, ckp
     };
     let keyed_gauges: Vec<metrics::Gauge> = keyed_state.sizes().iter().map(|(k, _)| gauge("keyed", k)).collect();
     let throttle_gauge = gauge("throttle", "rules");
-    let keyed = per_epoch(
-        input,
-        Exchange::new(|e: &Envelope| e.route),
-        "Keyed",
-        keyed_state,
-        duty(Part::Keyed),
-        seed,
-        move |state, mut batch, out| {
-            // A rule moving between keys is deleted (same seq) before it is re-inserted.
-            batch.sort_by_key(|e: &Envelope| (e.seq, !matches!(e.item, Item::DeleteRule(_))));
-            // Keys' entries are loaded a few records ahead (`KeyedState::prefetch_entry`).
-            let mut envs = batch.drain(..);
-            while let Some(env) = envs.next() {
-                let ahead = envs.as_slice();
-                if let Some(far) = ahead.get(PREFETCH_FAR) {
-                    state.prefetch_entry(far);
-                }
-                if let Some(near) = ahead.get(PREFETCH_NEAR) {
-                    state.prefetch_state(near);
-                }
-                state.process(env, out);
+    let peers = input.scope().peers();
+    let logic = move |state: &mut KeyedState, mut batch: Vec<Envelope>, out: &mut Vec<KeyedOut>| {
+        if arrival == Arrival::AtItsWorker
+            && let Some(e) = batch.first()
+        {
+            // A wrong split would put a key's state on two workers: fail loudly instead.
+            assert_eq!(
+                worker_of(e.route, peers),
+                worker,
+                "an envelope arrived at another worker than its own"
+            );
+        }
+        // A rule moving between keys is deleted (same seq) before it is re-inserted.
+        batch.sort_by_key(|e: &Envelope| (e.seq, !matches!(e.item, Item::DeleteRule(_))));
+        // Keys' entries are loaded a few records ahead (`KeyedState::prefetch_entry`).
+        let mut envs = batch.drain(..);
+        while let Some(env) = envs.next() {
+            let ahead = envs.as_slice();
+            if let Some(far) = ahead.get(PREFETCH_FAR) {
+                state.prefetch_entry(far);
             }
-            state.end_of_batch(out);
-            for ((_, n), g) in state.sizes().iter().zip(&keyed_gauges) {
-                g.set(*n as f64);
+            if let Some(near) = ahead.get(PREFETCH_NEAR) {
+                state.prefetch_state(near);
             }
-        },
-    );
+            state.process(env, out);
+        }
+        state.end_of_batch(out);
+        for ((_, n), g) in state.sizes().iter().zip(&keyed_gauges) {
+            g.set(*n as f64);
+        }
+    };
+    let (snap, name) = (duty(Part::Keyed), "Keyed");
+    let keyed = match arrival {
+        Arrival::Anywhere => per_epoch(
+            input,
+            Exchange::new(|e: &Envelope| e.route),
+            name,
+            keyed_state,
+            snap,
+            seed,
+            logic,
+        ),
+        Arrival::AtItsWorker => per_epoch(input, Pipeline, name, keyed_state, snap, seed, logic),
+    };
     let mut parts = keyed.partition(5, |o| match o {
         KeyedOut::Candidate(_) | KeyedOut::Forget { .. } => (0, o),
         KeyedOut::Event(_) => (1, o),

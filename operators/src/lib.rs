@@ -19,7 +19,7 @@ pub use aggregate::{StateDelta, StateOut};
 pub use candidate::{Candidate, Detail, RecordInfo, Throttle, Throttled};
 pub use checkpoint::{Checkpointing, Snapshots, WorkerState, rescale_states};
 pub use config::OpConfig;
-pub use dataflow::{Outputs, build};
+pub use dataflow::{Arrival, Outputs, build};
 pub use envelope::{Envelope, Item, Key, Sequencer, SequencerImage, record_key, rule_key, throttle_route, worker_of};
 pub use keys::KeyId;
 pub use state::{KeyedOut, KeyedState};

@@ -196,7 +196,7 @@ fn run(
         };
         let (r1, r2) = (rep.clone(), rep.clone());
         let probe = worker.dataflow::<u64, _, _>(|scope| {
-            let outs = operators::build(scope.input_from(&mut input), cfg, ckpt);
+            let outs = operators::build(scope.input_from(&mut input), operators::Arrival::Anywhere, cfg, ckpt);
             outs.events.inspect_core(move |ev| {
                 let Ok((stamp, batch)) = ev else { return };
                 let t = stamp.least().copied().expect("a stamp has a time");

@@ -445,7 +445,7 @@ impl Engine {
                 .and_then(|r| r.recv().ok());
             // No start: the process stopped before its dataflow was built.
             let Some(start) = start else { return };
-            run_worker(worker, local == 0, start, worker_bus.clone());
+            run_worker(worker, local == 0, multi, start, worker_bus.clone());
         })
         .map_err(|e| anyhow::anyhow!("cannot start timely workers: {e}"))?;
         let agreed = agreed_rx
@@ -603,9 +603,9 @@ impl Engine {
     }
 
     /// Sends one epoch. In one process each envelope goes straight to the worker that owns
-    /// its key (the worker the dataflow's exchange routes it to), so the exchange keeps every
-    /// record where it is; in a cluster, where a key's worker may be in another process, the
-    /// envelopes are split evenly and the exchange moves them. Blocks while the dataflow is
+    /// its key, and the dataflow has no exchange in front of its keyed stage
+    /// ([`operators::Arrival::AtItsWorker`]); in a cluster, where a key's worker may be in
+    /// another process, the envelopes are split evenly and the dataflow's exchange moves them. Blocks while the dataflow is
     /// [`MAX_EPOCHS_IN_FLIGHT`] epochs behind.
     ///
     /// In a cluster, sequence numbers are made unique across processes: the sequencer's
@@ -733,7 +733,13 @@ fn exit_when_a_peer_is_lost(cluster: &Cluster) {
     }));
 }
 
-fn run_worker(worker: &mut timely::worker::Worker, first_local: bool, start: WorkerStart, bus: Arc<ClusterBus>) {
+fn run_worker(
+    worker: &mut timely::worker::Worker,
+    first_local: bool,
+    multi: bool,
+    start: WorkerStart,
+    bus: Arc<ClusterBus>,
+) {
     let WorkerStart { rx, cfg, output, ckpt } = start;
     let mut input = InputHandle::<u64, CapacityContainerBuilder<Vec<Envelope>>>::new();
     let mut control = InputHandle::<u64, CapacityContainerBuilder<Vec<Control>>>::new();
@@ -741,7 +747,13 @@ fn run_worker(worker: &mut timely::worker::Worker, first_local: bool, start: Wor
     let (b1, b2, b3, b4, b5) = (bus.clone(), bus.clone(), bus.clone(), bus.clone(), bus.clone());
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
-        let outs = operators::build(scope.input_from(&mut input), cfg, ckpt);
+        // One process's engine sends each envelope to its worker (`Engine::send`); a
+        // cluster's processes split theirs evenly, and the dataflow exchanges them.
+        let arrival = match multi {
+            true => operators::Arrival::Anywhere,
+            false => operators::Arrival::AtItsWorker,
+        };
+        let outs = operators::build(scope.input_from(&mut input), arrival, cfg, ckpt);
         outs.events
             .inspect_core(move |e| {
                 if let Ok((stamp, batch)) = e {
