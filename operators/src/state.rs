@@ -953,7 +953,8 @@ impl KeyedState {
             _ => {}
         }
         if p.symbol.is_some() {
-            st.symbol.clone_from(&p.symbol);
+            // Moved, not copied: the tick's text was written on another core.
+            st.symbol = p.symbol;
         }
         st.confidence = p.confidence;
         st.decimals = p.decimals;

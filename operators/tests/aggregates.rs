@@ -242,11 +242,11 @@ fn run(
                 .0
         });
         let mut seq = start_seq.clone().unwrap_or_else(|| Sequencer::new(worker.peers(), 0));
-        let src: Arc<str> = "test:".into();
+        let src = schemas::SourceName::from("test:");
         for (i, batch) in batches.iter().enumerate() {
             let mut envs = Vec::new();
             for (j, op) in batch.iter().enumerate() {
-                let pos = SourcePos::new(src.clone(), (i * 1000 + j) as u64);
+                let pos = SourcePos::new(src, (i * 1000 + j) as u64);
                 match (op, record(op)) {
                     (_, Some(r)) => seq.push(pos, r, &mut envs),
                     (Op::Delete(p), None) => seq.delete_protocol(pos, &pid(*p), &mut envs),

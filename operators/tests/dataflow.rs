@@ -84,13 +84,13 @@ fn run_resumable(
                 .0
         });
         let mut seq = start_seq.clone().unwrap_or_else(|| Sequencer::new(worker.peers(), 0));
-        let src: Arc<str> = "test:".into();
+        let src = schemas::SourceName::from("test:");
         let mut n = first_pos;
         for (i, batch) in batches.iter().enumerate() {
             let mut envs = Vec::new();
             for op in batch {
                 n += 1;
-                let pos = SourcePos::new(src.clone(), n);
+                let pos = SourcePos::new(src, n);
                 match op {
                     Op::Rec(r) => seq.push(pos, r.clone(), &mut envs),
                     Op::Del(id) => seq.delete_rule(pos, id, &mut envs),

@@ -16,7 +16,7 @@ pub mod records;
 pub mod rule;
 pub mod time;
 
-pub use output::{Alert, DeadLetter, Event, EventData, SourcePos, alert_id, truncate_raw};
+pub use output::{Alert, DeadLetter, Event, EventData, SourceName, SourcePos, alert_id, truncate_raw};
 pub use parse::{InvalidRecord, parse_record, parse_rule, parse_rule_value};
 pub use recipients::{Contact, Device};
 pub use records::{GasTick, Kind, Liquidation, PriceTick, Protocol, Record, Transfer, TvlUpdate};

@@ -1,8 +1,7 @@
 //! Output shapes: alerts (SPEC §2), market events (SPEC §3), dead letters (SPEC §1).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::Arc;
 
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
@@ -13,19 +12,94 @@ use crate::time::{Millis, ser_seconds};
 /// Where a record came from: `file:line`, `topic/partition@offset` or `table@lsn`.
 ///
 /// `source` carries everything up to and including the separator (`prices.jsonl:`,
-/// `prices/3@`), so a position is one shared string plus a number.
+/// `prices/3@`), so a position is a source's name plus a number.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 pub struct SourcePos {
     /// Source name with its separator.
-    pub source: Arc<str>,
+    pub source: SourceName,
     /// Line number, offset or LSN.
     pub offset: u64,
 }
 
 impl SourcePos {
     /// A position in a named source.
-    pub fn new(source: Arc<str>, offset: u64) -> Self {
+    pub fn new(source: SourceName, offset: u64) -> Self {
         SourcePos { source, offset }
+    }
+}
+
+/// The name of a source with its separator ([`SourcePos::source`]), held once per process:
+/// a copyable reference, not a counted one. Every record carries its position from the
+/// thread that read it to the worker that drops it, and a shared count would bounce between
+/// their cores on every record. Names are never freed: a process names a few sources (one
+/// per file, partition or table it reads), each once.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SourceName(&'static str);
+
+impl SourceName {
+    /// The name `name`, stored the first time it is seen.
+    pub fn new(name: &str) -> SourceName {
+        static NAMES: std::sync::Mutex<BTreeSet<&'static str>> = std::sync::Mutex::new(BTreeSet::new());
+        // A poisoned lock only means another thread panicked while holding it: the set is
+        // still whole (an insert is the only change).
+        let mut names = NAMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match names.get(name) {
+            Some(known) => SourceName(known),
+            None => {
+                let leaked: &'static str = Box::leak(name.into());
+                names.insert(leaked);
+                SourceName(leaked)
+            }
+        }
+    }
+
+    /// The name.
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::ops::Deref for SourceName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0
+    }
+}
+
+impl From<&str> for SourceName {
+    fn from(name: &str) -> Self {
+        SourceName::new(name)
+    }
+}
+
+impl From<String> for SourceName {
+    fn from(name: String) -> Self {
+        SourceName::new(&name)
+    }
+}
+
+impl fmt::Display for SourceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl fmt::Debug for SourceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
+    }
+}
+
+impl Serialize for SourceName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SourceName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Ok(SourceName::new(&name))
     }
 }
 
@@ -381,6 +455,24 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_name_is_stored_once_and_reads_and_serialises_as_its_text() {
+        let a = SourceName::from(format!("prices-{}.jsonl:", line!()));
+        let b = SourceName::new(&a.to_string());
+        assert!(std::ptr::eq(a.as_str(), b.as_str()), "the same name is one stored text");
+        assert_ne!(a, SourceName::from("other.jsonl:"));
+        let pos = SourcePos::new(a, 7);
+        assert_eq!(pos.to_string(), format!("{a}7"));
+        let json = serde_json::to_string(&pos).unwrap();
+        assert_eq!(json, format!(r#"{{"source":"{a}","offset":7}}"#));
+        let back: SourcePos = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, pos);
+        assert!(
+            std::ptr::eq(back.source.as_str(), a.as_str()),
+            "read back, it is the stored text"
+        );
+    }
 
     #[test]
     fn dead_letter_reasons_are_bounded_like_raw() {

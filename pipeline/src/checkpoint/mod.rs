@@ -1082,7 +1082,7 @@ mod tests {
             sequencer,
         };
         let mut engine = Engine::start(2, Default::default(), alerts.clone(), ckpt).unwrap();
-        let src: Arc<str> = Arc::from("test");
+        let src = schemas::SourceName::from("test");
         let mut images = Vec::new();
         for (epoch, inputs) in epochs.into_iter().enumerate() {
             let snapshot = snap.contains(&(epoch as u64));
@@ -1091,7 +1091,7 @@ mod tests {
             }
             let mut batch = Vec::new();
             for (i, input) in inputs.into_iter().enumerate() {
-                let pos = schemas::SourcePos::new(src.clone(), (epoch * 1000 + i) as u64);
+                let pos = schemas::SourcePos::new(src, (epoch * 1000 + i) as u64);
                 match input {
                     Input::Record(r) => engine.sequencer().push(pos, r, &mut batch),
                     Input::Delete(id) => engine.sequencer().delete_rule(pos, &id, &mut batch),

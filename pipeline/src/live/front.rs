@@ -626,13 +626,10 @@ pub(super) async fn demo_source(d: DemoSection, tx: mpsc::Sender<LiveItem>, stop
         change: Change::Record(record),
     };
     if d.rules {
-        let origin: Arc<str> = "demo-setup:".into();
+        let origin = schemas::SourceName::from("demo-setup:");
         for (i, p) in demo::demo_protocols().into_iter().enumerate() {
             if tx
-                .send(item(
-                    SourcePos::new(origin.clone(), i as u64),
-                    Record::Protocol(Box::new(p)),
-                ))
+                .send(item(SourcePos::new(origin, i as u64), Record::Protocol(Box::new(p))))
                 .await
                 .is_err()
             {
@@ -641,10 +638,7 @@ pub(super) async fn demo_source(d: DemoSection, tx: mpsc::Sender<LiveItem>, stop
         }
         for (i, r) in demo::demo_rules().into_iter().enumerate() {
             if tx
-                .send(item(
-                    SourcePos::new(origin.clone(), 1000 + i as u64),
-                    Record::Rule(Box::new(r)),
-                ))
+                .send(item(SourcePos::new(origin, 1000 + i as u64), Record::Rule(Box::new(r))))
                 .await
                 .is_err()
             {

@@ -22,9 +22,10 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::f64::consts::{PI, TAU};
-use std::sync::Arc;
 
-use schemas::{AlertRule, GasTick, Liquidation, Millis, PriceTick, Protocol, Record, SourcePos, Transfer, TvlUpdate};
+use schemas::{
+    AlertRule, GasTick, Liquidation, Millis, PriceTick, Protocol, Record, SourceName, SourcePos, Transfer, TvlUpdate,
+};
 use serde_json::json;
 
 #[cfg(test)]
@@ -545,7 +546,7 @@ pub struct DemoFeed {
     rng: Rng,
     start: Millis,
     seq: u64,
-    source: Arc<str>,
+    source: SourceName,
     queue: BinaryHeap<Reverse<(Millis, Stream)>>,
     coins: Vec<Noise>,
     leaders: Vec<Option<usize>>,
@@ -594,7 +595,7 @@ impl DemoFeed {
             rng,
             start,
             seq: 0,
-            source: Arc::from("demo:"),
+            source: SourceName::from("demo:"),
             queue,
             coins: fresh(COINS.len(), start),
             leaders: COINS.iter().map(|c| c.follows.map(index)).collect(),
@@ -761,7 +762,7 @@ impl Iterator for DemoFeed {
             Stream::Liquidation => self.liquidation(t),
         };
         self.queue.push(Reverse((next, stream)));
-        let pos = SourcePos::new(self.source.clone(), self.seq);
+        let pos = SourcePos::new(self.source, self.seq);
         self.seq += 1;
         Some((pos, record))
     }

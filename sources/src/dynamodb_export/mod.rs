@@ -23,10 +23,9 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
 
 use schemas::dynamo::{DynamoRecord, ExportLine, PriceItem, decode_item, parse_export_line};
-use schemas::{DeadLetter, Millis, PriceTick, Record, SourcePos, format_seconds};
+use schemas::{DeadLetter, Millis, PriceTick, Record, SourceName, SourcePos, format_seconds};
 use serde_json::Value;
 
 use crate::{Input, Line, SourceError, io_reason, open_lines, read_line, too_long_reason};
@@ -213,7 +212,7 @@ pub struct ExportSource {
     /// Interned coin ids and symbols.
     names: Vec<String>,
     /// `"<data file>:"` per data file.
-    files: Vec<Arc<str>>,
+    files: Vec<SourceName>,
     /// Latest price per interned coin id, in timestamp order so far.
     last_price: Vec<Option<f64>>,
     /// `(local, remote)`: dead-letter sources starting with `local` are renamed (S3 exports).
@@ -300,8 +299,8 @@ impl Iterator for ExportSource {
         let source = self
             .files
             .get(e.file as usize)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(""));
+            .copied()
+            .unwrap_or_else(|| SourceName::from(""));
         let pos = SourcePos::new(source, e.line);
         Some(match e.body {
             Body::Tvl(t) => Input::Record(pos, Record::Tvl(t)),
@@ -481,7 +480,7 @@ struct Loader {
     sorter: Sorter,
     names: Vec<String>,
     ids: HashMap<String, u32>,
-    files: Vec<Arc<str>>,
+    files: Vec<SourceName>,
     buf: Vec<u8>,
     max_line: usize,
 }
@@ -551,8 +550,8 @@ impl Loader {
         let mut reader = open_lines(path)?;
         self.stats.data_files += 1;
         let file = self.files.len() as u32;
-        let source: Arc<str> = Arc::from(format!("{}:", path.display()));
-        self.files.push(source.clone());
+        let source = SourceName::from(format!("{}:", path.display()));
+        self.files.push(source);
         let mut buf = std::mem::take(&mut self.buf);
         let (mut line_no, mut lines) = (0u64, 0u64);
         loop {
@@ -560,7 +559,7 @@ impl Loader {
                 Line::Eof => break,
                 Line::Err(e) => {
                     // A read error makes the count meaningless: no itemCount check for this file.
-                    let pos = SourcePos::new(source.clone(), line_no + 1);
+                    let pos = SourcePos::new(source, line_no + 1);
                     let d = DeadLetter::new(
                         pos,
                         format!("read error: {}", io_reason(&e)),
@@ -573,7 +572,7 @@ impl Loader {
                     line_no += 1;
                     lines += 1;
                     self.stats.invalid_lines += 1;
-                    let pos = SourcePos::new(source.clone(), line_no);
+                    let pos = SourcePos::new(source, line_no);
                     let reason = too_long_reason(bytes, self.max_line);
                     self.dead(DeadLetter::new(pos, reason, &String::from_utf8_lossy(&buf)))?;
                     continue;
@@ -586,7 +585,7 @@ impl Loader {
                 Err(e) => {
                     lines += 1;
                     self.stats.invalid_lines += 1;
-                    let pos = SourcePos::new(source.clone(), line_no);
+                    let pos = SourcePos::new(source, line_no);
                     let d = DeadLetter::new(pos, format!("invalid UTF-8: {e}"), &String::from_utf8_lossy(&buf));
                     self.dead(d)?;
                     continue;
@@ -601,7 +600,7 @@ impl Loader {
                 Ok(None) => {}
                 Err(reason) => {
                     self.stats.invalid_lines += 1;
-                    let d = DeadLetter::new(SourcePos::new(source.clone(), line_no), reason, line);
+                    let d = DeadLetter::new(SourcePos::new(source, line_no), reason, line);
                     self.dead(d)?;
                 }
             }

@@ -24,7 +24,6 @@ use std::fmt;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 
 use aws_config::{BehaviorVersion, ConfigLoader, Region, SdkConfig};
 use aws_sdk_s3::Client;
@@ -374,7 +373,7 @@ impl Relabel {
     fn source(&self, source: &mut ExportSource) {
         for file in &mut source.files {
             if let Some(s) = self.text(file) {
-                *file = Arc::from(s);
+                *file = schemas::SourceName::from(s);
             }
         }
         // Dead letters found while reading may be spilled to disk: renamed as they are taken.

@@ -22,10 +22,9 @@
 
 use std::io::{self, SeekFrom};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use schemas::{DeadLetter, Kind, SourcePos, parse_record};
+use schemas::{DeadLetter, Kind, SourceName, SourcePos, parse_record};
 use tokio::fs::File;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
@@ -63,7 +62,7 @@ pub async fn follow(
     let path = path.into();
     let poll = poll.max(MIN_POLL);
     let mut tail = Tail {
-        source: Arc::from(format!("{}:", path.display())),
+        source: SourceName::from(format!("{}:", path.display())),
         ack_path: path.display().to_string(),
         path,
         kind,
@@ -173,7 +172,7 @@ struct Tail {
     /// skipped up to its newline, so a file without newlines cannot exhaust memory.
     max_line: usize,
     /// `"<path>:"`.
-    source: Arc<str>,
+    source: SourceName,
     /// The path as configured, for acks.
     ack_path: String,
     file: Option<File>,
@@ -318,7 +317,7 @@ impl Tail {
             return Flow::Go;
         }
         self.skipping = Some(part.len() as u64);
-        let pos = SourcePos::new(self.source.clone(), self.line + 1);
+        let pos = SourcePos::new(self.source, self.line + 1);
         let max = self.max_line;
         tracing::warn!(path = %self.path.display(), line = self.line + 1, "line longer than {max} bytes (max_line_bytes); skipping it");
         let head = String::from_utf8_lossy(&part[..part.len().min(4096)]);
@@ -338,7 +337,7 @@ impl Tail {
     /// Sends one line (with or without its newline); blank lines send nothing.
     async fn emit(&mut self, raw: &[u8], ack: Ack, stop: &mut watch::Receiver<bool>) -> Flow {
         self.line += 1;
-        let pos = SourcePos::new(self.source.clone(), self.line);
+        let pos = SourcePos::new(self.source, self.line);
         let mut text = raw.strip_suffix(b"\n").unwrap_or(raw);
         text = text.strip_suffix(b"\r").unwrap_or(text);
         let change = match std::str::from_utf8(text) {

@@ -6,9 +6,8 @@
 
 use std::io::BufRead;
 use std::path::Path;
-use std::sync::Arc;
 
-use schemas::{DeadLetter, Kind, SourcePos, parse_record};
+use schemas::{DeadLetter, Kind, SourceName, SourcePos, parse_record};
 
 use crate::{Input, Line, SourceError, io_reason, open_lines, read_line, too_long_reason};
 
@@ -25,7 +24,7 @@ pub fn open(path: &Path, kind: Kind, max_line_bytes: usize) -> Result<FileSource
         reader,
         kind,
         max_line: max_line_bytes,
-        source: Arc::from(format!("{}:", path.display())),
+        source: SourceName::from(format!("{}:", path.display())),
         line: 0,
         buf: Vec::new(),
         done: false,
@@ -44,7 +43,7 @@ pub struct FileSource {
     reader: Box<dyn BufRead + Send>,
     kind: Kind,
     max_line: usize,
-    source: Arc<str>,
+    source: SourceName,
     line: u64,
     buf: Vec<u8>,
     done: bool,
@@ -58,7 +57,7 @@ pub struct FileSource {
 /// already dead letters here, in their place.
 pub struct Lines {
     kind: Kind,
-    source: Arc<str>,
+    source: SourceName,
     text: String,
     items: Vec<Unparsed>,
 }
@@ -84,7 +83,7 @@ impl Lines {
             .map(|item| match item {
                 Unparsed::Dead(d) => Input::Dead(d),
                 Unparsed::Text(no, range) => {
-                    let (pos, line) = (SourcePos::new(source.clone(), no), &text[range]);
+                    let (pos, line) = (SourcePos::new(source, no), &text[range]);
                     match parse_record(kind, line) {
                         Ok(record) => Input::Record(pos, record),
                         Err(e) => Input::Dead(DeadLetter::new(pos, e.0, line)),
@@ -108,7 +107,7 @@ impl Lines {
 impl FileSource {
     /// The position of the next line.
     fn here(&self) -> SourcePos {
-        SourcePos::new(self.source.clone(), self.line + 1)
+        SourcePos::new(self.source, self.line + 1)
     }
 
     /// The record kind this file holds.
@@ -122,7 +121,7 @@ impl FileSource {
     pub fn read_lines(&mut self) -> Option<Lines> {
         let mut out = Lines {
             kind: self.kind,
-            source: self.source.clone(),
+            source: self.source,
             text: String::new(),
             items: Vec::new(),
         };

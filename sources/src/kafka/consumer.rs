@@ -13,7 +13,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
-use schemas::{Kind, SourcePos};
+use schemas::{Kind, SourceName, SourcePos};
 use tokio::sync::{mpsc, watch};
 
 use super::KafkaSourceError;
@@ -206,7 +206,7 @@ struct TopicState {
     kind: Kind,
     records_in: metrics::Counter,
     /// `"<topic>/<partition>@"` per partition, shared by every position of the partition.
-    sources: HashMap<i32, Arc<str>>,
+    sources: HashMap<i32, SourceName>,
 }
 
 /// Turns messages into live items.
@@ -242,11 +242,10 @@ impl Decoder {
             }
         };
         state.records_in.increment(1);
-        let source = state
+        let source = *state
             .sources
             .entry(partition)
-            .or_insert_with(|| Arc::from(format!("{topic}/{partition}@")))
-            .clone();
+            .or_insert_with(|| SourceName::from(format!("{topic}/{partition}@")));
         let pos = SourcePos::new(source, u64::try_from(offset).unwrap_or_default());
         match decode(state.kind, &pos, m.key(), m.payload()) {
             Ok(change) => Some(LiveItem {

@@ -27,7 +27,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
-use schemas::{Kind, Millis, SourcePos};
+use schemas::{Kind, Millis, SourceName, SourcePos};
 
 use super::KafkaSourceError;
 use super::consumer::log_librdkafka;
@@ -292,7 +292,7 @@ pub fn open_range(cfg: &KafkaRangeConfig) -> Result<KafkaRange, KafkaSourceError
                 key: (r.topic.clone(), r.partition),
                 last: r.start - 1,
                 kind,
-                name: Arc::from(format!("{}/{}@", r.topic, r.partition)),
+                name: SourceName::from(format!("{}/{}@", r.topic, r.partition)),
                 end: r.end,
                 from: cfg.from_ms,
                 to: cfg.to_ms,
@@ -395,7 +395,7 @@ pub struct RangeSource {
     /// Offset of the last message taken.
     last: i64,
     kind: Kind,
-    name: Arc<str>,
+    name: SourceName,
     end: i64,
     from: Option<Millis>,
     to: Option<Millis>,
@@ -452,7 +452,7 @@ impl RangeSource {
             self.status.skipped.fetch_add(1, Ordering::Relaxed);
             return Step::Skip;
         }
-        let pos = SourcePos::new(self.name.clone(), u64::try_from(offset).unwrap_or_default());
+        let pos = SourcePos::new(self.name, u64::try_from(offset).unwrap_or_default());
         match decode(self.kind, &pos, msg.key(), msg.payload()) {
             Ok(Change::Record(r)) => Step::Emit(Input::Record(pos, r)),
             Ok(Change::Dead(d)) => Step::Emit(Input::Dead(d)),

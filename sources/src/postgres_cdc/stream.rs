@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use schemas::{DeadLetter, SourcePos};
+use schemas::{DeadLetter, SourceName, SourcePos};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::sync::Mutex;
 use tokio::sync::mpsc::Sender;
@@ -118,7 +118,7 @@ pub(crate) async fn read_snapshot(pool: &PgPool, tables: &[CdcTable]) -> Result<
                 table: table.name(),
                 source,
             })?;
-        let pos_source: Arc<str> = Arc::from(format!("{}@", table.name()));
+        let pos_source = SourceName::from(format!("{}@", table.name()));
         for raw in rows {
             let change = match serde_json::from_str::<Row>(&raw) {
                 Ok(row) => decode::upsert_change(table, &row),
@@ -127,7 +127,7 @@ pub(crate) async fn read_snapshot(pool: &PgPool, tables: &[CdcTable]) -> Result<
             .unwrap_or_else(|reason| Change::Dead(DeadLetter::new(format!("{}@snapshot", table.name()), reason, &raw)));
             metrics::counter!("llamaflow_cdc_changes_total", "table" => table.name()).increment(1);
             items.push(LiveItem {
-                pos: SourcePos::new(pos_source.clone(), 0),
+                pos: SourcePos::new(pos_source, 0),
                 ack: Ack::None,
                 change,
             });
@@ -152,7 +152,7 @@ pub(crate) struct Streamer {
     shared: Arc<Shared>,
     tx: Sender<LiveItem>,
     add_tables: String,
-    pos_sources: HashMap<CdcTable, Arc<str>>,
+    pos_sources: HashMap<CdcTable, SourceName>,
     poll_interval: Duration,
     heartbeat: Duration,
     max_changes: u64,
@@ -183,7 +183,7 @@ impl Streamer {
                 .join(","),
             pos_sources: tables
                 .iter()
-                .map(|t| (*t, Arc::from(format!("{}@", t.name()))))
+                .map(|t| (*t, SourceName::from(format!("{}@", t.name()))))
                 .collect(),
             poll_interval: cfg.poll_interval(),
             heartbeat: cfg.heartbeat(),
@@ -344,7 +344,7 @@ impl Streamer {
                     items.push((
                         "unknown",
                         LiveItem {
-                            pos: SourcePos::new(Arc::from("wal2json@"), lsn),
+                            pos: SourcePos::new(SourceName::from("wal2json@"), lsn),
                             ack: Ack::None,
                             change: Change::Dead(DeadLetter::new(source, reason, &data)),
                         },

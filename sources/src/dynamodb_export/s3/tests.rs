@@ -61,7 +61,7 @@ fn relabeled(items: Vec<Input>, local: &Path, remote: &str) -> Vec<Input> {
         .into_iter()
         .map(|i| match i {
             Input::Record(mut pos, r) => {
-                pos.source = Arc::from(relabel.text(&pos.source).unwrap());
+                pos.source = schemas::SourceName::from(relabel.text(&pos.source).unwrap());
                 Input::Record(pos, r)
             }
             Input::Dead(mut d) => {
