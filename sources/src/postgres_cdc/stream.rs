@@ -353,7 +353,7 @@ impl Streamer {
                 }
             };
             // Only configured tables are decoded (`add-tables` filters the others out anyway).
-            let Some((table, source)) = msg.table.and_then(|t| Some((t, self.pos_sources.get(&t)?.clone()))) else {
+            let Some((table, source)) = msg.table.and_then(|t| Some((t, *self.pos_sources.get(&t)?))) else {
                 continue;
             };
             let pos = SourcePos::new(source, lsn);
