@@ -605,8 +605,8 @@ impl Engine {
     /// Sends one epoch. In one process each envelope goes straight to the worker that owns
     /// its key, and the dataflow has no exchange in front of its keyed stage
     /// ([`operators::Arrival::AtItsWorker`]); in a cluster, where a key's worker may be in
-    /// another process, the envelopes are split evenly and the dataflow's exchange moves them. Blocks while the dataflow is
-    /// [`MAX_EPOCHS_IN_FLIGHT`] epochs behind.
+    /// another process, the envelopes are split evenly and the dataflow's exchange moves them.
+    /// Blocks while the dataflow is [`MAX_EPOCHS_IN_FLIGHT`] epochs behind.
     ///
     /// In a cluster, sequence numbers are made unique across processes: the sequencer's
     /// number `s` becomes `s × processes + process` (order within a process is kept, and a

@@ -37,20 +37,32 @@ impl SourcePos {
 pub struct SourceName(&'static str);
 
 impl SourceName {
-    /// The name `name`, stored the first time it is seen.
+    /// The name `name`, stored the first time it is seen. Each thread remembers the last name
+    /// it asked for, so a run of positions of one source (read back from a checkpoint or
+    /// another process) takes no lock.
     pub fn new(name: &str) -> SourceName {
         static NAMES: std::sync::Mutex<BTreeSet<&'static str>> = std::sync::Mutex::new(BTreeSet::new());
+        thread_local! {
+            static LAST: std::cell::Cell<Option<SourceName>> = const { std::cell::Cell::new(None) };
+        }
+        if let Some(last) = LAST.get()
+            && last.0 == name
+        {
+            return last;
+        }
         // A poisoned lock only means another thread panicked while holding it: the set is
         // still whole (an insert is the only change).
         let mut names = NAMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match names.get(name) {
+        let found = match names.get(name) {
             Some(known) => SourceName(known),
             None => {
                 let leaked: &'static str = Box::leak(name.into());
                 names.insert(leaked);
                 SourceName(leaked)
             }
-        }
+        };
+        LAST.set(Some(found));
+        found
     }
 
     /// The name.
