@@ -3,6 +3,7 @@
 
 mod model;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use model::{Model, ModelAlert, Op};
@@ -35,6 +36,18 @@ fn run_arriving(workers: usize, batches: &[Vec<Op>], cfg: OpConfig, arrival: Arr
     run_resumable(workers, batches, cfg, None, 0, &[], arrival).0
 }
 
+/// Raised when its worker thread panics, so the other workers stop waiting for it: the
+/// panic then fails the test instead of leaving them stepping forever.
+struct FailFlag(Arc<AtomicBool>);
+
+impl Drop for FailFlag {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Where a run left off: each worker's operator state and the sequencer.
 type Resume = (Vec<WorkerState>, Sequencer);
 
@@ -64,7 +77,9 @@ fn run_resumable(
     for epoch in snap {
         snapshots.request(*epoch);
     }
+    let failed = Arc::new(AtomicBool::new(false));
     timely::execute(timely::Config::process(workers), move |worker| {
+        let _flag = FailFlag(failed.clone());
         let mut input = InputHandle::new();
         let (a, e, d) = (out2.clone(), out2.clone(), out2.clone());
         let cfg = cfg.clone();
@@ -108,6 +123,7 @@ fn run_resumable(
             }
             input.advance_to(i as u64 + 1);
             while probe.less_than(input.time()) {
+                assert!(!failed.load(Ordering::SeqCst), "another worker panicked");
                 worker.step();
             }
         }
