@@ -138,8 +138,8 @@ fn a_line_over_the_configured_limit_is_a_dead_letter_naming_the_limit() {
 }
 
 /// Blocks of unparsed lines, parsed one by one, give each line's record or dead letter at
-/// its line number, in file order; a block holds at most `BLOCK_LINES` lines, and ends once
-/// its text passes `BLOCK_BYTES`.
+/// its line number, in file order; a block holds the complete lines of about `BLOCK_BYTES`
+/// of text.
 #[test]
 fn blocks_of_lines_keep_file_order_positions_and_bounds() {
     let dir = tempfile::tempdir().unwrap();
@@ -176,15 +176,20 @@ fn blocks_of_lines_keep_file_order_positions_and_bounds() {
         body.push(b'\n');
     }
     std::fs::write(&path, &body).unwrap();
-    let mut src = open(&path, Kind::Price, max_line).unwrap();
+    let mut src = open(&path, Kind::Price, max_line).unwrap().with_block_bytes(40_000);
     let mut items = Vec::new();
     let mut blocks = 0;
     while let Some(block) = src.read_lines() {
-        assert!(!block.is_empty() && block.len() <= BLOCK_LINES, "{}", block.len());
+        // Whole lines only: at most a block and the rest of a line.
+        assert!(
+            !block.is_empty() && block.text_len() < 40_000 + 300,
+            "{}",
+            block.text_len()
+        );
         blocks += 1;
         items.extend(block.parse());
     }
-    assert_eq!(blocks, 3, "2,600 lines, some blank: three blocks");
+    assert_eq!(blocks, 4, "{} bytes in blocks of 40,000: four", body.len());
     let expected: Vec<u64> = (1..=lines).filter(|n| want(*n) != Want::Blank).collect();
     assert_eq!(items.len(), expected.len());
     let suffix = |n: u64| format!(":{n}");
@@ -215,7 +220,7 @@ fn blocks_of_lines_keep_file_order_positions_and_bounds() {
         }
     }
 
-    // Long lines: a block ends after the line that takes its text past 1 MiB.
+    // Lines longer than a block: each block reads on to finish its first line.
     let line = format!(
         r#"{{"coin":"coingecko:x","price":1,"timestamp":1,"symbol":"{}"}}"#,
         "s".repeat(400_000)
@@ -223,5 +228,94 @@ fn blocks_of_lines_keep_file_order_positions_and_bounds() {
     std::fs::write(&path, format!("{line}\n").repeat(5)).unwrap();
     let mut src = open(&path, Kind::Price, crate::DEFAULT_MAX_LINE_BYTES).unwrap();
     let sizes: Vec<usize> = std::iter::from_fn(|| src.read_lines().map(|b| b.len())).collect();
-    assert_eq!(sizes, [3, 2]);
+    assert_eq!(sizes, [1; 5]);
+}
+
+/// The lines of a file as the line-at-a-time reader (`crate::read_line`, which the DynamoDB
+/// export reads with) splits them, each parsed on its own: the model of the block reader.
+fn line_by_line(path: &Path, data: &[u8], max: usize) -> Vec<Input> {
+    let source = SourceName::from(format!("{}:", path.display()));
+    let mut reader = std::io::BufReader::with_capacity(5, data);
+    let (mut buf, mut no, mut out) = (Vec::new(), 0u64, Vec::new());
+    loop {
+        let item = match crate::read_line(&mut reader, &mut buf, max) {
+            crate::Line::Eof => return out,
+            crate::Line::Err(e) => panic!("reading memory: {e}"),
+            crate::Line::TooLong(bytes) => {
+                no += 1;
+                let raw = String::from_utf8_lossy(&buf).into_owned();
+                Some(Input::Dead(DeadLetter::new(
+                    SourcePos::new(source, no),
+                    too_long_reason(bytes, max),
+                    &raw,
+                )))
+            }
+            crate::Line::Text(Err(e)) => {
+                no += 1;
+                let raw = String::from_utf8_lossy(&buf).into_owned();
+                Some(Input::Dead(DeadLetter::new(
+                    SourcePos::new(source, no),
+                    format!("invalid UTF-8: {e}"),
+                    &raw,
+                )))
+            }
+            crate::Line::Text(Ok(line)) => {
+                no += 1;
+                let line = if no == 1 {
+                    line.strip_prefix('\u{feff}').unwrap_or(line)
+                } else {
+                    line
+                };
+                (!line.trim().is_empty()).then(|| match parse_record(Kind::Price, line) {
+                    Ok(r) => Input::Record(SourcePos::new(source, no), r),
+                    Err(e) => Input::Dead(DeadLetter::new(SourcePos::new(source, no), e.0, line)),
+                })
+            }
+        };
+        out.extend(item);
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+    /// Blocks split anywhere (a few bytes to whole files) give what reading line by line
+    /// gives: the same records and dead letters at the same line numbers, over ticks, blank
+    /// lines, `\r\n`, a byte order mark, bytes that are not UTF-8, lines just under, at and
+    /// over the limit, and a last line with or without its line end.
+    #[test]
+    fn blocks_read_what_lines_read(
+        pieces in proptest::collection::vec(0u8..9, 0..40),
+        ends in proptest::collection::vec(proptest::bool::ANY, 40),
+        bom in proptest::bool::ANY,
+        last_end in proptest::bool::ANY,
+        block in 1usize..120,
+        max in 30usize..60,
+    ) {
+        let mut data: Vec<u8> = if bom { "\u{feff}".into() } else { Vec::new() };
+        for (i, p) in pieces.iter().enumerate() {
+            match p {
+                0 => data.extend_from_slice(format!(r#"{{"coin":"coingecko:c{i}","price":{},"timestamp":{i}}}"#, i + 1).as_bytes()),
+                1 => data.extend_from_slice(b"  \t"),
+                2 => {}
+                3 => data.extend_from_slice(b"{\"coin\":\"\xff\"}"),
+                4 => data.extend_from_slice(&b"x".repeat(max - 1)),
+                5 => data.extend_from_slice(&b"y".repeat(max)),
+                6 => data.extend_from_slice(&b"z".repeat(max + 1)),
+                7 => data.extend_from_slice(&b"w".repeat(max * 4 + i)),
+                _ => data.extend_from_slice(b"not json\r"),
+            }
+            if i + 1 < pieces.len() || last_end {
+                data.extend_from_slice(if ends[i] { b"\r\n" } else { b"\n" });
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prices.jsonl");
+        std::fs::write(&path, &data).unwrap();
+        let mut src = open(&path, Kind::Price, max).unwrap().with_block_bytes(block);
+        let mut got = Vec::new();
+        while let Some(lines) = src.read_lines() {
+            got.extend(lines.parse());
+        }
+        proptest::prop_assert_eq!(got, line_by_line(&path, &data, max));
+    }
 }
