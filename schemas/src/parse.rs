@@ -22,22 +22,23 @@ fn bad(msg: impl Into<String>) -> InvalidRecord {
 /// Normalizes a DeFiLlama coin id: `coingecko:<id>` or `<chain>:<address>` with the address
 /// lowercased (except on solana). `None` for any other form.
 pub fn normalize_coin(raw: &str) -> Option<String> {
-    let (prefix, rest) = raw.split_once(':')?;
-    let ok = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_graphic() && c != b':' && c != b'"');
-    if !ok(prefix) || !ok(rest) {
-        return None;
-    }
-    if prefix.eq_ignore_ascii_case("coingecko") || prefix.eq_ignore_ascii_case("solana") {
-        if !prefix.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Some(raw.to_string());
+    // One pass: printable ASCII without quotes, one `:` with text on both sides.
+    let (mut colon, mut upper) = (None, false);
+    for (i, &c) in raw.as_bytes().iter().enumerate() {
+        if !c.is_ascii_graphic() || c == b'"' || (c == b':' && colon.replace(i).is_some()) {
+            return None;
         }
+        upper |= c.is_ascii_uppercase();
+    }
+    let colon = colon.filter(|&i| i > 0 && i + 1 < raw.len())?;
+    if !upper {
+        return Some(raw.to_string());
+    }
+    let (prefix, rest) = (&raw[..colon], &raw[colon + 1..]);
+    if prefix.eq_ignore_ascii_case("coingecko") || prefix.eq_ignore_ascii_case("solana") {
         return Some(format!("{}:{rest}", prefix.to_ascii_lowercase()));
     }
-    if raw.bytes().any(|b| b.is_ascii_uppercase()) {
-        Some(raw.to_ascii_lowercase())
-    } else {
-        Some(raw.to_string())
-    }
+    Some(raw.to_ascii_lowercase())
 }
 
 /// A JSON field read leniently so validation can say which field is wrong.
@@ -195,7 +196,8 @@ struct RawRecord<'a> {
 /// parser then reads (and words the error for); where this returns a tick, that parser returns
 /// the same one (`plain_price_agrees_with_the_general_parser`).
 fn plain_price(line: &str) -> Option<PriceTick> {
-    let mut rest = line.strip_prefix('{')?.strip_suffix('}')?;
+    let mut rest = after_byte(line, b'{')?;
+    rest = rest.strip_suffix('}')?;
     let (mut coin, mut price, mut timestamp) = (None, None, None);
     let (mut symbol, mut confidence, mut decimals) = (None, None, None);
     fn once<T>(slot: &mut Option<T>, v: T) -> Option<()> {
@@ -204,14 +206,14 @@ fn plain_price(line: &str) -> Option<PriceTick> {
     while !rest.is_empty() {
         // The key ends at the first quote, which must be followed by `:` (a byte search: no
         // substring searcher built per key).
-        let quoted = rest.strip_prefix('"')?;
+        let quoted = after_byte(rest, b'"')?;
         let end = find_byte(quoted, b'"')?;
-        let (key, after) = (&quoted[..end], quoted[end + 1..].strip_prefix(':')?);
+        let (key, after) = (&quoted[..end], after_byte(&quoted[end + 1..], b':')?);
         if key.contains('\\') {
             return None;
         }
         let value;
-        (value, rest) = match after.strip_prefix('"') {
+        (value, rest) = match after_byte(after, b'"') {
             Some(s) => {
                 let end = find_byte(s, b'"')?;
                 let (v, r) = (&s[..end], &s[end + 1..]);
@@ -235,7 +237,7 @@ fn plain_price(line: &str) -> Option<PriceTick> {
             _ => return None,
         }
         if !rest.is_empty() {
-            rest = rest.strip_prefix(',')?;
+            rest = after_byte(rest, b',')?;
             if rest.is_empty() {
                 return None;
             }
@@ -257,36 +259,65 @@ fn plain_price(line: &str) -> Option<PriceTick> {
     })
 }
 
+/// `s` after its first byte, when that is `b` (an ASCII byte): `strip_prefix` with a `char`
+/// compares through `memcmp`, a call per field.
+fn after_byte(s: &str, b: u8) -> Option<&str> {
+    // An ASCII byte is a whole char, so the rest starts on a char boundary.
+    (s.as_bytes().first() == Some(&b)).then(|| &s[1..])
+}
+
 /// The index of the first `b` (an ASCII byte, so the index is a char boundary) in `s`: a
 /// plain loop, cheaper than `str::find`'s searcher over the few bytes of a key or value.
 fn find_byte(s: &str, b: u8) -> Option<usize> {
     s.as_bytes().iter().position(|&c| c == b)
 }
 
+/// Powers of ten that an f64 holds exactly.
+const EXACT_POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19,
+    1e20, 1e21, 1e22,
+];
+
 /// A non-negative JSON number (`0`, `12`, `1.5`, `2e-3`, …) as a finite f64; `None` for any
-/// other text (signs, `01`, `1.`, `.5`, …) or an overflow. Rust's parser rounds correctly, as
-/// serde_json does with `float_roundtrip`.
+/// other text (signs, `01`, `1.`, `.5`, …) or an overflow. Rounded correctly, as serde_json
+/// does with `float_roundtrip`: a decimal of at most 15 digits without an exponent (unix
+/// seconds, most prices) is its digits, an exact integer, divided by an exact power of ten,
+/// one correctly rounded division (Clinger's fast path); anything else goes to Rust's parser.
 fn json_number(t: &str) -> Option<f64> {
     let b = t.as_bytes();
-    let digits = |i: usize| b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
-    let int = digits(0);
+    // Digits from `i` on, accumulated into `m` (exact while there are at most 15 in all).
+    let digits = |mut i: usize, m: &mut u64| {
+        let from = i;
+        while let Some(d) = b.get(i).filter(|c| c.is_ascii_digit()) {
+            *m = m.wrapping_mul(10).wrapping_add(u64::from(d - b'0'));
+            i += 1;
+        }
+        i - from
+    };
+    let mut m = 0u64;
+    let int = digits(0, &mut m);
     if int == 0 || (int > 1 && b[0] == b'0') {
         return None;
     }
     let mut i = int;
+    let mut frac = 0;
     if b.get(i) == Some(&b'.') {
-        let frac = digits(i + 1);
+        frac = digits(i + 1, &mut m);
         if frac == 0 {
             return None;
         }
         i += 1 + frac;
+    }
+    if i == b.len() && int + frac <= 15 {
+        // m < 10^15 < 2^53 and 10^frac are exact: the quotient is the correctly rounded value.
+        return Some(m as f64 / EXACT_POW10[frac]);
     }
     if matches!(b.get(i), Some(b'e' | b'E')) {
         i += 1;
         if matches!(b.get(i), Some(b'+' | b'-')) {
             i += 1;
         }
-        let exp = digits(i);
+        let exp = digits(i, &mut 0);
         if exp == 0 {
             return None;
         }
@@ -583,6 +614,56 @@ mod tests {
                 let general = parse_general(Kind::Price, &l);
                 prop_assert_eq!(format!("{:?}", general), format!("{:?}", Ok::<_, InvalidRecord>(Record::Price(tick))), "{}", l);
             }
+        }
+    }
+
+    /// The coin rule of SPEC §1 written out plainly: split at the first `:`, both sides
+    /// non-empty printable ASCII without `:` or `"`; the address lowercased unless the chain
+    /// is coingecko or solana (any case), whose prefix alone is lowercased.
+    fn coin_model(raw: &str) -> Option<String> {
+        let (prefix, rest) = raw.split_once(':')?;
+        let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic() && c != ':' && c != '"');
+        if !ok(prefix) || !ok(rest) {
+            return None;
+        }
+        let lower = prefix.to_ascii_lowercase();
+        if lower == "coingecko" || lower == "solana" {
+            Some(format!("{lower}:{rest}"))
+        } else {
+            Some(format!("{lower}:{}", rest.to_ascii_lowercase()))
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 5_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn coins_normalize_as_the_plain_rule_says(
+            raw in prop_oneof![
+                "[a-zA-Z]{0,10}:[a-zA-Z0-9]{0,12}",
+                "(coingecko|CoinGecko|solana|SOLANA|ethereum|Bsc):[a-zA-Z0-9:\" é-]{0,10}",
+                "[ -~é]{0,16}",
+            ]
+        ) {
+            prop_assert_eq!(normalize_coin(&raw), coin_model(&raw), "{:?}", raw);
+        }
+
+        /// Numbers read by the short path equal Rust's correctly rounded parse, bit for bit.
+        #[test]
+        fn json_numbers_equal_rusts_parse(
+            int in "0|[1-9][0-9]{0,17}",
+            frac in prop::option::of("[0-9]{1,18}"),
+            exp in prop::option::of(-30i32..30),
+        ) {
+            let mut t = int.clone();
+            if let Some(f) = &frac {
+                t = format!("{t}.{f}");
+            }
+            if let Some(e) = exp {
+                t = format!("{t}e{e}");
+            }
+            let want = t.parse::<f64>().ok().filter(|x| x.is_finite());
+            prop_assert_eq!(json_number(&t).map(f64::to_bits), want.map(f64::to_bits), "{}", t);
         }
     }
 
