@@ -207,8 +207,13 @@ pub fn build<'scope>(
                 "an envelope arrived at another worker than its own"
             );
         }
-        // A rule moving between keys is deleted (same seq) before it is re-inserted.
-        batch.sort_by_key(|e: &Envelope| (e.seq, !matches!(e.item, Item::DeleteRule(_))));
+        // A rule moving between keys is deleted (same seq) before it is re-inserted. A
+        // batch nearly always arrives in this order: checked first, as sorting would copy it
+        // into a scratch buffer of its size.
+        let order = |e: &Envelope| (e.seq, !matches!(e.item, Item::DeleteRule(_)));
+        if !batch.is_sorted_by_key(order) {
+            batch.sort_by_key(order);
+        }
         // Keys' entries are loaded a few records ahead (`KeyedState::prefetch_entry`).
         let mut envs = batch.drain(..);
         while let Some(env) = envs.next() {

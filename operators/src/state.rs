@@ -60,10 +60,30 @@ fn rule_window(rule: &AlertRule) -> Option<Millis> {
 /// Time-ordered `(time, value)` history.
 type History = VecDeque<(Millis, f64)>;
 
-/// Latest value with time ≤ `t`.
+/// Latest value with time ≤ `t`. Searched from the newest point back in growing steps, then
+/// by halves: a window's reference point is usually a few points back, in the cache lines the
+/// newest point shares (a search by halves from the middle would wait on memory each step).
 fn as_of(h: &History, t: Millis) -> Option<f64> {
-    let i = h.partition_point(|(ts, _)| *ts <= t);
-    if i == 0 { None } else { Some(h[i - 1].1) }
+    // Points before `lo` are at or before `t`, points from `hi` on after it.
+    let (mut lo, mut hi, mut step) = (0, h.len(), 1);
+    while hi >= step {
+        let j = hi - step;
+        if h[j].0 <= t {
+            lo = j + 1;
+            break;
+        }
+        hi = j;
+        step *= 2;
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if h[mid].0 <= t {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo.checked_sub(1).map(|i| h[i].1)
 }
 
 /// Percent change from the value as of `t - window` to `now`.
@@ -1434,6 +1454,34 @@ mod tests {
     }
 
     proptest! {
+        /// The search from the newest point finds what a scan of every point finds: the value
+        /// of the last point at or before `t`, for histories that wrap around their buffer.
+        #[test]
+        fn as_of_finds_the_last_point_at_or_before_a_time(
+            gaps in prop::collection::vec(1i64..50, 0..80),
+            popped in 0usize..40,
+            free in -10i64..3000,
+            pick in prop::option::of((0usize..80, -1i64..=1)),
+        ) {
+            let mut h = History::new();
+            let mut ts = 0;
+            for (i, g) in gaps.iter().enumerate() {
+                ts += g;
+                h.push_back((ts, i as f64));
+                // Pops from the front make the points wrap around the ring buffer.
+                if i < popped && h.len() > 1 {
+                    h.pop_front();
+                }
+            }
+            // A time anywhere, or at a point's time or next to it.
+            let t = match pick {
+                Some((i, d)) if !h.is_empty() => h[i % h.len()].0 + d,
+                _ => free,
+            };
+            let scan = h.iter().filter(|(ts, _)| *ts <= t).last().map(|p| p.1);
+            prop_assert_eq!(as_of(&h, t), scan);
+        }
+
         /// Keys numbered or not, with rules or not, removed or not: the gauge's count is the
         /// number of keys holding state, and a checkpoint reads back as the map from key to
         /// state that the same operations give on a plain map (the format before interning).
