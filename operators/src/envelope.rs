@@ -4,7 +4,7 @@
 use schemas::{AlertRule, Conditions, Millis, Record, SourcePos};
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{Interner, KeyId};
+use crate::keys::{Interner, KeyHash, KeyId};
 
 /// One item on its way into the dataflow.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -375,6 +375,11 @@ impl Sequencer {
 
     /// Stamps one record and appends its envelope(s) to `out`.
     pub fn push(&mut self, pos: SourcePos, record: Record, out: &mut Vec<Envelope>) {
+        self.push_hinted(pos, record, None, out);
+    }
+
+    /// [`Sequencer::push`] of a record whose key was hashed before ([`Sequencer::hint`]).
+    pub fn push_hinted(&mut self, pos: SourcePos, record: Record, hint: Option<KeyHash>, out: &mut Vec<Envelope>) {
         let ts = record.timestamp();
         if ts > self.newest {
             self.newest = ts;
@@ -410,7 +415,11 @@ impl Sequencer {
             let open = self.open_updates.entry(u.protocol_id.clone()).or_insert(u.timestamp);
             *open = (*open).max(u.timestamp);
         }
-        let (key, route) = record_key(&record).map_or((KeyId::NONE, 0), |k| self.keys.intern(k));
+        let (key, route) = match (record_key(&record), hint) {
+            (Some(k), Some(hash)) => self.keys.intern_hashed(k, hash),
+            (Some(k), None) => self.keys.intern(k),
+            (None, _) => (KeyId::NONE, 0),
+        };
         out.push(Envelope {
             seq,
             route,
@@ -420,13 +429,19 @@ impl Sequencer {
         });
     }
 
-    /// Starts loading what [`Sequencer::push`] of `record` will look up (its key's number),
-    /// without waiting: call with `far` some records ahead of its push, then without `far` a
-    /// few records later (see [`Interner::prefetch`]). A hint: changes nothing.
-    pub fn prefetch(&self, record: &Record, far: bool) {
-        if let Some(key) = record_key(record) {
-            self.keys.prefetch(key, far);
-        }
+    /// The hash of `record`'s key, for [`Sequencer::prefetch`] and [`Sequencer::push_hinted`],
+    /// and starts loading what its push will look up first (its key's slot) without waiting:
+    /// call some records ahead of its push. A hint: changes nothing.
+    pub fn hint(&self, record: &Record) -> Option<KeyHash> {
+        let hash = Interner::hash(record_key(record)?);
+        self.keys.prefetch(hash, true);
+        Some(hash)
+    }
+
+    /// Starts loading the entry of the key hashed `hint` (whose slot [`Sequencer::hint`]
+    /// loaded): call a few records before its push (see [`Interner::prefetch`]).
+    pub fn prefetch(&self, hint: KeyHash) {
+        self.keys.prefetch(hint, false);
     }
 
     /// Stamps a protocol deletion (routed to the protocol's worker).

@@ -116,6 +116,10 @@ fn table_hash(kind: u8, name: &str) -> u64 {
     foldhash::fast::FixedState::with_seed(0x6c6c_616d_6166_6c6f).hash_one((kind, name))
 }
 
+/// A key's hash in an [`Interner`]'s table, computed once per record ([`Interner::hash`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyHash(u64);
+
 fn kind_and_name(key: Key<'_>) -> (u8, &str) {
     match key {
         Key::Coin(s) => (0, s),
@@ -128,8 +132,15 @@ impl Interner {
     /// The number and route of `key`, numbering it if new. Past 2³² − 1 keys, new keys go
     /// without a number (found by name).
     pub fn intern(&mut self, key: Key<'_>) -> (KeyId, u64) {
+        self.intern_hashed(key, Interner::hash(key))
+    }
+
+    /// [`Interner::intern`] with the key's hash computed before ([`Interner::hash`] of the
+    /// same key), so that a record's key is hashed once for its prefetches and its push.
+    pub fn intern_hashed(&mut self, key: Key<'_>, hash: KeyHash) -> (KeyId, u64) {
         let (kind, name) = kind_and_name(key);
-        let hash = table_hash(kind, name);
+        let hash = hash.0;
+        debug_assert_eq!(hash, table_hash(kind, name), "the hash of another key");
         let mask = self.slots.len() - 1;
         let mut i = hash as usize & mask;
         loop {
@@ -190,12 +201,18 @@ impl Interner {
         }
     }
 
-    /// Starts loading what [`Interner::intern`] of `key` will read, without waiting for it
-    /// (see [`prefetch`]): with `far`, the key's slot; without, the entry the slot points at
-    /// (call some records after the `far` call, once the slot has arrived). Changes nothing.
-    pub fn prefetch(&self, key: Key<'_>, far: bool) {
+    /// The hash [`Interner::intern_hashed`] and [`Interner::prefetch`] take for `key`.
+    pub fn hash(key: Key<'_>) -> KeyHash {
         let (kind, name) = kind_and_name(key);
-        let i = table_hash(kind, name) as usize & (self.slots.len() - 1);
+        KeyHash(table_hash(kind, name))
+    }
+
+    /// Starts loading what [`Interner::intern`] of the key hashed `hash` will read, without
+    /// waiting for it (see [`prefetch`]): with `far`, the key's slot; without, the entry the
+    /// slot points at (call some records after the `far` call, once the slot has arrived).
+    /// Changes nothing.
+    pub fn prefetch(&self, hash: KeyHash, far: bool) {
+        let i = hash.0 as usize & (self.slots.len() - 1);
         if far {
             prefetch(&self.slots[i]);
         } else if let Some(e) = (self.slots[i] as u32)
@@ -369,9 +386,11 @@ mod tests {
                 };
                 let next = model.len() as u32;
                 let want = *model.entry((kind, name.clone())).or_insert(next);
-                interner.prefetch(key, true);
-                interner.prefetch(key, false);
-                prop_assert_eq!(interner.intern(key), (KeyId(want), key.hash()), "{:?}", key);
+                let hash = Interner::hash(key);
+                interner.prefetch(hash, true);
+                interner.prefetch(hash, false);
+                let got = if n % 2 == 0 { interner.intern(key) } else { interner.intern_hashed(key, hash) };
+                prop_assert_eq!(got, (KeyId(want), key.hash()), "{:?}", key);
             }
             prop_assert_eq!(interner.len(), model.len());
         }

@@ -21,5 +21,5 @@ pub use checkpoint::{Checkpointing, Snapshots, WorkerState, rescale_states};
 pub use config::OpConfig;
 pub use dataflow::{Arrival, Outputs, build};
 pub use envelope::{Envelope, Item, Key, Sequencer, SequencerImage, record_key, rule_key, throttle_route, worker_of};
-pub use keys::KeyId;
+pub use keys::{KeyHash, KeyId};
 pub use state::{KeyedOut, KeyedState};

@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use operators::OpConfig;
+use operators::{KeyHash, OpConfig};
 use schemas::{Alert, DeadLetter, Event, Kind, Millis, SourcePos};
 use sinks::jsonl::JsonlWriter;
 use sources::Input;
@@ -386,22 +386,38 @@ impl Merge {
 
     fn refill(&mut self, i: usize) {
         if let Some(item) = self.sources[i].next() {
-            let key = match &item {
-                Input::Record(_, r) => (r.timestamp(), rank(r.kind())),
-                Input::Dead(_) => (Millis::MIN, 0),
-            };
+            self.heap.push(Reverse(order(&item, i)));
             self.heads[i] = Some(item);
-            self.heap.push(Reverse((key.0, key.1, i)));
         }
+    }
+}
+
+/// Where an item of source `i` goes in a [`Merge`]: dead letters first, records by (event
+/// time, kind rank), then source.
+fn order(item: &Input, i: usize) -> (Millis, u8, usize) {
+    match item {
+        Input::Record(_, r) => (r.timestamp(), rank(r.kind()), i),
+        Input::Dead(_) => (Millis::MIN, 0, i),
     }
 }
 
 impl Iterator for Merge {
     type Item = Input;
     fn next(&mut self) -> Option<Input> {
-        let Reverse((_, _, i)) = self.heap.pop()?;
+        let mut top = self.heap.peek_mut()?;
+        let i = top.0.2;
         let item = self.heads[i].take();
-        self.refill(i);
+        match self.sources[i].next() {
+            // The source's next item takes its place at the top, then sinks to its rank: one
+            // pass down the heap rather than a pop and a push.
+            Some(next) => {
+                *top = Reverse(order(&next, i));
+                self.heads[i] = Some(next);
+            }
+            None => {
+                std::collections::binary_heap::PeekMut::pop(top);
+            }
+        }
         item
     }
 }
@@ -557,20 +573,22 @@ pub fn feed(
     // Items held between the merge and the sequencer, so that each record's key is in the
     // cache by its push: its slot is loaded as it enters, its entry `HINT_NEAR` items before
     // its push.
-    let mut ahead: VecDeque<Input> = VecDeque::with_capacity(LOOKAHEAD);
+    // Each record's key is hashed once, as it enters.
+    let mut ahead: VecDeque<(Input, Option<KeyHash>)> = VecDeque::with_capacity(LOOKAHEAD);
     loop {
         while ahead.len() < LOOKAHEAD
             && let Some(item) = merge.next()
         {
-            if let (Some(engine), Input::Record(_, rec)) = (engine.as_deref_mut(), &item) {
-                engine.sequencer().prefetch(rec, true);
-            }
-            ahead.push_back(item);
+            let hint = match (engine.as_deref_mut(), &item) {
+                (Some(engine), Input::Record(_, rec)) => engine.sequencer().hint(rec),
+                _ => None,
+            };
+            ahead.push_back((item, hint));
         }
-        if let (Some(engine), Some(Input::Record(_, rec))) = (engine.as_deref_mut(), ahead.get(HINT_NEAR)) {
-            engine.sequencer().prefetch(rec, false);
+        if let (Some(engine), Some((_, Some(hint)))) = (engine.as_deref_mut(), ahead.get(HINT_NEAR)) {
+            engine.sequencer().prefetch(*hint);
         }
-        let Some(item) = ahead.pop_front() else { break };
+        let Some((item, hint)) = ahead.pop_front() else { break };
         match item {
             Input::Dead(d) => {
                 source_dead.push(d);
@@ -592,7 +610,7 @@ pub fn feed(
                             engine.send(std::mem::replace(&mut batch, next))?;
                             feed.progress(records_in);
                         }
-                        engine.sequencer().push(pos, rec, &mut batch);
+                        engine.sequencer().push_hinted(pos, rec, hint, &mut batch);
                     }
                     None => {
                         since_progress += 1;
