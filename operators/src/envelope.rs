@@ -126,6 +126,66 @@ enum Route {
     All,
 }
 
+/// Where a [`Sequencer`] puts the envelopes it stamps: a `Vec` in stamp order, or
+/// [`ByWorker`].
+pub trait Envelopes {
+    /// Takes one envelope.
+    fn put(&mut self, envelope: Envelope);
+}
+
+impl Envelopes for Vec<Envelope> {
+    fn put(&mut self, envelope: Envelope) {
+        self.push(envelope);
+    }
+}
+
+/// Envelopes split by worker as they are stamped, each into its worker's batch ([`worker_of`]
+/// of its route), so one process's engine hands them over without another copy.
+#[derive(Debug)]
+pub struct ByWorker {
+    parts: Vec<Vec<Envelope>>,
+    len: usize,
+}
+
+impl ByWorker {
+    /// Empty batches for `workers` workers, room for about `capacity` envelopes in all.
+    pub fn new(workers: usize, capacity: usize) -> ByWorker {
+        let workers = workers.max(1);
+        ByWorker {
+            parts: (0..workers)
+                .map(|_| Vec::with_capacity(capacity / workers + 16))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// Envelopes held, in all batches.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no envelope is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The batches, worker by worker (each in stamp order).
+    pub fn into_parts(self) -> Vec<Vec<Envelope>> {
+        self.parts
+    }
+}
+
+impl Envelopes for ByWorker {
+    fn put(&mut self, envelope: Envelope) {
+        let w = match self.parts.len() {
+            1 => 0,
+            n => worker_of(envelope.route, n),
+        };
+        self.parts[w].push(envelope);
+        self.len += 1;
+    }
+}
+
 /// Stamps records with sequence numbers and routes, and keeps rules routed consistently:
 /// a rule whose key changes is deleted where it lived before being inserted where it goes.
 ///
@@ -350,9 +410,9 @@ impl Sequencer {
             .collect())
     }
 
-    fn emit(&self, route: Route, seq: u64, pos: &SourcePos, item: Item, out: &mut Vec<Envelope>) {
+    fn emit(&self, route: Route, seq: u64, pos: &SourcePos, item: Item, out: &mut impl Envelopes) {
         match route {
-            Route::One(r) => out.push(Envelope {
+            Route::One(r) => out.put(Envelope {
                 seq,
                 route: r,
                 key: KeyId::NONE,
@@ -361,7 +421,7 @@ impl Sequencer {
             }),
             Route::All => {
                 for w in 0..self.workers {
-                    out.push(Envelope {
+                    out.put(Envelope {
                         seq,
                         route: w,
                         key: KeyId::NONE,
@@ -374,12 +434,12 @@ impl Sequencer {
     }
 
     /// Stamps one record and appends its envelope(s) to `out`.
-    pub fn push(&mut self, pos: SourcePos, record: Record, out: &mut Vec<Envelope>) {
+    pub fn push(&mut self, pos: SourcePos, record: Record, out: &mut impl Envelopes) {
         self.push_hinted(pos, record, None, out);
     }
 
     /// [`Sequencer::push`] of a record whose key was hashed before ([`Sequencer::hint`]).
-    pub fn push_hinted(&mut self, pos: SourcePos, record: Record, hint: Option<KeyHash>, out: &mut Vec<Envelope>) {
+    pub fn push_hinted(&mut self, pos: SourcePos, record: Record, hint: Option<KeyHash>, out: &mut impl Envelopes) {
         let ts = record.timestamp();
         if ts > self.newest {
             self.newest = ts;
@@ -420,7 +480,7 @@ impl Sequencer {
             (Some(k), None) => self.keys.intern(k),
             (None, _) => (KeyId::NONE, 0),
         };
-        out.push(Envelope {
+        out.put(Envelope {
             seq,
             route,
             key,
@@ -445,13 +505,13 @@ impl Sequencer {
     }
 
     /// Stamps a protocol deletion (routed to the protocol's worker).
-    pub fn delete_protocol(&mut self, pos: SourcePos, id: &str, out: &mut Vec<Envelope>) {
+    pub fn delete_protocol(&mut self, pos: SourcePos, id: &str, out: &mut impl Envelopes) {
         // A deleted protocol's open update is dropped with its state.
         self.open_updates.remove(id);
         let seq = self.next_seq;
         self.next_seq += 1;
         let (key, route) = self.keys.intern(Key::Protocol(id));
-        out.push(Envelope {
+        out.put(Envelope {
             seq,
             route,
             key,
@@ -479,14 +539,14 @@ impl Sequencer {
     }
 
     /// Closes `protocol`'s open TVL update, if any: its total is evaluated in this epoch.
-    pub fn close_update(&mut self, pos: SourcePos, protocol: &str, out: &mut Vec<Envelope>) {
+    pub fn close_update(&mut self, pos: SourcePos, protocol: &str, out: &mut impl Envelopes) {
         let Some(timestamp) = self.open_updates.remove(protocol) else {
             return;
         };
         let seq = self.next_seq;
         self.next_seq += 1;
         let (key, route) = self.keys.intern(Key::Protocol(protocol));
-        out.push(Envelope {
+        out.put(Envelope {
             seq,
             route,
             key,
@@ -499,7 +559,7 @@ impl Sequencer {
     }
 
     /// Closes every open TVL update, in protocol order (the end of an input or of history).
-    pub fn close_updates(&mut self, pos: SourcePos, out: &mut Vec<Envelope>) {
+    pub fn close_updates(&mut self, pos: SourcePos, out: &mut impl Envelopes) {
         let mut open: Vec<String> = self.open_updates.keys().cloned().collect();
         open.sort_unstable();
         for p in open {
@@ -508,7 +568,7 @@ impl Sequencer {
     }
 
     /// Stamps a rule deletion; unknown rule ids are ignored.
-    pub fn delete_rule(&mut self, pos: SourcePos, rule_id: &str, out: &mut Vec<Envelope>) {
+    pub fn delete_rule(&mut self, pos: SourcePos, rule_id: &str, out: &mut impl Envelopes) {
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some((route, throttle)) = self.rule_routes.remove(rule_id) {
@@ -524,7 +584,7 @@ impl Sequencer {
     /// firing of theirs was at or before the newest event time at their delete, so no record
     /// from here on is within their throttle. Each gets its own `seq`, before the record that
     /// reached the deadline (one envelope: only the throttle stage holds anything).
-    fn forget_expired(&mut self, pos: &SourcePos, out: &mut Vec<Envelope>) {
+    fn forget_expired(&mut self, pos: &SourcePos, out: &mut impl Envelopes) {
         while let Some((deadline, id)) = self.deadlines.get_min().cloned() {
             if deadline > self.newest {
                 break;
@@ -533,7 +593,7 @@ impl Sequencer {
             self.retired.remove(&id);
             let seq = self.next_seq;
             self.next_seq += 1;
-            out.push(Envelope {
+            out.put(Envelope {
                 seq,
                 route: 0,
                 key: KeyId::NONE,
@@ -551,6 +611,36 @@ mod tests {
 
     fn rule(v: serde_json::Value) -> Record {
         Record::Rule(Box::new(AlertRule::from_json(&v).unwrap()))
+    }
+
+    proptest::proptest! {
+        /// Split as they are stamped, each worker's batch holds exactly the envelopes a split
+        /// of the whole batch by route gives it, in stamp order.
+        #[test]
+        fn envelopes_split_by_worker_as_a_whole_batch_would(
+            routes in proptest::collection::vec(proptest::num::u64::ANY, 0..200),
+            workers in 1usize..5,
+        ) {
+            let envelope = |seq: usize, route: u64| Envelope {
+                seq: seq as u64,
+                route,
+                key: KeyId::NONE,
+                pos: SourcePos::new("t:".into(), seq as u64),
+                item: Item::DeleteRule(format!("r{seq}")),
+            };
+            let mut split = ByWorker::new(workers, 8);
+            for (seq, r) in routes.iter().enumerate() {
+                split.put(envelope(seq, *r));
+            }
+            proptest::prop_assert_eq!(split.len(), routes.len());
+            let parts = split.into_parts();
+            proptest::prop_assert_eq!(parts.len(), workers);
+            for (w, part) in parts.iter().enumerate() {
+                let want: Vec<u64> = (0..routes.len() as u64).filter(|&s| routes[s as usize] % workers as u64 == w as u64).collect();
+                let got: Vec<u64> = part.iter().map(|e| e.seq).collect();
+                proptest::prop_assert_eq!(got, want);
+            }
+        }
     }
 
     #[test]

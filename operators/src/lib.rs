@@ -20,6 +20,9 @@ pub use candidate::{Candidate, Detail, RecordInfo, Throttle, Throttled};
 pub use checkpoint::{Checkpointing, Snapshots, WorkerState, rescale_states};
 pub use config::OpConfig;
 pub use dataflow::{Arrival, Outputs, build};
-pub use envelope::{Envelope, Item, Key, Sequencer, SequencerImage, record_key, rule_key, throttle_route, worker_of};
+pub use envelope::{
+    ByWorker, Envelope, Envelopes, Item, Key, Sequencer, SequencerImage, record_key, rule_key, throttle_route,
+    worker_of,
+};
 pub use keys::{KeyHash, KeyId};
 pub use state::{KeyedOut, KeyedState};

@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 
 use crate::checkpoint::Newest;
 use operators::checkpoint::Restored;
-use operators::{Checkpointing, Envelope, OpConfig, Sequencer, Snapshots, StateOut, WorkerState};
+use operators::{ByWorker, Checkpointing, Envelope, Envelopes, OpConfig, Sequencer, Snapshots, StateOut, WorkerState};
 use schemas::{Alert, DeadLetter, Event};
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
@@ -630,12 +630,39 @@ impl Engine {
         } else if n == 1 {
             vec![envelopes]
         } else {
-            let mut parts: Vec<Vec<Envelope>> = (0..n).map(|_| Vec::with_capacity(envelopes.len() / n + 16)).collect();
+            let mut parts = ByWorker::new(n, envelopes.len());
             for e in envelopes {
-                parts[operators::worker_of(e.route, n)].push(e);
+                parts.put(e);
             }
-            parts
+            parts.into_parts()
         };
+        self.send_parts(parts)
+    }
+
+    /// Empty batches for the next epoch, one per worker of this process (one in a cluster,
+    /// whose processes split their envelopes evenly), for [`Engine::send_batch`].
+    pub fn batch(&self, capacity: usize) -> ByWorker {
+        ByWorker::new(if self.cluster.is_multi() { 1 } else { self.inputs.len() }, capacity)
+    }
+
+    /// [`Engine::send`] of envelopes split by worker as they were stamped (from
+    /// [`Engine::batch`]): handed to the workers without another copy.
+    pub fn send_batch(&mut self, batch: ByWorker) -> Result<()> {
+        let mut parts = batch.into_parts();
+        if self.cluster.is_multi() || parts.len() != self.inputs.len() {
+            // A cluster's batch (one part), or one made for another engine: split as `send`
+            // splits.
+            let all = match parts.len() {
+                1 => parts.pop().unwrap_or_default(),
+                _ => parts.into_iter().flatten().collect(),
+            };
+            return self.send(all);
+        }
+        self.send_parts(parts)
+    }
+
+    /// Hands each worker its part of the next epoch.
+    fn send_parts(&mut self, parts: Vec<Vec<Envelope>>) -> Result<()> {
         for (tx, part) in self.inputs.iter().zip(parts) {
             tx.send(part).context("a dataflow worker stopped unexpectedly")?;
         }

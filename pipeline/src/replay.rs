@@ -565,7 +565,10 @@ pub fn feed(
     feed: &mut dyn Feed,
 ) -> Result<u64> {
     let mut records_in = 0u64;
-    let mut batch = Vec::with_capacity(batch_size + 16);
+    // Envelopes are put in their worker's batch as they are stamped.
+    let mut batch = engine
+        .as_deref()
+        .map_or_else(|| operators::ByWorker::new(1, 0), |e| e.batch(batch_size));
     let mut source_dead = Vec::new();
     let mut last_ts = Millis::MIN;
     let mut since_progress = 0usize;
@@ -605,9 +608,9 @@ pub fn feed(
                     Some(engine) => {
                         let new_hour = ts.div_euclid(EPOCH_SPAN) != last_ts.div_euclid(EPOCH_SPAN);
                         if !batch.is_empty() && ts != last_ts && (batch.len() >= batch_size || new_hour) {
-                            // A full-size buffer for the next epoch: no regrowing per epoch.
-                            let next = Vec::with_capacity(batch_size + 16);
-                            engine.send(std::mem::replace(&mut batch, next))?;
+                            // Full-size buffers for the next epoch: no regrowing per epoch.
+                            let next = engine.batch(batch_size);
+                            engine.send_batch(std::mem::replace(&mut batch, next))?;
                             feed.progress(records_in);
                         }
                         engine.sequencer().push_hinted(pos, rec, hint, &mut batch);
@@ -634,7 +637,7 @@ pub fn feed(
                 .close_updates(SourcePos::new("end of input".into(), 0), &mut batch);
         }
         if !batch.is_empty() {
-            engine.send(batch)?;
+            engine.send_batch(batch)?;
         }
     }
     inputs.check()?;
