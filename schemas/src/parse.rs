@@ -190,52 +190,40 @@ struct RawRecord<'a> {
     amount_usd: F<'a>,
 }
 
-/// The common shape of a price tick, read directly (the replay's reader spent most of its time
-/// in the general parser): one flat object without whitespace, escapes or nulls, holding only
-/// price fields, each once, every value valid. `None` for anything else, which the general
-/// parser then reads (and words the error for); where this returns a tick, that parser returns
-/// the same one (`plain_price_agrees_with_the_general_parser`).
-fn plain_price(line: &str) -> Option<PriceTick> {
+/// A value of a flat JSON object as [`plain_fields`] reads it.
+enum Plain<'a> {
+    Str(&'a str),
+    Num(f64),
+    Null,
+}
+
+/// Reads a flat JSON object of the plain form that files hold (no whitespace, no escapes or
+/// control characters in strings, numbers without a sign), calling `each` with every key and
+/// value in order. `None` for any other form, or when `each` says `None`: serde_json then
+/// reads the line (and words its error).
+fn plain_fields<'a>(line: &'a str, mut each: impl FnMut(&'a str, Plain<'a>) -> Option<()>) -> Option<()> {
     let mut rest = after_byte(line, b'{')?;
     rest = rest.strip_suffix('}')?;
-    let (mut coin, mut price, mut timestamp) = (None, None, None);
-    let (mut symbol, mut confidence, mut decimals) = (None, None, None);
-    fn once<T>(slot: &mut Option<T>, v: T) -> Option<()> {
-        slot.is_none().then(|| *slot = Some(v))
-    }
     while !rest.is_empty() {
-        // The key ends at the first quote, which must be followed by `:` (a byte search: no
-        // substring searcher built per key).
         let quoted = after_byte(rest, b'"')?;
-        let end = find_byte(quoted, b'"')?;
+        let end = plain_string_end(quoted)?;
         let (key, after) = (&quoted[..end], after_byte(&quoted[end + 1..], b':')?);
-        if key.contains('\\') {
-            return None;
-        }
         let value;
         (value, rest) = match after_byte(after, b'"') {
             Some(s) => {
-                let end = find_byte(s, b'"')?;
-                let (v, r) = (&s[..end], &s[end + 1..]);
-                if v.is_empty() || v.bytes().any(|b| b == b'\\' || b < 0x20) {
-                    return None;
-                }
-                (Err(v), r)
+                let end = plain_string_end(s)?;
+                (Plain::Str(&s[..end]), &s[end + 1..])
             }
             None => {
                 let end = find_byte(after, b',').unwrap_or(after.len());
-                (Ok(json_number(&after[..end])?), &after[end..])
+                let value = match &after[..end] {
+                    "null" => Plain::Null,
+                    number => Plain::Num(json_number(number)?),
+                };
+                (value, &after[end..])
             }
         };
-        match (key, value) {
-            ("coin", Err(v)) => once(&mut coin, v)?,
-            ("symbol", Err(v)) => once(&mut symbol, v)?,
-            ("price", Ok(x)) => once(&mut price, x)?,
-            ("timestamp", Ok(x)) => once(&mut timestamp, x)?,
-            ("confidence", Ok(x)) => once(&mut confidence, x)?,
-            ("decimals", Ok(x)) => once(&mut decimals, x)?,
-            _ => return None,
-        }
+        each(key, value)?;
         if !rest.is_empty() {
             rest = after_byte(rest, b',')?;
             if rest.is_empty() {
@@ -243,6 +231,37 @@ fn plain_price(line: &str) -> Option<PriceTick> {
             }
         }
     }
+    Some(())
+}
+
+/// The index of the closing quote of a string's text `s` (after its opening quote), when no
+/// escape or control character comes before it.
+fn plain_string_end(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    let i = b.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    (b[i] == b'"').then_some(i)
+}
+
+/// The common shape of a price tick, read directly (the replay's reader spent most of its time
+/// in the general parser): a plain flat object ([`plain_fields`]) holding only price fields,
+/// each once, every value valid. `None` for anything else, which the general parser then reads
+/// (and words the error for); where this returns a tick, serde_json's path returns the same one
+/// (`plain_price_agrees_with_serde`).
+fn plain_price(line: &str) -> Option<PriceTick> {
+    let (mut coin, mut price, mut timestamp) = (None, None, None);
+    let (mut symbol, mut confidence, mut decimals) = (None, None, None);
+    fn once<T>(slot: &mut Option<T>, v: T) -> Option<()> {
+        slot.is_none().then(|| *slot = Some(v))
+    }
+    plain_fields(line, |key, value| match (key, value) {
+        ("coin", Plain::Str(v)) if !v.is_empty() => once(&mut coin, v),
+        ("symbol", Plain::Str(v)) if !v.is_empty() => once(&mut symbol, v),
+        ("price", Plain::Num(x)) => once(&mut price, x),
+        ("timestamp", Plain::Num(x)) => once(&mut timestamp, x),
+        ("confidence", Plain::Num(x)) => once(&mut confidence, x),
+        ("decimals", Plain::Num(x)) => once(&mut decimals, x),
+        _ => None,
+    })?;
     let price = price.filter(|p| *p > 0.0)?;
     let decimals = match decimals {
         None => None,
@@ -257,6 +276,44 @@ fn plain_price(line: &str) -> Option<PriceTick> {
         confidence,
         decimals,
     })
+}
+
+/// The fields of a plain flat object ([`plain_fields`]) as serde_json reads them into a
+/// [`RawRecord`] (unknown keys ignored); `None` for another form or a key given twice, which
+/// serde_json then reads (and words the error for).
+fn plain_raw(line: &str) -> Option<RawRecord<'_>> {
+    let mut r = RawRecord::default();
+    plain_fields(line, |key, value| {
+        let field = match key {
+            "coin" => &mut r.coin,
+            "price" => &mut r.price,
+            "timestamp" => &mut r.timestamp,
+            "symbol" => &mut r.symbol,
+            "confidence" => &mut r.confidence,
+            "decimals" => &mut r.decimals,
+            "protocol_id" => &mut r.protocol_id,
+            "chain" => &mut r.chain,
+            "tvl" => &mut r.tvl,
+            "tx_hash" => &mut r.tx_hash,
+            "from" => &mut r.from,
+            "to" => &mut r.to,
+            "amount" => &mut r.amount,
+            "gwei" => &mut r.gwei,
+            "account" => &mut r.account,
+            "amount_usd" => &mut r.amount_usd,
+            _ => return Some(()),
+        };
+        if !matches!(field, F::Missing) {
+            return None;
+        }
+        *field = match value {
+            Plain::Str(s) => F::Str(Cow::Borrowed(s)),
+            Plain::Num(x) => F::Num(x),
+            Plain::Null => F::Null,
+        };
+        Some(())
+    })?;
+    Some(r)
 }
 
 /// `s` after its first byte, when that is `b` (an ASCII byte): `strip_prefix` with a `char`
@@ -346,6 +403,20 @@ pub fn parse_record(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
 
 /// [`parse_record`] of any record but rules and protocols, by serde_json.
 fn parse_general(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
+    match plain_raw(line) {
+        Some(r) => build_record(kind, r),
+        None => build_record(kind, raw_serde(line)?),
+    }
+}
+
+/// [`parse_general`] by serde_json alone (the reference of the plain paths' tests).
+#[cfg(test)]
+fn parse_serde(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
+    build_record(kind, raw_serde(line)?)
+}
+
+/// The fields of a JSON object by serde_json: any form of JSON, errors worded.
+fn raw_serde(line: &str) -> Result<RawRecord<'_>, InvalidRecord> {
     if !line.trim_start().starts_with('{') {
         return Err(if serde_json::from_str::<serde::de::IgnoredAny>(line).is_ok() {
             bad("not a JSON object")
@@ -353,14 +424,18 @@ fn parse_general(kind: Kind, line: &str) -> Result<Record, InvalidRecord> {
             bad(format!("bad JSON: {}", line.chars().take(40).collect::<String>()))
         });
     }
-    let r: RawRecord = serde_json::from_str(line).map_err(|e| {
+    serde_json::from_str(line).map_err(|e| {
         if e.is_data() {
             // An object serde could not take, e.g. a key given twice.
             bad(format!("invalid JSON object: {e}"))
         } else {
             bad(format!("bad JSON: {e}"))
         }
-    })?;
+    })
+}
+
+/// Validates the fields of a record of `kind` and builds it.
+fn build_record(kind: Kind, r: RawRecord<'_>) -> Result<Record, InvalidRecord> {
     Ok(match kind {
         Kind::Price => {
             let coin = r.coin.coin("coin")?;
@@ -603,17 +678,154 @@ mod tests {
         })
     }
 
+    /// Every field any record has, and one no record has.
+    const ALL_KEYS: [&str; 17] = [
+        "coin",
+        "price",
+        "timestamp",
+        "symbol",
+        "confidence",
+        "decimals",
+        "protocol_id",
+        "chain",
+        "tvl",
+        "tx_hash",
+        "from",
+        "to",
+        "amount",
+        "gwei",
+        "account",
+        "amount_usd",
+        "extra",
+    ];
+
+    /// The record kinds read by [`parse_general`].
+    fn general_kind() -> impl Strategy<Value = Kind> {
+        prop::sample::select(vec![
+            Kind::Price,
+            Kind::Tvl,
+            Kind::Transfer,
+            Kind::Gas,
+            Kind::Liquidation,
+        ])
+    }
+
+    /// Any fields of any record, any values, sometimes repeated, sometimes with a quirk.
+    fn kind_line() -> impl Strategy<Value = (Kind, String)> {
+        let field = (prop::sample::select(ALL_KEYS.to_vec()), prop_oneof![value(), number()]);
+        (general_kind(), prop::collection::vec(field, 0..9), 0..8u8).prop_map(|(kind, fields, quirk)| {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            let mut l = format!("{{{}}}", body.join(","));
+            match quirk {
+                0 => l = l.replacen(':', ": ", 1),
+                1 => l.insert(l.len() - 1, ','),
+                _ => {}
+            }
+            (kind, l)
+        })
+    }
+
+    /// A record's own fields in a random order, values mostly valid.
+    fn typical_line() -> impl Strategy<Value = (Kind, String)> {
+        let text = || string(vec!["ethereum", "bsc", "ethereum-staking", "0xabc", "é", "u1"]);
+        let id = || prop_oneof![string(vec!["2269", "aave"]), number()];
+        let coin = || string(vec!["coingecko:eth", "ethereum:0xAbC", "Solana:So1", "eth"]);
+        let fields = (
+            general_kind(),
+            text(),
+            text(),
+            text(),
+            id(),
+            coin(),
+            number(),
+            number(),
+            any::<u64>(),
+        );
+        fields.prop_map(|(kind, t1, t2, t3, id, coin, n1, n2, seed)| {
+            let mut fields: Vec<String> = match kind {
+                Kind::Tvl => vec![
+                    format!("\"protocol_id\":{id}"),
+                    format!("\"chain\":{t1}"),
+                    format!("\"tvl\":{n1}"),
+                ],
+                Kind::Transfer => vec![
+                    format!("\"chain\":{t1}"),
+                    format!("\"tx_hash\":{t2}"),
+                    format!("\"coin\":{coin}"),
+                    format!("\"from\":{t3}"),
+                    format!("\"to\":{t2}"),
+                    format!("\"amount\":{n1}"),
+                ],
+                Kind::Gas => vec![format!("\"chain\":{t1}"), format!("\"gwei\":{n1}")],
+                Kind::Liquidation => vec![
+                    format!("\"protocol_id\":{id}"),
+                    format!("\"chain\":{t1}"),
+                    format!("\"account\":{t3}"),
+                    format!("\"amount_usd\":{n1}"),
+                ],
+                _ => vec![
+                    format!("\"coin\":{coin}"),
+                    format!("\"price\":{n1}"),
+                    format!("\"symbol\":{t3}"),
+                ],
+            };
+            fields.push(format!("\"timestamp\":{n2}"));
+            let n = fields.len() as u64;
+            fields.swap(0, (seed % n) as usize);
+            fields.swap(1, (seed / n % n) as usize);
+            // Sometimes an optional or required field is left out.
+            if seed / 97 % 5 == 0 {
+                fields.remove((seed / 7 % n) as usize);
+            }
+            // Sometimes valid JSON of another form than the plain one.
+            let sep = if seed / 11 % 4 == 0 { ", " } else { "," };
+            (kind, format!("{{{}}}", fields.join(sep)))
+        })
+    }
+
+    #[test]
+    fn the_generated_records_exercise_both_paths() {
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let strategy = prop_oneof![kind_line(), typical_line()];
+        let lines: Vec<(Kind, String)> = (0..4000)
+            .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+            .collect();
+        let plain_ok = lines
+            .iter()
+            .filter(|(k, l)| plain_raw(l).is_some() && parse_general(*k, l).is_ok())
+            .count();
+        let plain_bad = lines
+            .iter()
+            .filter(|(k, l)| plain_raw(l).is_some() && parse_general(*k, l).is_err())
+            .count();
+        let serde_ok = lines
+            .iter()
+            .filter(|(k, l)| plain_raw(l).is_none() && parse_general(*k, l).is_ok())
+            .count();
+        assert!(plain_ok > 400, "plain records: {plain_ok} of 4000");
+        assert!(plain_bad > 400, "plain lines with invalid values: {plain_bad}");
+        assert!(serde_ok > 100, "records only serde_json reads: {serde_ok}");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
 
-        /// Where the direct price reader returns a tick, serde_json's general path returns the
-        /// same one, bit for bit.
+        /// Where the direct price reader returns a tick, serde_json's path returns the same one,
+        /// bit for bit.
         #[test]
-        fn plain_price_agrees_with_the_general_parser(l in prop_oneof![line(), tick_line()]) {
+        fn plain_price_agrees_with_serde(l in prop_oneof![line(), tick_line()]) {
             if let Some(tick) = plain_price(&l) {
-                let general = parse_general(Kind::Price, &l);
+                let general = parse_serde(Kind::Price, &l);
                 prop_assert_eq!(format!("{:?}", general), format!("{:?}", Ok::<_, InvalidRecord>(Record::Price(tick))), "{}", l);
             }
+        }
+
+        /// Records of every kind read by the plain path where they can be equal serde_json's,
+        /// record for record and error for error.
+        #[test]
+        fn general_records_agree_with_serde((kind, l) in prop_oneof![kind_line(), typical_line()]) {
+            prop_assert_eq!(format!("{:?}", parse_general(kind, &l)), format!("{:?}", parse_serde(kind, &l)), "{}", l);
         }
     }
 
