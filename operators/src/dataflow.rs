@@ -24,7 +24,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::{Map, Partition};
 
 use crate::aggregate::{self, AggIn, AggOut, Aggregates, StateOut};
-use crate::candidate::{Candidate, Throttle, Throttled};
+use crate::candidate::{Throttle, Throttled};
 use crate::checkpoint::{Checkpointing, Encode, Part, Snapshots};
 use crate::config::OpConfig;
 use crate::envelope::{Envelope, Item, throttle_route, worker_of};
@@ -317,20 +317,28 @@ pub fn build<'scope>(
         None,
         move |throttle, mut batch, out| {
             batch.sort_by(|a: &Throttled, b: &Throttled| a.order_key().cmp(&b.order_key()));
-            out.extend(batch.into_iter().filter_map(|t| throttle.take(t)));
+            // Alerts are made here, on the rule's worker (messages, ids): the stage that
+            // orders them, on one worker, only sorts.
+            out.extend(
+                batch
+                    .into_iter()
+                    .filter_map(|t| throttle.take(t))
+                    .map(|c| (c.seq, c.into_alert())),
+            );
             throttle_gauge.set(throttle.len() as f64);
         },
     );
     let alerts = per_epoch(
         fired,
-        Exchange::new(|_: &Candidate| 0),
+        Exchange::new(|_: &(u64, Alert)| 0),
         "OrderAlerts",
         (),
         None,
         None,
         |_, mut batch, out| {
-            batch.sort_by(|a: &Candidate, b: &Candidate| a.order_key().cmp(&b.order_key()));
-            out.extend(batch.into_iter().map(Candidate::into_alert));
+            // By triggering record, then rule (`Candidate::order_key`).
+            batch.sort_by(|(a_seq, a), (b_seq, b)| (a_seq, &a.rule_id).cmp(&(b_seq, &b.rule_id)));
+            out.extend(batch.into_iter().map(|(_, alert)| alert));
         },
     );
     Outputs {
