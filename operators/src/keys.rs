@@ -333,7 +333,7 @@ pub fn prefetch<T>(p: *const T) {
 
 /// [`prefetch`] of every cache line of `value`.
 #[inline(always)]
-fn prefetch_value<T>(value: &T) {
+pub fn prefetch_value<T>(value: &T) {
     let start = (value as *const T).cast::<u8>();
     for offset in (0..std::mem::size_of::<T>()).step_by(64) {
         prefetch(start.wrapping_add(offset));

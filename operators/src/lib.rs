@@ -24,5 +24,5 @@ pub use envelope::{
     ByWorker, Envelope, Envelopes, Item, Key, Sequencer, SequencerImage, record_key, rule_key, throttle_route,
     worker_of,
 };
-pub use keys::{KeyHash, KeyId};
+pub use keys::{KeyHash, KeyId, prefetch, prefetch_value};
 pub use state::{KeyedOut, KeyedState};

@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use operators::{KeyHash, OpConfig};
+use operators::{Key, KeyHash, OpConfig};
 use schemas::{Alert, DeadLetter, Event, Kind, Millis, SourcePos};
 use sinks::jsonl::JsonlWriter;
 use sources::Input;
@@ -344,12 +344,47 @@ impl ParsePool {
                 }
             })
             .expect("cannot start a reader thread");
-        Box::new(blocks.into_iter().flat_map(|parsed| {
+        Box::new(Parsed {
+            blocks,
+            current: Vec::new().into_iter(),
+        })
+    }
+}
+
+/// Items a [`Parsed`] loads into the cache before they are taken.
+const PARSED_AHEAD: usize = 8;
+
+/// The items of a file's parsed blocks, in file order. They were written on a parse thread's
+/// core: each is loaded into this core's cache a few items before it is taken.
+struct Parsed {
+    blocks: std::sync::mpsc::Receiver<std::sync::mpsc::Receiver<Vec<Input>>>,
+    current: std::vec::IntoIter<Input>,
+}
+
+impl Iterator for Parsed {
+    type Item = Input;
+    fn next(&mut self) -> Option<Input> {
+        loop {
+            if let Some(item) = self.current.next() {
+                let ahead = self.current.as_slice();
+                if let Some(far) = ahead.get(PARSED_AHEAD) {
+                    operators::prefetch_value(far);
+                }
+                // Then, once it has arrived, the name of its key, which the merge hashes first.
+                if let Some(Input::Record(_, r)) = ahead.get(PARSED_AHEAD / 2)
+                    && let Some(Key::Coin(name) | Key::Protocol(name) | Key::Chain(name)) = operators::record_key(r)
+                {
+                    operators::prefetch(name.as_ptr());
+                }
+                return Some(item);
+            }
             // A parse thread sends every block it takes; none arriving means one died.
-            parsed
+            let parsed = self.blocks.recv().ok()?;
+            self.current = parsed
                 .recv()
                 .expect("a parse thread stopped: its block of lines was not parsed")
-        }))
+                .into_iter();
+        }
     }
 }
 
