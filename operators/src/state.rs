@@ -1478,7 +1478,7 @@ mod tests {
                 Some((i, d)) if !h.is_empty() => h[i % h.len()].0 + d,
                 _ => free,
             };
-            let scan = h.iter().filter(|(ts, _)| *ts <= t).last().map(|p| p.1);
+            let scan = h.iter().rfind(|(ts, _)| *ts <= t).map(|p| p.1);
             prop_assert_eq!(as_of(&h, t), scan);
         }
 
