@@ -609,9 +609,8 @@ pub fn feed(
     let mut since_progress = 0usize;
     let mut merge = Merge::new(std::mem::take(&mut inputs.sources), inputs.parse_threads);
     // Items held between the merge and the sequencer, so that each record's key is in the
-    // cache by its push: its slot is loaded as it enters, its entry `HINT_NEAR` items before
-    // its push.
-    // Each record's key is hashed once, as it enters.
+    // cache by its push: its key is hashed once and its slot loaded as it enters, its entry
+    // `HINT_NEAR` items before its push.
     let mut ahead: VecDeque<(Input, Option<KeyHash>)> = VecDeque::with_capacity(LOOKAHEAD);
     loop {
         while ahead.len() < LOOKAHEAD
