@@ -211,6 +211,10 @@ pub struct Alert {
 }
 
 fn de_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Millis, D::Error> {
+    // As `ser_seconds` writes it: milliseconds in binary forms, seconds in JSON.
+    if !d.is_human_readable() {
+        return <Millis as serde::Deserialize>::deserialize(d);
+    }
     let s = <f64 as serde::Deserialize>::deserialize(d)?;
     crate::time::seconds_to_millis(s).ok_or_else(|| serde::de::Error::custom("bad timestamp"))
 }
@@ -467,6 +471,33 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An alert crosses processes (the dataflow's exchange) and checkpoints (the read view's
+    /// recent alerts) in bincode: it reads back as it was, to the millisecond, while its JSON
+    /// says unix seconds.
+    #[test]
+    fn an_alert_reads_back_from_bincode_exactly_and_writes_seconds_in_json() {
+        for triggered_at in [1_717_430_400_000, 1_717_430_400_123, 0, 7] {
+            let alert = Alert {
+                alert_id: "a".repeat(32),
+                rule_id: "r1".into(),
+                user_id: "u1".into(),
+                alert_type: "price_change".into(),
+                subject: "coingecko:eth".into(),
+                triggered_at,
+                value: -5.5,
+                threshold: 5.0,
+                message: "ETH -5.50% in 1h".into(),
+                channels: vec!["websocket".into()],
+                webhook_url: None,
+            };
+            let bytes = bincode::serialize(&alert).unwrap();
+            assert_eq!(bincode::deserialize::<Alert>(&bytes).unwrap(), alert);
+            let json = serde_json::to_value(&alert).unwrap();
+            assert_eq!(json["triggered_at"].as_f64(), Some(triggered_at as f64 / 1000.0));
+            assert_eq!(serde_json::from_value::<Alert>(json).unwrap(), alert);
+        }
+    }
 
     #[test]
     fn a_source_name_is_stored_once_and_reads_and_serialises_as_its_text() {

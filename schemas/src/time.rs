@@ -27,8 +27,14 @@ pub fn format_seconds(ms: Millis) -> serde_json::Value {
     }
 }
 
-/// Serde helper: serialize a `Millis` field as unix seconds.
+/// Serde helper: serialize a `Millis` field as unix seconds (in JSON; as milliseconds in binary
+/// forms).
 pub fn ser_seconds<S: Serializer>(ms: &Millis, s: S) -> Result<S::Ok, S::Error> {
+    // Binary forms (bincode: checkpoints, the dataflow's exchange between processes) keep the
+    // milliseconds as they are; seconds are for people and JSON readers.
+    if !s.is_human_readable() {
+        return s.serialize_i64(*ms);
+    }
     if ms % 1000 == 0 {
         s.serialize_i64(ms / 1000)
     } else {
