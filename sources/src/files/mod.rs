@@ -170,7 +170,8 @@ impl FileSource {
     /// block's own buffer and split there (no copy per line). An I/O error ends the file
     /// with one dead letter, for the line it cut.
     pub fn read_lines(&mut self) -> Option<Lines> {
-        if self.done && self.carry.is_empty() {
+        // The block that ends the file takes its last line along: nothing is carried then.
+        if self.done {
             return None;
         }
         let mut text = Vec::with_capacity(self.block_bytes.max(self.carry.len() + READ_MIN));
