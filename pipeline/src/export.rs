@@ -15,13 +15,14 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::ProgressBar;
 use operators::OpConfig;
-use schemas::{Alert, DeadLetter, Event, Record};
+use schemas::{DeadLetter, Record};
 use sinks::jsonl::JsonlWriter;
 use sinks::parquet::{PartitionedWriter, Table, WriteStats, WriterOptions};
 
 use crate::UsageError;
 use crate::engine::{Engine, Output};
-use crate::replay::{Feed, InputArgs, feed, open_inputs, peak_rss_kib, progress_bar};
+use crate::replay::{Feed, InputArgs, STAGE_LAG, feed, open_inputs, peak_rss_kib, progress_bar};
+use crate::stage::{EpochGather, EpochOut, EpochWriter, Stage};
 
 /// Flags of `llamaflow export`.
 #[derive(Args, Debug, Clone)]
@@ -99,69 +100,61 @@ impl ExportSummary {
     }
 }
 
-/// The dataflow's outputs into Parquet (events, alerts) and JSONL (dead letters).
-struct ParquetOutput {
-    writer: Mutex<PartitionedWriter>,
+/// The export's output stage, on its own thread: the dataflow's events and alerts into
+/// Parquet, dead letters into JSONL.
+struct ExportFiles {
+    writer: PartitionedWriter,
     events: bool,
     alerts: bool,
-    dead: Mutex<JsonlWriter>,
-    dead_count: AtomicU64,
-    error: Mutex<Option<String>>,
+    dead: JsonlWriter,
+    dead_count: Arc<AtomicU64>,
+    /// The writer's files and rows so far (read by the progress line).
+    stats: Arc<Mutex<WriteStats>>,
 }
 
-impl ParquetOutput {
-    fn record_error(&self, e: impl std::fmt::Display) {
-        if let Ok(mut slot) = self.error.lock() {
-            slot.get_or_insert(e.to_string());
-        }
-    }
-}
+impl EpochWriter for ExportFiles {
+    type Done = WriteStats;
 
-impl Output for ParquetOutput {
-    fn alerts(&self, _epoch: u64, alerts: &[Alert]) {
-        if !self.alerts {
-            return;
-        }
-        let Ok(mut w) = self.writer.lock() else { return };
-        for a in alerts {
-            if let Err(e) = w.alert(a) {
-                self.record_error(e);
-                return;
+    fn epoch(&mut self, _epoch: u64, out: EpochOut) -> Result<(), String> {
+        let err = |e: sinks::parquet::ParquetError| e.to_string();
+        if self.alerts {
+            for a in &out.view.alerts {
+                self.writer.alert(a).map_err(err)?;
             }
         }
-    }
-
-    fn events(&self, _epoch: u64, events: &[Event]) {
-        if !self.events {
-            return;
-        }
-        let Ok(mut w) = self.writer.lock() else { return };
-        for e in events {
-            if let Err(err) = w.event(e) {
-                self.record_error(err);
-                return;
+        if self.events {
+            for e in &out.view.events {
+                self.writer.event(e).map_err(err)?;
             }
         }
+        for d in &out.dead {
+            self.dead.write(d).map_err(|e| e.to_string())?;
+        }
+        self.dead_count.fetch_add(out.dead.len() as u64, Ordering::Relaxed);
+        if let Ok(mut s) = self.stats.lock() {
+            s.clone_from(self.writer.stats());
+        }
+        Ok(())
     }
 
-    fn dead(&self, _epoch: u64, dead: &[DeadLetter]) {
-        let Ok(mut w) = self.dead.lock() else { return };
-        for d in dead {
-            if let Err(e) = w.write(d) {
-                self.record_error(e);
-                return;
-            }
-        }
-        self.dead_count.fetch_add(dead.len() as u64, Ordering::Relaxed);
+    fn finish(mut self) -> Result<WriteStats, String> {
+        self.writer
+            .close_all()
+            .map_err(|e| format!("writing events/alerts: {e}"))?;
+        self.dead.finish().map_err(|e| e.to_string())?;
+        Ok(self.writer.stats().clone())
     }
 }
 
-/// The ingest side: input prices and TVL into Parquet, progress.
+/// The ingest side: input prices and TVL into Parquet, dead letters of the input, progress.
 struct ExportFeed<'a> {
     records: PartitionedWriter,
     prices: bool,
     tvl: bool,
-    output: &'a ParquetOutput,
+    output: &'a EpochGather,
+    /// Whether the dataflow runs (without it no epoch completes: dead letters go at once).
+    dataflow: bool,
+    stats: &'a Mutex<WriteStats>,
     progress: ProgressBar,
     started: Instant,
 }
@@ -178,15 +171,19 @@ impl Feed for ExportFeed<'_> {
 
     fn dead(&mut self, epoch: u64, dead: &[DeadLetter]) {
         self.output.dead(epoch, dead);
+        if !self.dataflow {
+            self.output.flush();
+        }
     }
 
-    fn progress(&mut self, records_in: u64) {
+    fn progress(&mut self, records_in: u64) -> Result<()> {
+        self.output.wait_for_stage(STAGE_LAG).map_err(anyhow::Error::msg)?;
         if self.progress.is_hidden() {
-            return;
+            return Ok(());
         }
         let mut stats = self.records.stats().clone();
-        if let Ok(w) = self.output.writer.lock() {
-            stats.add(w.stats());
+        if let Ok(w) = self.stats.lock() {
+            stats.add(&w);
         }
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         self.progress.set_message(format!(
@@ -197,6 +194,7 @@ impl Feed for ExportFeed<'_> {
             stats.bytes as f64 / 1e6
         ));
         self.progress.tick();
+        Ok(())
     }
 }
 
@@ -246,17 +244,20 @@ pub fn export(args: &ExportArgs) -> Result<ExportSummary> {
     };
     let new_writer =
         || PartitionedWriter::new(opts.clone()).map_err(|e| anyhow::Error::new(UsageError(format!("--parquet: {e}"))));
-    let output = Arc::new(ParquetOutput {
-        writer: Mutex::new(new_writer()?),
+    let dead_count = Arc::new(AtomicU64::new(0));
+    let stats = Arc::new(Mutex::new(WriteStats::default()));
+    let (output, stage) = Stage::start(ExportFiles {
+        writer: new_writer()?,
         events: on(Table::Events),
         alerts: on(Table::Alerts),
-        dead: Mutex::new(match &args.dead_letter_out {
+        dead: match &args.dead_letter_out {
             Some(p) => JsonlWriter::create(p).map_err(|e| UsageError(format!("--dead-letter-out: {e}")))?,
             None => JsonlWriter::stderr(),
-        }),
-        dead_count: AtomicU64::new(0),
-        error: Mutex::new(None),
-    });
+        },
+        dead_count: dead_count.clone(),
+        stats: stats.clone(),
+    })
+    .context("cannot start the output thread")?;
     // The dataflow runs only when its outputs are wanted.
     let mut engine = if on(Table::Events) || on(Table::Alerts) {
         let cfg = OpConfig {
@@ -278,6 +279,8 @@ pub fn export(args: &ExportArgs) -> Result<ExportSummary> {
         prices: on(Table::Prices),
         tvl: on(Table::Tvl),
         output: &output,
+        dataflow: engine.is_some(),
+        stats: &stats,
         progress: progress_bar(args.quiet),
         started,
     };
@@ -289,26 +292,14 @@ pub fn export(args: &ExportArgs) -> Result<ExportSummary> {
     let mut written = f.records.stats().clone();
     f.progress.finish_and_clear();
     drop(f);
-    let output =
-        Arc::try_unwrap(output).map_err(|_| anyhow::anyhow!("outputs still in use after the dataflow stopped"))?;
-    if let Some(e) = output.error.lock().ok().and_then(|mut e| e.take()) {
-        anyhow::bail!(e);
-    }
-    let mut w = output
-        .writer
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("parquet writer poisoned"))?;
-    w.close_all().context("writing events/alerts")?;
-    written.add(w.stats());
-    output
-        .dead
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("dead-letter writer poisoned"))?
-        .finish()?;
+    // The input's last dead letters may belong to an epoch that was never sent.
+    output.flush();
+    drop(output);
+    written.add(&stage.join()?);
     Ok(ExportSummary {
         records_in,
         written,
-        dead_letters: output.dead_count.load(Ordering::Relaxed),
+        dead_letters: dead_count.load(Ordering::Relaxed),
         seconds: started.elapsed().as_secs_f64(),
         peak_rss_kib: peak_rss_kib(),
     })

@@ -9,6 +9,7 @@ pub mod http;
 pub mod live;
 pub mod replay;
 pub mod run;
+pub mod stage;
 
 /// A usage or configuration error: exit code 2, one line naming the flag, file or field.
 #[derive(Debug, thiserror::Error)]

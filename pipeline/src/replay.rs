@@ -6,7 +6,7 @@
 //! never cut between records with equal timestamps.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,12 +17,13 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use operators::{Key, KeyHash, OpConfig};
-use schemas::{Alert, DeadLetter, Event, Kind, Millis, SourcePos};
+use schemas::{DeadLetter, Kind, Millis, SourcePos};
 use sinks::jsonl::JsonlWriter;
 use sources::Input;
 
 use crate::UsageError;
 use crate::engine::{Engine, Output};
+use crate::stage::{EpochGather, EpochOut, EpochWriter, Stage};
 
 /// The input flags shared by `llamaflow replay` and `llamaflow export`.
 #[derive(Args, Debug, Clone, Default)]
@@ -157,90 +158,57 @@ impl Summary {
     }
 }
 
-/// Writes the dataflow's outputs to JSONL files.
-struct FileOutput {
-    alerts: Mutex<JsonlWriter>,
-    events: Option<Mutex<JsonlWriter>>,
-    dead: Mutex<JsonlWriter>,
-    counts: [AtomicU64; 3],
-    error: Mutex<Option<String>>,
-    /// With `--state-out`: the live view, fed epoch by epoch.
-    state: Option<StateOutput>,
+/// The replay's output stage, on its own thread: writes each completed epoch's alerts,
+/// events and dead letters to their JSONL files and, with `--state-out`, applies the epoch
+/// to a live view as the running job does (so the state file is what the read API would
+/// answer).
+struct ReplayFiles {
+    alerts: JsonlWriter,
+    events: Option<JsonlWriter>,
+    dead: JsonlWriter,
+    /// Alerts, events and dead letters written (read by the progress line).
+    counts: Arc<[AtomicU64; 3]>,
+    view: Option<view::LiveView>,
 }
 
-/// Gathers the outputs of each epoch and applies completed epochs to a live view, as the
-/// running job does (so `--state-out` is what the read API would answer).
-#[derive(Default)]
-struct StateOutput {
-    epochs: Mutex<BTreeMap<u64, view::Epoch>>,
-    view: view::LiveView,
+/// Writes `items` to `w` and counts them.
+fn write_all<T: serde::Serialize>(w: &mut JsonlWriter, items: &[T], count: &AtomicU64) -> Result<(), String> {
+    for item in items {
+        w.write(item).map_err(|e| e.to_string())?;
+    }
+    count.fetch_add(items.len() as u64, Ordering::Relaxed);
+    Ok(())
 }
 
-impl StateOutput {
-    fn with_epoch(&self, epoch: u64, f: impl FnOnce(&mut view::Epoch)) {
-        if let Ok(mut e) = self.epochs.lock() {
-            f(e.entry(epoch).or_default());
+impl EpochWriter for ReplayFiles {
+    type Done = Option<view::LiveView>;
+
+    fn epoch(&mut self, epoch: u64, out: EpochOut) -> Result<(), String> {
+        let EpochOut { view: out, dead } = out;
+        write_all(&mut self.alerts, &out.alerts, &self.counts[0])?;
+        if let Some(w) = &mut self.events {
+            write_all(w, &out.events, &self.counts[1])?;
         }
+        write_all(&mut self.dead, &dead, &self.counts[2])?;
+        if let Some(v) = &self.view {
+            v.apply(epoch + 1, &out);
+        }
+        Ok(())
     }
 
-    fn done(&self, upto: u64) {
-        let ready = match self.epochs.lock() {
-            Ok(mut e) => {
-                let rest = e.split_off(&upto);
-                std::mem::replace(&mut *e, rest)
-            }
-            Err(_) => return,
-        };
-        for (epoch, out) in ready {
-            self.view.apply(epoch + 1, &out);
+    fn finish(self) -> Result<Self::Done, String> {
+        let finish = |w: JsonlWriter| w.finish().map(|_| ()).map_err(|e| e.to_string());
+        finish(self.alerts)?;
+        if let Some(w) = self.events {
+            finish(w)?;
         }
-    }
-}
-
-impl FileOutput {
-    fn write_all<T: serde::Serialize>(&self, w: &Mutex<JsonlWriter>, items: &[T], counter: usize) {
-        let Ok(mut w) = w.lock() else { return };
-        for item in items {
-            if let Err(e) = w.write(item) {
-                if let Ok(mut slot) = self.error.lock() {
-                    slot.get_or_insert(e.to_string());
-                }
-                return;
-            }
-        }
-        self.counts[counter].fetch_add(items.len() as u64, Ordering::Relaxed);
+        finish(self.dead)?;
+        Ok(self.view)
     }
 }
 
-impl Output for FileOutput {
-    fn alerts(&self, epoch: u64, alerts: &[Alert]) {
-        self.write_all(&self.alerts, alerts, 0);
-        if let Some(s) = &self.state {
-            s.with_epoch(epoch, |e| e.alerts.extend_from_slice(alerts));
-        }
-    }
-    fn events(&self, epoch: u64, events: &[Event]) {
-        if let Some(w) = &self.events {
-            self.write_all(w, events, 1);
-        }
-        if let Some(s) = &self.state {
-            s.with_epoch(epoch, |e| e.events.extend_from_slice(events));
-        }
-    }
-    fn dead(&self, _epoch: u64, dead: &[DeadLetter]) {
-        self.write_all(&self.dead, dead, 2);
-    }
-    fn state(&self, epoch: u64, state: &[operators::StateOut]) {
-        if let Some(s) = &self.state {
-            s.with_epoch(epoch, |e| e.state.extend_from_slice(state));
-        }
-    }
-    fn epochs_done(&self, upto: u64) {
-        if let Some(s) = &self.state {
-            s.done(upto);
-        }
-    }
-}
+/// Epochs the output stage of a batch run may fall behind before its feed waits for it.
+pub const STAGE_LAG: u64 = 16;
 
 /// Order of record kinds among equal timestamps.
 fn rank(kind: Kind) -> u8 {
@@ -574,8 +542,11 @@ pub trait Feed {
     /// Dead letters of the sources (bad input), in batches, with the epoch they belong to
     /// (the one being filled; 0 without an engine).
     fn dead(&mut self, epoch: u64, dead: &[DeadLetter]);
-    /// After each epoch sent, with the records read so far.
-    fn progress(&mut self, _records_in: u64) {}
+    /// After each epoch sent, with the records read so far. A feed may wait here for its
+    /// output stage (backpressure); `Err` stops the run.
+    fn progress(&mut self, _records_in: u64) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One hour of event time, in ms: epochs of history never span an hour boundary.
@@ -645,7 +616,7 @@ pub fn feed(
                             // Full-size buffers for the next epoch: no regrowing per epoch.
                             let next = engine.batch(batch_size);
                             engine.send_batch(std::mem::replace(&mut batch, next))?;
-                            feed.progress(records_in);
+                            feed.progress(records_in)?;
                         }
                         engine.sequencer().push_hinted(pos, rec, hint, &mut batch);
                     }
@@ -653,7 +624,7 @@ pub fn feed(
                         since_progress += 1;
                         if since_progress >= batch_size {
                             since_progress = 0;
-                            feed.progress(records_in);
+                            feed.progress(records_in)?;
                         }
                     }
                 }
@@ -732,9 +703,11 @@ pub fn progress_bar(quiet: bool) -> ProgressBar {
     pb
 }
 
-/// Replay's view of the ingest loop: progress and source dead letters.
+/// Replay's view of the ingest loop: the input's dead letters (they go with their epoch), the
+/// progress line, and backpressure from the output stage.
 struct ReplayFeed<'a> {
-    output: &'a FileOutput,
+    output: &'a EpochGather,
+    counts: &'a [AtomicU64; 3],
     progress: ProgressBar,
     started: Instant,
 }
@@ -743,16 +716,18 @@ impl Feed for ReplayFeed<'_> {
     fn dead(&mut self, epoch: u64, dead: &[DeadLetter]) {
         self.output.dead(epoch, dead);
     }
-    fn progress(&mut self, records_in: u64) {
+    fn progress(&mut self, records_in: u64) -> Result<()> {
+        self.output.wait_for_stage(STAGE_LAG).map_err(anyhow::Error::msg)?;
         if self.progress.is_hidden() {
-            return;
+            return Ok(());
         }
         let rate = records_in as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         self.progress.set_message(format!(
             "{records_in} records · {rate:.0} records/s · {} alerts",
-            self.output.counts[0].load(Ordering::Relaxed)
+            self.counts[0].load(Ordering::Relaxed)
         ));
         self.progress.tick();
+        Ok(())
     }
 }
 
@@ -761,20 +736,21 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
     let started = Instant::now();
     let inputs = open_inputs(&args.inputs)?;
     let create = |p: &PathBuf, flag: &str| JsonlWriter::create(p).map_err(|e| UsageError(format!("--{flag}: {e}")));
-    let output = Arc::new(FileOutput {
-        alerts: Mutex::new(create(&args.alerts_out, "alerts-out")?),
+    let counts: Arc<[AtomicU64; 3]> = Arc::default();
+    let (output, stage) = Stage::start(ReplayFiles {
+        alerts: create(&args.alerts_out, "alerts-out")?,
         events: match &args.events_out {
-            Some(p) => Some(Mutex::new(create(p, "events-out")?)),
+            Some(p) => Some(create(p, "events-out")?),
             None => None,
         },
-        dead: Mutex::new(match &args.dead_letter_out {
+        dead: match &args.dead_letter_out {
             Some(p) => create(p, "dead-letter-out")?,
             None => JsonlWriter::stderr(),
-        }),
-        counts: Default::default(),
-        error: Mutex::new(None),
-        state: args.state_out.as_ref().map(|_| StateOutput::default()),
-    });
+        },
+        counts: counts.clone(),
+        view: args.state_out.as_ref().map(|_| view::LiveView::default()),
+    })
+    .context("cannot start the output thread")?;
     // `--state-out` needs the market events (the view is built from them), not their file.
     let events = args.events_out.is_some() || args.state_out.is_some();
     let cfg = OpConfig {
@@ -785,6 +761,7 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
     let mut engine = Engine::start(args.workers as usize, cfg, output.clone(), Default::default())?;
     let mut f = ReplayFeed {
         output: &output,
+        counts: &counts,
         progress: progress_bar(args.quiet),
         started,
     };
@@ -792,39 +769,21 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
     engine.finish()?;
     f.progress.finish_and_clear();
     drop(f);
-    let output =
-        Arc::try_unwrap(output).map_err(|_| anyhow::anyhow!("outputs still in use after the dataflow stopped"))?;
-    if let Some(e) = output.error.lock().ok().and_then(|mut e| e.take()) {
-        anyhow::bail!(e);
-    }
-    output
-        .alerts
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("alert writer poisoned"))?
-        .finish()?;
-    if let Some(w) = output.events {
-        w.into_inner()
-            .map_err(|_| anyhow::anyhow!("event writer poisoned"))?
-            .finish()?;
-    }
-    output
-        .dead
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("dead-letter writer poisoned"))?
-        .finish()?;
-    if let (Some(path), Some(state)) = (&args.state_out, &output.state) {
-        // Epochs still gathered (an empty frontier reports no final `epochs_done`).
-        state.done(u64::MAX);
-        let doc = state.view.current().document();
+    // The input's last dead letters may belong to an epoch that was never sent.
+    output.flush();
+    drop(output);
+    let view = stage.join()?;
+    if let (Some(path), Some(view)) = (&args.state_out, view) {
+        let doc = view.current().document();
         let mut text = serde_json::to_string(&doc).context("cannot encode the live state")?;
         text.push('\n');
         std::fs::write(path, text).map_err(|e| UsageError(format!("--state-out {}: {e}", path.display())))?;
     }
     Ok(Summary {
         records_in,
-        alerts_out: output.counts[0].load(Ordering::Relaxed),
-        events_out: output.counts[1].load(Ordering::Relaxed),
-        dead_letters: output.counts[2].load(Ordering::Relaxed),
+        alerts_out: counts[0].load(Ordering::Relaxed),
+        events_out: counts[1].load(Ordering::Relaxed),
+        dead_letters: counts[2].load(Ordering::Relaxed),
         seconds: started.elapsed().as_secs_f64(),
         peak_rss_kib: peak_rss_kib(),
     })
@@ -833,6 +792,7 @@ pub fn replay(args: &ReplayArgs) -> Result<Summary> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     /// Files parsed on several threads come out of the merge exactly as parsed on one: the
     /// same items in the same order, each file in its line order, records by event time.

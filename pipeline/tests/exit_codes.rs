@@ -35,11 +35,13 @@ fn exit_codes_follow_spec_section_4() {
         "prices.jsonl",
         "{\"coin\":\"coingecko:x\",\"price\":1,\"timestamp\":1}\n",
     );
+    let bad_line = write("bad-line.jsonl", "not json\n");
     let a_dir = d.join("a-directory");
     std::fs::create_dir(&a_dir).unwrap();
     let a_dir = a_dir.display().to_string();
     let alerts = d.join("alerts.jsonl").display().to_string();
     let missing = d.join("missing.jsonl").display().to_string();
+    let parquet = d.join("export").display().to_string();
     // (arguments, exit code, what stderr must name)
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (
@@ -114,6 +116,33 @@ fn exit_codes_follow_spec_section_4() {
             "--no-such-flag",
         ),
         (vec!["run", "--config", &missing], 2, "missing.jsonl"),
+        // The output stage's write errors end the run: exit 1, naming the file.
+        (
+            vec![
+                "replay",
+                "--prices",
+                &bad_line,
+                "--alerts-out",
+                &alerts,
+                "--dead-letter-out",
+                "/dev/full",
+            ],
+            1,
+            "cannot write /dev/full: No space left on device",
+        ),
+        (
+            vec![
+                "export",
+                "--prices",
+                &bad_line,
+                "--parquet",
+                &parquet,
+                "--dead-letter-out",
+                "/dev/full",
+            ],
+            1,
+            "cannot write /dev/full: No space left on device",
+        ),
     ];
     for (args, code, names) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_llamaflow"))

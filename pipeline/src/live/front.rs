@@ -16,13 +16,13 @@ use sources::live::{Ack, Change, LiveItem};
 use tokio::sync::mpsc;
 
 use super::commit::Coordinator;
-use super::output::LiveOutput;
 use super::reclock::{EpochInput, EpochLog, Formed, Pending};
 use super::{Fatal, PanicIsFatal};
 use crate::checkpoint::{Checkpointer, Positions};
 use crate::config::{Config, DemoSection};
 use crate::engine::{Engine, Output};
 use crate::replay::Source;
+use crate::stage::EpochGather;
 
 /// The ingest thread's inputs and the engine it feeds.
 pub(super) struct Ingest {
@@ -48,7 +48,7 @@ pub(super) struct Ingest {
     pub recipients: Option<sinks::notify::Directory>,
     /// In a cluster with checkpoints: the epochs every process checkpoints at.
     pub cluster_checkpoints: Option<ClusterCheckpoints>,
-    pub output: Arc<LiveOutput>,
+    pub output: Arc<EpochGather>,
     pub stop: Arc<AtomicBool>,
     pub rt: tokio::runtime::Handle,
     pub coordinator: Arc<Mutex<Coordinator>>,
@@ -398,7 +398,7 @@ impl Handoff {
 /// letters and progress.
 struct HistoryFeed<'a> {
     ends: &'a mut std::collections::HashMap<Kind, schemas::Millis>,
-    output: &'a LiveOutput,
+    output: &'a EpochGather,
     progress: Option<&'a indicatif::ProgressBar>,
     started: Instant,
 }
@@ -417,11 +417,12 @@ impl crate::replay::Feed for HistoryFeed<'_> {
         self.output.dead(epoch, dead);
     }
 
-    fn progress(&mut self, n: u64) {
+    fn progress(&mut self, n: u64) -> Result<()> {
         if let Some(pb) = self.progress {
             let rate = n as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
             pb.set_message(format!("{n} records · {rate:.0} records/s"));
         }
+        Ok(())
     }
 }
 
@@ -429,7 +430,7 @@ impl crate::replay::Feed for HistoryFeed<'_> {
 struct Front {
     hub: Option<Hub>,
     recipients: Option<sinks::notify::Directory>,
-    output: Arc<LiveOutput>,
+    output: Arc<EpochGather>,
     handoff: Option<Handoff>,
     settling: Settling,
 }

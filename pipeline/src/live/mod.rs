@@ -2,7 +2,7 @@
 //! source positions committed only after every durable sink has written the results.
 //!
 //! ```text
-//! live sources ──► channel ──► front (batches of ≤ batch_ms) ──► Engine ──► LiveOutput
+//! live sources ──► channel ──► front (batches of ≤ batch_ms) ──► Engine ──► EpochGather
 //!  (demo, …)                   records positions per epoch                   ├─ hub, stdout (at once)
 //!                                                                            └─ per-epoch batches ──► sink tasks
 //!                                       commit positions of epoch e  ◄── all sinks acked e ◄──┘
@@ -30,9 +30,10 @@ use tokio::sync::mpsc;
 use crate::checkpoint::{Checkpointer, Locations, Shared};
 use crate::config::Config;
 use crate::engine::{ClusterBus, Engine, EngineCheckpoint};
+use crate::stage::EpochGather;
 use commit::{Coordinator, SourceHandles};
 use operators::Snapshots;
-use output::{LiveOutput, OutputStage, SinkTasks, ViewSnapshots};
+use output::{OutputStage, SinkTasks, ViewSnapshots};
 
 /// Runs the continuous job until SIGTERM / Ctrl-C (or `stop_after`), then drains: stops the
 /// sources, finishes the dataflow, waits for every sink, commits, and returns.
@@ -335,7 +336,7 @@ pub fn run(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
         arrivals: arrivals.clone(),
     }
     .start(stage_rx)?;
-    let output = Arc::new(LiveOutput::new(stage_tx));
+    let output = Arc::new(EpochGather::new(stage_tx));
     let engine = dataflow.start(cfg.operators.op_config(), output.clone(), engine_ckpt)?;
 
     let listener = match cfg.pipeline.listen {

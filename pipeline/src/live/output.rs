@@ -1,6 +1,6 @@
-//! The output side of the continuous job: results gathered per epoch on the worker threads,
-//! the output stage that publishes them (live view, WebSocket, stdout), and the durable sinks
-//! that write them and acknowledge each epoch.
+//! The output side of the continuous job: the output stage that publishes completed epochs
+//! (gathered on the worker threads by [`crate::stage::EpochGather`]) to the live view,
+//! WebSocket and stdout, and the durable sinks that write them and acknowledge each epoch.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use schemas::{Alert, DeadLetter, Event};
 use sinks::jsonl::DeadLetters;
 use sinks::websocket::Hub;
 use sinks::{OffRuntime, OutputBatch, Sink};
@@ -16,83 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::checkpoint::Checkpointer;
 use crate::config::Config;
-use crate::engine::Output;
 use crate::health::Health;
-
-/// One completed epoch: what the live view and subscribers see, and the dead letters.
-#[derive(Default)]
-pub(super) struct EpochOut {
-    view: view::Epoch,
-    dead: Vec<DeadLetter>,
-}
-
-/// Receives dataflow results on the worker threads and gathers them per epoch; completed
-/// epochs go, in order, to the [`OutputStage`] thread. Workers only hand data over: no
-/// socket, file or blocking channel I/O happens on them.
-pub(super) struct LiveOutput {
-    epochs: Mutex<BTreeMap<u64, EpochOut>>,
-    done: Mutex<u64>,
-    to_stage: std::sync::mpsc::Sender<(u64, EpochOut)>,
-}
-
-impl LiveOutput {
-    /// Gathers for the output stage thread of `to_stage`.
-    pub(super) fn new(to_stage: std::sync::mpsc::Sender<(u64, EpochOut)>) -> Self {
-        LiveOutput {
-            epochs: Mutex::new(BTreeMap::new()),
-            done: Mutex::new(0),
-            to_stage,
-        }
-    }
-
-    fn with_epoch(&self, epoch: u64, f: impl FnOnce(&mut EpochOut)) {
-        if let Ok(mut e) = self.epochs.lock() {
-            f(e.entry(epoch).or_default());
-        }
-    }
-
-    /// Whether anything waits for `epoch` (before it is sent: the ingest front's dead letters,
-    /// which make the front send the epoch even without records).
-    pub(super) fn holds(&self, epoch: u64) -> bool {
-        self.epochs.lock().is_ok_and(|e| e.contains_key(&epoch))
-    }
-}
-
-impl Output for LiveOutput {
-    fn alerts(&self, epoch: u64, alerts: &[Alert]) {
-        self.with_epoch(epoch, |e| e.view.alerts.extend_from_slice(alerts));
-    }
-
-    fn events(&self, epoch: u64, events: &[Event]) {
-        self.with_epoch(epoch, |e| e.view.events.extend_from_slice(events));
-    }
-
-    fn state(&self, epoch: u64, state: &[operators::StateOut]) {
-        self.with_epoch(epoch, |e| e.view.state.extend_from_slice(state));
-    }
-
-    /// Dead letters travel with their epoch: on disk before its positions are committed.
-    fn dead(&self, epoch: u64, dead: &[DeadLetter]) {
-        self.with_epoch(epoch, |e| e.dead.extend_from_slice(dead));
-    }
-
-    fn epochs_done(&self, upto: u64) {
-        let Ok(mut done) = self.done.lock() else { return };
-        let mut ready = match self.epochs.lock() {
-            Ok(mut b) => {
-                let rest = b.split_off(&upto);
-                std::mem::replace(&mut *b, rest)
-            }
-            Err(_) => return,
-        };
-        // Epochs without output still have to be acknowledged: send an empty batch for them.
-        for epoch in *done..upto {
-            let out = ready.remove(&epoch).unwrap_or_default();
-            let _ = self.to_stage.send((epoch, out));
-        }
-        *done = upto;
-    }
-}
+use crate::stage::EpochOut;
 
 /// The output stage: one thread that takes completed epochs in order, updates the live view
 /// and publishes to WebSocket subscribers (together, under the hub's gate), writes stdout, and
@@ -395,6 +319,7 @@ impl Backoff {
 mod tests {
     use super::*;
     use futures_util::future::BoxFuture;
+    use schemas::Alert;
     use sinks::{SinkError, Written};
 
     /// Records the epochs of each write; the first write waits until released, so that the
