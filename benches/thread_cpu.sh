@@ -6,8 +6,8 @@
 # Usage: benches/thread_cpu.sh ROUNDS prices|mixed BIN...
 #   Runs each BIN with 1 and 2 workers ROUNDS times under `perf record -e cpu-clock -F 4000`
 #   and prints, per workers × role × build, the median CPU-s: main (merge, sequencer),
-#   parse (the parse threads together), read (the files' line splitters), workers (the timely
-#   workers together) and total. Inputs: benches/replay.sh's data dir.
+#   parse (the parse threads together), read (the files' line splitters), output (the thread
+#   writing the files), workers (the timely workers together) and total. Inputs: benches/replay.sh's data dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 3 ] || { sed -n 2,10p "$0" >&2; exit 2; }
@@ -30,7 +30,7 @@ for ((r = 1; r <= rounds; r++)); do
         --alerts-out "$out/alerts.jsonl" --dead-letter-out "$out/dead.jsonl" --workers "$w" --quiet >/dev/null 2>&1
       # The main thread is named after the binary; timely's workers `timely:work-N`.
       perf script -i "$out/perf.data" -F comm 2>/dev/null | awk -v b="$(basename "$bin")" -v w="$w" '
-        { n = $1; if (n == "parse" || n == "read") {} else if (n ~ /^timely/) n = "workers"; else n = "main"; c[n]++; t++ }
+        { n = $1; if (n == "parse" || n == "read" || n == "output") {} else if (n ~ /^timely/) n = "workers"; else n = "main"; c[n]++; t++ }
         END { for (k in c) printf "%s %s %s %.3f\n", w, k, b, c[k] / 4000; printf "%s total %s %.3f\n", w, b, t / 4000 }' >>"$out/results"
     done
   done

@@ -86,7 +86,8 @@ impl SnapDuty {
 type Init<S, O> = Box<dyn FnOnce(&S, &mut Vec<O>)>;
 
 /// Runs `logic` on `state` once per epoch with all of that epoch's data, after the input
-/// frontier has passed the epoch; epochs are handled in increasing order. With a snapshot
+/// frontier has passed the epoch; epochs are handled in increasing order, and each epoch's
+/// output is sent as one batch. With a snapshot
 /// duty, the state is captured at every requested epoch boundary; `init` runs once, first.
 fn per_epoch<'scope, D, O, P, S, F>(
     stream: StreamVec<'scope, u64, D>,
@@ -112,7 +113,8 @@ where
             if let Some((cap, f)) = init.take() {
                 f(&state, &mut out);
                 if !out.is_empty() {
-                    output.session(&cap).give_iterator(out.drain(..));
+                    output.session(&cap).give_container(&mut out);
+                    out.clear();
                 }
             }
             let port = output.output_index();
@@ -144,7 +146,10 @@ where
                 let (cap, data) = first.remove();
                 logic(&mut state, data, &mut out);
                 if !out.is_empty() {
-                    output.session(&cap).give_iterator(out.drain(..));
+                    // The epoch's output as one batch: the next operator cannot reorder it
+                    // (timely may deliver an epoch's batches in any order).
+                    output.session(&cap).give_container(&mut out);
+                    out.clear();
                 }
             }
             if let Some(d) = duty.as_mut() {

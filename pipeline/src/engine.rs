@@ -28,24 +28,27 @@ use operators::{ByWorker, Checkpointing, Envelope, Envelopes, OpConfig, Sequence
 use schemas::{Alert, DeadLetter, Event};
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Input, Inspect, Probe};
-use timely::dataflow::{InputHandle, ProbeHandle};
+use timely::dataflow::{InputHandle, ProbeHandle, StreamVec};
 
 /// Epochs a worker may have sent but not yet completed.
 pub const MAX_EPOCHS_IN_FLIGHT: u64 = 8;
 
-/// Where the dataflow's results go. Called from worker threads.
+/// Where the dataflow's results go, handed over by value. Called from worker threads: an
+/// output only takes the data (see [`crate::stage::EpochGather`]).
 pub trait Output: Send + Sync + 'static {
     /// Alerts of an epoch, in order (worker 0 only — in a cluster, the first worker of
     /// process 0; an epoch may come in several calls).
-    fn alerts(&self, epoch: u64, alerts: &[Alert]);
+    fn alerts(&self, epoch: u64, alerts: Vec<Alert>);
     /// Market events of an epoch from one worker.
-    fn events(&self, epoch: u64, events: &[Event]);
+    fn events(&self, epoch: u64, events: Vec<Event>);
     /// Dead letters from inside the dataflow.
-    fn dead(&self, epoch: u64, dead: &[DeadLetter]);
+    fn dead(&self, epoch: u64, dead: Vec<DeadLetter>);
     /// Live-state changes other than events (worker 0 only; see [`operators::Outputs::state`]).
-    fn state(&self, _epoch: u64, _state: &[StateOut]) {}
+    fn state(&self, _epoch: u64, _state: Vec<StateOut>) {}
     /// Every output of all epochs `< upto` has been delivered to this process's [`Output`]
     /// (called by the process's first worker, in increasing order).
     fn epochs_done(&self, _upto: u64) {}
@@ -760,6 +763,26 @@ fn exit_when_a_peer_is_lost(cluster: &Cluster) {
     }));
 }
 
+/// Hands every batch of `stream` to `f` by value, with its epoch (no copy: an output takes the
+/// data). The returned stream carries nothing; its frontier passes an epoch once all of the
+/// epoch's data has been handed over, so a probe on it says when an epoch is delivered.
+fn deliver<'scope, D: 'static>(
+    stream: StreamVec<'scope, u64, D>,
+    name: &str,
+    mut f: impl FnMut(u64, Vec<D>) + 'static,
+) -> StreamVec<'scope, u64, ()> {
+    stream.unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, name, |_cap, _info| {
+        move |input, _output| {
+            input.for_each_stamp(|stamp, data| {
+                let epoch = stamp.least().copied().unwrap_or_default();
+                for batch in data {
+                    f(epoch, std::mem::take(batch));
+                }
+            });
+        }
+    })
+}
+
 fn run_worker(
     worker: &mut timely::worker::Worker,
     first_local: bool,
@@ -770,8 +793,7 @@ fn run_worker(
     let WorkerStart { rx, cfg, output, ckpt } = start;
     let mut input = InputHandle::<u64, CapacityContainerBuilder<Vec<Envelope>>>::new();
     let mut control = InputHandle::<u64, CapacityContainerBuilder<Vec<Control>>>::new();
-    let (o1, o2, o3, o4) = (output.clone(), output.clone(), output.clone(), output.clone());
-    let (b1, b2, b3, b4, b5) = (bus.clone(), bus.clone(), bus.clone(), bus.clone(), bus.clone());
+    let b4 = bus.clone();
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
         // One process's engine sends each envelope to its worker (`Engine::send`); a
@@ -781,42 +803,30 @@ fn run_worker(
             false => operators::Arrival::AtItsWorker,
         };
         let outs = operators::build(scope.input_from(&mut input), arrival, cfg, ckpt);
-        outs.events
-            .inspect_core(move |e| {
-                if let Ok((stamp, batch)) = e {
-                    let epoch = stamp.least().copied().unwrap_or_default();
-                    b1.saw(epoch);
-                    o2.events(epoch, batch);
-                }
-            })
-            .probe_with(&probe);
-        outs.dead
-            .inspect_core(move |e| {
-                if let Ok((stamp, batch)) = e {
-                    let epoch = stamp.least().copied().unwrap_or_default();
-                    b2.saw(epoch);
-                    o3.dead(epoch, batch);
-                }
-            })
-            .probe_with(&probe);
-        outs.alerts
-            .inspect_core(move |e| {
-                if let Ok((stamp, batch)) = e {
-                    let epoch = stamp.least().copied().unwrap_or_default();
-                    b3.saw(epoch);
-                    o1.alerts(epoch, batch);
-                }
-            })
-            .probe_with(&probe);
-        outs.state
-            .inspect_core(move |e| {
-                if let Ok((stamp, batch)) = e {
-                    let epoch = stamp.least().copied().unwrap_or_default();
-                    b5.saw(epoch);
-                    o4.state(epoch, batch);
-                }
-            })
-            .probe_with(&probe);
+        let (o, b) = (output.clone(), bus.clone());
+        deliver(outs.events, "DeliverEvents", move |epoch, batch| {
+            b.saw(epoch);
+            o.events(epoch, batch);
+        })
+        .probe_with(&probe);
+        let (o, b) = (output.clone(), bus.clone());
+        deliver(outs.dead, "DeliverDead", move |epoch, batch| {
+            b.saw(epoch);
+            o.dead(epoch, batch);
+        })
+        .probe_with(&probe);
+        let (o, b) = (output.clone(), bus.clone());
+        deliver(outs.alerts, "DeliverAlerts", move |epoch, batch| {
+            b.saw(epoch);
+            o.alerts(epoch, batch);
+        })
+        .probe_with(&probe);
+        let (o, b) = (output.clone(), bus.clone());
+        deliver(outs.state, "DeliverState", move |epoch, batch| {
+            b.saw(epoch);
+            o.state(epoch, batch);
+        })
+        .probe_with(&probe);
         // The control stream: not probed, so it never holds outputs back.
         scope
             .input_from(&mut control)

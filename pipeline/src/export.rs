@@ -169,7 +169,7 @@ impl Feed for ExportFeed<'_> {
         Ok(())
     }
 
-    fn dead(&mut self, epoch: u64, dead: &[DeadLetter]) {
+    fn dead(&mut self, epoch: u64, dead: Vec<DeadLetter>) {
         self.output.dead(epoch, dead);
         if !self.dataflow {
             self.output.flush();

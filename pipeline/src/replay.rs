@@ -541,7 +541,7 @@ pub trait Feed {
     }
     /// Dead letters of the sources (bad input), in batches, with the epoch they belong to
     /// (the one being filled; 0 without an engine).
-    fn dead(&mut self, epoch: u64, dead: &[DeadLetter]);
+    fn dead(&mut self, epoch: u64, dead: Vec<DeadLetter>);
     /// After each epoch sent, with the records read so far. A feed may wait here for its
     /// output stage (backpressure); `Err` stops the run.
     fn progress(&mut self, _records_in: u64) -> Result<()> {
@@ -601,8 +601,8 @@ pub fn feed(
             Input::Dead(d) => {
                 source_dead.push(d);
                 if source_dead.len() >= 1024 {
-                    feed.dead(engine.as_deref().map_or(0, Engine::epochs), &source_dead);
-                    source_dead.clear();
+                    let dead = std::mem::take(&mut source_dead);
+                    feed.dead(engine.as_deref().map_or(0, Engine::epochs), dead);
                 }
             }
             Input::Record(pos, rec) => {
@@ -632,7 +632,9 @@ pub fn feed(
             }
         }
     }
-    feed.dead(engine.as_deref().map_or(0, Engine::epochs), &source_dead);
+    if !source_dead.is_empty() {
+        feed.dead(engine.as_deref().map_or(0, Engine::epochs), source_dead);
+    }
     if let Some(engine) = engine {
         // The end of the input closes the TVL updates it opened (SPEC §2: the total once,
         // after all of an update's records).
@@ -713,7 +715,7 @@ struct ReplayFeed<'a> {
 }
 
 impl Feed for ReplayFeed<'_> {
-    fn dead(&mut self, epoch: u64, dead: &[DeadLetter]) {
+    fn dead(&mut self, epoch: u64, dead: Vec<DeadLetter>) {
         self.output.dead(epoch, dead);
     }
     fn progress(&mut self, records_in: u64) -> Result<()> {

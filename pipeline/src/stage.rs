@@ -21,6 +21,18 @@ pub struct EpochOut {
     pub dead: Vec<DeadLetter>,
 }
 
+impl EpochOut {
+    /// Puts the epoch's market events in event-time order (stable). Timely delivers the
+    /// batches of one epoch in any order (an operator's input sorts the batches it holds by
+    /// epoch, with an unstable sort), while subscribers, sinks and the view need each key's
+    /// events in order: a coin's price after the one before it. A key's events have strictly
+    /// increasing event times (older and equal ones are rejected as late or duplicate), so
+    /// event-time order is their order; across keys it is a deterministic one.
+    pub fn order(&mut self) {
+        self.view.events.sort_by_key(|e| e.timestamp);
+    }
+}
+
 /// Receives dataflow results on the worker threads (an engine's [`Output`]) and gathers them
 /// per epoch; completed epochs go, in order, to the output stage's thread.
 pub struct EpochGather {
@@ -118,22 +130,31 @@ impl EpochGather {
     }
 }
 
+/// Adds `more` to `to`; the first batch of an epoch is kept as it is (no copy).
+fn append<T>(to: &mut Vec<T>, mut more: Vec<T>) {
+    if to.is_empty() {
+        *to = more;
+    } else {
+        to.append(&mut more);
+    }
+}
+
 impl Output for EpochGather {
-    fn alerts(&self, epoch: u64, alerts: &[Alert]) {
-        self.with_epoch(epoch, |e| e.view.alerts.extend_from_slice(alerts));
+    fn alerts(&self, epoch: u64, alerts: Vec<Alert>) {
+        self.with_epoch(epoch, |e| append(&mut e.view.alerts, alerts));
     }
 
-    fn events(&self, epoch: u64, events: &[Event]) {
-        self.with_epoch(epoch, |e| e.view.events.extend_from_slice(events));
+    fn events(&self, epoch: u64, events: Vec<Event>) {
+        self.with_epoch(epoch, |e| append(&mut e.view.events, events));
     }
 
-    fn state(&self, epoch: u64, state: &[operators::StateOut]) {
-        self.with_epoch(epoch, |e| e.view.state.extend_from_slice(state));
+    fn state(&self, epoch: u64, state: Vec<operators::StateOut>) {
+        self.with_epoch(epoch, |e| append(&mut e.view.state, state));
     }
 
     /// Dead letters travel with their epoch: on disk before its positions are committed.
-    fn dead(&self, epoch: u64, dead: &[DeadLetter]) {
-        self.with_epoch(epoch, |e| e.dead.extend_from_slice(dead));
+    fn dead(&self, epoch: u64, dead: Vec<DeadLetter>) {
+        self.with_epoch(epoch, |e| append(&mut e.dead, dead));
     }
 
     fn epochs_done(&self, upto: u64) {
@@ -177,7 +198,8 @@ impl<T: Send + 'static> Stage<T> {
         let gather = Arc::new(EpochGather::new(tx));
         let progress = gather.progress();
         let thread = std::thread::Builder::new().name("output".into()).spawn(move || {
-            for (epoch, out) in rx {
+            for (epoch, mut out) in rx {
+                out.order();
                 if let Err(e) = writer.epoch(epoch, out) {
                     progress.update(|s| s.2 = Some(e.clone()));
                     return Err(e);
@@ -237,15 +259,15 @@ mod tests {
             fail_at: None,
         })
         .unwrap();
-        gather.dead(2, &dead(2));
-        gather.dead(0, &dead(1));
-        gather.dead(5, &dead(3));
+        gather.dead(2, dead(2));
+        gather.dead(0, dead(1));
+        gather.dead(5, dead(3));
         // Epochs 0..3 complete: 1 had no output and is handed over empty; 5 waits.
         gather.epochs_done(3);
         assert!(gather.holds(5));
         assert!(!gather.holds(2));
         gather.wait_for_stage(0).unwrap();
-        gather.dead(5, &dead(1));
+        gather.dead(5, dead(1));
         gather.flush();
         assert!(!gather.holds(5));
         drop(gather);

@@ -605,6 +605,99 @@ fn replay_state_out_is_identical_for_any_worker_count() {
     assert_eq!(doc["protocols"].as_array().unwrap().len(), 17);
 }
 
+/// Under load (the bench's mixed workload: every kind, many epochs in flight) each coin's
+/// price events come out in event-time order, and the view ends on each coin's last tick, for
+/// 1 and 2 workers. Timely may deliver an epoch's batches in any order; before the output
+/// stage put them back in order, thousands of price events came out behind a newer one and
+/// the view kept stale prices.
+#[test]
+fn price_events_and_the_view_keep_each_coins_order_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mixed");
+    let status = Command::new(env!("CARGO_BIN_EXE_llamaflow-bench"))
+        .args([
+            "--workload",
+            "mixed",
+            "--records",
+            "200000",
+            "--coins",
+            "2000",
+            "--rules",
+            "1000",
+        ])
+        .arg("--out")
+        .arg(&data)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The reference: each coin's last tick in the input (sorted by time; every tick is valid).
+    let mut last: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in std::fs::read_to_string(data.join("prices.jsonl")).unwrap().lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let t = v["timestamp"].as_f64().unwrap();
+        let entry = last.entry(v["coin"].as_str().unwrap().to_string()).or_insert((t, 0.0));
+        assert!(t >= entry.0, "the input is in time order");
+        *entry = (t, v["price"].as_f64().unwrap());
+    }
+    let mut states = Vec::new();
+    for workers in [1, 2] {
+        let (events, state) = (dir.path().join("events.jsonl"), dir.path().join("state.json"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_llamaflow"));
+        cmd.args(["replay", "--quiet", "--workers", &workers.to_string()]);
+        for kind in ["prices", "tvl", "transfers", "gas", "liquidations", "rules"] {
+            cmd.arg(format!("--{kind}")).arg(data.join(format!("{kind}.jsonl")));
+        }
+        let status = cmd
+            .arg("--alerts-out")
+            .arg(dir.path().join("alerts.jsonl"))
+            .arg("--events-out")
+            .arg(&events)
+            .arg("--state-out")
+            .arg(&state)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut seen: BTreeMap<String, f64> = BTreeMap::new();
+        let mut behind = 0;
+        for line in std::fs::read_to_string(&events).unwrap().lines() {
+            let e: Value = serde_json::from_str(line).unwrap();
+            if e["type"] != "price_update" {
+                continue;
+            }
+            let t = e["timestamp"].as_f64().unwrap();
+            if let Some(before) = seen.insert(e["subject"].as_str().unwrap().to_string(), t)
+                && before >= t
+            {
+                behind += 1;
+            }
+        }
+        assert_eq!(
+            behind, 0,
+            "{workers} workers: price events behind an earlier one of their coin"
+        );
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+        let coins = doc["prices"]["coins"].as_object().unwrap();
+        assert_eq!(coins.len(), last.len());
+        let stale: Vec<&String> = coins
+            .iter()
+            .filter(|(c, v)| {
+                let (t, px) = last[c.as_str()];
+                v["timestamp"].as_f64() != Some(t) || v["price"].as_f64() != Some(px)
+            })
+            .map(|(c, _)| c)
+            .collect();
+        assert!(
+            stale.is_empty(),
+            "{workers} workers: {} stale prices, e.g. {:?}",
+            stale.len(),
+            &stale[..stale.len().min(3)]
+        );
+        states.push(std::fs::read_to_string(&state).unwrap());
+    }
+    assert_eq!(states[0], states[1], "1 vs 2 workers");
+}
+
 #[test]
 fn a_restart_from_the_checkpoint_answers_as_before() {
     let dir = tempfile::tempdir().unwrap();

@@ -1067,11 +1067,11 @@ mod tests {
         #[derive(Default)]
         struct Alerts(Mutex<Vec<String>>);
         impl Output for Alerts {
-            fn alerts(&self, _: u64, alerts: &[schemas::Alert]) {
+            fn alerts(&self, _: u64, alerts: Vec<schemas::Alert>) {
                 self.0.lock().unwrap().extend(alerts.iter().map(|a| a.rule_id.clone()));
             }
-            fn events(&self, _: u64, _: &[schemas::Event]) {}
-            fn dead(&self, _: u64, _: &[schemas::DeadLetter]) {}
+            fn events(&self, _: u64, _: Vec<schemas::Event>) {}
+            fn dead(&self, _: u64, _: Vec<schemas::DeadLetter>) {}
         }
         let snapshots = Snapshots::new(2);
         let alerts = Arc::new(Alerts::default());

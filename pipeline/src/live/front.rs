@@ -413,7 +413,7 @@ impl crate::replay::Feed for HistoryFeed<'_> {
         Ok(())
     }
 
-    fn dead(&mut self, epoch: u64, dead: &[DeadLetter]) {
+    fn dead(&mut self, epoch: u64, dead: Vec<DeadLetter>) {
         self.output.dead(epoch, dead);
     }
 
@@ -520,7 +520,7 @@ impl Front {
             Change::DeleteUser(id) => self.recipients.iter().for_each(|r| r.remove_user(&id)),
             Change::Device(device) => self.recipients.iter().for_each(|r| r.set_device(device.clone())),
             Change::DeleteDevice(id) => self.recipients.iter().for_each(|r| r.remove_device(&id)),
-            Change::Dead(d) => self.output.dead(engine.epochs(), std::slice::from_ref(&d)),
+            Change::Dead(d) => self.output.dead(engine.epochs(), vec![d]),
         }
     }
 }

@@ -46,7 +46,8 @@ impl OutputStage {
             .context("cannot start the output thread")
     }
 
-    fn epoch(&self, epoch: u64, out: EpochOut) {
+    fn epoch(&self, epoch: u64, mut out: EpochOut) {
+        out.order();
         let EpochOut { view: out, dead } = out;
         let arrived = self.arrivals.lock().ok().and_then(|mut a| {
             let t = a.remove(&epoch);
