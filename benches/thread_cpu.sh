@@ -7,7 +7,8 @@
 #   Runs each BIN with 1 and 2 workers ROUNDS times under `perf record -e cpu-clock -F 4000`
 #   and prints, per workers × role × build, the median CPU-s: main (merge, sequencer),
 #   parse (the parse threads together), read (the files' line splitters), output (the thread
-#   writing the files), workers (the timely workers together) and total. Inputs: benches/replay.sh's data dir.
+#   writing the files), workers (the timely workers together) and total. Inputs:
+#   benches/replay.sh's data dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 3 ] || { sed -n 2,10p "$0" >&2; exit 2; }
