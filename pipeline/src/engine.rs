@@ -763,24 +763,29 @@ fn exit_when_a_peer_is_lost(cluster: &Cluster) {
     }));
 }
 
-/// Hands every batch of `stream` to `f` by value, with its epoch (no copy: an output takes the
-/// data). The returned stream carries nothing; its frontier passes an epoch once all of the
-/// epoch's data has been handed over, so a probe on it says when an epoch is delivered.
+/// Hands every batch of `stream` to `output` by value, with its epoch (`give` says which of
+/// its methods takes it; no copy), and notes the epoch on the cluster bus. `probe` passes an
+/// epoch once all of the epoch's data has been handed over.
 fn deliver<'scope, D: 'static>(
     stream: StreamVec<'scope, u64, D>,
     name: &str,
-    mut f: impl FnMut(u64, Vec<D>) + 'static,
-) -> StreamVec<'scope, u64, ()> {
-    stream.unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, name, |_cap, _info| {
-        move |input, _output| {
-            input.for_each_stamp(|stamp, data| {
-                let epoch = stamp.least().copied().unwrap_or_default();
-                for batch in data {
-                    f(epoch, std::mem::take(batch));
-                }
-            });
-        }
-    })
+    (output, bus, probe): (&Arc<dyn Output>, &Arc<ClusterBus>, &ProbeHandle<u64>),
+    give: fn(&dyn Output, u64, Vec<D>),
+) {
+    let (output, bus) = (output.clone(), bus.clone());
+    stream
+        .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, name, |_cap, _info| {
+            move |input, _output| {
+                input.for_each_stamp(|stamp, data| {
+                    let epoch = stamp.least().copied().unwrap_or_default();
+                    bus.saw(epoch);
+                    for batch in data {
+                        give(&*output, epoch, std::mem::take(batch));
+                    }
+                });
+            }
+        })
+        .probe_with(probe);
 }
 
 fn run_worker(
@@ -803,30 +808,11 @@ fn run_worker(
             false => operators::Arrival::AtItsWorker,
         };
         let outs = operators::build(scope.input_from(&mut input), arrival, cfg, ckpt);
-        let (o, b) = (output.clone(), bus.clone());
-        deliver(outs.events, "DeliverEvents", move |epoch, batch| {
-            b.saw(epoch);
-            o.events(epoch, batch);
-        })
-        .probe_with(&probe);
-        let (o, b) = (output.clone(), bus.clone());
-        deliver(outs.dead, "DeliverDead", move |epoch, batch| {
-            b.saw(epoch);
-            o.dead(epoch, batch);
-        })
-        .probe_with(&probe);
-        let (o, b) = (output.clone(), bus.clone());
-        deliver(outs.alerts, "DeliverAlerts", move |epoch, batch| {
-            b.saw(epoch);
-            o.alerts(epoch, batch);
-        })
-        .probe_with(&probe);
-        let (o, b) = (output.clone(), bus.clone());
-        deliver(outs.state, "DeliverState", move |epoch, batch| {
-            b.saw(epoch);
-            o.state(epoch, batch);
-        })
-        .probe_with(&probe);
+        let to = (&output, &bus, &probe);
+        deliver(outs.events, "DeliverEvents", to, |o, epoch, d| o.events(epoch, d));
+        deliver(outs.dead, "DeliverDead", to, |o, epoch, d| o.dead(epoch, d));
+        deliver(outs.alerts, "DeliverAlerts", to, |o, epoch, d| o.alerts(epoch, d));
+        deliver(outs.state, "DeliverState", to, |o, epoch, d| o.state(epoch, d));
         // The control stream: not probed, so it never holds outputs back.
         scope
             .input_from(&mut control)

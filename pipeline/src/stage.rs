@@ -45,7 +45,7 @@ pub struct EpochGather {
 
 /// How far an output stage has got: epochs handed to it and epochs it has finished.
 #[derive(Default)]
-pub struct StageProgress {
+struct StageProgress {
     /// (handed, finished, the error it stopped on).
     state: Mutex<(u64, u64, Option<String>)>,
     changed: Condvar,
@@ -125,7 +125,7 @@ impl EpochGather {
     }
 
     /// The progress a [`Stage`] reports to.
-    pub fn progress(&self) -> Arc<StageProgress> {
+    fn progress(&self) -> Arc<StageProgress> {
         self.progress.clone()
     }
 }
