@@ -53,9 +53,17 @@ pub enum StateDelta {
         old: Option<Box<Protocol>>,
         /// The metadata after.
         new: Option<Box<Protocol>>,
+        /// The changing record's sequence number: a protocol's changes within an epoch are
+        /// applied in this order (timely may deliver them in another).
+        seq: u64,
     },
     /// A protocol was deleted: its TVL left every aggregate (as `Tvl` retractions).
-    Deleted(String),
+    Deleted {
+        /// Protocol id.
+        id: String,
+        /// The deletion's sequence number (see `Meta`).
+        seq: u64,
+    },
     /// The newest event time of a worker's epoch (records of every kind).
     Clock(Millis),
 }
@@ -179,15 +187,28 @@ impl Aggregates {
                 AggIn::Category(k, v, r) => cats.push((k, v, r)),
                 AggIn::Total(v, r) => totals.push(((), (v, 0), r)),
                 AggIn::Delta(StateDelta::Clock(t)) => self.clock = self.clock.max(t),
-                AggIn::Delta(StateDelta::Meta { id, new, .. }) => views.push((id, Some(new.map(|p| *p)))),
-                AggIn::Delta(StateDelta::Deleted(id)) => views.push((id, None)),
+                AggIn::Delta(StateDelta::Meta { id, new, seq, .. }) => views.push((id, seq, Some(new.map(|p| *p)))),
+                AggIn::Delta(StateDelta::Deleted { id, seq }) => views.push((id, seq, None)),
                 AggIn::Delta(StateDelta::Tvl { .. }) => {}
             }
         }
-        // Metadata changes of different protocols come from different workers: order by id
-        // (one protocol's changes keep their order: they come from one worker).
-        views.sort_by(|a, b| a.0.cmp(&b.0));
-        for (id, v) in views {
+        // Metadata changes of different protocols come from different workers: order by id;
+        // a protocol's own changes by record (timely may deliver an epoch's batches in any
+        // order). Only the last record's changes matter to the view: one per protocol, so
+        // their order further on cannot matter either.
+        views.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        let mut keep = vec![false; views.len()];
+        let mut newest: Option<(&str, u64)> = None;
+        for (i, (id, seq, _)) in views.iter().enumerate().rev() {
+            if newest.is_none_or(|(n, _)| n != id) {
+                newest = Some((id, *seq));
+            }
+            keep[i] = newest.is_some_and(|(_, s)| s == *seq);
+        }
+        for ((id, _, v), keep) in views.into_iter().zip(keep) {
+            if !keep {
+                continue;
+            }
             out.push(AggOut::State(match v {
                 Some(meta) => StateOut::Protocol { id, meta },
                 None => StateOut::Deleted(id),
@@ -349,7 +370,7 @@ pub(crate) fn aggregate<'scope>(deltas: StreamVec<'scope, u64, StateDelta>) -> S
         _ => Vec::new(),
     });
     let category = updates(deltas.clone(), "Categories", |d| match d {
-        StateDelta::Meta { id, old, new } => {
+        StateDelta::Meta { id, old, new, .. } => {
             let cat = |p: &Option<Box<Protocol>>, r: isize| p.as_ref().map(|p| ((id.clone(), p.category.clone()), r));
             cat(old, -1).into_iter().chain(cat(new, 1)).collect()
         }
@@ -410,6 +431,91 @@ pub(crate) fn aggregate<'scope>(deltas: StreamVec<'scope, u64, StateDelta>) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A protocol's metadata set to a name, or the protocol deleted.
+    fn change(id: &str, name: Option<&str>, seq: u64) -> Vec<AggIn> {
+        let meta = name.map(|n| {
+            Box::new(Protocol {
+                id: id.to_string(),
+                name: n.to_string(),
+                symbol: None,
+                slug: None,
+                category: None,
+                chains: Vec::new(),
+            })
+        });
+        let mut out = vec![AggIn::Delta(StateDelta::Meta {
+            id: id.to_string(),
+            old: None,
+            new: meta,
+            seq,
+        })];
+        if name.is_none() {
+            out.push(AggIn::Delta(StateDelta::Deleted {
+                id: id.to_string(),
+                seq,
+            }));
+        }
+        out
+    }
+
+    proptest! {
+        /// However an epoch's metadata changes arrive, the view gets each protocol's last
+        /// change (by record): the reference keeps the last change per protocol in record
+        /// order and writes out what the view must see for it.
+        #[test]
+        fn the_view_gets_each_protocols_last_change_in_any_arrival_order(
+            changes in proptest::collection::vec((0..3usize, proptest::option::of(0..4u8)), 1..12)
+                .prop_flat_map(|c| {
+                    let n = c.len();
+                    (Just(c), Just((0..n).collect::<Vec<usize>>()).prop_shuffle())
+                })
+        ) {
+            let (changes, order) = changes;
+            let ids = ["p0", "p1", "p2"];
+            let names = ["A", "B", "C", "D"];
+            // Records in seq order; arrival in a shuffled order.
+            let deltas: Vec<Vec<AggIn>> = changes
+                .iter()
+                .enumerate()
+                .map(|(i, (p, n))| change(ids[*p], n.map(|n| names[n as usize]), 10 + i as u64))
+                .collect();
+            let batch: Vec<AggIn> = order.iter().flat_map(|&i| deltas[i].clone()).collect();
+            let mut out = Vec::new();
+            Aggregates::default().epoch(batch, false, &mut out);
+            let mut got: Vec<String> = out
+                .iter()
+                .filter_map(|o| match o {
+                    AggOut::State(s @ (StateOut::Protocol { .. } | StateOut::Deleted(_))) => Some(format!("{s:?}")),
+                    _ => None,
+                })
+                .collect();
+            got.sort();
+            let mut last: BTreeMap<&str, Option<&str>> = BTreeMap::new();
+            for (p, n) in &changes {
+                last.insert(ids[*p], n.map(|n| names[n as usize]));
+            }
+            let mut want: Vec<String> = Vec::new();
+            for (id, name) in last {
+                match name {
+                    Some(n) => {
+                        let meta = match &change(id, Some(n), 0)[0] {
+                            AggIn::Delta(StateDelta::Meta { new, .. }) => new.clone().map(|m| *m),
+                            _ => None,
+                        };
+                        want.push(format!("{:?}", StateOut::Protocol { id: id.to_string(), meta }));
+                    }
+                    None => {
+                        want.push(format!("{:?}", StateOut::Protocol { id: id.to_string(), meta: None }));
+                        want.push(format!("{:?}", StateOut::Deleted(id.to_string())));
+                    }
+                }
+            }
+            want.sort();
+            prop_assert_eq!(got, want);
+        }
+    }
 
     #[test]
     fn sub_buckets_are_recognised() {

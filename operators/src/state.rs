@@ -830,8 +830,8 @@ impl KeyedState {
                 }
                 None => self.rules.upsert(&mut self.keys, *rule),
             },
-            Item::Record(Record::Protocol(p)) => self.protocol(key, p, out),
-            Item::DeleteProtocol(id) => self.delete_protocol(key, &id, out),
+            Item::Record(Record::Protocol(p)) => self.protocol(key, seq, p, out),
+            Item::DeleteProtocol(id) => self.delete_protocol(key, seq, &id, out),
             Item::CloseUpdate { protocol, timestamp } => {
                 if self
                     .keys
@@ -865,7 +865,7 @@ impl KeyedState {
         out.push(KeyedOut::Dead(DeadLetter::new(pos, "late", &record.to_json())));
     }
 
-    fn protocol(&mut self, key: KeyId, p: Box<Protocol>, out: &mut Vec<KeyedOut>) {
+    fn protocol(&mut self, key: KeyId, seq: u64, p: Box<Protocol>, out: &mut Vec<KeyedOut>) {
         let (st, _) = self.keys.protocols.entry(key, &p.id);
         if st.meta.as_ref() == Some(&*p) {
             return;
@@ -877,12 +877,13 @@ impl KeyedState {
                 id,
                 old: old.map(Box::new),
                 new: Some(p),
+                seq,
             }));
         }
     }
 
     /// Deletes a protocol: its metadata and TVL leave the live state (its rules stay).
-    fn delete_protocol(&mut self, key: KeyId, id: &str, out: &mut Vec<KeyedOut>) {
+    fn delete_protocol(&mut self, key: KeyId, seq: u64, id: &str, out: &mut Vec<KeyedOut>) {
         let Some(st) = self.keys.protocols.remove(key, id) else {
             return;
         };
@@ -904,9 +905,13 @@ impl KeyedState {
                 id: id.to_string(),
                 old: st.meta.map(Box::new),
                 new: None,
+                seq,
             }));
         }
-        out.push(KeyedOut::State(StateDelta::Deleted(id.to_string())));
+        out.push(KeyedOut::State(StateDelta::Deleted {
+            id: id.to_string(),
+            seq,
+        }));
     }
 
     /// The live state this worker holds, after a restore: the aggregates' inputs as
@@ -924,6 +929,8 @@ impl KeyedState {
                     id: id.to_string(),
                     old: None,
                     new: st.meta.clone().map(Box::new),
+                    // Restored: before every record.
+                    seq: 0,
                 }));
             }
             for (chain, v) in &st.chain_latest {
