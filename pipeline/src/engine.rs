@@ -798,7 +798,7 @@ fn run_worker(
     let WorkerStart { rx, cfg, output, ckpt } = start;
     let mut input = InputHandle::<u64, CapacityContainerBuilder<Vec<Envelope>>>::new();
     let mut control = InputHandle::<u64, CapacityContainerBuilder<Vec<Control>>>::new();
-    let b4 = bus.clone();
+    let control_bus = bus.clone();
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
         // One process's engine sends each envelope to its worker (`Engine::send`); a
@@ -817,7 +817,7 @@ fn run_worker(
         scope
             .input_from(&mut control)
             .broadcast()
-            .inspect(move |m| b4.receive(m));
+            .inspect(move |m| control_bus.receive(m));
     });
     // The first worker of each process reports completed epochs and sends the process's
     // control messages: the probe covers every output stream of every worker.

@@ -21,8 +21,8 @@ use sinks::parquet::{PartitionedWriter, Table, WriteStats, WriterOptions};
 
 use crate::UsageError;
 use crate::engine::{Engine, Output};
-use crate::replay::{Feed, InputArgs, STAGE_LAG, feed, open_inputs, peak_rss_kib, progress_bar};
-use crate::stage::{EpochGather, EpochOut, EpochWriter, Stage};
+use crate::replay::{Feed, InputArgs, feed, open_inputs, peak_rss_kib, progress_bar};
+use crate::stage::{EpochGather, EpochOut, EpochWriter, STAGE_LAG, Stage};
 
 /// Flags of `llamaflow export`.
 #[derive(Args, Debug, Clone)]

@@ -23,7 +23,7 @@ use sources::Input;
 
 use crate::UsageError;
 use crate::engine::{Engine, Output};
-use crate::stage::{EpochGather, EpochOut, EpochWriter, Stage};
+use crate::stage::{EpochGather, EpochOut, EpochWriter, STAGE_LAG, Stage};
 
 /// The input flags shared by `llamaflow replay` and `llamaflow export`.
 #[derive(Args, Debug, Clone, Default)]
@@ -206,9 +206,6 @@ impl EpochWriter for ReplayFiles {
         Ok(self.view)
     }
 }
-
-/// Epochs the output stage of a batch run may fall behind before its feed waits for it.
-pub const STAGE_LAG: u64 = 16;
 
 /// Order of record kinds among equal timestamps.
 fn rank(kind: Kind) -> u8 {

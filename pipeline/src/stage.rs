@@ -12,6 +12,10 @@ use schemas::{Alert, DeadLetter, Event};
 
 use crate::engine::Output;
 
+/// Epochs the output stage of a batch run may fall behind before its feed waits for it
+/// ([`EpochGather::wait_for_stage`]).
+pub const STAGE_LAG: u64 = 16;
+
 /// One completed epoch: what the live view and subscribers see, and the dead letters.
 #[derive(Default)]
 pub struct EpochOut {
